@@ -1,0 +1,43 @@
+// Per-entry formulas of loss curvature, shared by the CPU and CUDA kernels so
+// that the two backends cannot drift apart.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define TS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TS_HOST_DEVICE inline
+#endif
+
+namespace torch_secorder {
+
+// Softmax probability of one logit, given the row maximum and 1 / sum(exp(x - max)).
+template <typename acc_t>
+TS_HOST_DEVICE acc_t softmax_probability(acc_t logit, acc_t row_max, acc_t inv_sum) {
+  return std::exp(logit - row_max) * inv_sum;
+}
+
+// Diagonal of scale * (diag(p) - p p^T).
+template <typename acc_t>
+TS_HOST_DEVICE acc_t softmax_hessian_diag_entry(acc_t p, acc_t scale) {
+  return scale * p * (acc_t(1) - p);
+}
+
+// Entry (i, j) of sqrt(scale) * (diag(sqrt p) - p sqrt(p)^T); S S^T equals
+// scale * (diag(p) - p p^T) because the probabilities sum to one.
+template <typename acc_t>
+TS_HOST_DEVICE acc_t softmax_hessian_sqrt_entry(acc_t p_i, acc_t p_j, bool same_class, acc_t root_scale) {
+  return root_scale * std::sqrt(p_j) * ((same_class ? acc_t(1) : acc_t(0)) - p_i);
+}
+
+// scale * sigmoid(x) * (1 - sigmoid(x)), written as e / (1 + e)^2 with
+// e = exp(-|x|) so that it neither overflows nor loses digits for large |x|.
+template <typename acc_t>
+TS_HOST_DEVICE acc_t sigmoid_hessian_entry(acc_t logit, acc_t scale) {
+  const acc_t e = std::exp(-std::abs(logit));
+  const acc_t denom = acc_t(1) + e;
+  return scale * e / (denom * denom);
+}
+
+}  // namespace torch_secorder

@@ -1,0 +1,39 @@
+// The one place where the operator schemas of torch_secorder are declared.
+// Backends add implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+#include <torch/library.h>
+
+TORCH_LIBRARY(torch_secorder, m) {
+  // Backend kernels (csrc/cpu, csrc/cuda).
+  // scale[n] * (diag(p_n) - p_n p_n^T) with p_n = softmax(logits[n]): its diagonal (N, C) ...
+  m.def("softmax_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
+  // ... and a square-root factor S (N, C, C) with S[n] S[n]^T equal to it.
+  m.def("softmax_hessian_sqrt(Tensor logits, Tensor scale) -> Tensor");
+  // scale * sigmoid(logits) * (1 - sigmoid(logits)), elementwise.
+  m.def("sigmoid_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
+
+  // Per-sample Hessians of losses with respect to the model output (loss_curvature.cpp).
+  // *_diag has the shape of `input`; *_sqrt is (N, K, K) with K = input[0].numel().
+  m.def("mse_loss_hessian_diag(Tensor input, str reduction='mean') -> Tensor");
+  m.def("mse_loss_hessian_sqrt(Tensor input, str reduction='mean') -> Tensor");
+  m.def(
+      "cross_entropy_hessian_diag(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, str reduction='mean') -> Tensor");
+  m.def(
+      "cross_entropy_hessian_sqrt(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, str reduction='mean') -> Tensor");
+  m.def(
+      "bce_with_logits_hessian_diag(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, "
+      "str reduction='mean') -> Tensor");
+  m.def(
+      "bce_with_logits_hessian_sqrt(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, "
+      "str reduction='mean') -> Tensor");
+}
+
+#ifdef TORCH_SECORDER_PYTHON_MODULE
+// Importing torch_secorder._C loads this library, which registers the ops above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "torch_secorder compiled ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

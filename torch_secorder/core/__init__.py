@@ -1,0 +1,3 @@
+from .hessian_diagonal import hessian_diagonal, model_hessian_diagonal
+
+__all__ = ["hessian_diagonal", "model_hessian_diagonal"]

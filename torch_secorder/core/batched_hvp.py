@@ -1,0 +1,136 @@
+"""The generic exact method: diag(H)_i = e_i^T H e_i, many unit vectors per double-backward.
+
+Works for anything autograd can differentiate twice. Its cost grows with the
+number of parameter entries, so the unit vectors are pushed through one
+batched backward (torch.autograd.grad(..., is_grads_batched=True)) per chunk,
+and the chunk size is chosen so that a chunk's temporaries fit a memory budget.
+"""
+
+import time
+import warnings
+
+import torch
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for one chunk's temporaries
+
+
+def saved_tensor_bytes(loss):
+    """Bytes of the tensors the autograd graph of `loss` saved: a proxy for one backward's working set.
+
+    Walks the graph instead of hooking the forward: a pack hook that keeps the
+    tensor itself would make reference cycles through saved outputs.
+    """
+    seen_nodes, seen_storages, total = set(), set(), 0
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed or not a tensor we may read
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                    key = (tensor.untyped_storage().data_ptr(), tensor.device)
+                    if key not in seen_storages:
+                        seen_storages.add(key)
+                        total += tensor.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return total
+
+
+def choose_chunk_size(entries, itemsize, graph_bytes, param_bytes, memory_budget):
+    """Unit vectors per batched backward so that its temporaries stay under memory_budget.
+
+    A batched double-backward holds, per vector, roughly a copy of what the
+    graph saved, of the first-order gradients and of its one-hot row; the
+    factor 3 covers the extra tensors of the double-backward graph.
+    """
+    per_vector = 3 * (graph_bytes + param_bytes) + entries * itemsize
+    return int(max(1, min(entries, memory_budget // max(per_vector, 1))))
+
+
+class Progress:
+    """Reports done/total entries to a callback at most every `interval` seconds (and at the end)."""
+
+    def __init__(self, callback, total, interval=1.0):
+        self.callback, self.total, self.interval = callback, total, interval
+        self.done = 0
+        self._last = time.monotonic()
+
+    def advance(self, count):
+        self.done += count
+        now = time.monotonic()
+        if self.callback is not None and (now - self._last >= self.interval or self.done >= self.total):
+            self._last = now
+            self.callback(self.done, self.total)
+
+
+def _unit_rows(start, stop, entries, like):
+    """Rows e_start .. e_{stop-1} of the identity, shaped (stop - start, entries)."""
+    rows = torch.zeros(stop - start, entries, dtype=like.dtype, device=like.device)
+    index = torch.arange(stop - start, device=like.device)
+    rows[index, start + index] = 1
+    return rows, index
+
+
+def _hvp_rows(grad_flat, param, rows, create_graph):
+    """rows @ d(grad_flat)/d(param), one batched backward; falls back to a loop where vmap cannot batch."""
+    try:
+        (result,) = torch.autograd.grad(
+            grad_flat, param, grad_outputs=rows, retain_graph=True, create_graph=create_graph,
+            allow_unused=True, is_grads_batched=True,
+        )
+    except RuntimeError as error:
+        if "vmap" not in str(error) and "batch" not in str(error).lower():
+            raise
+        warnings.warn(
+            f"torch_secorder: a batched backward failed ({str(error).splitlines()[0]}); "
+            "falling back to one backward per entry for this parameter",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        results = []
+        for row in rows:
+            (one,) = torch.autograd.grad(grad_flat, param, grad_outputs=row, retain_graph=True,
+                                         create_graph=create_graph, allow_unused=True)
+            results.append(torch.zeros_like(param) if one is None else one)
+        return torch.stack(results)
+    return result
+
+
+def batched_hessian_diagonal(loss, params, grads, *, create_graph, chunk_size, graph_bytes, memory_budget, progress):
+    """Exact Hessian diagonals of `loss` for `params`, given their first-order `grads` (made with create_graph=True).
+
+    A grad of None, or one without a graph (the loss is at most linear in that
+    parameter), gives zeros. Each parameter's result is written into one
+    preallocated buffer, never collected from a list of chunks.
+    """
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    total = sum(p.numel() for p in params)
+    tracker = Progress(progress, total)
+    diagonals = []
+    for param, grad in zip(params, grads):
+        entries = param.numel()
+        diag = torch.zeros(entries, dtype=param.dtype, device=param.device)
+        if grad is None or grad.grad_fn is None or entries == 0:
+            diagonals.append(diag.view_as(param))
+            tracker.advance(entries)
+            continue
+        grad_flat = grad.reshape(-1)
+        step = chunk_size or choose_chunk_size(entries, param.element_size(), graph_bytes, param_bytes, memory_budget)
+        for start in range(0, entries, step):
+            stop = min(entries, start + step)
+            rows, index = _unit_rows(start, stop, entries, grad_flat)
+            hvp = _hvp_rows(grad_flat, param, rows, create_graph)
+            if hvp is not None:
+                diag[start:stop] = hvp.reshape(stop - start, entries)[index, start + index]
+            tracker.advance(stop - start)
+        diagonals.append(diag.view_as(param))
+    return diagonals
+

@@ -1,0 +1,153 @@
+"""Public API: exact Hessian diagonals of a scalar loss with respect to parameters."""
+
+from contextlib import contextmanager
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from . import validation
+from .batched_hvp import DEFAULT_MEMORY_BUDGET, batched_hessian_diagonal, saved_tensor_bytes
+
+__all__ = ["hessian_diagonal", "model_hessian_diagonal"]
+
+
+def hessian_diagonal(
+    func: Callable[[], Tensor],
+    params: List[Tensor],
+    v: Optional[List[Tensor]] = None,
+    create_graph: bool = False,
+    strict: bool = False,
+    *,
+    method: str = "auto",
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> List[Tensor]:
+    """Compute the diagonal elements of the Hessian matrix.
+
+    This function computes the diagonal elements of the Hessian matrix by using
+    double backward for each parameter element (batched: many entries per
+    double backward).
+
+    Args:
+        func: A callable that returns a scalar tensor (the loss).
+        params: List of parameters with respect to which the Hessian is computed.
+        v: Optional list of vectors to use for computing the diagonal. If None,
+            computes the true diagonal. If provided, computes v_i * H_ii for each i.
+        create_graph: If True, the computational graph will be constructed,
+            allowing for higher-order derivatives.
+        strict: If True, an error will be raised if any parameter does not
+            require grad or the loss does not depend on it; if False such
+            parameters get zeros.
+        method: "auto" or "autograd" (the exact batched Hessian-vector-product
+            method, valid for any twice-differentiable function).
+        chunk_size: unit vectors per batched double backward; None chooses it
+            from memory_budget.
+        memory_budget: bytes one chunk's temporaries may take (default 1 GiB).
+        progress: optional callback progress(done_entries, total_entries).
+
+    Returns:
+        List of tensors containing the diagonal elements of the Hessian for each
+        parameter, each with the shape, dtype and device of its parameter.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be a callable returning the loss, got {type(func).__name__}")
+    return _hessian_diagonal(
+        func, params, v, create_graph, strict, "func",
+        method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+    )
+
+
+def model_hessian_diagonal(
+    model: Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    create_graph: bool = False,
+    strict: bool = False,
+    *,
+    method: str = "auto",
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> List[Tensor]:
+    """Hessian diagonal of loss_fn(model(inputs), targets) for every tensor in model.parameters().
+
+    loss_fn may be an nn.Module loss (nn.CrossEntropyLoss()) or a function
+    (F.mse_loss). inputs may be a tensor or a tuple of positional model
+    arguments. The model keeps its train/eval mode, and its buffers (such as
+    BatchNorm running statistics) are restored after the forward pass.
+    Other arguments are those of hessian_diagonal.
+    """
+    input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
+
+    def loss_func():
+        return loss_fn(model(*input_tuple), targets)
+
+    with _buffers_restored(model):
+        return _hessian_diagonal(
+            loss_func, list(model.parameters()), None, create_graph, strict, "loss_fn",
+            method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+        )
+
+
+def _hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
+    validation.check_method(method)
+    validation.check_chunking(chunk_size, memory_budget)
+    params = validation.check_params(params)
+    v = validation.check_v(v, params)
+    if strict:
+        for index, param in enumerate(params):
+            if not param.requires_grad:
+                raise RuntimeError(
+                    f"params[{index}] (shape {tuple(param.shape)}) does not require grad; "
+                    "pass strict=False to get zeros for it"
+                )
+
+    with torch.enable_grad():
+        loss = func()
+        validation.check_scalar_loss(loss, source)
+        loss = loss.reshape(())
+        grads = _first_order_grads(loss, params)
+        if strict:
+            for index, grad in enumerate(grads):
+                if grad is None:
+                    raise RuntimeError(
+                        f"the loss does not depend on params[{index}] (shape {tuple(params[index].shape)}); "
+                        "pass strict=False to get zeros for it"
+                    )
+        diagonals = batched_hessian_diagonal(
+            loss, params, grads,
+            create_graph=create_graph, chunk_size=chunk_size,
+            graph_bytes=saved_tensor_bytes(loss), memory_budget=memory_budget, progress=progress,
+        )
+    if v is not None:
+        diagonals = [vec * diag for vec, diag in zip(v, diagonals)]
+    if not create_graph:
+        diagonals = [diag.detach() for diag in diagonals]
+    return diagonals
+
+
+def _first_order_grads(loss, params):
+    """Gradients with a graph (for the second derivative); None where the loss does not depend on a parameter."""
+    grads = [None] * len(params)
+    active = [index for index, param in enumerate(params) if param.requires_grad]
+    if loss.requires_grad and active:
+        found = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True, allow_unused=True)
+        for index, grad in zip(active, found):
+            grads[index] = grad
+    return grads
+
+
+@contextmanager
+def _buffers_restored(model):
+    """Puts buffers (BatchNorm running stats, counters) back as they were: computing a Hessian must not train."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)

@@ -1,0 +1,112 @@
+"""Argument checks of the public API: clear errors that name the argument, raised before any autograd work."""
+
+import torch
+
+METHODS = ("auto", "autograd")
+
+
+def check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def check_params(params):
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be a list of tensors, got a single tensor: pass [tensor]")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}") from None
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"params[{index}] must be a tensor, got {type(param).__name__}")
+        if not param.is_floating_point():
+            raise TypeError(f"params[{index}] must be a floating-point tensor, got dtype {param.dtype}")
+    return params
+
+
+def check_chunking(chunk_size, memory_budget):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+
+
+def check_v(v, params):
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        raise TypeError("v must be a list of tensors (one per parameter), got a single tensor")
+    v = list(v)
+    if len(v) != len(params):
+        raise ValueError(f"v must have one tensor per parameter: got {len(v)} tensors for {len(params)} params")
+    for index, (vec, param) in enumerate(zip(v, params)):
+        if not isinstance(vec, torch.Tensor):
+            raise TypeError(f"v[{index}] must be a tensor, got {type(vec).__name__}")
+        if vec.shape != param.shape:
+            raise ValueError(f"v[{index}] has shape {tuple(vec.shape)} but params[{index}] has shape {tuple(param.shape)}")
+        if vec.device != param.device:
+            raise ValueError(f"v[{index}] is on {vec.device} but params[{index}] is on {param.device}")
+        if vec.dtype != param.dtype:
+            raise ValueError(f"v[{index}] has dtype {vec.dtype} but params[{index}] has dtype {param.dtype}")
+    return v
+
+
+def check_scalar_loss(loss, source):
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{source} must return a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{source} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
+            " (use reduction='mean' or 'sum', or reduce it yourself)"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{source} must return a floating-point loss, got dtype {loss.dtype}")
+
+
+def _floating_dtype(tensors):
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def check_model_arguments(model, loss_fn, inputs, targets):
+    """Returns inputs as a tuple of positional model arguments."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (an nn.Module loss or a function), got {type(loss_fn).__name__}")
+    input_tuple = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    for index, tensor in enumerate(input_tuple):
+        if not isinstance(tensor, torch.Tensor):
+            name = "inputs" if len(input_tuple) == 1 and not isinstance(inputs, (tuple, list)) else f"inputs[{index}]"
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+
+    first = input_tuple[0] if input_tuple else None
+    if first is not None and first.dim() > 0 and targets.dim() > 0 and first.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets disagree on the batch size: inputs has {first.shape[0]} samples "
+            f"(shape {tuple(first.shape)}), targets has {targets.shape[0]} (shape {tuple(targets.shape)})"
+        )
+
+    params = list(model.parameters())
+    model_devices = {p.device for p in params}
+    if len(model_devices) == 1:
+        (model_device,) = model_devices
+        for index, tensor in enumerate(input_tuple):
+            if tensor.device != model_device:
+                raise ValueError(f"inputs is on {tensor.device} but the model's parameters are on {model_device}")
+    if first is not None and targets.device != first.device:
+        raise ValueError(f"targets is on {targets.device} but inputs is on {first.device}")
+
+    model_dtype = _floating_dtype(params)
+    input_dtype = _floating_dtype(input_tuple)
+    if model_dtype is not None and input_dtype is not None and input_dtype != model_dtype:
+        raise ValueError(f"inputs has dtype {input_dtype} but the model's parameters have dtype {model_dtype}")
+    reference_dtype = input_dtype or model_dtype
+    if targets.is_floating_point() and reference_dtype is not None and targets.dtype != reference_dtype:
+        raise ValueError(f"targets has dtype {targets.dtype} but inputs (and the model) have dtype {reference_dtype}")
+    return input_tuple

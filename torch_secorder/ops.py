@@ -1,0 +1,86 @@
+"""Python face of the compiled ops (torch.ops.torch_secorder.*).
+
+Each function runs the compiled kernel when it is loaded and no graph is
+needed; the kernels are not differentiable, so inputs that require grad (with
+grad mode on) go to the pure-torch reference in reference_ops, as does
+everything when no compiled module could be loaded.
+
+Loss Hessians are per sample and with respect to the model output:
+``*_diag`` has the shape of ``input``; ``*_sqrt`` is a factor S of shape
+(N, K, K), K = input[0].numel(), with S[n] @ S[n].T the Hessian of sample n
+(already scaled by the reduction, so the batch Hessian is their block sum).
+"""
+
+import torch
+
+from . import _extension, reference_ops
+
+
+def compiled_ops_loaded():
+    """True when the C++/CUDA kernels are in use (see torch_secorder._extension)."""
+    return _extension.load()
+
+
+def _run(name, *args):
+    needs_graph = torch.is_grad_enabled() and any(
+        isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
+    )
+    if not needs_graph and _extension.load():
+        return getattr(torch.ops.torch_secorder, name)(*args)
+    return getattr(reference_ops, name)(*args)
+
+
+def _check_reduction(reduction):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def softmax_hessian_diag(logits, scale):
+    """Diagonal of scale[n] * (diag(p) - p p^T), p = softmax(logits[n]); logits (N, C), scale (N,)."""
+    return _run("softmax_hessian_diag", logits, scale)
+
+
+def softmax_hessian_sqrt(logits, scale):
+    """Factor S (N, C, C) with S[n] S[n]^T = scale[n] * (diag(p) - p p^T)."""
+    return _run("softmax_hessian_sqrt", logits, scale)
+
+
+def sigmoid_hessian_diag(logits, scale):
+    """scale * sigmoid(logits) * (1 - sigmoid(logits)); scale has the shape of logits."""
+    return _run("sigmoid_hessian_diag", logits, scale)
+
+
+def mse_loss_hessian_diag(input, reduction="mean"):
+    """Hessian diagonal of F.mse_loss(input, target, reduction=...) in input."""
+    _check_reduction(reduction)
+    return _run("mse_loss_hessian_diag", input, reduction)
+
+
+def mse_loss_hessian_sqrt(input, reduction="mean"):
+    _check_reduction(reduction)
+    return _run("mse_loss_hessian_sqrt", input, reduction)
+
+
+def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Per-sample Hessian diagonal of F.cross_entropy in the logits (N, C).
+
+    target holds class indices (N,) or class probabilities (N, C).
+    """
+    _check_reduction(reduction)
+    return _run("cross_entropy_hessian_diag", input, target, weight, ignore_index, float(label_smoothing), reduction)
+
+
+def cross_entropy_hessian_sqrt(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    _check_reduction(reduction)
+    return _run("cross_entropy_hessian_sqrt", input, target, weight, ignore_index, float(label_smoothing), reduction)
+
+
+def bce_with_logits_hessian_diag(input, target, weight=None, pos_weight=None, reduction="mean"):
+    """Hessian diagonal of F.binary_cross_entropy_with_logits in input (any shape (N, *))."""
+    _check_reduction(reduction)
+    return _run("bce_with_logits_hessian_diag", input, target, weight, pos_weight, reduction)
+
+
+def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, reduction="mean"):
+    _check_reduction(reduction)
+    return _run("bce_with_logits_hessian_sqrt", input, target, weight, pos_weight, reduction)

@@ -1,0 +1,97 @@
+"""Pure-torch references of the compiled ops: same signatures, same numbers.
+
+They are what the tests compare the kernels with, what runs when a graph is
+needed (they are differentiable; the kernels are not), and what runs when no
+compiled module can be loaded.
+"""
+
+import torch
+
+
+def _is_mean(reduction):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return reduction == "mean"
+
+
+def _per_sample_rows(tensor):
+    if tensor.dim() == 0:
+        raise ValueError("input must have a batch dimension, got a 0-D tensor")
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _diagonal_sqrt_factor(diag):
+    return torch.diag_embed(_per_sample_rows(diag).sqrt())
+
+
+# ---------------------------------------------------------------- backend kernels
+def softmax_hessian_diag(logits, scale):
+    p = torch.softmax(logits, dim=1)
+    return scale.unsqueeze(1) * p * (1 - p)
+
+
+def softmax_hessian_sqrt(logits, scale):
+    p = torch.softmax(logits, dim=1)
+    root_p = p.sqrt()
+    factor = torch.diag_embed(root_p) - p.unsqueeze(2) * root_p.unsqueeze(1)
+    return scale.sqrt()[:, None, None] * factor
+
+
+def sigmoid_hessian_diag(logits, scale):
+    # sigmoid(x) * sigmoid(-x) keeps its digits where 1 - sigmoid(x) would not.
+    return scale * torch.sigmoid(logits) * torch.sigmoid(-logits)
+
+
+# ---------------------------------------------------------------- losses
+def mse_loss_hessian_diag(input, reduction="mean"):
+    value = 2.0 / input.numel() if _is_mean(reduction) else 2.0
+    return torch.full_like(input, value, memory_format=torch.contiguous_format)
+
+
+def mse_loss_hessian_sqrt(input, reduction="mean"):
+    return _diagonal_sqrt_factor(mse_loss_hessian_diag(input, reduction))
+
+
+def cross_entropy_sample_scale(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Per-sample factor s_n with Hessian_n = s_n (diag(p_n) - p_n p_n^T)."""
+    mean = _is_mean(reduction)
+    if input.dim() != 2:
+        raise ValueError(f"input must be (N, C) logits, got shape {tuple(input.shape)}")
+    classes = input.shape[1]
+    w = torch.ones(classes, dtype=input.dtype, device=input.device) if weight is None else weight.to(input.dtype)
+    if target.is_floating_point():  # class probabilities
+        smoothed = target.to(input.dtype) * (1 - label_smoothing) + label_smoothing / classes
+        scale = (smoothed * w).sum(1)
+        return scale / input.shape[0] if mean else scale
+    valid = target != ignore_index
+    target_weight = torch.where(valid, w[torch.where(valid, target, 0)], 0)
+    scale = (1 - label_smoothing) * target_weight + label_smoothing * w.mean() * valid
+    return scale / target_weight.sum() if mean else scale
+
+
+def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    scale = cross_entropy_sample_scale(input, target, weight, ignore_index, label_smoothing, reduction)
+    return softmax_hessian_diag(input, scale)
+
+
+def cross_entropy_hessian_sqrt(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    scale = cross_entropy_sample_scale(input, target, weight, ignore_index, label_smoothing, reduction)
+    return softmax_hessian_sqrt(input, scale)
+
+
+def bce_with_logits_hessian_diag(input, target, weight=None, pos_weight=None, reduction="mean"):
+    mean = _is_mean(reduction)
+    if target.shape != input.shape:
+        raise ValueError(f"target must have the shape of input {tuple(input.shape)}, got {tuple(target.shape)}")
+    scale = torch.ones_like(input)
+    if pos_weight is not None:
+        scale = scale + (pos_weight.to(input.dtype) - 1) * target.to(input.dtype)
+    if weight is not None:
+        scale = scale * weight.to(input.dtype)
+    if mean:
+        scale = scale / input.numel()
+    return sigmoid_hessian_diag(input, scale.expand_as(input))
+
+
+def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, reduction="mean"):
+    return _diagonal_sqrt_factor(bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction))

@@ -1,0 +1,144 @@
+"""The generic method against float64 brute force (full Hessians by torch.func) on many functions and models."""
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import relative_error
+from torch_secorder import hessian_diagonal, model_hessian_diagonal
+from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params, sampled_hessian_diagonal
+
+UNARY = [
+    torch.sin, torch.tanh, torch.sigmoid, torch.cos, F.softplus, F.gelu, F.silu, F.elu,
+    lambda t: t ** 3, lambda t: torch.exp(-t * t), lambda t: torch.log1p(t * t), lambda t: t * torch.sigmoid(t),
+]
+
+
+def random_function(seed, shapes):
+    """A random smooth scalar function of tensors with the given shapes, coupling entries within and across them."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    width = rng.randint(2, 5)
+    mixes = [torch.randn(width, int(torch.Size(s).numel()), generator=generator, dtype=torch.float64) for s in shapes]
+    mixes2 = [torch.randn(width, int(torch.Size(s).numel()), generator=generator, dtype=torch.float64) for s in shapes]
+    readout = torch.randn(width, generator=generator, dtype=torch.float64)
+    f1, f2, f3 = rng.choice(UNARY), rng.choice(UNARY), rng.choice(UNARY)
+    elementwise = [rng.choice(UNARY) for _ in shapes]
+
+    def loss(*params):
+        flats = [p.reshape(-1) for p in params]
+        h = sum(m @ x for m, x in zip(mixes, flats))
+        g = sum(m @ x for m, x in zip(mixes2, flats))
+        total = (readout * f1(h) * f2(g)).sum() + f3(h * g).sum()
+        for f, x in zip(elementwise, flats):
+            total = total + f(x).sum() + 0.1 * (x ** 4).sum()
+        return total
+
+    return loss
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_functions(seed):
+    rng = random.Random(1000 + seed)
+    shapes = [tuple(rng.randint(1, 4) for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(1, 3))]
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64, requires_grad=True) for s in shapes]
+    loss = random_function(seed, shapes)
+    expected = dense_hessian_diagonal(loss, params)
+    chunk = rng.choice([None, 1, 2, 5])
+    actual = hessian_diagonal(lambda: loss(*params), params, chunk_size=chunk)
+    for a, e, p in zip(actual, expected, params):
+        assert a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
+    assert relative_error(actual, expected) < 1e-10
+
+
+class Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def models():
+    """(name, model, inputs, targets, loss_fn): small models in float64 covering common layers and losses."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    classes = torch.randint(0, 3, (6,))
+    image = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    image_classes = torch.randint(0, 3, (4,))
+    tokens = torch.randint(0, 7, (3, 4))
+    cases = [
+        ("mlp-tanh-ce", nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), x, classes, nn.CrossEntropyLoss()),
+        ("mlp-relu-mse", nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), x, torch.randn(6, 2, dtype=torch.float64), F.mse_loss),
+        ("mlp-gelu-silu-sum", nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 3)), x, classes,
+         nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1)),
+        ("bce-multi", nn.Sequential(nn.Linear(5, 3), nn.Sigmoid(), nn.Linear(3, 2)), x,
+         torch.rand(6, 2, dtype=torch.float64).round(),
+         nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 0.5], dtype=torch.float64))),
+        ("nll-logsoftmax", nn.Sequential(nn.Linear(5, 3), nn.LogSoftmax(dim=1)), x, classes, nn.NLLLoss()),
+        ("layernorm-residual", nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), Residual(4), nn.Linear(4, 3)), x, classes,
+         nn.CrossEntropyLoss()),
+        ("conv-bn-pool", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                                       nn.Flatten(), nn.Linear(27, 3)), image, image_classes, nn.CrossEntropyLoss()),
+        ("conv-bn-eval-avgpool", nn.Sequential(nn.Conv2d(2, 2, 3, stride=2), nn.BatchNorm2d(2), nn.Softplus(),
+                                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval(),
+         image, image_classes, nn.CrossEntropyLoss()),
+        ("embedding-huber", nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(12, 2)), tokens,
+         torch.randn(3, 2, dtype=torch.float64), nn.SmoothL1Loss(beta=10.0)),
+    ]
+    return [(name, model.double(), inputs, targets, loss_fn) for name, model, inputs, targets, loss_fn in cases]
+
+
+@pytest.mark.parametrize("case", models(), ids=lambda case: case[0])
+def test_models_against_full_hessian(case):
+    name, model, inputs, targets, loss_fn = case
+    params = list(model.parameters())
+    expected = dense_hessian_diagonal(model_loss_of_params(model, loss_fn, inputs, targets), params)
+    actual = model_hessian_diagonal(model, loss_fn, inputs, targets)
+    assert len(actual) == len(params)
+    for a, p in zip(actual, params):
+        assert a.shape == p.shape and a.dtype == p.dtype
+    assert relative_error(actual, expected) < 1e-10
+
+
+def test_bigger_model_against_sampled_hvps():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Sigmoid(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    x, y = torch.randn(16, 20, dtype=torch.float64), torch.randint(0, 5, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    actual = model_hessian_diagonal(model, loss_fn, x, y, memory_budget=1 << 20)
+    params = list(model.parameters())
+    rng = random.Random(0)
+    indices = [(i, rng.randrange(p.numel())) for i, p in enumerate(params) for _ in range(12)]
+    expected = sampled_hessian_diagonal(model_loss_of_params(model, loss_fn, x, y), params, indices)
+    for (i, k), value in expected.items():
+        assert abs(actual[i].reshape(-1)[k].item() - value) <= 1e-10 * max(abs(value), 1e-8)
+
+
+def test_float32_agrees_with_float64():
+    torch.manual_seed(2)
+    model64 = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model32 = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    d64 = model_hessian_diagonal(model64, F.cross_entropy, x, y)
+    d32 = model_hessian_diagonal(model32, F.cross_entropy, x.float(), y)
+    assert all(d.dtype == torch.float32 for d in d32)
+    assert relative_error(d32, d64) < 1e-5
+
+
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    on_cpu = model_hessian_diagonal(model, F.cross_entropy, x, y)
+    on_gpu = model_hessian_diagonal(model.cuda(), F.cross_entropy, x.cuda(), y.cuda())
+    assert all(d.device.type == "cuda" for d in on_gpu)
+    assert relative_error(on_gpu, on_cpu) < 1e-10

@@ -119,6 +119,10 @@ def test_memory_budget_bounds_the_chunk():
     assert step * (3 * (100_000 + 40_000) + 10_000 * 4) <= 1 << 20 and step >= 1
     assert choose_chunk_size(10, 8, graph_bytes=0, param_bytes=80, memory_budget=1 << 30) == 10
     assert choose_chunk_size(10, 8, graph_bytes=1 << 40, param_bytes=80, memory_budget=1) == 1
+    # CPU chunks stay cache-sized even under a large budget; other devices use the whole budget
+    cpu = choose_chunk_size(10**6, 4, graph_bytes=1 << 20, param_bytes=0, memory_budget=1 << 34, device_type="cpu")
+    gpu = choose_chunk_size(10**6, 4, graph_bytes=1 << 20, param_bytes=0, memory_budget=1 << 34, device_type="cuda")
+    assert cpu * (3 * (1 << 20) + 4 * 10**6) <= 16 << 20 < gpu * (3 * (1 << 20) + 4 * 10**6)
 
 
 def test_tiny_budget_still_exact_and_reports_progress():

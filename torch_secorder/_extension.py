@@ -9,6 +9,7 @@ If no compiled code can be had, one warning says why and the references are used
 
 import importlib
 import os
+import shutil
 import threading
 import warnings
 
@@ -39,6 +40,7 @@ def _jit_build():
     """Compiles csrc/ with torch.utils.cpp_extension.load (needs ninja and a C++ compiler)."""
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     if not os.path.isdir(_build_config.CSRC):
         raise RuntimeError(f"no C++ sources at {_build_config.CSRC} (the JIT build needs a source checkout)")
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
@@ -53,6 +55,16 @@ def _jit_build():
         verbose=os.environ.get("TORCH_SECORDER_VERBOSE_BUILD", "0") == "1",
     )
     return "jit"
+
+
+def _put_ninja_on_path():
+    """A notebook kernel in a venv often lacks venv/bin on PATH; the ninja wheel knows where its binary is."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def load():

@@ -57,3 +57,26 @@ def model_loss_of_params(model, loss_fn, inputs, targets):
         return loss_fn(functional_call(model, state, input_tuple), targets)
 
     return loss_of_params
+
+
+def loop_hessian_diagonal(loss_fn, params, progress=None):
+    """The original torch-secorder 0.0.1 approach: one double backward per parameter entry (slow; for comparison)."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    total, done = sum(p.numel() for p in params), 0
+    diagonals = []
+    for param, grad in zip(params, grads):
+        diag = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+        if grad is not None and grad.grad_fn is not None:
+            flat = grad.reshape(-1)
+            for k in range(flat.numel()):
+                (row,) = torch.autograd.grad(flat[k], param, retain_graph=True, allow_unused=True)
+                if row is not None:
+                    diag[k] = row.reshape(-1)[k]
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        else:
+            done += param.numel()
+        diagonals.append(diag.view_as(param))
+    return diagonals

@@ -241,3 +241,46 @@ def test_top_level_reexports():
     from torch_secorder.core import hessian_diagonal as core_hd
     assert torch_secorder.hessian_diagonal is core_hd
     assert torch_secorder.model_hessian_diagonal is model_hessian_diagonal
+
+
+def test_gradient_with_a_graph_that_misses_the_parameter():
+    p = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([3.0, -1.0], dtype=torch.float64, requires_grad=True)
+    diag = hessian_diagonal(lambda: (p * a).sum() + (a ** 3).sum(), [p, a])
+    assert torch.equal(diag[0], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(diag[1], 6 * a.detach())
+
+
+class ScaleByThreeX2(torch.autograd.Function):
+    """grad * 3 x^2 whose own backward reads a Python number from its incoming grad: vmap cannot batch that."""
+
+    @staticmethod
+    def forward(ctx, grad, x):
+        ctx.save_for_backward(grad, x)
+        return grad * 3 * x ** 2
+
+    @staticmethod
+    def backward(ctx, outer):
+        grad, x = ctx.saved_tensors
+        outer = outer * (1.0 + 0.0 * float(outer.sum().item()))
+        return outer * 3 * x ** 2, outer * grad * 6 * x
+
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ScaleByThreeX2.apply(grad, x)
+
+
+def test_falls_back_when_vmap_cannot_batch():
+    x = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="instead \\(same numbers, slower\\)"):
+        diag = hessian_diagonal(lambda: (Cube.apply(x) * weights).sum(), [x])
+    assert relative_error(diag[0], 6 * x.detach() * weights) < 1e-15

@@ -114,7 +114,7 @@ class _HvpRows:
                     f"torch_secorder: {strategy.__name__.strip('_')} failed ({str(error).splitlines()[0][:200]}); "
                     f"using {self.strategies[0].__name__.strip('_')} instead (same numbers, slower)",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=5,  # the caller of hessian_diagonal or model_hessian_diagonal
                 )
 
 

@@ -1,0 +1,31 @@
+# Fresh clone:  make demo   (set up, then run the main job)
+#               make test   (set up, then run the tests)
+# The set-up makes .venv with torch, ninja and pytest, then builds the extension in place
+# (pip install --no-build-isolation -e .). Another torch: make TORCH_SPEC='torch==2.6.0' test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+SOURCES := setup.py pyproject.toml torch_secorder/_build_config.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" ninja pytest "setuptools>=64" wheel numpy
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python -m torch_secorder --method all
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_generic.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info torch_secorder/*.so

@@ -207,8 +207,10 @@ def test_bad_params_and_options():
         hessian_diagonal(lambda: (x ** 2).sum(), [torch.ones(2, dtype=torch.long)])
     with pytest.raises(TypeError, match="func must be a callable"):
         hessian_diagonal((x ** 2).sum(), [x])
-    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'autograd'\), got 'newton'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'autograd', 'backprop'\), got 'newton'"):
         hessian_diagonal(lambda: (x ** 2).sum(), [x], method="newton")
+    with pytest.raises(ValueError, match="method='backprop' needs a model and a loss: use model_hessian_diagonal"):
+        hessian_diagonal(lambda: (x ** 2).sum(), [x], method="backprop")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         hessian_diagonal(lambda: (x ** 2).sum(), [x], chunk_size=0)
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):

@@ -25,7 +25,7 @@ def _run(name, *args):
     needs_graph = torch.is_grad_enabled() and any(
         isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
     )
-    if not needs_graph and _extension.load():
+    if not needs_graph and _extension.load() and hasattr(torch.ops.torch_secorder, name):
         return getattr(torch.ops.torch_secorder, name)(*args)
     return getattr(reference_ops, name)(*args)
 
@@ -84,3 +84,14 @@ def bce_with_logits_hessian_diag(input, target, weight=None, pos_weight=None, re
 def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, reduction="mean"):
     _check_reduction(reduction)
     return _run("bce_with_logits_hessian_sqrt", input, target, weight, pos_weight, reduction)
+
+
+def factor_diagonal(factors, signs=None):
+    """Diagonal of S diag(signs) S^T per sample: factors (N, D, V), signs (N, V) or None -> (N, D)."""
+    return _run("factor_diagonal", factors, signs)
+
+
+def affine_weight_diagonal(factors, signs, inputs):
+    """Weight diagonal of a shared-weight affine map (Conv, Linear over positions) from curvature factors:
+    sum_n sum_v signs[n, v] (factors[n, v] @ inputs[n]^T)^2 with factors (N, V, O, P), inputs (N, K, P) -> (O, K)."""
+    return _run("affine_weight_diagonal", factors, signs, inputs)

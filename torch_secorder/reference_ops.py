@@ -95,3 +95,30 @@ def bce_with_logits_hessian_diag(input, target, weight=None, pos_weight=None, re
 
 def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, reduction="mean"):
     return _diagonal_sqrt_factor(bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction))
+
+
+# ---------------------------------------------------------------- Hessian-backprop contractions
+def factor_diagonal(factors, signs=None):
+    """sum_v signs[n, v] factors[n, d, v]^2: the diagonal of S diag(signs) S^T, (N, D)."""
+    squared = factors * factors
+    if signs is not None:
+        squared = squared * signs.unsqueeze(1)
+    return squared.sum(2)
+
+
+def affine_weight_diagonal(factors, signs, inputs, samples_per_chunk=8):
+    """sum_n sum_v signs[n, v] (sum_p factors[n, v, o, p] inputs[n, k, p])^2, (O, K).
+
+    factors (N, V, O, P), signs (N, V) or None, inputs (N, K, P). Chunked over samples so that
+    the (n, v, o, k) products are never all in memory at once.
+    """
+    samples, _, out_channels, _ = factors.shape
+    total = factors.new_zeros(out_channels, inputs.shape[1])
+    for start in range(0, samples, samples_per_chunk):
+        stop = min(samples, start + samples_per_chunk)
+        products = torch.einsum("nvop,nkp->nvok", factors[start:stop], inputs[start:stop])
+        squared = products * products
+        if signs is not None:
+            squared = squared * signs[start:stop, :, None, None]
+        total = total + squared.sum(dim=(0, 1))
+    return total

@@ -1,5 +1,6 @@
 """Public API: exact Hessian diagonals of a scalar loss with respect to parameters."""
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable, List, Optional
 
@@ -7,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import validation
+from ..backprop import backprop_hessian_diagonal
+from . import dispatch, validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, batched_hessian_diagonal, saved_tensor_bytes
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
@@ -82,29 +84,56 @@ def model_hessian_diagonal(
     Other arguments are those of hessian_diagonal.
     """
     input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
+    validation.check_method(method)
+    validation.check_chunking(chunk_size, memory_budget)
+    params = list(model.parameters())
+    if method != "autograd":
+        choice = dispatch.explain_method(model, loss_fn, input_tuple, method)
+        if choice.method == "backprop":
+            return _backprop(model, loss_fn, input_tuple[0], targets, params, create_graph, strict, memory_budget, progress)
+        if method == "backprop":
+            raise NotImplementedError(f"method='backprop': {choice.reason}; use method='auto' or 'autograd'")
+        warnings.warn(f"torch_secorder: {choice.reason}; using the generic autograd method (exact, slower)",
+                      RuntimeWarning, stacklevel=2)
 
     def loss_func():
         return loss_fn(model(*input_tuple), targets)
 
     with _buffers_restored(model):
         return _hessian_diagonal(
-            loss_func, list(model.parameters()), None, create_graph, strict, "loss_fn",
-            method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+            loss_func, params, None, create_graph, strict, "loss_fn",
+            method="autograd", chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
         )
 
 
+def _check_strict_requires_grad(params):
+    for index, param in enumerate(params):
+        if not param.requires_grad:
+            raise RuntimeError(
+                f"params[{index}] (shape {tuple(param.shape)}) does not require grad; "
+                "pass strict=False to get zeros for it"
+            )
+
+
+def _backprop(model, loss_fn, inputs, targets, params, create_graph, strict, memory_budget, progress):
+    if strict:
+        _check_strict_requires_grad(params)
+    with _buffers_restored(model):
+        diagonals = backprop_hessian_diagonal(model, loss_fn, inputs, targets, params,
+                                              create_graph=create_graph, memory_budget=memory_budget)
+    if progress is not None:
+        total = sum(p.numel() for p in params)
+        progress(total, total)
+    return diagonals
+
+
 def _hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
-    validation.check_method(method)
+    validation.check_method(method, for_model=source == "loss_fn")
     validation.check_chunking(chunk_size, memory_budget)
     params = validation.check_params(params)
     v = validation.check_v(v, params)
     if strict:
-        for index, param in enumerate(params):
-            if not param.requires_grad:
-                raise RuntimeError(
-                    f"params[{index}] (shape {tuple(param.shape)}) does not require grad; "
-                    "pass strict=False to get zeros for it"
-                )
+        _check_strict_requires_grad(params)
 
     with torch.enable_grad():
         loss = func()

@@ -2,12 +2,14 @@
 
 import torch
 
-METHODS = ("auto", "autograd")
+METHODS = ("auto", "autograd", "backprop")
 
 
-def check_method(method):
+def check_method(method, for_model=True):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "backprop" and not for_model:
+        raise ValueError("method='backprop' needs a model and a loss: use model_hessian_diagonal")
 
 
 def check_params(params):

@@ -1,0 +1,82 @@
+"""nn.Conv1d/2d/3d: stride, padding (numbers or 'same'), dilation, groups; zero padding mode."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .curvature import Curvature
+from .registry import Rule, register
+from .shared_weight import linear_transpose_columns, shared_weight_diagonal
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def unfold(module, x):
+    """Input patches (N, C * prod(kernel), P), ordered like the flattened weight (C, kernel...).
+
+    A convolution with one-hot kernels, so it works for 1, 2 and 3 spatial dimensions and
+    every stride / padding / dilation the module itself accepts."""
+    channels, kernel = x.shape[1], module.kernel_size
+    taps = 1
+    for size in kernel:
+        taps *= size
+    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *kernel).repeat(channels, 1, *([1] * len(kernel)))
+    patches = _CONV[len(kernel)](x, one_hot, None, module.stride, module.padding, module.dilation, channels)
+    return patches.reshape(x.shape[0], channels * taps, -1)
+
+
+def _group_curvature(curvature, out_channels, positions, start, stop):
+    """The curvature restricted to output channels [start, stop)."""
+    if start == 0 and stop == out_channels:
+        return curvature
+    samples = curvature.samples
+    shape = (stop - start, positions)
+    if curvature.dense is not None:
+        dense = curvature.dense.reshape(samples, out_channels, positions, out_channels, positions)
+        dense = dense[:, start:stop, :, start:stop, :].reshape(samples, (stop - start) * positions, -1)
+        return Curvature(shape, dense=dense)
+    factors = diag = None
+    if curvature.factors is not None:
+        factors = curvature.factors.reshape(samples, out_channels, positions, -1)[:, start:stop].reshape(
+            samples, (stop - start) * positions, -1)
+    if curvature.diag is not None:
+        diag = curvature.diag.reshape(samples, out_channels, positions)[:, start:stop].reshape(samples, -1)
+    return Curvature(shape, factors, curvature.signs, diag)
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    def unsupported_reason(self, module):
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only 'zeros' has an exact rule)"
+        return None
+
+    def param_diagonals(self, record, curvature):
+        module, x, z = record.module, record.input, record.output
+        samples, out_channels = x.shape[0], module.out_channels
+        positions = z[0].numel() // out_channels
+        results = []
+        if module.weight.requires_grad:
+            patches = unfold(module, x)  # (N, C K, P)
+            groups = module.groups
+            per_group_in = patches.shape[1] // groups
+            per_group_out = out_channels // groups
+            blocks = []
+            for g in range(groups):
+                part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
+                blocks.append(shared_weight_diagonal(part, patches[:, g * per_group_in:(g + 1) * per_group_in],
+                                                     per_group_out, positions_first=False))
+            results.append((module.weight, torch.cat(blocks, 0).reshape(module.weight.shape)))
+        if module.bias is not None and module.bias.requires_grad:
+            ones = x.new_ones(samples, 1, positions)
+            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False)[:, 0]))
+        return results
+
+    def propagate(self, record, curvature, max_columns):
+        module = record.module
+        conv = _CONV[len(module.kernel_size)]
+
+        def function(inp):
+            return conv(inp, module.weight, None, module.stride, module.padding, module.dilation, module.groups)
+
+        yield from linear_transpose_columns(function, record.input, curvature, max_columns)

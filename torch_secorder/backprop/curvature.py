@@ -1,0 +1,147 @@
+"""The per-sample curvature carried from the loss down through the layers.
+
+At the output of a module, with its per-sample features flattened to D, the
+Hessian of the loss for sample n is one of
+
+    factored:  H_n = S_n diag(signs_n) S_n^T + diag(d_n)     S (N, D, V), signs (N, V) or all +1, d (N, D)
+    dense:     H_n                                          (N, D, D)
+
+Factors are cheap while V is small (V = C classes after cross-entropy, and
+ReLU/pooling keep V); smooth activations add a diagonal d, which stays a
+diagonal until a mixing layer (Linear, Conv, average pooling) turns it into D
+more columns or a dense matrix. Rules choose the cheaper form per layer, so the
+width never grows like depth squared (BackPACK adds 2 D columns per smooth
+activation instead).
+"""
+
+import torch
+
+
+class Curvature:
+    def __init__(self, feature_shape, factors=None, signs=None, diag=None, dense=None, primary=True):
+        assert dense is None or (factors is None and diag is None), "dense excludes factors and diag"
+        self.feature_shape = tuple(feature_shape)
+        self.factors, self.signs, self.diag, self.dense = factors, signs, diag, dense
+        # When the curvature is split into column pieces that go down one by one, terms that
+        # arise further down (residuals of curved activations) belong to one piece only: the primary.
+        self.primary = primary
+
+    def _like(self, feature_shape=None, **parts):
+        shape = self.feature_shape if feature_shape is None else feature_shape
+        return Curvature(shape, primary=self.primary, **parts)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def features(self):
+        count = 1
+        for size in self.feature_shape:
+            count *= size
+        return count
+
+    @property
+    def samples(self):
+        for tensor in (self.factors, self.diag, self.dense):
+            if tensor is not None:
+                return tensor.shape[0]
+        return 0
+
+    @property
+    def width(self):
+        """Columns of the factor part (0 when there is none)."""
+        return 0 if self.factors is None else self.factors.shape[2]
+
+    def reshaped(self, feature_shape):
+        """Same curvature, features seen with another per-sample shape (Flatten and friends)."""
+        return self._like(feature_shape, factors=self.factors, signs=self.signs, diag=self.diag, dense=self.dense)
+
+    # ------------------------------------------------------------------ reading
+    def diagonal(self):
+        """diag(H_n) for every sample: (N, D)."""
+        if self.dense is not None:
+            return torch.diagonal(self.dense, dim1=1, dim2=2)
+        total = None
+        if self.factors is not None:
+            total = factor_diagonal(self.factors, self.signs)
+        if self.diag is not None:
+            total = self.diag if total is None else total + self.diag
+        return total
+
+    def signed_factor_chunks(self, max_columns):
+        """(S, signs) chunks of at most max_columns columns whose signed sum is H (the dense
+        part through an eigendecomposition, the diagonal part as scaled unit columns)."""
+        if self.dense is not None:
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.dense)
+            yield from _split(eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1), torch.sign(eigenvalues), max_columns)
+            return
+        if self.factors is not None:
+            yield from _split(self.factors, self.signs, max_columns)
+        if self.diag is not None:
+            yield from diagonal_columns(self.diag, max_columns)
+
+    # ------------------------------------------------------------------ transforming
+    def scaled(self, jacobian):
+        """J^T H J for an elementwise Jacobian J = diag(jacobian), jacobian (N, D)."""
+        if self.dense is not None:
+            return self._like(dense=jacobian.unsqueeze(2) * self.dense * jacobian.unsqueeze(1))
+        factors = None if self.factors is None else self.factors * jacobian.unsqueeze(2)
+        diag = None if self.diag is None else self.diag * jacobian * jacobian
+        return self._like(factors=factors, signs=self.signs, diag=diag)
+
+    def plus_residual(self, residual):
+        """H + diag(residual), residual (N, D), on the primary piece only (see primary)."""
+        if not self.primary:
+            return self
+        if self.dense is not None:
+            return self._like(dense=self.dense + torch.diag_embed(residual))
+        diag = residual if self.diag is None else self.diag + residual
+        return self._like(factors=self.factors, signs=self.signs, diag=diag)
+
+    def to_dense(self):
+        if self.dense is not None:
+            return self.dense
+        dense = None
+        if self.factors is not None:
+            weighted = self.factors if self.signs is None else self.factors * self.signs.unsqueeze(1)
+            dense = weighted @ self.factors.transpose(1, 2)
+        if self.diag is not None:
+            dense = torch.diag_embed(self.diag) if dense is None else dense + torch.diag_embed(self.diag)
+        return dense
+
+
+def factor_diagonal(factors, signs):
+    """sum_v signs[n, v] * factors[n, d, v]^2: (N, D)."""
+    from .. import ops  # the compiled op when it is loaded
+
+    return ops.factor_diagonal(factors, signs)
+
+
+def diagonal_columns(diag, max_columns):
+    """diag(d_n) = sum_j sign(d_nj) (sqrt|d_nj| e_j)(sqrt|d_nj| e_j)^T, in column chunks."""
+    samples, features = diag.shape
+    root, sign = diag.abs().sqrt(), torch.sign(diag)
+    for start in range(0, features, max_columns):
+        stop = min(features, start + max_columns)
+        columns = diag.new_zeros(samples, features, stop - start)
+        index = torch.arange(stop - start, device=diag.device)
+        columns[:, start + index, index] = root[:, start:stop]
+        yield columns, sign[:, start:stop]
+
+
+def _split(factors, signs, max_columns):
+    width = factors.shape[2]
+    if width <= max_columns:
+        yield factors, signs
+        return
+    for start in range(0, width, max_columns):
+        stop = min(width, start + max_columns)
+        yield factors[:, :, start:stop], None if signs is None else signs[:, start:stop]
+
+
+def concat_factors(parts):
+    """Joins (S, signs) parts along the columns; signs become explicit if any part has them."""
+    factors = torch.cat([s for s, _ in parts], dim=2)
+    if all(signs is None for _, signs in parts):
+        return factors, None
+    signs = torch.cat([torch.ones(s.shape[0], s.shape[2], dtype=s.dtype, device=s.device) if g is None else g
+                       for s, g in parts], dim=1)
+    return factors, signs

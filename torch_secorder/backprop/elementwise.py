@@ -1,0 +1,85 @@
+"""Elementwise activations and BatchNorm in eval mode: J = diag(j), plus a residual diag(g * f'') for curved ones."""
+
+import torch
+import torch.nn as nn
+
+from .registry import Rule, register
+from .shared_weight import channelwise_diagonal
+
+# f'' = 0 almost everywhere: no residual term, no need for dloss/doutput.
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
+
+
+def elementwise_derivatives(module, x, create_graph):
+    """f'(x) and f''(x) of an elementwise module, exactly, by autograd (one rule for every activation)."""
+    with torch.enable_grad():
+        inp = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        out = module(inp.clone() if getattr(module, "inplace", False) else inp)
+        (first,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
+        if first.requires_grad:
+            (second,) = torch.autograd.grad(first.sum(), inp, create_graph=create_graph, allow_unused=True)
+        else:
+            second = None
+    if second is None:
+        second = torch.zeros_like(x)
+    if not create_graph:
+        first, second = first.detach(), second.detach()
+    return first, second
+
+
+@register(nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU,
+          nn.Mish, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Tanhshrink, nn.Softsign)
+class ElementwiseRule(Rule):
+    needs_output_grad = True
+
+    def propagate(self, record, curvature, max_columns):
+        samples = record.input.shape[0]
+        create_graph = torch.is_grad_enabled()
+        if isinstance(record.module, PIECEWISE_LINEAR):
+            first = elementwise_derivatives(record.module, record.input, create_graph)[0]
+            yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
+            return
+        if not curvature.primary:  # the residual goes with the primary piece
+            first = elementwise_derivatives(record.module, record.input, create_graph)[0]
+            yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
+            return
+        first, second = elementwise_derivatives(record.module, record.input, create_graph)
+        residual = (record.output_grad * second).reshape(samples, -1)
+        yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1)).plus_residual(residual)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@register(*_BATCH_NORMS)
+class BatchNormEvalRule(Rule):
+    """y = weight * (x - running_mean) / sqrt(running_var + eps) + bias, per channel: affine in x."""
+
+    def unsupported_reason(self, module):
+        if module.training or not module.track_running_stats or module.running_mean is None:
+            return "BatchNorm in training mode (batch statistics couple the samples); call model.eval()"
+        return None
+
+    @staticmethod
+    def _per_channel(module, x):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        inv_std = torch.rsqrt(module.running_var + module.eps).reshape(shape)
+        normalized = (x - module.running_mean.reshape(shape)) * inv_std
+        scale = inv_std if module.weight is None else inv_std * module.weight.reshape(shape)
+        return normalized, scale
+
+    def param_diagonals(self, record, curvature):
+        module, x = record.module, record.input
+        results = []
+        if module.weight is not None and module.weight.requires_grad:
+            normalized, _ = self._per_channel(module, x)
+            results.append((module.weight, channelwise_diagonal(curvature, normalized.reshape(x.shape[0], x.shape[1], -1))))
+        if module.bias is not None and module.bias.requires_grad:
+            ones = x.new_ones(x.shape[0], x.shape[1], x[0, 0].numel())
+            results.append((module.bias, channelwise_diagonal(curvature, ones)))
+        return results
+
+    def propagate(self, record, curvature, max_columns):
+        x = record.input
+        _, scale = self._per_channel(record.module, x)
+        yield curvature.scaled(scale.expand_as(x).reshape(x.shape[0], -1))

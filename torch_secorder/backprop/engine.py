@@ -1,0 +1,128 @@
+"""Exact Hessian backpropagation through a chain of supported modules.
+
+One forward pass records each module's input and output, one first-order
+backward gives dloss/doutput where residual terms need it, then the curvature
+goes from the loss down, each rule adding its parameters' exact diagonals.
+"""
+
+import torch
+import torch.nn as nn
+
+from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
+from .losses import output_curvature, recognise, unsupported_output_reason
+from .registry import LayerRecord, rule_for
+
+
+class Unsupported(Exception):
+    """The exact engine has no rule for this model or loss; the message names what."""
+
+
+def flatten_chain(model):
+    """The modules of a (nested) nn.Sequential in call order; a single module is a chain of one."""
+    if isinstance(model, nn.Sequential):
+        return [leaf for child in model for leaf in flatten_chain(child)]
+    return [model]
+
+
+def check_supported(model, loss_fn):
+    """(layers, loss spec) or raises Unsupported naming the first module (or the loss) without a rule."""
+    layers = flatten_chain(model)
+    spec = recognise(loss_fn)
+    if isinstance(spec, str):
+        raise Unsupported(spec)
+    if spec.kind == "nll":
+        if not layers or not isinstance(layers[-1], nn.LogSoftmax) or layers[-1].dim not in (1, -1):
+            raise Unsupported("NLLLoss without a LogSoftmax(dim=1) as the model's last module")
+        layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in layers:
+        rule = rule_for(module)
+        name = names.get(id(module)) or type(module).__name__
+        if rule is None or (isinstance(module, nn.Sequential)):
+            raise Unsupported(f"module {name!r} ({type(module).__name__})")
+        reason = rule.unsupported_reason(module)
+        if reason is not None:
+            raise Unsupported(f"module {name!r} ({type(module).__name__}): {reason}")
+    return layers, spec
+
+
+def _max_columns(samples, features, itemsize, memory_budget):
+    return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
+
+
+def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
+    """Exact Hessian diagonals for params (a list of model parameters), in their order."""
+    layers, spec = check_supported(model, loss_fn)
+    rules = [rule_for(module) for module in layers]
+    with torch.enable_grad():
+        records, x = [], inputs
+        for module in layers:
+            output = module(x.clone() if getattr(module, "inplace", False) else x)
+            records.append(LayerRecord(module, x, output))
+            x = output
+        reason = unsupported_output_reason(spec, x, targets)
+        if reason is not None:
+            raise Unsupported(reason)
+        if spec.kind == "nll":
+            x = torch.log_softmax(x, dim=1)  # what the dropped LogSoftmax module computed
+        loss = loss_fn(x, targets)
+        needing = [index for index, rule in enumerate(rules) if rule.needs_output_grad and records[index].output.requires_grad]
+        if needing:
+            grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
+                                        allow_unused=True)
+            for index, grad in zip(needing, grads):
+                records[index].output_grad = torch.zeros_like(records[index].output) if grad is None else grad
+    if not create_graph:
+        for record in records:
+            record.input, record.output = record.input.detach(), record.output.detach()
+            if record.output_grad is not None:
+                record.output_grad = record.output_grad.detach()
+
+    results = {id(p): torch.zeros_like(p) for p in params}
+    wanted = {id(p) for p in params if p.requires_grad}
+    owners = [i for i, module in enumerate(layers) if any(id(p) in wanted for p in module.parameters())]
+    if not owners:
+        return [results[id(p)] for p in params]
+
+    def accumulate(param, value):
+        if id(param) in wanted:
+            results[id(param)] = results[id(param)] + value
+
+    with torch.set_grad_enabled(create_graph):
+        output = records[-1].output
+        curvature = output_curvature(spec, output if create_graph else output.detach(), targets)
+        _propagate(records, rules, len(records) - 1, curvature, owners[0], accumulate, memory_budget)
+    diagonals = [results[id(p)] for p in params]
+    return diagonals if create_graph else [d.detach() for d in diagonals]
+
+
+def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget):
+    """From the output of module `index` down to module `lowest`; pieces of a split curvature go down one by one."""
+    while True:
+        record, rule = records[index], rules[index]
+        for param, value in rule.param_diagonals(record, curvature):
+            accumulate(param, value)
+        if index <= lowest:
+            return
+        samples = record.input.shape[0]
+        features = max(record.input[0].numel(), record.output[0].numel())
+        pieces = iter(rule.propagate(record, curvature, _max_columns(samples, features, record.input.element_size(),
+                                                                     memory_budget)))
+        first = next(pieces)
+        second = next(pieces, None)
+        if second is None:
+            curvature, index = first, index - 1
+            continue
+        # Pieces go down one at a time; only the first may carry residuals from below.
+        first.primary = curvature.primary
+        _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget)
+        del first
+        for piece in _chain(second, pieces):
+            piece.primary = False
+            _propagate(records, rules, index - 1, piece, lowest, accumulate, memory_budget)
+        return
+
+
+def _chain(head, rest):
+    yield head
+    yield from rest

@@ -1,0 +1,79 @@
+"""Recognises the loss (module or functional form) and gives its curvature at the model output."""
+
+import functools
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from .curvature import Curvature
+
+_MODULE_KINDS = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "bce_with_logits",
+                 nn.NLLLoss: "nll"}
+_FUNCTION_KINDS = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy",
+                   F.binary_cross_entropy_with_logits: "bce_with_logits", F.nll_loss: "nll"}
+_OPTIONS = {
+    "mse": ("reduction",),
+    "cross_entropy": ("weight", "ignore_index", "label_smoothing", "reduction"),
+    "bce_with_logits": ("weight", "pos_weight", "reduction"),
+    "nll": ("weight", "ignore_index", "reduction"),
+}
+_DEFAULTS = {"reduction": "mean", "weight": None, "ignore_index": -100, "label_smoothing": 0.0, "pos_weight": None}
+
+
+@dataclass
+class LossSpec:
+    kind: str
+    options: dict = field(default_factory=dict)
+
+
+def recognise(loss_fn):
+    """LossSpec for a supported loss, or a string saying why it is not supported."""
+    kind, given = None, {}
+    if isinstance(loss_fn, nn.Module):
+        kind = _MODULE_KINDS.get(type(loss_fn))
+        if kind is not None:
+            given = {name: getattr(loss_fn, name) for name in _OPTIONS[kind] if hasattr(loss_fn, name)}
+    else:
+        function, keywords = loss_fn, {}
+        if isinstance(loss_fn, functools.partial) and not loss_fn.args:
+            function, keywords = loss_fn.func, dict(loss_fn.keywords)
+        kind = _FUNCTION_KINDS.get(function)
+        if kind is not None:
+            unknown = set(keywords) - set(_OPTIONS[kind])
+            if unknown:
+                return f"loss option(s) {sorted(unknown)} of {function.__name__}"
+            given = keywords
+    if kind is None:
+        name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
+        return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
+    options = {name: given.get(name, _DEFAULTS[name]) for name in _OPTIONS[kind]}
+    if options["reduction"] not in ("mean", "sum"):
+        return f"reduction={options['reduction']!r} (the loss must be a scalar: 'mean' or 'sum')"
+    return LossSpec(kind, options)
+
+
+def unsupported_output_reason(spec, output, targets):
+    """Why this output/target pair has no exact loss rule, or None."""
+    if spec.kind in ("cross_entropy", "nll") and output.dim() != 2:
+        return f"{spec.kind} on outputs of shape {tuple(output.shape)} (only (N, C) logits)"
+    if spec.kind in ("mse", "bce_with_logits") and targets.shape != output.shape:
+        return f"{spec.kind} with targets of shape {tuple(targets.shape)} broadcast to outputs {tuple(output.shape)}"
+    return None
+
+
+def output_curvature(spec, output, targets):
+    """Per-sample Hessian of the loss in the model output (for nll: in the LogSoftmax input)."""
+    samples, options = output.shape[0], spec.options
+    if spec.kind == "mse":
+        diag = ops.mse_loss_hessian_diag(output, options["reduction"])
+        return Curvature(output.shape[1:], diag=diag.reshape(samples, -1))
+    if spec.kind == "bce_with_logits":
+        diag = ops.bce_with_logits_hessian_diag(output, targets, options["weight"], options["pos_weight"],
+                                                options["reduction"])
+        return Curvature(output.shape[1:], diag=diag.reshape(samples, -1))
+    smoothing = options.get("label_smoothing", 0.0)
+    factors = ops.cross_entropy_hessian_sqrt(output, targets, options["weight"], options["ignore_index"], smoothing,
+                                             options["reduction"])
+    return Curvature(output.shape[1:], factors=factors)

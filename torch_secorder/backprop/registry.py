@@ -1,0 +1,55 @@
+"""One rule per module type, found by type. A new layer type is one rule class plus one @register line."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_RULES = {}
+
+
+@dataclass
+class LayerRecord:
+    """What a rule needs from the forward pass: the module, its input and output, and
+    dloss/doutput where the rule asked for it (needs_output_grad)."""
+
+    module: torch.nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+    output_grad: Optional[torch.Tensor] = None
+
+
+class Rule:
+    """How one module type moves curvature and what it contributes to its parameters' diagonals."""
+
+    needs_output_grad = False  # residual terms need dloss/doutput
+
+    def unsupported_reason(self, module):
+        """None when the exact rule applies to this module instance, else why not."""
+        return None
+
+    def param_diagonals(self, record, curvature):
+        """[(parameter, diagonal contribution)] from the curvature at the module output."""
+        return []
+
+    def propagate(self, record, curvature, max_columns):
+        """The curvature at the module input: one Curvature, or several whose sum it is
+        (column chunks of at most max_columns, streamed to keep memory bounded)."""
+        raise NotImplementedError
+
+
+def register(*module_types):
+    def decorate(rule_class):
+        for module_type in module_types:
+            _RULES[module_type] = rule_class()
+        return rule_class
+
+    return decorate
+
+
+def rule_for(module):
+    """The rule for module's exact type or its nearest registered base class, else None."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None

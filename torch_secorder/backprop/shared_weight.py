@@ -1,0 +1,87 @@
+"""Pieces shared by layers whose weight is applied at many positions (Conv, Linear on (N, *, in))."""
+
+import torch
+
+from .. import ops
+from .curvature import Curvature
+
+
+def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
+    """diag of a weight W (O, K) used as z[n, o, p] = sum_k W[o, k] inputs[n, k, p]:
+
+        sum_n sum_{p, q} H_n[(o, p), (o, q)] inputs[n, k, p] inputs[n, k, q]      -> (O, K)
+
+    The curvature's features are ordered (O, P), or (P, O) when positions_first.
+    """
+    samples, _, positions = inputs.shape
+    total = None
+
+    def add(value):
+        nonlocal total
+        total = value if total is None else total + value
+
+    def by_channel(tensor):  # (N, D, ...) -> (N, O, P, ...)
+        if positions_first:
+            return tensor.reshape(samples, positions, out_channels, *tensor.shape[2:]).transpose(1, 2)
+        return tensor.reshape(samples, out_channels, positions, *tensor.shape[2:])
+
+    if curvature.dense is not None:
+        dense = curvature.dense.reshape(samples, *((positions, out_channels) if positions_first else (out_channels, positions)) * 2)
+        if positions_first:  # (N, P, O, Q, O) -> (N, O, P, Q): the blocks that share an output channel
+            blocks = torch.diagonal(dense, dim1=2, dim2=4).permute(0, 3, 1, 2)
+        else:  # (N, O, P, O, Q)
+            blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)
+        add(torch.einsum("nopq,nkp,nkq->ok", blocks, inputs, inputs))
+        return total
+    if curvature.factors is not None:
+        factors = by_channel(curvature.factors).permute(0, 3, 1, 2)  # (N, V, O, P)
+        add(ops.affine_weight_diagonal(factors, curvature.signs, inputs))
+    if curvature.diag is not None:
+        add(torch.einsum("nop,nkp->ok", by_channel(curvature.diag), inputs * inputs))
+    return total
+
+
+def transpose_columns(function, x, columns):
+    """J^T columns for a function that is linear in x (for the given x): columns (N, D_out, V) -> (N, D_in, V)."""
+    samples, _, width = columns.shape
+    output, vjp_fn = torch.func.vjp(function, x)
+    cotangents = columns.permute(2, 0, 1).reshape(width, *output.shape)
+    (result,) = torch.func.vmap(vjp_fn)(cotangents)
+    return result.reshape(width, samples, -1).permute(1, 2, 0)
+
+
+def linear_transpose_columns(function, x, curvature, max_columns):
+    """Curvature at the input of a map that is linear in x: J^T H J, as factor chunks."""
+    feature_shape = x.shape[1:]
+    for columns, signs in curvature.signed_factor_chunks(max_columns):
+        yield Curvature(feature_shape, transpose_columns(function, x, columns), signs)
+
+
+def diagonal_through_selection(function, x, curvature):
+    """J^T diag(d) J is diag(J^T d) when every row of J has a single 1 (max pooling): the
+    diagonal stays a diagonal."""
+    _, vjp_fn = torch.func.vjp(function, x)
+    (result,) = vjp_fn(curvature.diag.reshape(x.shape[0], *function(x).shape[1:]))
+    return result.reshape(x.shape[0], -1)
+
+
+def channelwise_diagonal(curvature, values):
+    """diag of a per-channel scale a_c used as z[n, c, p] = a_c * values[n, c, p] (BatchNorm's weight):
+
+        sum_n sum_{p, q} H_n[(c, p), (c, q)] values[n, c, p] values[n, c, q]      -> (C,)
+    """
+    samples, channels, positions = values.shape
+    total = values.new_zeros(channels)
+    if curvature.dense is not None:
+        dense = curvature.dense.reshape(samples, channels, positions, channels, positions)
+        blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
+        return torch.einsum("ncpq,ncp,ncq->c", blocks, values, values)
+    if curvature.factors is not None:
+        projected = torch.einsum("ncpv,ncp->ncv", curvature.factors.reshape(samples, channels, positions, -1), values)
+        squared = projected * projected
+        if curvature.signs is not None:
+            squared = squared * curvature.signs.unsqueeze(1)
+        total = total + squared.sum(dim=(0, 2))
+    if curvature.diag is not None:
+        total = total + (curvature.diag.reshape(samples, channels, positions) * values * values).sum(dim=(0, 2))
+    return total

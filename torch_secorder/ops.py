@@ -87,7 +87,7 @@ def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, re
 
 
 def factor_diagonal(factors, signs=None):
-    """Diagonal of S diag(signs) S^T per sample: factors (N, D, V), signs (N, V) or None -> (N, D)."""
+    """Diagonal of S^T diag(signs) S per sample: factors (N, V, D), signs (N, V) or None -> (N, D)."""
     return _run("factor_diagonal", factors, signs)
 
 

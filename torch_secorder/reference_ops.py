@@ -99,11 +99,11 @@ def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, re
 
 # ---------------------------------------------------------------- Hessian-backprop contractions
 def factor_diagonal(factors, signs=None):
-    """sum_v signs[n, v] factors[n, d, v]^2: the diagonal of S diag(signs) S^T, (N, D)."""
+    """sum_v signs[n, v] factors[n, v, d]^2: the diagonal of S^T diag(signs) S, (N, D)."""
     squared = factors * factors
     if signs is not None:
-        squared = squared * signs.unsqueeze(1)
-    return squared.sum(2)
+        squared = squared * signs.unsqueeze(2)
+    return squared.sum(1)
 
 
 def affine_weight_diagonal(factors, signs, inputs, samples_per_chunk=8):

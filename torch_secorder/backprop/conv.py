@@ -37,8 +37,9 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
         return Curvature(shape, dense=dense)
     factors = diag = None
     if curvature.factors is not None:
-        factors = curvature.factors.reshape(samples, out_channels, positions, -1)[:, start:stop].reshape(
-            samples, (stop - start) * positions, -1)
+        width = curvature.width
+        factors = curvature.factors.reshape(samples, width, out_channels, positions)[:, :, start:stop].reshape(
+            samples, width, -1)
     if curvature.diag is not None:
         diag = curvature.diag.reshape(samples, out_channels, positions)[:, start:stop].reshape(samples, -1)
     return Curvature(shape, factors, curvature.signs, diag)
@@ -46,6 +47,8 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
+    mixing = True
+
     def unsupported_reason(self, module):
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' has an exact rule)"
@@ -72,7 +75,8 @@ class ConvRule(Rule):
             results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False)[:, 0]))
         return results
 
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
+        max_columns = context.max_columns
         module = record.module
         conv = _CONV[len(module.kernel_size)]
 

@@ -3,8 +3,11 @@
 At the output of a module, with its per-sample features flattened to D, the
 Hessian of the loss for sample n is one of
 
-    factored:  H_n = S_n diag(signs_n) S_n^T + diag(d_n)     S (N, D, V), signs (N, V) or all +1, d (N, D)
+    factored:  H_n = S_n^T diag(signs_n) S_n + diag(d_n)     S (N, V, D), signs (N, V) or all +1, d (N, D)
     dense:     H_n                                          (N, D, D)
+
+Factor columns are stored column-major per sample, (N, V, D): Linear maps act on the last
+axis and Conv/pooling transposes fold (N, V) into one batch axis, both without copies.
 
 Factors are cheap while V is small (V = C classes after cross-entropy, and
 ReLU/pooling keep V); smooth activations add a diagonal d, which stays a
@@ -48,7 +51,7 @@ class Curvature:
     @property
     def width(self):
         """Columns of the factor part (0 when there is none)."""
-        return 0 if self.factors is None else self.factors.shape[2]
+        return 0 if self.factors is None else self.factors.shape[1]
 
     def reshaped(self, feature_shape):
         """Same curvature, features seen with another per-sample shape (Flatten and friends)."""
@@ -70,8 +73,9 @@ class Curvature:
         """(S, signs) chunks of at most max_columns columns whose signed sum is H (the dense
         part through an eigendecomposition, the diagonal part as scaled unit columns)."""
         if self.dense is not None:
-            eigenvalues, eigenvectors = torch.linalg.eigh(self.dense)
-            yield from _split(eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1), torch.sign(eigenvalues), max_columns)
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.dense)  # H = Q diag(l) Q^T
+            columns = (eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1)).transpose(1, 2)
+            yield from _split(columns, torch.sign(eigenvalues), max_columns)
             return
         if self.factors is not None:
             yield from _split(self.factors, self.signs, max_columns)
@@ -83,7 +87,7 @@ class Curvature:
         """J^T H J for an elementwise Jacobian J = diag(jacobian), jacobian (N, D)."""
         if self.dense is not None:
             return self._like(dense=jacobian.unsqueeze(2) * self.dense * jacobian.unsqueeze(1))
-        factors = None if self.factors is None else self.factors * jacobian.unsqueeze(2)
+        factors = None if self.factors is None else self.factors * jacobian.unsqueeze(1)
         diag = None if self.diag is None else self.diag * jacobian * jacobian
         return self._like(factors=factors, signs=self.signs, diag=diag)
 
@@ -101,15 +105,15 @@ class Curvature:
             return self.dense
         dense = None
         if self.factors is not None:
-            weighted = self.factors if self.signs is None else self.factors * self.signs.unsqueeze(1)
-            dense = weighted @ self.factors.transpose(1, 2)
+            weighted = self.factors if self.signs is None else self.factors * self.signs.unsqueeze(2)
+            dense = weighted.transpose(1, 2) @ self.factors
         if self.diag is not None:
             dense = torch.diag_embed(self.diag) if dense is None else dense + torch.diag_embed(self.diag)
         return dense
 
 
 def factor_diagonal(factors, signs):
-    """sum_v signs[n, v] * factors[n, d, v]^2: (N, D)."""
+    """sum_v signs[n, v] * factors[n, v, d]^2: (N, D)."""
     from .. import ops  # the compiled op when it is loaded
 
     return ops.factor_diagonal(factors, signs)
@@ -121,27 +125,27 @@ def diagonal_columns(diag, max_columns):
     root, sign = diag.abs().sqrt(), torch.sign(diag)
     for start in range(0, features, max_columns):
         stop = min(features, start + max_columns)
-        columns = diag.new_zeros(samples, features, stop - start)
+        columns = diag.new_zeros(samples, stop - start, features)
         index = torch.arange(stop - start, device=diag.device)
-        columns[:, start + index, index] = root[:, start:stop]
+        columns[:, index, start + index] = root[:, start:stop]
         yield columns, sign[:, start:stop]
 
 
 def _split(factors, signs, max_columns):
-    width = factors.shape[2]
+    width = factors.shape[1]
     if width <= max_columns:
         yield factors, signs
         return
     for start in range(0, width, max_columns):
         stop = min(width, start + max_columns)
-        yield factors[:, :, start:stop], None if signs is None else signs[:, start:stop]
+        yield factors[:, start:stop], None if signs is None else signs[:, start:stop]
 
 
 def concat_factors(parts):
     """Joins (S, signs) parts along the columns; signs become explicit if any part has them."""
-    factors = torch.cat([s for s, _ in parts], dim=2)
+    factors = torch.cat([s for s, _ in parts], dim=1)
     if all(signs is None for _, signs in parts):
         return factors, None
-    signs = torch.cat([torch.ones(s.shape[0], s.shape[2], dtype=s.dtype, device=s.device) if g is None else g
+    signs = torch.cat([torch.ones(s.shape[0], s.shape[1], dtype=s.dtype, device=s.device) if g is None else g
                        for s, g in parts], dim=1)
     return factors, signs

@@ -1,4 +1,4 @@
-"""Elementwise activations and BatchNorm in eval mode: J = diag(j), plus a residual diag(g * f'') for curved ones."""
+"""Elementwise activations and BatchNorm in eval mode: J = diag(f'), plus a residual diag(g * f'') for curved ones."""
 
 import torch
 import torch.nn as nn
@@ -10,42 +10,52 @@ from .shared_weight import channelwise_diagonal
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
 
 
-def elementwise_derivatives(module, x, create_graph):
-    """f'(x) and f''(x) of an elementwise module, exactly, by autograd (one rule for every activation)."""
+def _closed_form(module, x, y):
+    """(f'(x), f''(x)) for the common activations, from the input x and output y; None if not known here."""
+    if isinstance(module, nn.ReLU):
+        return (x > 0).to(x.dtype), None
+    if isinstance(module, nn.LeakyReLU):
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, module.negative_slope)), None
+    if isinstance(module, nn.Tanh):
+        first = 1 - y * y
+        return first, -2 * y * first
+    if isinstance(module, nn.Sigmoid):
+        first = y * (1 - y)
+        return first, first * (1 - 2 * y)
+    return None
+
+
+def elementwise_derivatives(module, x, y, create_graph):
+    """f'(x) and f''(x) of an elementwise module: closed forms where known, else by autograd (exact either way)."""
+    known = _closed_form(module, x, y)
+    if known is not None:
+        return known
     with torch.enable_grad():
         inp = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
         out = module(inp.clone() if getattr(module, "inplace", False) else inp)
         (first,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
-        if first.requires_grad:
+        second = None
+        if first.requires_grad and not isinstance(module, PIECEWISE_LINEAR):
             (second,) = torch.autograd.grad(first.sum(), inp, create_graph=create_graph, allow_unused=True)
-        else:
-            second = None
-    if second is None:
-        second = torch.zeros_like(x)
     if not create_graph:
-        first, second = first.detach(), second.detach()
+        first = first.detach()
+        second = None if second is None else second.detach()
     return first, second
 
 
 @register(nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU,
           nn.Mish, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Tanhshrink, nn.Softsign)
 class ElementwiseRule(Rule):
-    needs_output_grad = True
+    def needs_output_grad(self, module):
+        return not isinstance(module, PIECEWISE_LINEAR)
 
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
         samples = record.input.shape[0]
-        create_graph = torch.is_grad_enabled()
-        if isinstance(record.module, PIECEWISE_LINEAR):
-            first = elementwise_derivatives(record.module, record.input, create_graph)[0]
-            yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
-            return
-        if not curvature.primary:  # the residual goes with the primary piece
-            first = elementwise_derivatives(record.module, record.input, create_graph)[0]
-            yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
-            return
-        first, second = elementwise_derivatives(record.module, record.input, create_graph)
-        residual = (record.output_grad * second).reshape(samples, -1)
-        yield curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1)).plus_residual(residual)
+        first, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled())
+        result = curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
+        if second is not None and curvature.primary:  # the residual goes with the primary piece only
+            result = result.plus_residual((record.output_grad * second).reshape(samples, -1))
+        yield result
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -79,7 +89,7 @@ class BatchNormEvalRule(Rule):
             results.append((module.bias, channelwise_diagonal(curvature, ones)))
         return results
 
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
         x = record.input
         _, scale = self._per_channel(record.module, x)
         yield curvature.scaled(scale.expand_as(x).reshape(x.shape[0], -1))

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
 from .losses import output_curvature, recognise, unsupported_output_reason
-from .registry import LayerRecord, rule_for
+from .registry import LayerRecord, PropagationContext, rule_for
 
 
 class Unsupported(Exception):
@@ -66,7 +66,8 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
         if spec.kind == "nll":
             x = torch.log_softmax(x, dim=1)  # what the dropped LogSoftmax module computed
         loss = loss_fn(x, targets)
-        needing = [index for index, rule in enumerate(rules) if rule.needs_output_grad and records[index].output.requires_grad]
+        needing = [index for index, rule in enumerate(rules)
+                   if rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
         if needing:
             grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
                                         allow_unused=True)
@@ -106,8 +107,11 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
             return
         samples = record.input.shape[0]
         features = max(record.input[0].numel(), record.output[0].numel())
-        pieces = iter(rule.propagate(record, curvature, _max_columns(samples, features, record.input.element_size(),
-                                                                     memory_budget)))
+        context = PropagationContext(
+            max_columns=_max_columns(samples, features, record.input.element_size(), memory_budget),
+            mixing_below=any(rules[j].mixing for j in range(lowest + 1, index)),
+        )
+        pieces = iter(rule.propagate(record, curvature, context))
         first = next(pieces)
         second = next(pieces, None)
         if second is None:

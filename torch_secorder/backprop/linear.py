@@ -10,6 +10,8 @@ from .shared_weight import linear_transpose_columns, shared_weight_diagonal
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    mixing = True
+
     def param_diagonals(self, record, curvature):
         module, x = record.module, record.input
         samples, out_features = x.shape[0], module.out_features
@@ -31,7 +33,8 @@ class LinearRule(Rule):
             results.append((module.bias, shared_weight_diagonal(curvature, ones, out_features, positions_first=True)[:, 0]))
         return results
 
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
+        max_columns = context.max_columns
         module, x = record.module, record.input
         if x.dim() != 2:  # positions: W^T per position, through the generic transpose
             yield from linear_transpose_columns(lambda inp: nn.functional.linear(inp, module.weight), x, curvature, max_columns)
@@ -43,13 +46,14 @@ class LinearRule(Rule):
             yield Curvature(feature_shape, dense=weight.transpose(0, 1) @ curvature.dense @ weight)
             return
         width = curvature.width + (out_features if curvature.diag is not None else 0)
-        if width > in_features and in_features <= max_columns:
-            # factors would be wider than the layer: a dense (in x in) matrix is cheaper
+        if context.mixing_below and width > 2 * in_features and in_features <= max_columns:
+            # Factors much wider than the layer would make the next mixing layer pay for every
+            # column: a dense (in x in) matrix keeps the cost linear in depth.
             dense = None
             if curvature.factors is not None:
-                projected = weight.transpose(0, 1) @ curvature.factors  # (N, in, V)
-                weighted = projected if curvature.signs is None else projected * curvature.signs.unsqueeze(1)
-                dense = weighted @ projected.transpose(1, 2)
+                projected = curvature.factors @ weight  # (N, V, in)
+                weighted = projected if curvature.signs is None else projected * curvature.signs.unsqueeze(2)
+                dense = weighted.transpose(1, 2) @ projected
             if curvature.diag is not None:
                 part = (weight.transpose(0, 1) * curvature.diag.unsqueeze(1)) @ weight
                 dense = part if dense is None else dense + part
@@ -58,12 +62,12 @@ class LinearRule(Rule):
         if width <= max_columns:
             parts = []
             if curvature.factors is not None:
-                parts.append((weight.transpose(0, 1) @ curvature.factors, curvature.signs))
+                parts.append((curvature.factors @ weight, curvature.signs))
             if curvature.diag is not None:
-                # W^T diag(d) W = sum_o sign(d_o) (sqrt|d_o| W[o])^T (sqrt|d_o| W[o])
-                parts.append(((weight * curvature.diag.abs().sqrt().unsqueeze(2)).transpose(1, 2), torch.sign(curvature.diag)))
+                # W^T diag(d) W = sum_o sign(d_o) (sqrt|d_o| W[o])^T (sqrt|d_o| W[o]): rows of W are columns
+                parts.append((weight * curvature.diag.abs().sqrt().unsqueeze(2), torch.sign(curvature.diag)))
             factors, signs = concat_factors(parts)
             yield Curvature(feature_shape, factors, signs)
             return
         for columns, signs in curvature.signed_factor_chunks(max_columns):  # streamed
-            yield Curvature(feature_shape, weight.transpose(0, 1) @ columns, signs)
+            yield Curvature(feature_shape, columns @ weight, signs)

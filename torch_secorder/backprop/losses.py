@@ -76,4 +76,4 @@ def output_curvature(spec, output, targets):
     smoothing = options.get("label_smoothing", 0.0)
     factors = ops.cross_entropy_hessian_sqrt(output, targets, options["weight"], options["ignore_index"], smoothing,
                                              options["reduction"])
-    return Curvature(output.shape[1:], factors=factors)
+    return Curvature(output.shape[1:], factors=factors.transpose(1, 2))  # S S^T = H: columns of S

@@ -9,7 +9,8 @@ from .shared_weight import diagonal_through_selection, linear_transpose_columns,
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
+        max_columns = context.max_columns
         module, x = record.module, record.input
 
         def function(inp):
@@ -28,5 +29,8 @@ class MaxPoolRule(Rule):
 
 @register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 class AveragePoolRule(Rule):
-    def propagate(self, record, curvature, max_columns):
+    mixing = True
+
+    def propagate(self, record, curvature, context):
+        max_columns = context.max_columns
         yield from linear_transpose_columns(record.module, record.input, curvature, max_columns)

@@ -19,10 +19,22 @@ class LayerRecord:
     output_grad: Optional[torch.Tensor] = None
 
 
+@dataclass
+class PropagationContext:
+    """What a rule may want to know about the rest of the chain when it picks a representation."""
+
+    max_columns: int  # columns per piece that fit the memory budget
+    mixing_below: bool  # the result will pass through another Linear/Conv/pooling before the last parameters
+
+
 class Rule:
     """How one module type moves curvature and what it contributes to its parameters' diagonals."""
 
-    needs_output_grad = False  # residual terms need dloss/doutput
+    def needs_output_grad(self, module):
+        """True when the residual term needs dloss/doutput (curved elementwise functions)."""
+        return False
+
+    mixing = False  # its Jacobian is not diagonal (Linear, Conv, average pooling)
 
     def unsupported_reason(self, module):
         """None when the exact rule applies to this module instance, else why not."""
@@ -32,9 +44,9 @@ class Rule:
         """[(parameter, diagonal contribution)] from the curvature at the module output."""
         return []
 
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
         """The curvature at the module input: one Curvature, or several whose sum it is
-        (column chunks of at most max_columns, streamed to keep memory bounded)."""
+        (column chunks of at most context.max_columns, streamed to keep memory bounded)."""
         raise NotImplementedError
 
 

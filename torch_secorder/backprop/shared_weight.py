@@ -20,10 +20,10 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
         nonlocal total
         total = value if total is None else total + value
 
-    def by_channel(tensor):  # (N, D, ...) -> (N, O, P, ...)
+    def by_channel(tensor):  # (..., D) -> (..., O, P)
         if positions_first:
-            return tensor.reshape(samples, positions, out_channels, *tensor.shape[2:]).transpose(1, 2)
-        return tensor.reshape(samples, out_channels, positions, *tensor.shape[2:])
+            return tensor.reshape(*tensor.shape[:-1], positions, out_channels).transpose(-1, -2)
+        return tensor.reshape(*tensor.shape[:-1], out_channels, positions)
 
     if curvature.dense is not None:
         dense = curvature.dense.reshape(samples, *((positions, out_channels) if positions_first else (out_channels, positions)) * 2)
@@ -34,20 +34,19 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
         add(torch.einsum("nopq,nkp,nkq->ok", blocks, inputs, inputs))
         return total
     if curvature.factors is not None:
-        factors = by_channel(curvature.factors).permute(0, 3, 1, 2)  # (N, V, O, P)
-        add(ops.affine_weight_diagonal(factors, curvature.signs, inputs))
+        add(ops.affine_weight_diagonal(by_channel(curvature.factors), curvature.signs, inputs))  # (N, V, O, P)
     if curvature.diag is not None:
         add(torch.einsum("nop,nkp->ok", by_channel(curvature.diag), inputs * inputs))
     return total
 
 
 def transpose_columns(function, x, columns):
-    """J^T columns for a function that is linear in x (for the given x): columns (N, D_out, V) -> (N, D_in, V)."""
-    samples, _, width = columns.shape
+    """J^T columns for a function that is linear in x (for the given x): columns (N, V, D_out) -> (N, V, D_in)."""
+    samples, width, _ = columns.shape
     output, vjp_fn = torch.func.vjp(function, x)
-    cotangents = columns.permute(2, 0, 1).reshape(width, *output.shape)
+    cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
     (result,) = torch.func.vmap(vjp_fn)(cotangents)
-    return result.reshape(width, samples, -1).permute(1, 2, 0)
+    return result.reshape(width, samples, -1).transpose(0, 1)
 
 
 def linear_transpose_columns(function, x, curvature, max_columns):
@@ -77,11 +76,11 @@ def channelwise_diagonal(curvature, values):
         blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
         return torch.einsum("ncpq,ncp,ncq->c", blocks, values, values)
     if curvature.factors is not None:
-        projected = torch.einsum("ncpv,ncp->ncv", curvature.factors.reshape(samples, channels, positions, -1), values)
+        projected = torch.einsum("nvcp,ncp->nvc", curvature.factors.reshape(samples, -1, channels, positions), values)
         squared = projected * projected
         if curvature.signs is not None:
-            squared = squared * curvature.signs.unsqueeze(1)
-        total = total + squared.sum(dim=(0, 2))
+            squared = squared * curvature.signs.unsqueeze(2)
+        total = total + squared.sum(dim=(0, 1))
     if curvature.diag is not None:
         total = total + (curvature.diag.reshape(samples, channels, positions) * values * values).sum(dim=(0, 2))
     return total

@@ -7,7 +7,7 @@ from .registry import Rule, register
 
 @register(nn.Flatten, nn.Unflatten, nn.Identity)
 class ReshapeRule(Rule):
-    def propagate(self, record, curvature, max_columns):
+    def propagate(self, record, curvature, context):
         yield curvature.reshaped(record.input.shape[1:])
 
 

@@ -49,6 +49,9 @@ class ElementwiseRule(Rule):
     def needs_output_grad(self, module):
         return not isinstance(module, PIECEWISE_LINEAR)
 
+    def reads_only_diagonal(self, record):
+        return True  # diag(J H J + diag(r)) = f'^2 diag(H) + r
+
     def propagate(self, record, curvature, context):
         samples = record.input.shape[0]
         first, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled())
@@ -69,6 +72,9 @@ class BatchNormEvalRule(Rule):
         if module.training or not module.track_running_stats or module.running_mean is None:
             return "BatchNorm in training mode (batch statistics couple the samples); call model.eval()"
         return None
+
+    def reads_only_diagonal(self, record):
+        return record.input.dim() == 2  # one position per channel
 
     @staticmethod
     def _per_channel(module, x):

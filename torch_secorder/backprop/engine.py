@@ -110,6 +110,9 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
         context = PropagationContext(
             max_columns=_max_columns(samples, features, record.input.element_size(), memory_budget),
             mixing_below=any(rules[j].mixing for j in range(lowest + 1, index)),
+            # only the lowest module may mix: it propagates nothing, the others must keep H diagonal-readable
+            diagonal_only=rules[lowest].reads_only_diagonal(records[lowest]) and all(
+                not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index)),
         )
         pieces = iter(rule.propagate(record, curvature, context))
         first = next(pieces)

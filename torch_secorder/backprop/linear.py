@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from .curvature import Curvature, concat_factors
+from .curvature import Curvature, concat_factors, factor_diagonal
 from .registry import Rule, register
 from .shared_weight import linear_transpose_columns, shared_weight_diagonal
 
@@ -11,6 +11,22 @@ from .shared_weight import linear_transpose_columns, shared_weight_diagonal
 @register(nn.Linear)
 class LinearRule(Rule):
     mixing = True
+
+    def reads_only_diagonal(self, record):
+        return record.input.dim() == 2  # diag_W = diag(H)^T x^2
+
+    @staticmethod
+    def input_diagonal(weight, curvature):
+        """diag(W^T H W) without forming W^T H W: the shortcut when only diagonals are read below."""
+        total = None
+        if curvature.dense is not None:
+            total = ((curvature.dense @ weight) * weight).sum(1)
+        if curvature.factors is not None:
+            total = factor_diagonal(curvature.factors @ weight, curvature.signs)
+        if curvature.diag is not None:
+            part = curvature.diag @ (weight * weight)
+            total = part if total is None else total + part
+        return total
 
     def param_diagonals(self, record, curvature):
         module, x = record.module, record.input
@@ -42,6 +58,9 @@ class LinearRule(Rule):
         weight = module.weight  # (out, in)
         in_features, out_features = module.in_features, module.out_features
         feature_shape = x.shape[1:]
+        if context.diagonal_only:
+            yield Curvature(feature_shape, diag=self.input_diagonal(weight, curvature))
+            return
         if curvature.dense is not None:
             yield Curvature(feature_shape, dense=weight.transpose(0, 1) @ curvature.dense @ weight)
             return

@@ -25,6 +25,7 @@ class PropagationContext:
 
     max_columns: int  # columns per piece that fit the memory budget
     mixing_below: bool  # the result will pass through another Linear/Conv/pooling before the last parameters
+    diagonal_only: bool  # every module below reads only diag(H): the rest of H need not be formed
 
 
 class Rule:
@@ -35,6 +36,11 @@ class Rule:
         return False
 
     mixing = False  # its Jacobian is not diagonal (Linear, Conv, average pooling)
+
+    def reads_only_diagonal(self, record):
+        """True when this module's parameter diagonals need only diag(H) at its output, and so does its
+        propagation unless it is mixing (engine.py combines the two)."""
+        return False
 
     def unsupported_reason(self, module):
         """None when the exact rule applies to this module instance, else why not."""

@@ -7,6 +7,9 @@ from .registry import Rule, register
 
 @register(nn.Flatten, nn.Unflatten, nn.Identity)
 class ReshapeRule(Rule):
+    def reads_only_diagonal(self, record):
+        return True
+
     def propagate(self, record, curvature, context):
         yield curvature.reshaped(record.input.shape[1:])
 

@@ -11,6 +11,14 @@ TORCH_LIBRARY(torch_secorder, m) {
   // scale * sigmoid(logits) * (1 - sigmoid(logits)), elementwise.
   m.def("sigmoid_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
 
+  // Hessian-backprop contractions (csrc/cpu, csrc/cuda), curvature H_n = S_n^T diag(signs_n) S_n:
+  // diag(H_n) from factors (N, V, D) and signs (N, V) -> (N, D) ...
+  m.def("factor_diagonal(Tensor factors, Tensor? signs=None) -> Tensor");
+  // ... and the diagonal of a weight W (O, K) shared over P positions, z[n, o, p] = W[o] . inputs[n, :, p]:
+  // sum_n sum_v signs[n, v] (factors[n, v] @ inputs[n]^T)^2 with factors (N, V, O, P), inputs (N, K, P) -> (O, K),
+  // without materialising the N x V x O x K products.
+  m.def("affine_weight_diagonal(Tensor factors, Tensor? signs, Tensor inputs) -> Tensor");
+
   // Per-sample Hessians of losses with respect to the model output (loss_curvature.cpp).
   // *_diag has the shape of `input`; *_sqrt is (N, K, K) with K = input[0].numel().
   m.def("mse_loss_hessian_diag(Tensor input, str reduction='mean') -> Tensor");

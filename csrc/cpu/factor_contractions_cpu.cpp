@@ -1,0 +1,93 @@
+// CPU kernels of the Hessian-backprop contractions: samples in parallel
+// (at::parallel_for, OpenMP), each thread with its own accumulator, BLAS for
+// the per-sample products and plain vectorisable loops for the squares.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/factor_checks.h"
+
+namespace torch_secorder {
+namespace {
+
+// Columns of one sample per product: bounds the (columns * O * K) scratch.
+constexpr int64_t kScratchElements = 1 << 20;
+
+at::Tensor factor_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
+  check_factor_diagonal_args(factors, signs);
+  const auto s = factors.contiguous();
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = s.size(0), columns = s.size(1), features = s.size(2);
+  auto out = at::zeros({samples, features}, s.options());
+  if (out.numel() == 0 || columns == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "factor_diagonal_cpu", [&] {
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* row = op + n * features;
+        for (int64_t v = 0; v < columns; ++v) {
+          const scalar_t sign = has_signs ? gp[n * columns + v] : scalar_t(1);
+          const scalar_t* column = sp + (n * columns + v) * features;
+          for (int64_t d = 0; d < features; ++d) row[d] += sign * column[d] * column[d];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor affine_weight_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                      const at::Tensor& inputs) {
+  check_affine_weight_diagonal_args(factors, signs, inputs);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the at::mm calls below need no autograd
+  const auto s = factors.contiguous();
+  const auto x = inputs.contiguous();
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), positions = s.size(3);
+  const int64_t ins = x.size(1);
+  const int threads = at::get_num_threads();
+  auto partial = at::zeros({threads, outs, ins}, s.options());
+  if (samples == 0 || columns == 0 || outs == 0 || ins == 0) return partial.sum(0);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(columns, kScratchElements / std::max<int64_t>(1, outs * ins)));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "affine_weight_diagonal_cpu", [&] {
+    const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* partial_base = partial.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * outs * ins;
+      for (int64_t n = begin; n < end; ++n) {
+        const at::Tensor sample_inputs_t = x[n].t();  // (P, K)
+        for (int64_t v0 = 0; v0 < columns; v0 += chunk) {
+          const int64_t width = std::min(chunk, columns - v0);
+          // (width * O, P) @ (P, K): every column's projection onto every input channel
+          const at::Tensor products = at::mm(s[n].narrow(0, v0, width).reshape({width * outs, positions}), sample_inputs_t);
+          const scalar_t* pp = products.const_data_ptr<scalar_t>();
+          for (int64_t v = 0; v < width; ++v) {
+            const scalar_t sign = has_signs ? gp[n * columns + v0 + v] : scalar_t(1);
+            for (int64_t o = 0; o < outs; ++o) {
+              const scalar_t* row = pp + (v * outs + o) * ins;
+              scalar_t* out_row = acc + o * ins;
+              for (int64_t k = 0; k < ins; ++k) out_row[k] += sign * row[k] * row[k];
+            }
+          }
+        }
+      }
+    });
+  });
+  return partial.sum(0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_secorder, CPU, m) {
+  m.impl("factor_diagonal", &factor_diagonal_cpu);
+  m.impl("affine_weight_diagonal", &affine_weight_diagonal_cpu);
+}
+
+}  // namespace torch_secorder

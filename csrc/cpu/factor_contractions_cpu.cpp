@@ -18,7 +18,8 @@ constexpr int64_t kScratchElements = 1 << 20;
 
 at::Tensor factor_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
   check_factor_diagonal_args(factors, signs);
-  const auto s = factors.contiguous();
+  // Any layout whose feature axis is dense: (N, V, D) views of (V, N, D) storage need no copy.
+  const auto s = factors.stride(2) == 1 ? factors : factors.contiguous();
   const bool has_signs = signs.has_value() && signs->defined();
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), features = s.size(2);
@@ -26,6 +27,7 @@ at::Tensor factor_diagonal_cpu(const at::Tensor& factors, const c10::optional<at
   if (out.numel() == 0 || columns == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "factor_diagonal_cpu", [&] {
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const int64_t sample_stride = s.stride(0), column_stride = s.stride(1);
     const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
@@ -33,7 +35,7 @@ at::Tensor factor_diagonal_cpu(const at::Tensor& factors, const c10::optional<at
         scalar_t* row = op + n * features;
         for (int64_t v = 0; v < columns; ++v) {
           const scalar_t sign = has_signs ? gp[n * columns + v] : scalar_t(1);
-          const scalar_t* column = sp + (n * columns + v) * features;
+          const scalar_t* column = sp + n * sample_stride + v * column_stride;
           for (int64_t d = 0; d < features; ++d) row[d] += sign * column[d] * column[d];
         }
       }
@@ -46,8 +48,9 @@ at::Tensor affine_weight_diagonal_cpu(const at::Tensor& factors, const c10::opti
                                       const at::Tensor& inputs) {
   check_affine_weight_diagonal_args(factors, signs, inputs);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the at::mm calls below need no autograd
-  const auto s = factors.contiguous();
-  const auto x = inputs.contiguous();
+  // No global copy: each sample's (V, O, P) block is made dense (if it is not) inside its own thread.
+  const auto& s = factors;
+  const auto& x = inputs;
   const bool has_signs = signs.has_value() && signs->defined();
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), positions = s.size(3);

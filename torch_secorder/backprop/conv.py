@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from .curvature import Curvature
 from .registry import Rule, register
-from .shared_weight import linear_transpose_columns, shared_weight_diagonal
+from .shared_weight import fold_columns, linear_transpose_columns, shared_weight_diagonal
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def unfold(module, x):
@@ -17,6 +18,8 @@ def unfold(module, x):
     A convolution with one-hot kernels, so it works for 1, 2 and 3 spatial dimensions and
     every stride / padding / dilation the module itself accepts."""
     channels, kernel = x.shape[1], module.kernel_size
+    if len(kernel) == 2 and not isinstance(module.padding, str):
+        return F.unfold(x, kernel, module.dilation, module.padding, module.stride)  # im2col, same ordering
     taps = 1
     for size in kernel:
         taps *= size
@@ -76,11 +79,27 @@ class ConvRule(Rule):
         return results
 
     def propagate(self, record, curvature, context):
-        max_columns = context.max_columns
-        module = record.module
-        conv = _CONV[len(module.kernel_size)]
+        module, x = record.module, record.input
+        spatial = len(module.kernel_size)
+        if isinstance(module.padding, str):  # 'same' may pad unevenly: let autograd find the transpose
+            def function(inp):
+                return _CONV[spatial](inp, module.weight, None, module.stride, module.padding, module.dilation,
+                                      module.groups)
 
-        def function(inp):
-            return conv(inp, module.weight, None, module.stride, module.padding, module.dilation, module.groups)
+            yield from linear_transpose_columns(function, x, curvature, context.max_columns)
+            return
+        out_spatial = record.output.shape[2:]
+        # the transposed convolution that lands exactly on the input size
+        output_padding = [
+            x.shape[2 + i] - ((out_spatial[i] - 1) * module.stride[i] - 2 * module.padding[i]
+                              + module.dilation[i] * (module.kernel_size[i] - 1) + 1)
+            for i in range(spatial)
+        ]
 
-        yield from linear_transpose_columns(function, record.input, curvature, max_columns)
+        def transpose(batch):  # (B, O, *out_spatial) -> (B, C, *in_spatial)
+            return _CONV_TRANSPOSE[spatial](batch, module.weight, None, module.stride, module.padding,
+                                            output_padding, module.groups, module.dilation)
+
+        for columns, signs in curvature.signed_factor_chunks(context.max_columns):
+            folded, unfold_back = fold_columns(columns)
+            yield Curvature(x.shape[1:], unfold_back(transpose(folded.reshape(-1, *record.output.shape[1:]))), signs)

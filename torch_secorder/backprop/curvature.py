@@ -82,6 +82,10 @@ class Curvature:
         if self.diag is not None:
             yield from diagonal_columns(self.diag, max_columns)
 
+    def factor_chunks(self, max_columns):
+        """The factor part alone, in column chunks."""
+        return _split(self.factors, self.signs, max_columns)
+
     # ------------------------------------------------------------------ transforming
     def scaled(self, jacobian):
         """J^T H J for an elementwise Jacobian J = diag(jacobian), jacobian (N, D)."""

@@ -1,30 +1,54 @@
 """Max pooling (selects one input per output: diagonals stay diagonal) and average pooling (mixes)."""
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .curvature import Curvature, _split
+from .curvature import Curvature
 from .registry import Rule, register
-from .shared_weight import diagonal_through_selection, linear_transpose_columns, transpose_columns
+from .shared_weight import linear_transpose_columns
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _argmax_indices(module, x):
+    """For every output, the flat spatial index of the input it copies: (N, C, outputs per channel)."""
+    spatial = x.dim() - 2
+    _, indices = _MAX_POOL[spatial](x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                    ceil_mode=module.ceil_mode, return_indices=True)
+    return indices.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _scatter_to_inputs(values, indices, x):
+    """J^T values for the selection J: values (N, V, C * outputs) -> (N, V, C * inputs), adding where
+    overlapping windows picked the same input."""
+    samples, channels = x.shape[0], x.shape[1]
+    width = values.shape[1]
+    per_channel = x[0, 0].numel()
+    result = values.new_zeros(width, samples, channels, per_channel)  # (V, N, ...) like the other transposes
+    result.scatter_add_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
+                        values.transpose(0, 1).reshape(width, samples, channels, -1))
+    return result.reshape(width, samples, -1).transpose(0, 1)
 
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
     def propagate(self, record, curvature, context):
-        max_columns = context.max_columns
         module, x = record.module, record.input
-
-        def function(inp):
-            return module(inp)  # linear in inp near x: the argmax pattern is fixed
-
+        indices = _argmax_indices(module, x)
         if curvature.dense is not None:
-            yield from linear_transpose_columns(function, x, curvature, max_columns)
+            for columns, signs in curvature.signed_factor_chunks(context.max_columns):
+                yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs)
             return
-        diag = None if curvature.diag is None else diagonal_through_selection(function, x, curvature)
+        # J^T diag(d) J = diag(J^T d): every output copies a single input
+        diag = None
+        if curvature.diag is not None:
+            diag = _scatter_to_inputs(curvature.diag.unsqueeze(1), indices, x)[:, 0]
         if curvature.factors is None:
             yield Curvature(x.shape[1:], diag=diag)
             return
-        for index, (columns, signs) in enumerate(_split(curvature.factors, curvature.signs, max_columns)):
-            yield Curvature(x.shape[1:], transpose_columns(function, x, columns), signs, diag if index == 0 else None)
+        for index, (columns, signs) in enumerate(curvature.factor_chunks(context.max_columns)):
+            yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs, diag if index == 0 else None)
 
 
 @register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -32,5 +56,4 @@ class AveragePoolRule(Rule):
     mixing = True
 
     def propagate(self, record, curvature, context):
-        max_columns = context.max_columns
-        yield from linear_transpose_columns(record.module, record.input, curvature, max_columns)
+        yield from linear_transpose_columns(record.module, record.input, curvature, context.max_columns)

@@ -40,6 +40,15 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
     return total
 
 
+def fold_columns(columns):
+    """(N, V, D) columns as one batch (B, D) without a copy when possible, and the map back to (N, V, D_in)."""
+    samples, width = columns.shape[:2]
+    if not columns.is_contiguous() and columns.transpose(0, 1).is_contiguous():  # stored (V, N, D)
+        return columns.transpose(0, 1).reshape(width * samples, -1), (
+            lambda result: result.reshape(width, samples, -1).transpose(0, 1))
+    return columns.reshape(samples * width, -1), lambda result: result.reshape(samples, width, -1)
+
+
 def transpose_columns(function, x, columns):
     """J^T columns for a function that is linear in x (for the given x): columns (N, V, D_out) -> (N, V, D_in)."""
     samples, width, _ = columns.shape
@@ -54,14 +63,6 @@ def linear_transpose_columns(function, x, curvature, max_columns):
     feature_shape = x.shape[1:]
     for columns, signs in curvature.signed_factor_chunks(max_columns):
         yield Curvature(feature_shape, transpose_columns(function, x, columns), signs)
-
-
-def diagonal_through_selection(function, x, curvature):
-    """J^T diag(d) J is diag(J^T d) when every row of J has a single 1 (max pooling): the
-    diagonal stays a diagonal."""
-    _, vjp_fn = torch.func.vjp(function, x)
-    (result,) = vjp_fn(curvature.diag.reshape(x.shape[0], *function(x).shape[1:]))
-    return result.reshape(x.shape[0], -1)
 
 
 def channelwise_diagonal(curvature, values):

@@ -88,7 +88,14 @@ class Curvature:
 
     # ------------------------------------------------------------------ transforming
     def scaled(self, jacobian):
-        """J^T H J for an elementwise Jacobian J = diag(jacobian), jacobian (N, D)."""
+        """J^T H J for an elementwise Jacobian J = diag(jacobian), jacobian (N, D).
+
+        Without autograd the factors are scaled in place: each curvature is consumed once, and the
+        factors are the largest tensors the engine holds."""
+        if self.dense is None and self.factors is not None and not torch.is_grad_enabled():
+            self.factors.mul_(jacobian.unsqueeze(1))
+            diag = None if self.diag is None else self.diag * jacobian * jacobian
+            return self._like(factors=self.factors, signs=self.signs, diag=diag)
         if self.dense is not None:
             return self._like(dense=jacobian.unsqueeze(2) * self.dense * jacobian.unsqueeze(1))
         factors = None if self.factors is None else self.factors * jacobian.unsqueeze(1)

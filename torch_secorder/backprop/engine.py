@@ -54,21 +54,22 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
     """Exact Hessian diagonals for params (a list of model parameters), in their order."""
     layers, spec = check_supported(model, loss_fn)
     rules = [rule_for(module) for module in layers]
-    with torch.enable_grad():
+    needs_grads = create_graph or any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
+    with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
-        for module in layers:
-            output = module(x.clone() if getattr(module, "inplace", False) else x)
-            records.append(LayerRecord(module, x, output))
+        for module, rule in zip(layers, rules):
+            output, extras = rule.forward(module, x)
+            records.append(LayerRecord(module, x, output, extras=extras))
             x = output
         reason = unsupported_output_reason(spec, x, targets)
         if reason is not None:
             raise Unsupported(reason)
-        if spec.kind == "nll":
-            x = torch.log_softmax(x, dim=1)  # what the dropped LogSoftmax module computed
-        loss = loss_fn(x, targets)
         needing = [index for index, rule in enumerate(rules)
                    if rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
         if needing:
+            if spec.kind == "nll":
+                x = torch.log_softmax(x, dim=1)  # what the dropped LogSoftmax module computed
+            loss = loss_fn(x, targets)
             grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
                                         allow_unused=True)
             for index, grad in zip(needing, grads):

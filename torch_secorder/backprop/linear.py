@@ -5,7 +5,13 @@ import torch.nn as nn
 
 from .curvature import Curvature, concat_factors, factor_diagonal
 from .registry import Rule, register
-from .shared_weight import linear_transpose_columns, shared_weight_diagonal
+from .shared_weight import fold_columns, linear_transpose_columns, shared_weight_diagonal
+
+
+def right_multiply(columns, weight):
+    """columns (N, V, out) @ weight (out, in) as one 2-D product (a batched broadcast matmul is slower)."""
+    folded, unfold_back = fold_columns(columns)
+    return unfold_back(folded @ weight)
 
 
 @register(nn.Linear)
@@ -22,7 +28,7 @@ class LinearRule(Rule):
         if curvature.dense is not None:
             total = ((curvature.dense @ weight) * weight).sum(1)
         if curvature.factors is not None:
-            total = factor_diagonal(curvature.factors @ weight, curvature.signs)
+            total = factor_diagonal(right_multiply(curvature.factors, weight), curvature.signs)
         if curvature.diag is not None:
             part = curvature.diag @ (weight * weight)
             total = part if total is None else total + part
@@ -70,7 +76,7 @@ class LinearRule(Rule):
             # column: a dense (in x in) matrix keeps the cost linear in depth.
             dense = None
             if curvature.factors is not None:
-                projected = curvature.factors @ weight  # (N, V, in)
+                projected = right_multiply(curvature.factors, weight)  # (N, V, in)
                 weighted = projected if curvature.signs is None else projected * curvature.signs.unsqueeze(2)
                 dense = weighted.transpose(1, 2) @ projected
             if curvature.diag is not None:
@@ -81,7 +87,7 @@ class LinearRule(Rule):
         if width <= max_columns:
             parts = []
             if curvature.factors is not None:
-                parts.append((curvature.factors @ weight, curvature.signs))
+                parts.append((right_multiply(curvature.factors, weight), curvature.signs))
             if curvature.diag is not None:
                 # W^T diag(d) W = sum_o sign(d_o) (sqrt|d_o| W[o])^T (sqrt|d_o| W[o]): rows of W are columns
                 parts.append((weight * curvature.diag.abs().sqrt().unsqueeze(2), torch.sign(curvature.diag)))
@@ -89,4 +95,4 @@ class LinearRule(Rule):
             yield Curvature(feature_shape, factors, signs)
             return
         for columns, signs in curvature.signed_factor_chunks(max_columns):  # streamed
-            yield Curvature(feature_shape, columns @ weight, signs)
+            yield Curvature(feature_shape, right_multiply(columns, weight), signs)

@@ -1,6 +1,5 @@
 """Max pooling (selects one input per output: diagonals stay diagonal) and average pooling (mixes)."""
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -11,12 +10,11 @@ from .shared_weight import linear_transpose_columns
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def _argmax_indices(module, x):
-    """For every output, the flat spatial index of the input it copies: (N, C, outputs per channel)."""
-    spatial = x.dim() - 2
-    _, indices = _MAX_POOL[spatial](x, module.kernel_size, module.stride, module.padding, module.dilation,
-                                    ceil_mode=module.ceil_mode, return_indices=True)
-    return indices.reshape(x.shape[0], x.shape[1], -1)
+def _pool_with_indices(module, x):
+    """The pooled output and, for every output, the flat spatial index of the input it copies."""
+    output, indices = _MAX_POOL[x.dim() - 2](x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                             ceil_mode=module.ceil_mode, return_indices=True)
+    return output, indices.reshape(x.shape[0], x.shape[1], -1)
 
 
 def _scatter_to_inputs(values, indices, x):
@@ -33,9 +31,11 @@ def _scatter_to_inputs(values, indices, x):
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
+    def forward(self, module, x):
+        return _pool_with_indices(module, x)  # the indices are what propagate needs
+
     def propagate(self, record, curvature, context):
-        module, x = record.module, record.input
-        indices = _argmax_indices(module, x)
+        x, indices = record.input, record.extras
         if curvature.dense is not None:
             for columns, signs in curvature.signed_factor_chunks(context.max_columns):
                 yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs)

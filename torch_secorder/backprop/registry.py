@@ -17,6 +17,7 @@ class LayerRecord:
     input: torch.Tensor
     output: torch.Tensor
     output_grad: Optional[torch.Tensor] = None
+    extras: Optional[object] = None  # whatever the rule's forward kept (max pooling: the argmax indices)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Rule:
         """True when this module's parameter diagonals need only diag(H) at its output, and so does its
         propagation unless it is mixing (engine.py combines the two)."""
         return False
+
+    def forward(self, module, x):
+        """(output, extras) for the recorded forward pass; extras land in LayerRecord.extras."""
+        return module(x.clone() if getattr(module, "inplace", False) else x), None
 
     def unsupported_reason(self, module):
         """None when the exact rule applies to this module instance, else why not."""

@@ -116,4 +116,13 @@ def _register_fake_kernels():
     torch.library.register_fake("torch_secorder::softmax_hessian_diag")(same_shape)
     torch.library.register_fake("torch_secorder::sigmoid_hessian_diag")(same_shape)
     torch.library.register_fake("torch_secorder::softmax_hessian_sqrt")(sqrt_factor)
+
+    def factor_diagonal(factors, signs=None):
+        return factors.new_empty((factors.shape[0], factors.shape[2]))
+
+    def affine_weight_diagonal(factors, signs, inputs):
+        return factors.new_empty((factors.shape[2], inputs.shape[1]))
+
+    torch.library.register_fake("torch_secorder::factor_diagonal")(factor_diagonal)
+    torch.library.register_fake("torch_secorder::affine_weight_diagonal")(affine_weight_diagonal)
     _register_fake_kernels.done = True

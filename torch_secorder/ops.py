@@ -25,7 +25,7 @@ def _run(name, *args):
     needs_graph = torch.is_grad_enabled() and any(
         isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
     )
-    if not needs_graph and _extension.load() and hasattr(torch.ops.torch_secorder, name):
+    if not needs_graph and _extension.load():
         return getattr(torch.ops.torch_secorder, name)(*args)
     return getattr(reference_ops, name)(*args)
 

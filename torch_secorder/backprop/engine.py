@@ -117,12 +117,12 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
         )
         pieces = iter(rule.propagate(record, curvature, context))
         first = next(pieces)
+        first.primary = curvature.primary  # rules build new curvatures: the flag is the engine's to keep
         second = next(pieces, None)
         if second is None:
             curvature, index = first, index - 1
             continue
         # Pieces go down one at a time; only the first may carry residuals from below.
-        first.primary = curvature.primary
         _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget)
         del first
         for piece in _chain(second, pieces):

@@ -1,0 +1,126 @@
+// CUDA kernels of the Hessian-backprop contractions. Launches go on the current
+// stream and are checked; float and double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/factor_checks.h"
+
+namespace torch_secorder {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTile = 16;
+
+// One thread per (sample, feature): sum over the columns, reads coalesced along the features.
+template <typename scalar_t>
+__global__ void factor_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, scalar_t* out, int64_t samples,
+                                       int64_t columns, int64_t features, int64_t sample_stride,
+                                       int64_t column_stride) {
+  const int64_t total = samples * features;
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = index / features, d = index % features;
+    const scalar_t* base = factors + n * sample_stride + d;
+    scalar_t sum = 0;
+    for (int64_t v = 0; v < columns; ++v) {
+      const scalar_t value = base[v * column_stride];
+      sum += (signs ? signs[n * columns + v] : scalar_t(1)) * value * value;
+    }
+    out[index] = sum;
+  }
+}
+
+// out[o, k] += sum over the (n, v) pairs of block z of sign * (sum_p factors[n, v, o, p] inputs[n, k, p])^2.
+// A 16 x 16 tile of (o, k) per block: each product is a small tiled matrix multiply through
+// shared memory, squared in registers; partial sums of the blocks along z meet in atomicAdd.
+template <typename scalar_t>
+__global__ void affine_weight_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, const scalar_t* inputs,
+                                              scalar_t* out, int64_t samples, int64_t columns, int64_t outs,
+                                              int64_t ins, int64_t positions) {
+  __shared__ scalar_t factor_tile[kTile][kTile + 1];
+  __shared__ scalar_t input_tile[kTile][kTile + 1];
+  const int64_t o = blockIdx.y * kTile + threadIdx.y;
+  const int64_t k = blockIdx.x * kTile + threadIdx.x;
+  scalar_t accumulated = 0;
+  for (int64_t pair = blockIdx.z; pair < samples * columns; pair += gridDim.z) {
+    const int64_t n = pair / columns;
+    const scalar_t* factor_block = factors + pair * outs * positions;  // (O, P) of column v of sample n
+    const scalar_t* input_block = inputs + n * ins * positions;       // (K, P) of sample n
+    scalar_t product = 0;
+    for (int64_t p0 = 0; p0 < positions; p0 += kTile) {
+      const int64_t o_load = blockIdx.y * kTile + threadIdx.y, p_load = p0 + threadIdx.x;
+      factor_tile[threadIdx.y][threadIdx.x] =
+          (o_load < outs && p_load < positions) ? factor_block[o_load * positions + p_load] : scalar_t(0);
+      const int64_t k_load = blockIdx.x * kTile + threadIdx.y;
+      input_tile[threadIdx.y][threadIdx.x] =
+          (k_load < ins && p_load < positions) ? input_block[k_load * positions + p_load] : scalar_t(0);
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kTile; ++i) product += factor_tile[threadIdx.y][i] * input_tile[threadIdx.x][i];
+      __syncthreads();
+    }
+    accumulated += (signs ? signs[pair] : scalar_t(1)) * product * product;
+  }
+  if (o < outs && k < ins) atomicAdd(out + o * ins + k, accumulated);
+}
+
+at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
+  check_factor_diagonal_args(factors, signs);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  const auto s = factors.stride(2) == 1 ? factors : factors.contiguous();
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = s.size(0), columns = s.size(1), features = s.size(2);
+  auto out = at::empty({samples, features}, s.options());
+  if (out.numel() == 0) return out;
+  const int64_t blocks = std::min<int64_t>((out.numel() + kThreads - 1) / kThreads, 65535 * 32);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "factor_diagonal_cuda", [&] {
+    factor_diagonal_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), samples, columns, features, s.stride(0), s.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                       const at::Tensor& inputs) {
+  check_affine_weight_diagonal_args(factors, signs, inputs);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  const auto s = factors.contiguous();
+  const auto x = inputs.contiguous();
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), positions = s.size(3);
+  const int64_t ins = x.size(1);
+  auto out = at::zeros({outs, ins}, s.options());
+  if (out.numel() == 0 || samples * columns == 0) return out;
+  const int64_t tiles = ((outs + kTile - 1) / kTile) * ((ins + kTile - 1) / kTile);
+  // enough blocks along z to fill the device several times over, never more than there are pairs
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({samples * columns, 65535, (4096 + tiles - 1) / tiles}));
+  const dim3 grid(static_cast<unsigned>((ins + kTile - 1) / kTile), static_cast<unsigned>((outs + kTile - 1) / kTile),
+                  static_cast<unsigned>(splits));
+  const dim3 block(kTile, kTile);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "affine_weight_diagonal_cuda", [&] {
+    affine_weight_diagonal_kernel<scalar_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr, x.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), samples, columns, outs, ins, positions);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_secorder, CUDA, m) {
+  m.impl("factor_diagonal", &factor_diagonal_cuda);
+  m.impl("affine_weight_diagonal", &affine_weight_diagonal_cuda);
+}
+
+}  // namespace torch_secorder

@@ -1,0 +1,310 @@
+"""The exact Hessian-backprop engine: every module and loss, alone and in random chains, against float64 brute force."""
+
+import functools
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import relative_error
+from torch_secorder import explain_method, model_hessian_diagonal
+from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params
+
+D = torch.float64
+ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU,
+               lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.LogSigmoid, lambda: nn.Hardtanh(-0.5, 0.5), nn.Identity]
+
+
+def brute_force(model, loss_fn, x, y):
+    """Full float64 Hessian diagonal; zeros for frozen parameters, as the API returns them."""
+    params = list(model.parameters())
+    diagonals = dense_hessian_diagonal(model_loss_of_params(model, loss_fn, x, y), params)
+    return [d if p.requires_grad else torch.zeros_like(d) for d, p in zip(diagonals, params)]
+
+
+def assert_backprop_exact(model, loss_fn, x, y, tolerance=1e-10, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent fallback to the generic method
+        actual = model_hessian_diagonal(model, loss_fn, x, y, method="backprop", **kwargs)
+    expected = brute_force(model, loss_fn, x, y)
+    for a, p in zip(actual, model.parameters()):
+        assert a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
+    error = relative_error(actual, expected)
+    assert error < tolerance, error
+    return actual
+
+
+def randomise_batch_norm(model, generator):
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator, dtype=D))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator, dtype=D) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator, dtype=D) + 0.5)
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator, dtype=D))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- losses
+def loss_cases(samples, outputs, generator):
+    classes = torch.randint(0, outputs, (samples,), generator=generator)
+    classes[0] = 1
+    probabilities = torch.softmax(torch.randn(samples, outputs, generator=generator, dtype=D), 1)
+    binary = torch.rand(samples, outputs, generator=generator, dtype=D).round()
+    weight = torch.rand(outputs, generator=generator, dtype=D) + 0.5
+    regression = torch.randn(samples, outputs, generator=generator, dtype=D)
+    return {
+        "mse-mean": (nn.MSELoss(), regression),
+        "mse-sum": (functools.partial(F.mse_loss, reduction="sum"), regression),
+        "ce-mean": (nn.CrossEntropyLoss(), classes),
+        "ce-sum-options": (nn.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.15, reduction="sum"), classes),
+        "ce-functional": (F.cross_entropy, classes),
+        "ce-probabilities": (nn.CrossEntropyLoss(label_smoothing=0.1), probabilities),
+        "bce-pos-weight": (nn.BCEWithLogitsLoss(pos_weight=weight), binary),
+        "bce-weight-sum": (nn.BCEWithLogitsLoss(weight=weight, reduction="sum"), binary),
+    }
+
+
+@pytest.mark.parametrize("name", ["mse-mean", "mse-sum", "ce-mean", "ce-sum-options", "ce-functional",
+                                  "ce-probabilities", "bce-pos-weight", "bce-weight-sum"])
+def test_losses(name):
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(7, 4, generator=generator, dtype=D)
+    loss_fn, y = loss_cases(7, 3, generator)[name]
+    assert_backprop_exact(model, loss_fn, x, y)
+
+
+def test_nll_after_log_softmax_and_single_output_bce():
+    torch.manual_seed(2)
+    x = torch.randn(6, 4, dtype=D)
+    model = nn.Sequential(nn.Linear(4, 3), nn.SiLU(), nn.Linear(3, 3), nn.LogSoftmax(dim=1)).double()
+    assert_backprop_exact(model, nn.NLLLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=D), ignore_index=2),
+                          x, torch.tensor([0, 1, 2, 1, 0, 2]))
+    model = nn.Sequential(nn.Linear(4, 3), nn.ELU(), nn.Linear(3, 1)).double()
+    assert_backprop_exact(model, F.binary_cross_entropy_with_logits, x, torch.rand(6, 1, dtype=D).round())
+
+
+@pytest.mark.parametrize("make_activation", ACTIVATIONS)
+def test_each_activation(make_activation):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), make_activation(), nn.Linear(4, 4), make_activation(), nn.Linear(4, 2)).double()
+    assert_backprop_exact(model, F.mse_loss, torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=2, dilation=2, padding=2),
+        dict(kernel_size=3, padding="same", dilation=2),
+        dict(kernel_size=2, padding="same"),
+        dict(kernel_size=3, groups=2, padding=1),
+        dict(kernel_size=1, stride=3, bias=False),
+        dict(kernel_size=(3, 1), stride=(1, 2), padding=(1, 0)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_convolution_corners(conv, dims):
+    if dims != 2 and isinstance(conv["kernel_size"], tuple):
+        pytest.skip("2-D kernel shape")
+    torch.manual_seed(4)
+    conv_class = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    size = {1: 9, 2: 7, 3: 5}[dims]
+    x = torch.randn(3, 4, *([size] * dims), dtype=D)
+    layer = conv_class(4, 6, **conv)
+    out_features = layer(x.float()).numel() // 3
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(out_features, 3)).double()
+    assert_backprop_exact(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1]))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_pooling_and_batch_norm(dims):
+    torch.manual_seed(5)
+    generator = torch.Generator().manual_seed(5)
+    conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+    pools = {1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d), 2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+             3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)}[dims]
+    size = {1: 12, 2: 8, 3: 6}[dims]
+    x = torch.randn(3, 2, *([size] * dims), dtype=D)
+    model = nn.Sequential(conv(2, 3, 3, padding=1), bn(3), nn.Softplus(), pools[0](3, stride=2, padding=1),
+                          conv(3, 3, 2), nn.ReLU(), pools[1](2, ceil_mode=True), pools[2](1), nn.Flatten(),
+                          nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Sigmoid(), nn.Linear(2, 2)).double()
+    randomise_batch_norm(model, generator)
+    assert_backprop_exact(model, F.mse_loss, x, torch.randn(3, 2, dtype=D))
+
+
+def test_overlapping_max_pool_windows():
+    torch.manual_seed(6)
+    x = torch.randn(4, 1, 7, 7, dtype=D)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.GELU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(32, 2)).double()
+    assert_backprop_exact(model, F.mse_loss, x, torch.randn(4, 2, dtype=D))
+
+
+def test_linear_with_extra_leading_axes():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 2)).double()
+    assert_backprop_exact(model, F.mse_loss, torch.randn(3, 5, 3, dtype=D), torch.randn(3, 2, dtype=D))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)).double()
+    assert_backprop_exact(model, F.mse_loss, torch.randn(3, 2, 2, 3, dtype=D), torch.randn(3, 2, 2, 2, dtype=D))
+
+
+def test_nested_sequentials_dropout_identity_and_frozen_parameters():
+    torch.manual_seed(8)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Tanh())
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(inner, nn.Identity()), nn.Linear(4, 2)).double().eval()
+    model[0].bias.requires_grad_(False)
+    diag = assert_backprop_exact(model, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 1, 0, 1]))
+    assert torch.equal(diag[1], torch.zeros(4, dtype=D))
+
+
+def random_chain(seed):
+    """A random chain of supported modules on images or vectors, its inputs, targets and loss."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    samples = rng.randint(2, 5)
+    layers = []
+    if rng.random() < 0.5:
+        channels, size = rng.randint(1, 3), rng.randint(5, 8)
+        x = torch.randn(samples, channels, size, size, generator=generator, dtype=D)
+        for _ in range(rng.randint(1, 2)):
+            out = rng.randint(1, 4)
+            groups = rng.choice([g for g in (1, 2) if channels % g == 0 and out % g == 0])
+            layers.append(nn.Conv2d(channels, out, rng.choice([1, 2, 3]), stride=rng.choice([1, 2]),
+                                    padding=rng.choice([0, 1]), groups=groups))
+            channels = out
+            if rng.random() < 0.4:
+                layers.append(nn.BatchNorm2d(channels))
+            layers.append(rng.choice(ACTIVATIONS)())
+            size = layers[0].__class__  # placeholder to keep the linter quiet
+        if rng.random() < 0.5:
+            layers.append(rng.choice([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True),
+                                      nn.AdaptiveAvgPool2d(2)]))
+        layers.append(nn.Flatten())
+    else:
+        x = torch.randn(samples, rng.randint(2, 5), generator=generator, dtype=D)
+    features = nn.Sequential(*layers).double()(x).shape[1] if layers else x.shape[1]
+    for _ in range(rng.randint(0, 2)):
+        width = rng.randint(2, 6)
+        layers += [nn.Linear(features, width), rng.choice(ACTIVATIONS)()]
+        features = width
+    outputs = rng.randint(1, 4)
+    layers.append(nn.Linear(features, outputs))
+    model = randomise_batch_norm(nn.Sequential(*layers).double(), generator)
+    losses = loss_cases(samples, outputs, generator)
+    name = rng.choice(sorted(losses))
+    loss_fn, y = losses[name]
+    if outputs == 1 and name.startswith("ce"):
+        loss_fn, y = losses["mse-mean"]
+    return model, x, y, loss_fn
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_chains(seed):
+    model, x, y, loss_fn = random_chain(seed)
+    assert_backprop_exact(model, loss_fn, x, y)
+
+
+@pytest.mark.parametrize("seed", [3, 11, 17])
+def test_streaming_columns_under_a_tiny_budget(seed):
+    model, x, y, loss_fn = random_chain(seed)
+    assert_backprop_exact(model, loss_fn, x, y, memory_budget=1)
+
+
+def test_deep_smooth_network_with_tiny_budget_and_dense_switch():
+    torch.manual_seed(9)
+    layers = [nn.Linear(4, 6), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(6, 6), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=D), torch.randn(5, 3, dtype=D)
+    assert_backprop_exact(model, F.mse_loss, x, y)
+    assert_backprop_exact(model, F.mse_loss, x, y, memory_budget=1)
+
+
+def test_float32_agrees_with_float64():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 5), nn.GELU(),
+                          nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 2, 8, 8, dtype=D), torch.randint(0, 3, (6,))
+    expected = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
+    actual = model_hessian_diagonal(model.float(), nn.CrossEntropyLoss(), x.float(), y, method="backprop")
+    assert all(a.dtype == torch.float32 for a in actual)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_equals_the_generic_method():
+    model, x, y, loss_fn = random_chain(21)
+    backprop = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    generic = model_hessian_diagonal(model, loss_fn, x, y, method="autograd")
+    assert relative_error(backprop, generic) < 1e-10
+
+
+def test_create_graph_is_differentiable():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=D), torch.randint(0, 2, (5,))
+    params = list(model.parameters())
+    backprop = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, create_graph=True, method="backprop")
+    generic = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, create_graph=True, method="autograd")
+    assert relative_error(backprop, generic) < 1e-10
+    mine = torch.autograd.grad(sum((d * d).sum() for d in backprop), params)
+    theirs = torch.autograd.grad(sum((d * d).sum() for d in generic), params)
+    assert relative_error(list(mine), list(theirs)) < 1e-9
+
+
+# ---------------------------------------------------------------- dispatch
+def test_auto_uses_backprop_when_supported(monkeypatch):
+    import importlib
+
+    api = importlib.import_module("torch_secorder.core.hessian_diagonal")
+
+    calls = []
+    original = api.backprop_hessian_diagonal
+    monkeypatch.setattr(api, "backprop_hessian_diagonal", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    choice = explain_method(model, nn.MSELoss())
+    assert choice.method == "backprop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_hessian_diagonal(model, nn.MSELoss(), torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D))
+    assert calls == [1]
+
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+@pytest.mark.parametrize(
+    "model, loss_fn, message",
+    [
+        (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), nn.MSELoss(), r"module '1' \(LayerNorm\)"),
+        (nn.Sequential(nn.Linear(3, 3), Custom(), nn.Linear(3, 2)), nn.MSELoss(), r"module '1' \(Custom\)"),
+        (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train(), nn.MSELoss(),
+         r"module '1' \(BatchNorm1d\): BatchNorm in training mode"),
+        (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3), nn.Linear(3, 2)).train(), nn.MSELoss(),
+         r"Dropout\(p=0.3\) in training mode"),
+        (nn.Sequential(nn.Linear(3, 2)), nn.SmoothL1Loss(), r"loss SmoothL1Loss"),
+        (nn.Sequential(nn.Linear(3, 2)), nn.NLLLoss(), r"NLLLoss without a LogSoftmax"),
+    ],
+)
+def test_unsupported_models_fall_back_with_one_warning_or_raise(model, loss_fn, message):
+    model = model.double()
+    x = torch.randn(4, 3, dtype=D)
+    y = torch.randn(4, 2, dtype=D) if not isinstance(loss_fn, nn.NLLLoss) else torch.tensor([0, 1, 1, 0])
+    assert explain_method(model, loss_fn).method == "autograd"
+    assert message.replace("\\", "")[:8] in str(explain_method(model, loss_fn)).replace("\\", "")
+    with pytest.warns(RuntimeWarning, match=message) as caught:
+        auto = model_hessian_diagonal(model, loss_fn, x, y)
+    assert len([w for w in caught if "torch_secorder" in str(w.message)]) == 1
+    if not any(isinstance(m, nn.Dropout) for m in model.modules()):  # dropout masks are random
+        assert relative_error(auto, brute_force(model, loss_fn, x, y)) < 1e-10
+    with pytest.raises(NotImplementedError, match=message):
+        model_hessian_diagonal(model, loss_fn, x, y, method="backprop")

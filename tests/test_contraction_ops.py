@@ -1,0 +1,85 @@
+"""Hessian-backprop contraction ops: compiled kernels vs pure-torch references vs plain definitions."""
+
+import pytest
+import torch
+
+from conftest import relative_error
+from torch_secorder import ops, reference_ops
+
+pytestmark = pytest.mark.skipif(not ops.compiled_ops_loaded(), reason="compiled ops not built")
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def signs_like(samples, columns, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(samples, columns, generator=generator) < 0.3, -1.0, 1.0).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (17, 33, 129), (4, 300, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "columns_major", "strided"])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_factor_diagonal(device, dtype, shape, layout, with_signs):
+    samples, columns, features = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    if layout == "contiguous":
+        factors = torch.randn(samples, columns, features, generator=generator, dtype=dtype)
+    elif layout == "columns_major":  # (V, N, D) storage, as after a convolution transpose
+        factors = torch.randn(columns, samples, features, generator=generator, dtype=dtype).transpose(0, 1)
+    else:
+        factors = torch.randn(samples, columns, 2 * features, generator=generator, dtype=dtype)[:, :, ::2]
+    factors = factors.to(device)
+    signs = signs_like(samples, columns, dtype, device, 1) if with_signs else None
+    result = torch.ops.torch_secorder.factor_diagonal(factors, signs)
+    # definition: the diagonal of S^T diag(signs) S for every sample
+    weights = torch.ones(samples, columns, dtype=dtype, device=device) if signs is None else signs
+    dense = torch.einsum("nvd,nv,nve->nde", factors, weights, factors)
+    assert relative_error(result, torch.diagonal(dense, dim1=1, dim2=2)) < TOL[dtype]
+    assert relative_error(result, reference_ops.factor_diagonal(factors, signs)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 4, 5, 6), (7, 10, 17, 33, 19), (3, 2, 40, 1, 300)])
+@pytest.mark.parametrize("with_signs", [False, True])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_affine_weight_diagonal(device, dtype, shape, with_signs, contiguous):
+    samples, columns, outs, ins, positions = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    if contiguous:
+        factors = torch.randn(samples, columns, outs, positions, generator=generator, dtype=dtype)
+        inputs = torch.randn(samples, ins, positions, generator=generator, dtype=dtype)
+    else:
+        factors = torch.randn(columns, samples, outs, positions, generator=generator, dtype=dtype).transpose(0, 1)
+        inputs = torch.randn(samples, positions, ins, generator=generator, dtype=dtype).transpose(1, 2)
+    factors, inputs = factors.to(device), inputs.to(device)
+    signs = signs_like(samples, columns, dtype, device, 2) if with_signs else None
+    result = torch.ops.torch_secorder.affine_weight_diagonal(factors, signs, inputs)
+    assert result.shape == (outs, ins) and result.dtype == dtype and result.device == factors.device
+    weights = torch.ones(samples, columns, dtype=dtype, device=device) if signs is None else signs
+    products = torch.einsum("nvop,nkp->nvok", factors, inputs)
+    expected = torch.einsum("nv,nvok->ok", weights, products * products)
+    assert relative_error(result, expected) < TOL[dtype]
+    assert relative_error(result, reference_ops.affine_weight_diagonal(factors, signs, inputs)) < TOL[dtype]
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(RuntimeError, match=r"signs must have shape \(N, V\)"):
+        ops.factor_diagonal(torch.randn(2, 3, 4), torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="inputs .* must match factors"):
+        ops.affine_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 6, 4))
+    with pytest.raises(RuntimeError, match="inputs has dtype"):
+        ops.affine_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 6, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["factor_diagonal", "affine_weight_diagonal"])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_opcheck(device, name, with_signs):
+    generator = torch.Generator().manual_seed(4)
+    signs = signs_like(3, 4, torch.float64, device, 3) if with_signs else None
+    if name == "factor_diagonal":
+        args = (torch.randn(3, 4, 5, generator=generator, dtype=torch.float64).to(device), signs)
+    else:
+        args = (torch.randn(3, 4, 2, 6, generator=generator, dtype=torch.float64).to(device), signs,
+                torch.randn(3, 5, 6, generator=generator, dtype=torch.float64).to(device))
+    torch.library.opcheck(getattr(torch.ops.torch_secorder, name).default, args)

@@ -308,3 +308,13 @@ def test_unsupported_models_fall_back_with_one_warning_or_raise(model, loss_fn, 
         assert relative_error(auto, brute_force(model, loss_fn, x, y)) < 1e-10
     with pytest.raises(NotImplementedError, match=message):
         model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+
+
+def test_kernels_and_pure_torch_engine_agree():
+    from torch_secorder import ops
+
+    model, x, y, loss_fn = random_chain(5)
+    with_kernels = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    with ops.references_only():
+        pure = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    assert relative_error(with_kernels, pure) < 1e-12

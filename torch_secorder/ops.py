@@ -11,9 +11,14 @@ Loss Hessians are per sample and with respect to the model output:
 (already scaled by the reduction, so the batch Hessian is their block sum).
 """
 
+import contextlib
+import threading
+
 import torch
 
 from . import _extension, reference_ops
+
+_local = threading.local()
 
 
 def compiled_ops_loaded():
@@ -21,11 +26,22 @@ def compiled_ops_loaded():
     return _extension.load()
 
 
+@contextlib.contextmanager
+def references_only():
+    """Within this block every op runs its pure-torch reference (for comparisons and benchmarks)."""
+    previous = getattr(_local, "references_only", False)
+    _local.references_only = True
+    try:
+        yield
+    finally:
+        _local.references_only = previous
+
+
 def _run(name, *args):
     needs_graph = torch.is_grad_enabled() and any(
         isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
     )
-    if not needs_graph and _extension.load():
+    if not needs_graph and not getattr(_local, "references_only", False) and _extension.load():
         return getattr(torch.ops.torch_secorder, name)(*args)
     return getattr(reference_ops, name)(*args)
 

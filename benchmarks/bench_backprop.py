@@ -1,0 +1,227 @@
+"""The exact Hessian-backprop engine against the gradient, BackPACK DiagHessian and the generic method.
+
+Every (workload, method) runs in its own process so that its peak memory can be read from the
+process's high-water mark. Writes benchmarks/results/backprop_<device>.json and .md.
+
+    python benchmarks/bench_backprop.py [--device cpu|cuda] [--generic-limit 60] [--only NAME]
+
+BackPACK is optional (`pip install --no-deps backpack-for-pytorch==1.7.1 einops unfoldNd`; its
+torchvision requirement is not needed for DiagHessian).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ["gradient", "engine (kernels)", "engine (pure torch)", "backpack", "generic"]
+
+
+def workloads(device):
+    """name -> (model, inputs, targets, loss) built from a fixed seed."""
+    def mlp_relu():
+        return (nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)),
+                (128, 784), 10, nn.CrossEntropyLoss())
+
+    def mlp_smooth():
+        return (nn.Sequential(nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)),
+                (64, 784), None, nn.MSELoss())
+
+    def cnn():
+        return (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                              nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 10)),
+                (32, 3, 32, 32), 10, nn.CrossEntropyLoss())
+
+    def vgg():
+        return (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(2048, 64), nn.ReLU(), nn.Linear(64, 10)),
+                (128, 3, 32, 32), 10, nn.CrossEntropyLoss())
+
+    table = {
+        "MLP 784-128-ReLU-64-ReLU-10, CE, batch 128": mlp_relu,
+        "MLP 784-256-Sigmoid-256-Tanh-10, MSE, batch 64": mlp_smooth,
+        "CNN conv16-pool-conv32-pool-fc10, CE, batch 32": cnn,
+        "VGG-style conv16x2-pool-conv32x2-pool-fc64-fc10, CE, batch 128": vgg,
+    }
+    return table
+
+
+def build(name, device, batch=None):
+    torch.manual_seed(0)
+    model, shape, classes, loss_fn = workloads(device)[name]()
+    if batch is not None:
+        shape = (batch,) + tuple(shape[1:])
+    x = torch.randn(*shape)
+    y = torch.randint(0, classes, (shape[0],)) if classes else torch.randn(shape[0], model[-1].out_features)
+    return model.to(device), x.to(device), y.to(device), loss_fn
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name, method, device_name, generic_limit, batch):
+    """Runs in a child process: median seconds, repeats and peak extra memory of one method."""
+    device = torch.device(device_name)
+    model, x, y, loss_fn = build(name, device, batch)
+    params = list(model.parameters())
+    from torch_secorder import model_hessian_diagonal, ops
+
+    if method == "gradient":
+        def run():
+            return torch.autograd.grad(loss_fn(model(x), y), params)
+    elif method == "engine (kernels)":
+        def run():
+            return model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    elif method == "engine (pure torch)":
+        def run():
+            with ops.references_only():
+                return model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    elif method == "backpack":
+        try:
+            from backpack import backpack, extend
+            from backpack.extensions import DiagHessian
+        except ImportError as error:
+            return {"skipped": f"BackPACK not installed ({error})"}
+        extend(model)
+        extend(loss_fn)
+
+        def run():
+            model.zero_grad()
+            with backpack(DiagHessian()):
+                loss_fn(model(x), y).backward()
+            return [p.diag_h for p in params]
+    else:
+        def run():
+            return model_hessian_diagonal(model, loss_fn, x, y, method="autograd", progress=guard)
+
+        started = [None]
+
+        def guard(done, total):
+            elapsed = time.perf_counter() - started[0]
+            if elapsed > 3 and elapsed / done * total > generic_limit:
+                raise TimeoutError(f"projected {elapsed / done * total:.0f} s > {generic_limit:.0f} s")
+
+        started[0] = time.perf_counter()
+        try:
+            run()
+        except TimeoutError as error:
+            return {"skipped": str(error)}
+        started[0] = time.perf_counter() - 1e9  # later runs are not stopped
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    synchronize(device)
+    first = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    repeats = int(max(3, min(30, 3.0 / max(first, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    del result
+    return {"seconds": statistics.median(times), "repeats": repeats, "peak_extra_bytes": max(peak, 0)}
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--generic-limit", type=float, default=60.0, help="skip the generic method beyond this")
+    parser.add_argument("--only", default=None, help="substring of the workload names to run")
+    parser.add_argument("--batch", type=int, default=None, help="override every workload's batch size")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.child[1], args.device, args.generic_limit, args.batch)))
+        return
+    rows = []
+    for name in workloads(args.device):
+        if args.only and args.only not in name:
+            continue
+        row = {"workload": name}
+        for method in METHODS:
+            command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
+                       str(args.generic_limit), "--child", name, method]
+            if args.batch:
+                command += ["--batch", str(args.batch)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                row[method] = {"skipped": "failed: " + done.stderr.strip().splitlines()[-1][:200]}
+            else:
+                row[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(name, "|", method, "|", row[method], flush=True)
+        rows.append(row)
+    write_results(rows, args)
+
+
+def write_results(rows, args):
+    meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "dtype": "float32", "timing": "median wall-clock of warm runs, forward pass included",
+            "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
+                      "CUDA: max_memory_allocated)"}
+    if args.device != "cpu":
+        meta["cuda"] = torch.version.cuda
+    os.makedirs(args.out, exist_ok=True)
+    tag = "cpu" if args.device == "cpu" else "cuda"
+    with open(os.path.join(args.out, f"backprop_{tag}.json"), "w") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+
+    def cell(row, method):
+        result = row[method]
+        if "seconds" not in result:
+            return "skipped"
+        text = f"{result['seconds'] * 1e3:.2f} ms"
+        gradient = row["gradient"].get("seconds")
+        if gradient and method != "gradient":
+            text += f" ({result['seconds'] / gradient:.1f}x grad)"
+        return text
+
+    def memory(row, method):
+        result = row[method]
+        return f"{result['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in result else "-"
+
+    lines = ["| workload | gradient | engine (kernels) | engine (pure torch) | BackPACK DiagHessian | generic | "
+             "speed-up vs BackPACK | peak MiB engine / BackPACK |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        engine, other = row["engine (kernels)"], row["backpack"]
+        speedup = f"{other['seconds'] / engine['seconds']:.1f}x" if "seconds" in engine and "seconds" in other else "-"
+        lines.append(f"| {row['workload']} | {cell(row, 'gradient')} | {cell(row, 'engine (kernels)')} | "
+                     f"{cell(row, 'engine (pure torch)')} | {cell(row, 'backpack')} | {cell(row, 'generic')} | "
+                     f"{speedup} | {memory(row, 'engine (kernels)')} / {memory(row, 'backpack')} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, f"backprop_{tag}.md"), "w") as handle:
+        handle.write(f"Measured with {json.dumps(meta)}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,3 +83,42 @@ def test_opcheck(device, name, with_signs):
         args = (torch.randn(3, 4, 2, 6, generator=generator, dtype=torch.float64).to(device), signs,
                 torch.randn(3, 5, 6, generator=generator, dtype=torch.float64).to(device))
     torch.library.opcheck(getattr(torch.ops.torch_secorder, name).default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130)])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_selected_weight_diagonal(device, dtype, shape, with_signs):
+    samples, columns, outs, selected, ins, positions = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    factors = torch.randn(samples, columns, outs, selected, generator=generator, dtype=dtype).to(device)
+    indices = torch.randint(0, positions, (samples, outs, selected), generator=generator).to(device)
+    inputs = torch.randn(samples, positions, ins, generator=generator, dtype=dtype).transpose(1, 2).to(device)
+    signs = signs_like(samples, columns, dtype, device, 5) if with_signs else None
+    result = torch.ops.torch_secorder.selected_weight_diagonal(factors, signs, indices, inputs)
+    # definition: scatter the selected values to full positions, then the dense formula
+    full = torch.zeros(samples, columns, outs, positions, dtype=dtype, device=device)
+    full.scatter_add_(3, indices.unsqueeze(1).expand(-1, columns, -1, -1), factors)
+    weights = torch.ones(samples, columns, dtype=dtype, device=device) if signs is None else signs
+    products = torch.einsum("nvop,nkp->nvok", full, inputs)
+    expected = torch.einsum("nv,nvok->ok", weights, products * products)
+    assert relative_error(result, expected) < TOL[dtype]
+    assert relative_error(result, reference_ops.selected_weight_diagonal(factors, signs, indices, inputs)) < TOL[dtype]
+
+
+def test_selected_weight_diagonal_checks_indices():
+    with pytest.raises(RuntimeError, match="indices must be int64"):
+        ops.selected_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.zeros(2, 4, 5, dtype=torch.int32),
+                                     torch.randn(2, 6, 9))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.selected_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.full((2, 4, 5), 9), torch.randn(2, 6, 9))
+
+
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_opcheck_selected(device, with_signs):
+    generator = torch.Generator().manual_seed(6)
+    args = (torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
+            signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
+            torch.randint(0, 8, (3, 2, 5), generator=generator).to(device),
+            torch.randn(3, 6, 8, generator=generator, dtype=torch.float64).to(device))
+    torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args)

@@ -111,3 +111,9 @@ def affine_weight_diagonal(factors, signs, inputs):
     """Weight diagonal of a shared-weight affine map (Conv, Linear over positions) from curvature factors:
     sum_n sum_v signs[n, v] (factors[n, v] @ inputs[n]^T)^2 with factors (N, V, O, P), inputs (N, K, P) -> (O, K)."""
     return _run("affine_weight_diagonal", factors, signs, inputs)
+
+
+def selected_weight_diagonal(factors, signs, indices, inputs):
+    """affine_weight_diagonal for factors on max-pooling selections: output channel o of sample n
+    uses only positions indices[n, o]; factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P) -> (O, K)."""
+    return _run("selected_weight_diagonal", factors, signs, indices, inputs)

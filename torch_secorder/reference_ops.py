@@ -122,3 +122,24 @@ def affine_weight_diagonal(factors, signs, inputs, samples_per_chunk=8):
             squared = squared * signs[start:stop, :, None, None]
         total = total + squared.sum(dim=(0, 1))
     return total
+
+
+def selected_weight_diagonal(factors, signs, indices, inputs, samples_per_chunk=8):
+    """affine_weight_diagonal where output channel o of sample n uses only positions indices[n, o]:
+    sum_n sum_v signs[n, v] (sum_q factors[n, v, o, q] inputs[n, k, indices[n, o, q]])^2, (O, K).
+
+    factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P).
+    """
+    samples, _, out_channels, selected = factors.shape
+    total = factors.new_zeros(out_channels, inputs.shape[1])
+    for start in range(0, samples, samples_per_chunk):
+        stop = min(samples, start + samples_per_chunk)
+        rows = inputs[start:stop].transpose(1, 2)  # (n, P, K)
+        index = indices[start:stop].reshape(stop - start, -1, 1).expand(-1, -1, rows.shape[2])
+        gathered = rows.gather(1, index).reshape(stop - start, out_channels, selected, -1)  # (n, O, Q, K)
+        products = torch.einsum("nvoq,noqk->nvok", factors[start:stop], gathered)
+        squared = products * products
+        if signs is not None:
+            squared = squared * signs[start:stop, :, None, None]
+        total = total + squared.sum(dim=(0, 1))
+    return total

@@ -41,4 +41,22 @@ inline void check_affine_weight_diagonal_args(const at::Tensor& factors, const c
   check_signs(op, signs, factors);
 }
 
+inline void check_selected_weight_diagonal_args(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                                const at::Tensor& indices, const at::Tensor& inputs) {
+  const char* op = "selected_weight_diagonal";
+  TORCH_CHECK(factors.dim() == 4, op, ": factors must be (N, V, O, Q), got ", factors.dim(), "-D");
+  TORCH_CHECK(inputs.dim() == 3 && inputs.size(0) == factors.size(0), op,
+              ": inputs must be (N, K, P) with the N of factors, got ", inputs.sizes());
+  TORCH_CHECK(indices.dim() == 3 && indices.size(0) == factors.size(0) && indices.size(1) == factors.size(2) &&
+                  indices.size(2) == factors.size(3),
+              op, ": indices must be (N, O, Q) = (", factors.size(0), ", ", factors.size(2), ", ", factors.size(3),
+              "), got ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.device() == factors.device(), op, ": indices are on ", indices.device(), " but factors are on ",
+              factors.device());
+  TORCH_CHECK(at::isFloatingType(factors.scalar_type()), op, ": factors must be floating point");
+  check_same_kind(op, "inputs", inputs, factors);
+  check_signs(op, signs, factors);
+}
+
 }  // namespace torch_secorder

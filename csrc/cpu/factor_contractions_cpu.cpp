@@ -86,11 +86,63 @@ at::Tensor affine_weight_diagonal_cpu(const at::Tensor& factors, const c10::opti
   return partial.sum(0);
 }
 
+// Per sample: gather the selected input rows of every output channel into (O, Q, K), one batched
+// product (O, V, Q) @ (O, Q, K), squares accumulated per thread.
+at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                        const at::Tensor& indices, const at::Tensor& inputs) {
+  check_selected_weight_diagonal_args(factors, signs, indices, inputs);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto idx = indices.contiguous();
+  const auto rows = inputs.transpose(1, 2).contiguous();  // (N, P, K): a row of K values per position
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = factors.size(0), columns = factors.size(1), outs = factors.size(2);
+  const int64_t selected = factors.size(3), positions = rows.size(1), ins = rows.size(2);
+  const int threads = at::get_num_threads();
+  auto partial = at::zeros({threads, outs, ins}, factors.options());
+  if (samples == 0 || columns == 0 || outs == 0 || ins == 0 || selected == 0) return partial.sum(0);
+  AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "selected_weight_diagonal_cpu", [&] {
+    const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* rp = rows.const_data_ptr<scalar_t>();
+    scalar_t* partial_base = partial.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * outs * ins;
+      auto gathered = at::empty({outs, selected, ins}, factors.options());
+      scalar_t* gathered_p = gathered.mutable_data_ptr<scalar_t>();
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t* sample_idx = ip + n * outs * selected;
+        const scalar_t* sample_rows = rp + n * positions * ins;
+        for (int64_t r = 0; r < outs * selected; ++r) {
+          const int64_t position = sample_idx[r];
+          TORCH_CHECK(position >= 0 && position < positions, "selected_weight_diagonal: index ", position,
+                      " out of range for ", positions, " positions");
+          std::copy(sample_rows + position * ins, sample_rows + (position + 1) * ins, gathered_p + r * ins);
+        }
+        // (O, V, Q) @ (O, Q, K) -> (O, V, K)
+        const at::Tensor products = at::bmm(factors[n].permute({1, 0, 2}), gathered);
+        const auto dense_products = products.contiguous();
+        const scalar_t* pp = dense_products.const_data_ptr<scalar_t>();
+        for (int64_t o = 0; o < outs; ++o) {
+          scalar_t* out_row = acc + o * ins;
+          for (int64_t v = 0; v < columns; ++v) {
+            const scalar_t sign = has_signs ? gp[n * columns + v] : scalar_t(1);
+            const scalar_t* row = pp + (o * columns + v) * ins;
+            for (int64_t k = 0; k < ins; ++k) out_row[k] += sign * row[k] * row[k];
+          }
+        }
+      }
+    });
+  });
+  return partial.sum(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_secorder, CPU, m) {
   m.impl("factor_diagonal", &factor_diagonal_cpu);
   m.impl("affine_weight_diagonal", &affine_weight_diagonal_cpu);
+  m.impl("selected_weight_diagonal", &selected_weight_diagonal_cpu);
 }
 
 }  // namespace torch_secorder

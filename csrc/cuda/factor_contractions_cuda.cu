@@ -70,6 +70,29 @@ __global__ void affine_weight_diagonal_kernel(const scalar_t* factors, const sca
   if (o < outs && k < ins) atomicAdd(out + o * ins + k, accumulated);
 }
 
+// One thread per (o, k) and a share of the (n, v) pairs along blockIdx.y; the selected input
+// positions are read through the index (cached loads), partial sums meet in atomicAdd.
+template <typename scalar_t>
+__global__ void selected_weight_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, const int64_t* indices,
+                                                const scalar_t* inputs, scalar_t* out, int64_t samples,
+                                                int64_t columns, int64_t outs, int64_t selected, int64_t ins,
+                                                int64_t positions) {
+  const int64_t entry = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (entry >= outs * ins) return;
+  const int64_t o = entry / ins, k = entry % ins;
+  scalar_t accumulated = 0;
+  for (int64_t pair = blockIdx.y; pair < samples * columns; pair += gridDim.y) {
+    const int64_t n = pair / columns;
+    const scalar_t* column = factors + (pair * outs + o) * selected;
+    const int64_t* picked = indices + (n * outs + o) * selected;
+    const scalar_t* input_row = inputs + (n * ins + k) * positions;
+    scalar_t product = 0;
+    for (int64_t q = 0; q < selected; ++q) product += column[q] * input_row[picked[q]];
+    accumulated += (signs ? signs[pair] : scalar_t(1)) * product * product;
+  }
+  atomicAdd(out + entry, accumulated);
+}
+
 at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
   check_factor_diagonal_args(factors, signs);
   const c10::cuda::CUDAGuard guard(factors.device());
@@ -116,9 +139,36 @@ at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::opt
   return out;
 }
 
+at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                         const at::Tensor& indices, const at::Tensor& inputs) {
+  check_selected_weight_diagonal_args(factors, signs, indices, inputs);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  const auto s = factors.contiguous();
+  const auto idx = indices.contiguous();
+  const auto x = inputs.contiguous();
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), selected = s.size(3);
+  const int64_t ins = x.size(1), positions = x.size(2);
+  auto out = at::zeros({outs, ins}, s.options());
+  if (out.numel() == 0 || samples * columns == 0) return out;
+  const int64_t blocks = (outs * ins + kThreads - 1) / kThreads;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({samples * columns, 65535, (4096 + blocks - 1) / blocks}));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "selected_weight_diagonal_cuda", [&] {
+    selected_weight_diagonal_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr, idx.const_data_ptr<int64_t>(),
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), samples, columns, outs, selected, ins,
+        positions);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_secorder, CUDA, m) {
+  m.impl("selected_weight_diagonal", &selected_weight_diagonal_cuda);
   m.impl("factor_diagonal", &factor_diagonal_cuda);
   m.impl("affine_weight_diagonal", &affine_weight_diagonal_cuda);
 }

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from .curvature import Curvature
 from .registry import Rule, register
-from .shared_weight import fold_columns, linear_transpose_columns, shared_weight_diagonal
+from .shared_weight import (fold_columns, linear_transpose_columns, selected_bias_diagonal,
+                            selected_weight_diagonal, shared_weight_diagonal)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -62,6 +63,13 @@ class ConvRule(Rule):
         samples, out_channels = x.shape[0], module.out_channels
         positions = z[0].numel() // out_channels
         results = []
+        if curvature.selection is not None and module.groups == 1:  # factors still on max-pooling selections
+            if module.weight.requires_grad:
+                diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels)
+                results.append((module.weight, diag.reshape(module.weight.shape)))
+            if module.bias is not None and module.bias.requires_grad:
+                results.append((module.bias, selected_bias_diagonal(curvature, out_channels)))
+            return results
         if module.weight.requires_grad:
             patches = unfold(module, x)  # (N, C K, P)
             groups = module.groups

@@ -9,6 +9,11 @@ Hessian of the loss for sample n is one of
 Factor columns are stored column-major per sample, (N, V, D): Linear maps act on the last
 axis and Conv/pooling transposes fold (N, V) into one batch axis, both without copies.
 
+Below a max pooling whose windows do not overlap, the factors may stay on the pooled grid:
+`selection` = (indices (N, C, Q), positions per channel) says where each of the Q values of
+channel c sits. Elementwise scaling and the convolution weight diagonal work on that compact
+form (a quarter of the work after 2x2 pooling); reading `factors` materialises it.
+
 Factors are cheap while V is small (V = C classes after cross-entropy, and
 ReLU/pooling keep V); smooth activations add a diagonal d, which stays a
 diagonal until a mixing layer (Linear, Conv, average pooling) turns it into D
@@ -21,10 +26,11 @@ import torch
 
 
 class Curvature:
-    def __init__(self, feature_shape, factors=None, signs=None, diag=None, dense=None, primary=True):
+    def __init__(self, feature_shape, factors=None, signs=None, diag=None, dense=None, primary=True, selection=None):
         assert dense is None or (factors is None and diag is None), "dense excludes factors and diag"
         self.feature_shape = tuple(feature_shape)
-        self.factors, self.signs, self.diag, self.dense = factors, signs, diag, dense
+        self._factors, self.signs, self.diag, self.dense = factors, signs, diag, dense
+        self.selection = selection if factors is not None else None
         # When the curvature is split into column pieces that go down one by one, terms that
         # arise further down (residuals of curved activations) belong to one piece only: the primary.
         self.primary = primary
@@ -32,6 +38,20 @@ class Curvature:
     def _like(self, feature_shape=None, **parts):
         shape = self.feature_shape if feature_shape is None else feature_shape
         return Curvature(shape, primary=self.primary, **parts)
+
+    @property
+    def factors(self):
+        """The factor columns (N, V, D), materialised from the compact form if there is one."""
+        if self.selection is not None:
+            indices, positions = self.selection
+            self._factors = scatter_selected(self._factors, indices, positions)
+            self.selection = None
+        return self._factors
+
+    @property
+    def compact_factors(self):
+        """The factors as stored: (N, V, C * Q) on the selected positions when `selection` is set."""
+        return self._factors
 
     # ------------------------------------------------------------------ shape
     @property
@@ -43,7 +63,7 @@ class Curvature:
 
     @property
     def samples(self):
-        for tensor in (self.factors, self.diag, self.dense):
+        for tensor in (self._factors, self.diag, self.dense):
             if tensor is not None:
                 return tensor.shape[0]
         return 0
@@ -51,10 +71,12 @@ class Curvature:
     @property
     def width(self):
         """Columns of the factor part (0 when there is none)."""
-        return 0 if self.factors is None else self.factors.shape[1]
+        return 0 if self._factors is None else self._factors.shape[1]
 
     def reshaped(self, feature_shape):
         """Same curvature, features seen with another per-sample shape (Flatten and friends)."""
+        if tuple(feature_shape) == self.feature_shape:
+            return self
         return self._like(feature_shape, factors=self.factors, signs=self.signs, diag=self.diag, dense=self.dense)
 
     # ------------------------------------------------------------------ reading
@@ -63,8 +85,12 @@ class Curvature:
         if self.dense is not None:
             return torch.diagonal(self.dense, dim1=1, dim2=2)
         total = None
-        if self.factors is not None:
-            total = factor_diagonal(self.factors, self.signs)
+        if self.selection is not None:  # windows do not overlap: squares can be scattered
+            indices, positions = self.selection
+            compact = factor_diagonal(self._factors, self.signs).unsqueeze(1)
+            total = scatter_selected(compact, indices, positions)[:, 0]
+        elif self._factors is not None:
+            total = factor_diagonal(self._factors, self.signs)
         if self.diag is not None:
             total = self.diag if total is None else total + self.diag
         return total
@@ -92,6 +118,13 @@ class Curvature:
 
         Without autograd the factors are scaled in place: each curvature is consumed once, and the
         factors are the largest tensors the engine holds."""
+        if self.selection is not None:
+            indices, positions = self.selection
+            samples = jacobian.shape[0]
+            picked = jacobian.reshape(samples, indices.shape[1], positions).gather(2, indices).reshape(samples, 1, -1)
+            compact = self._factors.mul_(picked) if not torch.is_grad_enabled() else self._factors * picked
+            diag = None if self.diag is None else self.diag * jacobian * jacobian
+            return self._like(factors=compact, signs=self.signs, diag=diag, selection=self.selection)
         if self.dense is None and self.factors is not None and not torch.is_grad_enabled():
             self.factors.mul_(jacobian.unsqueeze(1))
             diag = None if self.diag is None else self.diag * jacobian * jacobian
@@ -109,7 +142,7 @@ class Curvature:
         if self.dense is not None:
             return self._like(dense=self.dense + torch.diag_embed(residual))
         diag = residual if self.diag is None else self.diag + residual
-        return self._like(factors=self.factors, signs=self.signs, diag=diag)
+        return self._like(factors=self._factors, signs=self.signs, diag=diag, selection=self.selection)
 
     def to_dense(self):
         if self.dense is not None:
@@ -128,6 +161,16 @@ def factor_diagonal(factors, signs):
     from .. import ops  # the compiled op when it is loaded
 
     return ops.factor_diagonal(factors, signs)
+
+
+def scatter_selected(compact, indices, positions):
+    """(N, V, C * Q) values on selected positions -> (N, V, C * positions), zeros elsewhere."""
+    samples, width = compact.shape[:2]
+    channels = indices.shape[1]
+    full = compact.new_zeros(width, samples, channels, positions)  # (V, N, ...) like the other transposes
+    full.scatter_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
+                  compact.transpose(0, 1).reshape(width, samples, channels, -1))
+    return full.reshape(width, samples, -1).transpose(0, 1)
 
 
 def diagonal_columns(diag, max_columns):

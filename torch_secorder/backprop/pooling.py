@@ -29,13 +29,17 @@ def _scatter_to_inputs(values, indices, x):
     return result.reshape(width, samples, -1).transpose(0, 1)
 
 
+def _as_tuple(value, x):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * (x.dim() - 2)
+
+
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
     def forward(self, module, x):
         return _pool_with_indices(module, x)  # the indices are what propagate needs
 
     def propagate(self, record, curvature, context):
-        x, indices = record.input, record.extras
+        module, x, indices = record.module, record.input, record.extras
         if curvature.dense is not None:
             for columns, signs in curvature.signed_factor_chunks(context.max_columns):
                 yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs)
@@ -44,11 +48,18 @@ class MaxPoolRule(Rule):
         diag = None
         if curvature.diag is not None:
             diag = _scatter_to_inputs(curvature.diag.unsqueeze(1), indices, x)[:, 0]
-        if curvature.factors is None:
+        if curvature.width == 0:
             yield Curvature(x.shape[1:], diag=diag)
             return
+        # Windows that cannot overlap select each input at most once: the columns can stay on the
+        # pooled grid (see Curvature.selection) until something needs them in full.
+        disjoint = all(k <= s for k, s in zip(_as_tuple(module.kernel_size, x), _as_tuple(module.stride, x)))
         for index, (columns, signs) in enumerate(curvature.factor_chunks(context.max_columns)):
-            yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs, diag if index == 0 else None)
+            piece_diag = diag if index == 0 else None
+            if disjoint:
+                yield Curvature(x.shape[1:], columns, signs, piece_diag, selection=(indices, x[0, 0].numel()))
+            else:
+                yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs, piece_diag)
 
 
 @register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)

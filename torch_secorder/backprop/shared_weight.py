@@ -85,3 +85,31 @@ def channelwise_diagonal(curvature, values):
     if curvature.diag is not None:
         total = total + (curvature.diag.reshape(samples, channels, positions) * values * values).sum(dim=(0, 2))
     return total
+
+
+def selected_weight_diagonal(curvature, inputs, out_channels):
+    """shared_weight_diagonal for factors kept on max-pooling selections (Curvature.selection):
+    only the selected positions of each output channel take part, so the products shrink by the
+    pooling factor and the pooled columns are never scattered back to full size."""
+    indices, _ = curvature.selection
+    compact = curvature.compact_factors
+    samples, width = compact.shape[:2]
+    columns = compact.reshape(samples, width, out_channels, -1)  # (N, V, O, Q)
+    total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs)
+    if curvature.diag is not None:
+        total = total + torch.einsum("nop,nkp->ok", curvature.diag.reshape(samples, out_channels, -1), inputs * inputs)
+    return total
+
+
+def selected_bias_diagonal(curvature, out_channels):
+    """Bias diagonal from factors on selections: sum_n sum_v signs (sum_q S[n, v, o, q])^2 (+ the diagonal part)."""
+    compact = curvature.compact_factors
+    samples, width = compact.shape[:2]
+    sums = compact.reshape(samples, width, out_channels, -1).sum(3)
+    squared = sums * sums
+    if curvature.signs is not None:
+        squared = squared * curvature.signs.unsqueeze(2)
+    total = squared.sum(dim=(0, 1))
+    if curvature.diag is not None:
+        total = total + curvature.diag.reshape(samples, out_channels, -1).sum(dim=(0, 2))
+    return total

@@ -34,9 +34,10 @@ def test_main_prints_the_exact_diagonal_summary(capsys):
         row = re.search(rf"^{re.escape(name)}\s+\S.*\s(\S+)$", out.out, re.M)
         assert row, name
         assert abs(float(row.group(1)) - d.sum().item()) <= 1e-4 * abs(d.sum().item()) + 1e-12
-    assert re.search(r"autograd vs loop: max relative difference (\S+)", out.out)
-    difference = float(re.search(r"autograd vs loop: max relative difference (\S+)", out.out).group(1))
-    assert difference < 1e-10
+    for method in ("backprop", "autograd"):
+        difference = float(re.search(rf"{method} vs loop: max relative difference (\S+)", out.out).group(1))
+        assert difference < 1e-10
+    assert "method 'auto' would use backprop" in out.out
     assert "entries (100%)" in out.err  # progress
 
 

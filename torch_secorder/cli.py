@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__, _extension
+from .core.dispatch import explain_method
 from .core.hessian_diagonal import model_hessian_diagonal
 from .testing import loop_hessian_diagonal
 
@@ -28,8 +29,9 @@ def parse_args(argv):
     parser.add_argument("--train-steps", type=int, default=100, help="SGD steps before the Hessian (default 100)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--method", choices=["auto", "autograd", "loop", "all"], default="auto",
-                        help="'loop' is one double backward per entry, as in torch-secorder 0.0.1; "
+    parser.add_argument("--method", choices=["auto", "backprop", "autograd", "loop", "all"], default="auto",
+                        help="'backprop' is exact Hessian backpropagation, 'autograd' the generic batched method, "
+                             "'loop' one double backward per entry as in torch-secorder 0.0.1; "
                              "'all' runs every method and compares them")
     parser.add_argument("--memory-budget-mb", type=int, default=1024, help="memory budget per chunk (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,7 +122,8 @@ def main(argv=None):
 
     timed(device, gradient)  # warm-up
     _, gradient_seconds = timed(device, gradient)
-    methods = ["autograd", "loop"] if args.method == "all" else [args.method]
+    print(f"method 'auto' would use {explain_method(model, loss_fn, inputs)}")
+    methods = ["backprop", "autograd", "loop"] if args.method == "all" else [args.method]
     results, seconds = {}, {}
     for method in methods:
         report = progress_printer(method, not args.quiet)
@@ -147,7 +150,8 @@ def main(argv=None):
     print("\ntimings:")
     print(f"  {'gradient (forward + backward)':<34}{format_seconds(gradient_seconds)}")
     for method in methods:
-        label = {"loop": "loop (one backward per entry)"}.get(method, f"{method} (batched HVPs)")
+        label = {"loop": "loop (one backward per entry)", "autograd": "autograd (batched HVPs)",
+                 "backprop": "backprop (Hessian backprop)"}.get(method, method)
         print(f"  {label:<34}{format_seconds(seconds[method])}  ({seconds[method] / gradient_seconds:,.0f}x gradient)")
     if len(methods) > 1:
         reference = torch.cat([d.double().reshape(-1) for d in results[methods[-1]]])

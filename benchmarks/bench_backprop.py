@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -134,15 +135,25 @@ def measure(name, method, device_name, generic_limit, batch):
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     repeats = int(max(3, min(30, 3.0 / max(first, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+    for _ in range(2):  # warm-up (allocator, kernels, caches)
         run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed_once(run, device) for _ in range(repeats)]
     del result
     return {"seconds": statistics.median(times), "repeats": repeats, "peak_extra_bytes": max(peak, 0)}
+
+
+def timed_once(run, device):
+    """Seconds of one call: CUDA events on the GPU (no host timing of queued work), a wall clock on the CPU."""
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def _rss_bytes():
@@ -166,7 +177,8 @@ def main():
     for name in workloads(args.device):
         if args.only and args.only not in name:
             continue
-        row = {"workload": name}
+        shown = re.sub(r"batch \d+", f"batch {args.batch}", name) if args.batch else name
+        row = {"workload": shown}
         for method in METHODS:
             command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
                        str(args.generic_limit), "--child", name, method]
@@ -185,13 +197,14 @@ def main():
 def write_results(rows, args):
     meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "dtype": "float32", "timing": "median wall-clock of warm runs, forward pass included",
+            "dtype": "float32", "batch": args.batch or "as named",
+            "timing": "median of warm runs (CUDA events on GPU, wall clock on CPU), forward pass included",
             "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
                       "CUDA: max_memory_allocated)"}
     if args.device != "cpu":
         meta["cuda"] = torch.version.cuda
     os.makedirs(args.out, exist_ok=True)
-    tag = "cpu" if args.device == "cpu" else "cuda"
+    tag = ("cpu" if args.device == "cpu" else "cuda") + (f"_batch{args.batch}" if args.batch else "")
     with open(os.path.join(args.out, f"backprop_{tag}.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 

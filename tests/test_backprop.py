@@ -318,3 +318,19 @@ def test_kernels_and_pure_torch_engine_agree():
     with ops.references_only():
         pure = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
     assert relative_error(with_kernels, pure) < 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 4, 7, 12])
+def test_cuda_matches_cpu(seed):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, x, y, loss_fn = random_chain(seed)
+    on_cpu = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.cuda()
+    elif isinstance(loss_fn, functools.partial):
+        loss_fn = functools.partial(loss_fn.func, **{k: v.cuda() if torch.is_tensor(v) else v
+                                                    for k, v in loss_fn.keywords.items()})
+    on_gpu = model_hessian_diagonal(model.cuda(), loss_fn, x.cuda(), y.cuda(), method="backprop")
+    assert all(d.is_cuda for d in on_gpu)
+    assert relative_error(on_gpu, on_cpu) < 1e-10

@@ -15,13 +15,13 @@ import os
 import platform
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn as nn
+from timing import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["gradient", "engine (kernels)", "engine (pure torch)", "backpack", "generic"]
@@ -135,25 +135,9 @@ def measure(name, method, device_name, generic_limit, batch):
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     repeats = int(max(3, min(30, 3.0 / max(first, 1e-6))))
-    for _ in range(2):  # warm-up (allocator, kernels, caches)
-        run()
-    times = [timed_once(run, device) for _ in range(repeats)]
+    seconds = median_seconds(run, device, repeats=repeats, warmup=2)
     del result
-    return {"seconds": statistics.median(times), "repeats": repeats, "peak_extra_bytes": max(peak, 0)}
-
-
-def timed_once(run, device):
-    """Seconds of one call: CUDA events on the GPU (no host timing of queued work), a wall clock on the CPU."""
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) / 1e3
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    return {"seconds": seconds, "repeats": repeats, "peak_extra_bytes": max(peak, 0)}
 
 
 def _rss_bytes():

@@ -10,33 +10,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from torch_secorder import ops, reference_ops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def median_seconds(run, device, repeats=20):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cases(batch, device):

@@ -1,0 +1,27 @@
+"""Timing shared by the benchmarks: CUDA events on the GPU (no host timing of queued work), a wall clock on the CPU."""
+
+import statistics
+import time
+
+import torch
+
+
+def time_once(run, device):
+    """Seconds of one call of run()."""
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def median_seconds(run, device, repeats=20, warmup=3):
+    """Median seconds of `repeats` calls after `warmup` calls (allocator, kernels, caches)."""
+    for _ in range(warmup):
+        run()
+    return statistics.median(time_once(run, device) for _ in range(repeats))

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -151,6 +152,9 @@ def main():
     parser.add_argument("--generic-limit", type=float, default=60.0, help="skip the generic method beyond this")
     parser.add_argument("--only", default=None, help="substring of the workload names to run")
     parser.add_argument("--batch", type=int, default=None, help="override every workload's batch size")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over all methods; the reported time is the median of the rounds' medians, "
+                             "so that a slow spell of the machine does not land on one method only")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,17 +167,30 @@ def main():
             continue
         shown = re.sub(r"batch \d+", f"batch {args.batch}", name) if args.batch else name
         row = {"workload": shown}
-        for method in METHODS:
-            command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
-                       str(args.generic_limit), "--child", name, method]
-            if args.batch:
-                command += ["--batch", str(args.batch)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                row[method] = {"skipped": "failed: " + done.stderr.strip().splitlines()[-1][:200]}
-            else:
-                row[method] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(name, "|", method, "|", row[method], flush=True)
+        measured = {method: [] for method in METHODS}
+        for round_index in range(args.rounds):
+            for method in METHODS:
+                if measured[method] and "skipped" in measured[method][0]:
+                    continue  # skipped once (not installed, too slow): skipped every round
+                command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
+                           str(args.generic_limit), "--child", name, method]
+                if args.batch:
+                    command += ["--batch", str(args.batch)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    result = {"skipped": "failed: " + done.stderr.strip().splitlines()[-1][:200]}
+                else:
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                measured[method].append(result)
+                print(name, "| round", round_index, "|", method, "|", result, flush=True)
+        for method, results in measured.items():
+            timed = [r for r in results if "seconds" in r]
+            if not timed:
+                row[method] = results[0]
+                continue
+            row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
+                           "round_seconds": [r["seconds"] for r in timed],
+                           "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
         rows.append(row)
     write_results(rows, args)
 
@@ -182,7 +199,8 @@ def write_results(rows, args):
     meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "dtype": "float32", "batch": args.batch or "as named",
-            "timing": "median of warm runs (CUDA events on GPU, wall clock on CPU), forward pass included",
+            "timing": f"median over {args.rounds} rounds of the median of warm runs (CUDA events on GPU, wall clock "
+                      "on CPU), forward pass included",
             "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
                       "CUDA: max_memory_allocated)"}
     if args.device != "cpu":

@@ -182,7 +182,6 @@ def random_chain(seed):
             if rng.random() < 0.4:
                 layers.append(nn.BatchNorm2d(channels))
             layers.append(rng.choice(ACTIVATIONS)())
-            size = layers[0].__class__  # placeholder to keep the linter quiet
         if rng.random() < 0.5:
             layers.append(rng.choice([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True),
                                       nn.AdaptiveAvgPool2d(2)]))

@@ -164,12 +164,13 @@ def factor_diagonal(factors, signs):
 
 
 def scatter_selected(compact, indices, positions):
-    """(N, V, C * Q) values on selected positions -> (N, V, C * positions), zeros elsewhere."""
+    """(N, V, C * Q) values on selected positions -> (N, V, C * positions), zeros elsewhere: J^T for the
+    selection J of a max pooling (values that overlapping windows put on one position add up)."""
     samples, width = compact.shape[:2]
     channels = indices.shape[1]
     full = compact.new_zeros(width, samples, channels, positions)  # (V, N, ...) like the other transposes
-    full.scatter_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
-                  compact.transpose(0, 1).reshape(width, samples, channels, -1))
+    full.scatter_add_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
+                      compact.transpose(0, 1).reshape(width, samples, channels, -1))
     return full.reshape(width, samples, -1).transpose(0, 1)
 
 

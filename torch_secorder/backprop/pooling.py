@@ -3,7 +3,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .curvature import Curvature
+from .curvature import Curvature, scatter_selected
 from .registry import Rule, register
 from .shared_weight import linear_transpose_columns
 
@@ -15,18 +15,6 @@ def _pool_with_indices(module, x):
     output, indices = _MAX_POOL[x.dim() - 2](x, module.kernel_size, module.stride, module.padding, module.dilation,
                                              ceil_mode=module.ceil_mode, return_indices=True)
     return output, indices.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _scatter_to_inputs(values, indices, x):
-    """J^T values for the selection J: values (N, V, C * outputs) -> (N, V, C * inputs), adding where
-    overlapping windows picked the same input."""
-    samples, channels = x.shape[0], x.shape[1]
-    width = values.shape[1]
-    per_channel = x[0, 0].numel()
-    result = values.new_zeros(width, samples, channels, per_channel)  # (V, N, ...) like the other transposes
-    result.scatter_add_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
-                        values.transpose(0, 1).reshape(width, samples, channels, -1))
-    return result.reshape(width, samples, -1).transpose(0, 1)
 
 
 def _as_tuple(value, x):
@@ -42,12 +30,12 @@ class MaxPoolRule(Rule):
         module, x, indices = record.module, record.input, record.extras
         if curvature.dense is not None:
             for columns, signs in curvature.signed_factor_chunks(context.max_columns):
-                yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs)
+                yield Curvature(x.shape[1:], scatter_selected(columns, indices, x[0, 0].numel()), signs)
             return
         # J^T diag(d) J = diag(J^T d): every output copies a single input
         diag = None
         if curvature.diag is not None:
-            diag = _scatter_to_inputs(curvature.diag.unsqueeze(1), indices, x)[:, 0]
+            diag = scatter_selected(curvature.diag.unsqueeze(1), indices, x[0, 0].numel())[:, 0]
         if curvature.width == 0:
             yield Curvature(x.shape[1:], diag=diag)
             return
@@ -59,7 +47,7 @@ class MaxPoolRule(Rule):
             if disjoint:
                 yield Curvature(x.shape[1:], columns, signs, piece_diag, selection=(indices, x[0, 0].numel()))
             else:
-                yield Curvature(x.shape[1:], _scatter_to_inputs(columns, indices, x), signs, piece_diag)
+                yield Curvature(x.shape[1:], scatter_selected(columns, indices, x[0, 0].numel()), signs, piece_diag)
 
 
 @register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)

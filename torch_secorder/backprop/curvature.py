@@ -198,6 +198,8 @@ def _split(factors, signs, max_columns):
 
 def concat_factors(parts):
     """Joins (S, signs) parts along the columns; signs become explicit if any part has them."""
+    if len(parts) == 1:
+        return parts[0]
     factors = torch.cat([s for s, _ in parts], dim=1)
     if all(signs is None for _, signs in parts):
         return factors, None

@@ -80,21 +80,22 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
             if record.output_grad is not None:
                 record.output_grad = record.output_grad.detach()
 
-    results = {id(p): torch.zeros_like(p) for p in params}
+    results = {}  # id(param) -> diagonal so far; parameters nothing reached get zeros at the end
     wanted = {id(p) for p in params if p.requires_grad}
     owners = [i for i, module in enumerate(layers) if any(id(p) in wanted for p in module.parameters())]
     if not owners:
-        return [results[id(p)] for p in params]
+        return [torch.zeros_like(p) for p in params]
 
     def accumulate(param, value):
         if id(param) in wanted:
-            results[id(param)] = results[id(param)] + value
+            key = id(param)
+            results[key] = value if key not in results else results[key] + value
 
     with torch.set_grad_enabled(create_graph):
         output = records[-1].output
         curvature = output_curvature(spec, output if create_graph else output.detach(), targets)
         _propagate(records, rules, len(records) - 1, curvature, owners[0], accumulate, memory_budget)
-    diagonals = [results[id(p)] for p in params]
+    diagonals = [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
     return diagonals if create_graph else [d.detach() for d in diagonals]
 
 

@@ -11,7 +11,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import __version__, _extension
 from .core.dispatch import explain_method

@@ -26,7 +26,8 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
         return tensor.reshape(*tensor.shape[:-1], out_channels, positions)
 
     if curvature.dense is not None:
-        dense = curvature.dense.reshape(samples, *((positions, out_channels) if positions_first else (out_channels, positions)) * 2)
+        layout = (positions, out_channels) if positions_first else (out_channels, positions)
+        dense = curvature.dense.reshape(samples, *layout * 2)
         if positions_first:  # (N, P, O, Q, O) -> (N, O, P, Q): the blocks that share an output channel
             blocks = torch.diagonal(dense, dim1=2, dim2=4).permute(0, 3, 1, 2)
         else:  # (N, O, P, O, Q)

@@ -79,11 +79,15 @@ def check_model_arguments(model, loss_fn, inputs, targets):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (an nn.Module loss or a function), got {type(loss_fn).__name__}")
-    input_tuple = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    several = isinstance(inputs, (tuple, list))
+    input_tuple = tuple(inputs) if several else (inputs,)
+
+    def input_name(index):
+        return f"inputs[{index}]" if several else "inputs"
+
     for index, tensor in enumerate(input_tuple):
         if not isinstance(tensor, torch.Tensor):
-            name = "inputs" if len(input_tuple) == 1 and not isinstance(inputs, (tuple, list)) else f"inputs[{index}]"
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            raise TypeError(f"{input_name(index)} must be a tensor, got {type(tensor).__name__}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
 
@@ -100,7 +104,8 @@ def check_model_arguments(model, loss_fn, inputs, targets):
         (model_device,) = model_devices
         for index, tensor in enumerate(input_tuple):
             if tensor.device != model_device:
-                raise ValueError(f"inputs is on {tensor.device} but the model's parameters are on {model_device}")
+                raise ValueError(
+                    f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")
     if first is not None and targets.device != first.device:
         raise ValueError(f"targets is on {targets.device} but inputs is on {first.device}")
 

@@ -333,3 +333,10 @@ def test_cuda_matches_cpu(seed):
     on_gpu = model_hessian_diagonal(model.cuda(), loss_fn, x.cuda(), y.cuda(), method="backprop")
     assert all(d.is_cuda for d in on_gpu)
     assert relative_error(on_gpu, on_cpu) < 1e-10
+
+
+def test_bad_targets_raise_like_the_loss_itself():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 3, dtype=D)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds|out of range"):
+        model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 7]), method="backprop")

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
 from .losses import output_curvature, recognise, unsupported_output_reason
+from ..core.validation import check_scalar_loss
 from .registry import LayerRecord, PropagationContext, rule_for
 
 
@@ -38,7 +39,7 @@ def check_supported(model, loss_fn):
     for module in layers:
         rule = rule_for(module)
         name = names.get(id(module)) or type(module).__name__
-        if rule is None or (isinstance(module, nn.Sequential)):
+        if rule is None:
             raise Unsupported(f"module {name!r} ({type(module).__name__})")
         reason = rule.unsupported_reason(module)
         if reason is not None:
@@ -64,12 +65,12 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
         reason = unsupported_output_reason(spec, x, targets)
         if reason is not None:
             raise Unsupported(reason)
+        # The loss itself, once: its own checks (class indices in range, shapes) must fire here too.
+        loss = loss_fn(torch.log_softmax(x, dim=1) if spec.kind == "nll" else x, targets)
+        check_scalar_loss(loss, "loss_fn")
         needing = [index for index, rule in enumerate(rules)
                    if rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
         if needing:
-            if spec.kind == "nll":
-                x = torch.log_softmax(x, dim=1)  # what the dropped LogSoftmax module computed
-            loss = loss_fn(x, targets)
             grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
                                         allow_unused=True)
             for index, grad in zip(needing, grads):

@@ -340,3 +340,46 @@ def test_bad_targets_raise_like_the_loss_itself():
     x = torch.randn(2, 3, dtype=D)
     with pytest.raises((IndexError, RuntimeError), match="out of bounds|out of range"):
         model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 7]), method="backprop")
+
+
+@pytest.mark.parametrize(
+    "model, x, y, message",
+    [
+        (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(0), nn.Linear(3 * 4 * 4, 2)), torch.randn(2, 6, 6, dtype=D),
+         torch.randn(2, dtype=D), "Conv2d on an unbatched input"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 4)), torch.randn(4, dtype=D), torch.randn(4, dtype=D),
+         "Linear on an input of shape \\(4,\\) without a batch dimension"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Flatten(0), nn.Linear(15, 5)), torch.randn(5, 4, dtype=D),
+         torch.randn(5, dtype=D), "Flatten on an input of shape \\(5, 3\\) whose batch axis"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), torch.randn(5, 4, dtype=D),
+         torch.randn(5, 1, dtype=D), "mse with targets of shape \\(5, 1\\) broadcast"),
+    ],
+)
+def test_shapes_only_the_forward_pass_shows_fall_back(model, x, y, message):
+    model = model.double()
+    with pytest.warns(RuntimeWarning, match=message):
+        auto = model_hessian_diagonal(model, F.mse_loss, x, y)
+    with pytest.raises(NotImplementedError, match=message):
+        model_hessian_diagonal(model, F.mse_loss, x, y, method="backprop")
+    if "broadcast" not in message:  # brute force agrees with the generic result the fallback gave
+        assert relative_error(auto, brute_force(model, F.mse_loss, x, y)) < 1e-10
+
+
+def test_shared_parameters_are_not_split_across_layers():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(3, 2)).double()
+    x, y = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    assert explain_method(model, F.mse_loss).method == "autograd"
+    assert "used at two places" in explain_method(model, F.mse_loss).reason
+    with pytest.warns(RuntimeWarning, match="used at two places"):
+        auto = model_hessian_diagonal(model, F.mse_loss, x, y)
+    assert relative_error(auto, brute_force(model, F.mse_loss, x, y)) < 1e-10
+
+
+def test_half_precision_uses_the_references():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(torch.bfloat16)
+    x, y = torch.randn(5, 4, dtype=torch.bfloat16), torch.randint(0, 2, (5,))
+    diag = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
+    expected = model_hessian_diagonal(model.double(), nn.CrossEntropyLoss(), x.double(), y, method="backprop")
+    assert all(d.dtype == torch.bfloat16 for d in diag)
+    assert relative_error(diag, expected) < 5e-2

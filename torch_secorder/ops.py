@@ -41,7 +41,10 @@ def _run(name, *args):
     needs_graph = torch.is_grad_enabled() and any(
         isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
     )
-    if not needs_graph and not getattr(_local, "references_only", False) and _extension.load():
+    # the kernels cover float32 and float64; half precision and friends use the references
+    kernel_dtypes = all(arg.dtype in (torch.float32, torch.float64) for arg in args
+                        if isinstance(arg, torch.Tensor) and arg.is_floating_point())
+    if not needs_graph and kernel_dtypes and not getattr(_local, "references_only", False) and _extension.load():
         return getattr(torch.ops.torch_secorder, name)(*args)
     return getattr(reference_ops, name)(*args)
 

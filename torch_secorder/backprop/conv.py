@@ -58,6 +58,10 @@ class ConvRule(Rule):
             return f"padding_mode={module.padding_mode!r} (only 'zeros' has an exact rule)"
         return None
 
+    def unsupported_input_reason(self, module, x):
+        expected = len(module.kernel_size) + 2
+        return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+
     def param_diagonals(self, record, curvature):
         module, x, z = record.module, record.input, record.output
         samples, out_channels = x.shape[0], module.out_channels

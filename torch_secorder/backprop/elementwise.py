@@ -73,6 +73,10 @@ class BatchNormEvalRule(Rule):
             return "BatchNorm in training mode (batch statistics couple the samples); call model.eval()"
         return None
 
+    def unsupported_input_reason(self, module, x):
+        expected = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(module)]
+        return None if x.dim() in expected else f"an unbatched input of shape {tuple(x.shape)}"
+
     def reads_only_diagonal(self, record):
         return record.input.dim() == 2  # one position per channel
 

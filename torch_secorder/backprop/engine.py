@@ -36,7 +36,15 @@ def check_supported(model, loss_fn):
             raise Unsupported("NLLLoss without a LogSoftmax(dim=1) as the model's last module")
         layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
     names = {id(module): name for name, module in model.named_modules()}
+    seen_modules, seen_params = set(), set()
     for module in layers:
+        # a module or parameter used twice couples layers: its Hessian has cross-layer terms
+        shared = id(module) in seen_modules or any(id(p) in seen_params for p in module.parameters())
+        if shared:
+            raise Unsupported(f"module {names.get(id(module), type(module).__name__)!r}: parameters used at two "
+                              "places in the chain")
+        seen_modules.add(id(module))
+        seen_params.update(id(p) for p in module.parameters())
         rule = rule_for(module)
         name = names.get(id(module)) or type(module).__name__
         if rule is None:
@@ -59,6 +67,9 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
         for module, rule in zip(layers, rules):
+            reason = rule.unsupported_input_reason(module, x)
+            if reason is not None:
+                raise Unsupported(f"{type(module).__name__} on {reason}")
             output, extras = rule.forward(module, x)
             records.append(LayerRecord(module, x, output, extras=extras))
             x = output

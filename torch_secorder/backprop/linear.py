@@ -18,6 +18,9 @@ def right_multiply(columns, weight):
 class LinearRule(Rule):
     mixing = True
 
+    def unsupported_input_reason(self, module, x):
+        return None if x.dim() >= 2 else f"an input of shape {tuple(x.shape)} without a batch dimension"
+
     def reads_only_diagonal(self, record):
         return record.input.dim() == 2  # diag_W = diag(H)^T x^2
 

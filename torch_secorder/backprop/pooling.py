@@ -17,12 +17,24 @@ def _pool_with_indices(module, x):
     return output, indices.reshape(x.shape[0], x.shape[1], -1)
 
 
+_SPATIAL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+                 nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def _batched_input_reason(module, x):
+    expected = _SPATIAL_DIMS[type(module)] + 2
+    return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+
+
 def _as_tuple(value, x):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * (x.dim() - 2)
 
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
+    def unsupported_input_reason(self, module, x):
+        return _batched_input_reason(module, x)
+
     def forward(self, module, x):
         return _pool_with_indices(module, x)  # the indices are what propagate needs
 
@@ -53,6 +65,9 @@ class MaxPoolRule(Rule):
 @register(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 class AveragePoolRule(Rule):
     mixing = True
+
+    def unsupported_input_reason(self, module, x):
+        return _batched_input_reason(module, x)
 
     def propagate(self, record, curvature, context):
         yield from linear_transpose_columns(record.module, record.input, curvature, context.max_columns)

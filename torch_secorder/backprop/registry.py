@@ -51,6 +51,11 @@ class Rule:
         """None when the exact rule applies to this module instance, else why not."""
         return None
 
+    def unsupported_input_reason(self, module, x):
+        """None when the rule applies to this input (checked in the forward pass), else why not:
+        the rules treat axis 0 as the batch, so unbatched inputs must not reach them."""
+        return None
+
     def param_diagonals(self, record, curvature):
         """[(parameter, diagonal contribution)] from the curvature at the module output."""
         return []

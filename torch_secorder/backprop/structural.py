@@ -7,6 +7,12 @@ from .registry import Rule, register
 
 @register(nn.Flatten, nn.Unflatten, nn.Identity)
 class ReshapeRule(Rule):
+    def unsupported_input_reason(self, module, x):
+        axis = getattr(module, "start_dim", getattr(module, "dim", 1))
+        if isinstance(axis, int) and x.dim() > 0 and axis % x.dim() == 0:
+            return f"an input of shape {tuple(x.shape)} whose batch axis it would reshape"
+        return None
+
     def reads_only_diagonal(self, record):
         return True
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..backprop import backprop_hessian_diagonal
+from ..backprop import Unsupported, backprop_hessian_diagonal
 from . import dispatch, validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, batched_hessian_diagonal, saved_tensor_bytes
 
@@ -89,11 +89,16 @@ def model_hessian_diagonal(
     params = list(model.parameters())
     if method != "autograd":
         choice = dispatch.explain_method(model, loss_fn, input_tuple, method)
-        if choice.method == "backprop":
-            return _backprop(model, loss_fn, input_tuple[0], targets, params, create_graph, strict, memory_budget, progress)
+        reason = None if choice.method == "backprop" else choice.reason
+        if reason is None:
+            try:
+                return _backprop(model, loss_fn, input_tuple[0], targets, params, create_graph, strict, memory_budget,
+                                 progress)
+            except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
+                reason = f"Hessian backpropagation does not support {error}"
         if method == "backprop":
-            raise NotImplementedError(f"method='backprop': {choice.reason}; use method='auto' or 'autograd'")
-        warnings.warn(f"torch_secorder: {choice.reason}; using the generic autograd method (exact, slower)",
+            raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
+        warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)",
                       RuntimeWarning, stacklevel=2)
 
     def loss_func():

@@ -383,3 +383,16 @@ def test_half_precision_uses_the_references():
     expected = model_hessian_diagonal(model.double(), nn.CrossEntropyLoss(), x.double(), y, method="backprop")
     assert all(d.dtype == torch.bfloat16 for d in diag)
     assert relative_error(diag, expected) < 5e-2
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2, stride=2, dilation=2), nn.MaxPool2d(3, stride=2, padding=1),
+                                  nn.MaxPool2d(2, stride=3), nn.MaxPool2d((2, 3), stride=(2, 1), ceil_mode=True)],
+                         ids=repr)
+def test_max_pool_windows_that_overlap_or_leave_gaps(pool):
+    torch.manual_seed(12)
+    x = torch.randn(3, 2, 9, 9, dtype=D)
+    conv = nn.Conv2d(2, 3, 2)
+    features = pool(conv(x.float())).numel() // 3
+    model = nn.Sequential(conv, nn.Softplus(), pool, nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(features // 3 * 2, 2)).double()
+    assert_backprop_exact(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 1, 1]))

@@ -53,7 +53,8 @@ class MaxPoolRule(Rule):
             return
         # Windows that cannot overlap select each input at most once: the columns can stay on the
         # pooled grid (see Curvature.selection) until something needs them in full.
-        disjoint = all(k <= s for k, s in zip(_as_tuple(module.kernel_size, x), _as_tuple(module.stride, x)))
+        spans = [(k - 1) * d + 1 for k, d in zip(_as_tuple(module.kernel_size, x), _as_tuple(module.dilation, x))]
+        disjoint = all(span <= s for span, s in zip(spans, _as_tuple(module.stride, x)))
         for index, (columns, signs) in enumerate(curvature.factor_chunks(context.max_columns)):
             piece_diag = diag if index == 0 else None
             if disjoint:

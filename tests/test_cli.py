@@ -45,4 +45,5 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "torch_secorder", "--hidden", "4", "--batch-size", "16",
                              "--train-steps", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "exact Hessian diagonal (method auto)" in result.stdout and "timings:" in result.stdout
+    assert "exact Hessian diagonal (method auto)" in result.stdout and "timings (" in result.stdout
+    assert "auto (uses backprop)" in result.stdout

@@ -15,7 +15,9 @@ from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params
 
 D = torch.float64
 ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU,
-               lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.LogSigmoid, lambda: nn.Hardtanh(-0.5, 0.5), nn.Identity]
+               lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.LogSigmoid, lambda: nn.Hardtanh(-0.5, 0.5), nn.Identity,
+               lambda: nn.CELU(0.7), nn.Mish, nn.ReLU6, nn.Softsign, nn.Tanhshrink, lambda: nn.Softplus(beta=2.0),
+               lambda: nn.ReLU(inplace=True)]
 
 
 def brute_force(model, loss_fn, x, y):

@@ -16,8 +16,9 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 def unfold(module, x):
     """Input patches (N, C * prod(kernel), P), ordered like the flattened weight (C, kernel...).
 
-    A convolution with one-hot kernels, so it works for 1, 2 and 3 spatial dimensions and
-    every stride / padding / dilation the module itself accepts."""
+    im2col (F.unfold) for 2-D convolutions with numeric padding; otherwise a convolution with
+    one-hot kernels, which works for 1, 2 and 3 spatial dimensions and every stride / padding
+    (also 'same') / dilation the module itself accepts."""
     channels, kernel = x.shape[1], module.kernel_size
     if len(kernel) == 2 and not isinstance(module.padding, str):
         return F.unfold(x, kernel, module.dilation, module.padding, module.stride)  # im2col, same ordering

@@ -55,13 +55,6 @@ class Curvature:
 
     # ------------------------------------------------------------------ shape
     @property
-    def features(self):
-        count = 1
-        for size in self.feature_shape:
-            count *= size
-        return count
-
-    @property
     def samples(self):
         for tensor in (self._factors, self.diag, self.dense):
             if tensor is not None:

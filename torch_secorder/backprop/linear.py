@@ -80,8 +80,7 @@ class LinearRule(Rule):
             dense = None
             if curvature.factors is not None:
                 projected = right_multiply(curvature.factors, weight)  # (N, V, in)
-                weighted = projected if curvature.signs is None else projected * curvature.signs.unsqueeze(2)
-                dense = weighted.transpose(1, 2) @ projected
+                dense = Curvature(feature_shape, projected, curvature.signs).to_dense()
             if curvature.diag is not None:
                 part = (weight.transpose(0, 1) * curvature.diag.unsqueeze(1)) @ weight
                 dense = part if dense is None else dense + part

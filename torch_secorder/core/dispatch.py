@@ -5,8 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backprop import Unsupported, check_supported
-
-METHODS = ("auto", "backprop", "autograd")
+from .validation import check_method
 
 
 @dataclass(frozen=True)
@@ -24,8 +23,7 @@ def explain_method(model, loss_fn, inputs=None, method="auto"):
     >>> explain_method(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss())
     MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules')
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_method(method)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for")
     reason = backprop_unsupported_reason(model, loss_fn, inputs)

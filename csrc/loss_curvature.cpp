@@ -8,6 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <string>
+
 namespace torch_secorder {
 namespace {
 
@@ -88,16 +90,30 @@ at::Tensor cross_entropy_sample_scale(const at::Tensor& input, const at::Tensor&
               "cross_entropy_hessian: class-index target must have shape (N,) = (", input.sym_size(0), ",), got ",
               target.sym_sizes());
   const at::Tensor valid = target.ne(ignore_index);
+  // As F.cross_entropy: an index outside [0, C) that is not ignore_index is an error (checked on the
+  // device, without a host sync where the device allows it).
+  at::_assert_async(valid.logical_and(target.lt(0).logical_or(target.ge(input.sym_size(1)))).any().logical_not(),
+                    "cross_entropy_hessian: target holds a class index outside [0, C) that is not ignore_index");
   const at::Tensor valid_f = valid.to(opts);
   if (!has_weight) {
     // every class weighs 1, so a kept sample's a_c add up to (1 - eps) + eps = 1: a few ops instead
-    // of a dozen, which matters when the whole Hessian takes a millisecond
-    return mean ? valid_f / valid_f.sum() : valid_f;
+    // of a dozen, which matters when the whole Hessian takes a millisecond. When every target is
+    // ignored the loss is 0/0 but its gradient is 0 (as PyTorch's): the count is clamped to 1.
+    return mean ? valid_f / valid_f.sum().clamp_min(1) : valid_f;
   }
   const at::Tensor safe_target = at::where(valid, target, at::zeros_like(target));
   const at::Tensor target_weight = weight->to(opts).index_select(0, safe_target) * valid_f;
   at::Tensor scale = target_weight * (1.0 - label_smoothing) + mean_weight * label_smoothing * valid_f;
-  return mean ? scale / target_weight.sum() : scale;
+  if (!mean) return scale;
+  // Samples that contribute nothing stay exactly 0, also when no target weight is left to divide by.
+  return at::where(scale.eq(0), at::zeros_like(scale), scale / target_weight.sum());
+}
+
+// sqrt factors exist only for positive semi-definite Hessians: scale >= 0 (not for negative class
+// weights or target probabilities, which PyTorch accepts; the engine uses signed columns for those).
+void check_nonnegative_scale(const at::Tensor& scale, const char* op) {
+  at::_assert_async(scale.ge(0).all(), std::string(op) + ": a negative per-sample scale (negative weight, pos_weight " +
+                                           "or target probability) has no real square-root factor; use the _diag op");
 }
 
 at::Tensor cross_entropy_hessian_diag(const at::Tensor& input, const at::Tensor& target,
@@ -111,6 +127,9 @@ at::Tensor cross_entropy_hessian_sqrt(const at::Tensor& input, const at::Tensor&
                                       const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                       double label_smoothing, c10::string_view reduction) {
   auto scale = cross_entropy_sample_scale(input, target, weight, ignore_index, label_smoothing, reduction);
+  if (weight.has_value() || at::isFloatingType(target.scalar_type())) {  // otherwise scale >= 0 by construction
+    check_nonnegative_scale(scale, "cross_entropy_hessian_sqrt");
+  }
   return call_curvature_kernel("torch_secorder::softmax_hessian_sqrt", input, scale);
 }
 
@@ -142,8 +161,11 @@ at::Tensor bce_with_logits_hessian_diag(const at::Tensor& input, const at::Tenso
 at::Tensor bce_with_logits_hessian_sqrt(const at::Tensor& input, const at::Tensor& target,
                                         const c10::optional<at::Tensor>& weight,
                                         const c10::optional<at::Tensor>& pos_weight, c10::string_view reduction) {
-  return diagonal_sqrt_factor(bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction),
-                              "bce_with_logits_hessian_sqrt");
+  auto diag = bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction);
+  if (weight.has_value() || pos_weight.has_value()) {  // otherwise diag >= 0 by construction
+    check_nonnegative_scale(diag, "bce_with_logits_hessian_sqrt");
+  }
+  return diagonal_sqrt_factor(diag, "bce_with_logits_hessian_sqrt");
 }
 
 }  // namespace
@@ -151,6 +173,7 @@ at::Tensor bce_with_logits_hessian_sqrt(const at::Tensor& input, const at::Tenso
 TORCH_LIBRARY_IMPL(torch_secorder, CompositeImplicitAutograd, m) {
   m.impl("mse_loss_hessian_diag", &mse_loss_hessian_diag);
   m.impl("mse_loss_hessian_sqrt", &mse_loss_hessian_sqrt);
+  m.impl("cross_entropy_sample_scale", &cross_entropy_sample_scale);
   m.impl("cross_entropy_hessian_diag", &cross_entropy_hessian_diag);
   m.impl("cross_entropy_hessian_sqrt", &cross_entropy_hessian_sqrt);
   m.impl("bce_with_logits_hessian_diag", &bce_with_logits_hessian_diag);

@@ -26,6 +26,10 @@ TORCH_LIBRARY(torch_secorder, m) {
   // *_diag has the shape of `input`; *_sqrt is (N, K, K) with K = input[0].numel().
   m.def("mse_loss_hessian_diag(Tensor input, str reduction='mean') -> Tensor");
   m.def("mse_loss_hessian_sqrt(Tensor input, str reduction='mean') -> Tensor");
+  // The per-sample factor s_n of cross-entropy, Hessian_n = s_n (diag(p_n) - p_n p_n^T); may be negative.
+  m.def(
+      "cross_entropy_sample_scale(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, str reduction='mean') -> Tensor");
   m.def(
       "cross_entropy_hessian_diag(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
       "float label_smoothing=0.0, str reduction='mean') -> Tensor");

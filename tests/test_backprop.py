@@ -293,7 +293,7 @@ class Custom(nn.Module):
         (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3), nn.Linear(3, 2)).train(), nn.MSELoss(),
          r"Dropout\(p=0.3\) in training mode"),
         (nn.Sequential(nn.Linear(3, 2)), nn.SmoothL1Loss(), r"loss SmoothL1Loss"),
-        (nn.Sequential(nn.Linear(3, 2)), nn.NLLLoss(), r"NLLLoss without a LogSoftmax"),
+        (nn.Sequential(nn.Linear(3, 2)), nn.NLLLoss(), r"NLLLoss without a plain LogSoftmax"),
     ],
 )
 def test_unsupported_models_fall_back_with_one_warning_or_raise(model, loss_fn, message):

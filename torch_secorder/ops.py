@@ -13,6 +13,7 @@ Loss Hessians are per sample and with respect to the model output:
 
 import contextlib
 import threading
+import warnings
 
 import torch
 
@@ -37,15 +38,56 @@ def references_only():
         _local.references_only = previous
 
 
+# The backend kernel each op relies on; ops missing here are plain ATen compositions that run anywhere.
+_BACKEND_KERNEL = {
+    "softmax_hessian_diag": "softmax_hessian_diag", "softmax_hessian_sqrt": "softmax_hessian_sqrt",
+    "sigmoid_hessian_diag": "sigmoid_hessian_diag",
+    "cross_entropy_hessian_diag": "softmax_hessian_diag", "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
+    "bce_with_logits_hessian_diag": "sigmoid_hessian_diag", "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
+    "factor_diagonal": "factor_diagonal", "affine_weight_diagonal": "affine_weight_diagonal",
+    "selected_weight_diagonal": "selected_weight_diagonal",
+}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_kernel_cache = {}  # (op, device type) -> bool
+_warned_devices = set()
+
+
+def has_kernel(name, device_type):
+    """True when the loaded build has a kernel for op `name` on this device type. Decided per device: a
+    CPU-only build (or JIT build) on a machine with a GPU has no CUDA kernels, and CUDA tensors then
+    use the references, with one warning per device type."""
+    key = (name, device_type)
+    if key not in _kernel_cache:
+        backend = _BACKEND_KERNEL.get(name)
+        dispatch_key = _DISPATCH_KEYS.get(device_type)
+        if backend is None:
+            available = True
+        elif dispatch_key is None:
+            available = False
+        else:
+            available = torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_secorder::{backend}", dispatch_key)
+        _kernel_cache[key] = available
+        if not available and device_type not in _warned_devices and device_type != "meta":
+            _warned_devices.add(device_type)
+            warnings.warn(f"torch_secorder: the compiled ops have no {device_type} kernels in this build "
+                          f"({_extension.info()['source']}); {device_type} tensors use the pure-torch references "
+                          "(slower, same results)", RuntimeWarning, stacklevel=4)
+    return _kernel_cache[key]
+
+
+def _compiled(name):
+    return getattr(torch.ops.torch_secorder, name)
+
+
 def _run(name, *args):
-    needs_graph = torch.is_grad_enabled() and any(
-        isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
-    )
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    needs_graph = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
     # the kernels cover float32 and float64; half precision and friends use the references
-    kernel_dtypes = all(arg.dtype in (torch.float32, torch.float64) for arg in args
-                        if isinstance(arg, torch.Tensor) and arg.is_floating_point())
-    if not needs_graph and kernel_dtypes and not getattr(_local, "references_only", False) and _extension.load():
-        return getattr(torch.ops.torch_secorder, name)(*args)
+    kernel_dtypes = all(tensor.dtype in (torch.float32, torch.float64) for tensor in tensors
+                        if tensor.is_floating_point())
+    if (not needs_graph and kernel_dtypes and not getattr(_local, "references_only", False) and _extension.load()
+            and has_kernel(name, tensors[0].device.type)):
+        return _compiled(name)(*args)
     return getattr(reference_ops, name)(*args)
 
 
@@ -78,6 +120,13 @@ def mse_loss_hessian_diag(input, reduction="mean"):
 def mse_loss_hessian_sqrt(input, reduction="mean"):
     _check_reduction(reduction)
     return _run("mse_loss_hessian_sqrt", input, reduction)
+
+
+def cross_entropy_sample_scale(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Per-sample factor s (N,) of F.cross_entropy: Hessian_n = s[n] * (diag(p_n) - p_n p_n^T), reduction
+    included; negative where class weights or target probabilities are."""
+    _check_reduction(reduction)
+    return _run("cross_entropy_sample_scale", input, target, weight, ignore_index, float(label_smoothing), reduction)
 
 
 def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):

@@ -17,7 +17,7 @@ def _is_mean(reduction):
 def _per_sample_rows(tensor):
     if tensor.dim() == 0:
         raise ValueError("input must have a batch dimension, got a 0-D tensor")
-    return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(tensor.shape[0], tensor.shape[1:].numel())
 
 
 def _diagonal_sqrt_factor(diag):
@@ -44,7 +44,7 @@ def sigmoid_hessian_diag(logits, scale):
 
 # ---------------------------------------------------------------- losses
 def mse_loss_hessian_diag(input, reduction="mean"):
-    value = 2.0 / input.numel() if _is_mean(reduction) else 2.0
+    value = 2.0 / max(1, input.numel()) if _is_mean(reduction) else 2.0  # an empty input has no entries to fill
     return torch.full_like(input, value, memory_format=torch.contiguous_format)
 
 
@@ -64,9 +64,19 @@ def cross_entropy_sample_scale(input, target, weight=None, ignore_index=-100, la
         scale = (smoothed * w).sum(1)
         return scale / input.shape[0] if mean else scale
     valid = target != ignore_index
+    torch._assert_async(~(valid & ((target < 0) | (target >= classes))).any(),
+                        "cross_entropy_hessian: target holds a class index outside [0, C) that is not ignore_index")
     target_weight = torch.where(valid, w[torch.where(valid, target, 0)], 0)
     scale = (1 - label_smoothing) * target_weight + label_smoothing * w.mean() * valid
-    return scale / target_weight.sum() if mean else scale
+    if not mean:
+        return scale
+    # samples that contribute nothing stay 0, also when every target is ignored (PyTorch's gradient is 0 there)
+    return torch.where(scale == 0, torch.zeros_like(scale), scale / target_weight.sum())
+
+
+def _check_nonnegative(scale, op):
+    torch._assert_async((scale >= 0).all(), f"{op}: a negative per-sample scale (negative weight, pos_weight or target "
+                        "probability) has no real square-root factor; use the _diag op")
 
 
 def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
@@ -76,6 +86,8 @@ def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, la
 
 def cross_entropy_hessian_sqrt(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
     scale = cross_entropy_sample_scale(input, target, weight, ignore_index, label_smoothing, reduction)
+    if weight is not None or target.is_floating_point():  # otherwise scale >= 0 by construction
+        _check_nonnegative(scale, "cross_entropy_hessian_sqrt")
     return softmax_hessian_sqrt(input, scale)
 
 
@@ -94,7 +106,10 @@ def bce_with_logits_hessian_diag(input, target, weight=None, pos_weight=None, re
 
 
 def bce_with_logits_hessian_sqrt(input, target, weight=None, pos_weight=None, reduction="mean"):
-    return _diagonal_sqrt_factor(bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction))
+    diag = bce_with_logits_hessian_diag(input, target, weight, pos_weight, reduction)
+    if weight is not None or pos_weight is not None:  # otherwise diag >= 0 by construction
+        _check_nonnegative(diag, "bce_with_logits_hessian_sqrt")
+    return _diagonal_sqrt_factor(diag)
 
 
 # ---------------------------------------------------------------- Hessian-backprop contractions
@@ -136,7 +151,7 @@ def selected_weight_diagonal(factors, signs, indices, inputs, samples_per_chunk=
         stop = min(samples, start + samples_per_chunk)
         rows = inputs[start:stop].transpose(1, 2)  # (n, P, K)
         index = indices[start:stop].reshape(stop - start, -1, 1).expand(-1, -1, rows.shape[2])
-        gathered = rows.gather(1, index).reshape(stop - start, out_channels, selected, -1)  # (n, O, Q, K)
+        gathered = rows.gather(1, index).reshape(stop - start, out_channels, selected, rows.shape[2])  # (n, O, Q, K)
         products = torch.einsum("nvoq,noqk->nvok", factors[start:stop], gathered)
         squared = products * products
         if signs is not None:

@@ -53,6 +53,7 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
+    forward_methods = ("forward", "_conv_forward")
 
     def unsupported_reason(self, module):
         if module.padding_mode != "zeros":
@@ -69,13 +70,13 @@ class ConvRule(Rule):
         positions = z[0].numel() // out_channels
         results = []
         if curvature.selection is not None and module.groups == 1:  # factors still on max-pooling selections
-            if module.weight.requires_grad:
+            if record.wants(module.weight):
                 diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels)
                 results.append((module.weight, diag.reshape(module.weight.shape)))
-            if module.bias is not None and module.bias.requires_grad:
+            if record.wants(module.bias):
                 results.append((module.bias, selected_bias_diagonal(curvature, out_channels)))
             return results
-        if module.weight.requires_grad:
+        if record.wants(module.weight):
             patches = unfold(module, x)  # (N, C K, P)
             groups = module.groups
             per_group_in = patches.shape[1] // groups
@@ -86,7 +87,7 @@ class ConvRule(Rule):
                 blocks.append(shared_weight_diagonal(part, patches[:, g * per_group_in:(g + 1) * per_group_in],
                                                      per_group_out, positions_first=False))
             results.append((module.weight, torch.cat(blocks, 0).reshape(module.weight.shape)))
-        if module.bias is not None and module.bias.requires_grad:
+        if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
             results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False)[:, 0]))
         return results

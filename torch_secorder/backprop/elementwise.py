@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from .registry import Rule, register
+from .registry import Rule, register, registered_base
 from .shared_weight import channelwise_diagonal
 
 # f'' = 0 almost everywhere: no residual term, no need for dloss/doutput.
@@ -61,10 +61,10 @@ class ElementwiseRule(Rule):
         yield result
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 
-@register(*_BATCH_NORMS)
+@register(*_BATCHED_DIMS)
 class BatchNormEvalRule(Rule):
     """y = weight * (x - running_mean) / sqrt(running_var + eps) + bias, per channel: affine in x."""
 
@@ -74,7 +74,7 @@ class BatchNormEvalRule(Rule):
         return None
 
     def unsupported_input_reason(self, module, x):
-        expected = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[type(module)]
+        expected = _BATCHED_DIMS[registered_base(module)]
         return None if x.dim() in expected else f"an unbatched input of shape {tuple(x.shape)}"
 
     def reads_only_diagonal(self, record):
@@ -91,10 +91,10 @@ class BatchNormEvalRule(Rule):
     def param_diagonals(self, record, curvature):
         module, x = record.module, record.input
         results = []
-        if module.weight is not None and module.weight.requires_grad:
+        if record.wants(module.weight):
             normalized, _ = self._per_channel(module, x)
             results.append((module.weight, channelwise_diagonal(curvature, normalized.reshape(x.shape[0], x.shape[1], -1))))
-        if module.bias is not None and module.bias.requires_grad:
+        if record.wants(module.bias):
             ones = x.new_ones(x.shape[0], x.shape[1], x[0, 0].numel())
             results.append((module.bias, channelwise_diagonal(curvature, ones)))
         return results

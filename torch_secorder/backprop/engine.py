@@ -11,47 +11,62 @@ import torch.nn as nn
 from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
 from .losses import output_curvature, recognise, unsupported_output_reason
 from ..core.validation import check_scalar_loss
-from .registry import LayerRecord, PropagationContext, rule_for
+from . import eligibility
+from .registry import LayerRecord, PropagationContext, registered_base, rule_for
 
 
 class Unsupported(Exception):
     """The exact engine has no rule for this model or loss; the message names what."""
 
 
-def flatten_chain(model):
-    """The modules of a (nested) nn.Sequential in call order; a single module is a chain of one."""
-    if isinstance(model, nn.Sequential):
-        return [leaf for child in model for leaf in flatten_chain(child)]
-    return [model]
+def flatten_chain(model, names=None):
+    """The modules of a (nested) nn.Sequential in call order; a single module is a chain of one.
+    A Sequential whose forward is not the plain chain (a subclass with its own forward, hooks) is
+    refused: its children do not simply run one after another."""
+    if not isinstance(model, nn.Sequential):
+        return [model]
+    reason = eligibility.container_reason(model)
+    if reason is not None:
+        raise Unsupported(f"{_describe(model, names)}: {reason}")
+    return [leaf for child in model for leaf in flatten_chain(child, names)]
+
+
+def _describe(module, names):
+    name = (names or {}).get(id(module)) or type(module).__name__
+    return f"module {name!r} ({type(module).__name__})"
 
 
 def check_supported(model, loss_fn):
-    """(layers, loss spec) or raises Unsupported naming the first module (or the loss) without a rule."""
-    layers = flatten_chain(model)
+    """(layers, loss spec) or raises Unsupported naming the first module (or the loss) without an exact rule."""
+    reason = eligibility.global_hook_reason()
+    if reason is not None:
+        raise Unsupported(reason)
     spec = recognise(loss_fn)
     if isinstance(spec, str):
         raise Unsupported(spec)
-    if spec.kind == "nll":
-        if not layers or not isinstance(layers[-1], nn.LogSoftmax) or layers[-1].dim not in (1, -1):
-            raise Unsupported("NLLLoss without a LogSoftmax(dim=1) as the model's last module")
-        layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
     names = {id(module): name for name, module in model.named_modules()}
+    layers = flatten_chain(model, names)
+    if spec.kind == "nll":
+        last = layers[-1] if layers else None
+        if (not isinstance(last, nn.LogSoftmax) or last.dim not in (1, -1)
+                or eligibility.module_reason(last, nn.LogSoftmax, ("forward",)) is not None):
+            raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
+        layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
     seen_modules, seen_params = set(), set()
     for module in layers:
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
         shared = id(module) in seen_modules or any(id(p) in seen_params for p in module.parameters())
         if shared:
-            raise Unsupported(f"module {names.get(id(module), type(module).__name__)!r}: parameters used at two "
-                              "places in the chain")
+            raise Unsupported(f"{_describe(module, names)}: parameters used at two places in the chain")
         seen_modules.add(id(module))
         seen_params.update(id(p) for p in module.parameters())
+        base = registered_base(module)
+        if base is None:
+            raise Unsupported(_describe(module, names))
         rule = rule_for(module)
-        name = names.get(id(module)) or type(module).__name__
-        if rule is None:
-            raise Unsupported(f"module {name!r} ({type(module).__name__})")
-        reason = rule.unsupported_reason(module)
+        reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
         if reason is not None:
-            raise Unsupported(f"module {name!r} ({type(module).__name__}): {reason}")
+            raise Unsupported(f"{_describe(module, names)}: {reason}")
     return layers, spec
 
 
@@ -79,6 +94,8 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
         # The loss itself, once: its own checks (class indices in range, shapes) must fire here too.
         loss = loss_fn(torch.log_softmax(x, dim=1) if spec.kind == "nll" else x, targets)
         check_scalar_loss(loss, "loss_fn")
+        if inputs.shape[0] == 0:  # no samples: every Hessian entry is an empty sum
+            return [torch.zeros_like(p) for p in params]
         needing = [index for index, rule in enumerate(rules)
                    if rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
         if needing:
@@ -92,23 +109,50 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
             if record.output_grad is not None:
                 record.output_grad = record.output_grad.detach()
 
-    results = {}  # id(param) -> diagonal so far; parameters nothing reached get zeros at the end
-    wanted = {id(p) for p in params if p.requires_grad}
-    owners = [i for i, module in enumerate(layers) if any(id(p) in wanted for p in module.parameters())]
+    wanted_params = {id(p) for p in params if p.requires_grad}
+    owners = [i for i, module in enumerate(layers) if any(id(p) in wanted_params for p in module.parameters())]
     if not owners:
         return [torch.zeros_like(p) for p in params]
+    # Pruned tensors: the rules see the effective weight (recomputed by the pruning hook in the forward
+    # above); its diagonal times mask^2 is the diagonal of the original parameter.
+    pruned = {}
+    for module in layers:
+        for name, (original, mask) in eligibility.pruned_tensors(module).items():
+            if id(original) in wanted_params:
+                pruned[id(getattr(module, name))] = (original, mask)
+    wanted = frozenset(wanted_params | pruned.keys())
+    for record in records:
+        record.wanted = wanted
 
-    def accumulate(param, value):
-        if id(param) in wanted:
-            key = id(param)
-            results[key] = value if key not in results else results[key] + value
+    results = {}  # id(param) -> diagonal so far; parameters nothing reached get zeros at the end
+
+    def accumulate(tensor, value):
+        key = id(tensor)
+        if key in pruned:
+            param, mask = pruned[key]
+            key, value = id(param), value * (mask * mask)
+        elif key not in wanted_params:
+            return
+        results[key] = value if key not in results else results[key] + value
 
     with torch.set_grad_enabled(create_graph):
         output = records[-1].output
-        curvature = output_curvature(spec, output if create_graph else output.detach(), targets)
+        samples, features = output.shape[0], output.shape[1:].numel()
+        curvature = output_curvature(
+            spec, output if create_graph else output.detach(), targets,
+            diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
+            max_columns=_max_columns(samples, features, output.element_size(), memory_budget))
         _propagate(records, rules, len(records) - 1, curvature, owners[0], accumulate, memory_budget)
     diagonals = [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
     return diagonals if create_graph else [d.detach() for d in diagonals]
+
+
+def _diagonal_suffices(records, rules, lowest, index):
+    """True when the modules from `lowest` up to below `index` read only diag(H) at their outputs, so what
+    enters module index - 1 from above need only be diagonal-readable (the lowest module may mix: it
+    propagates nothing; the others must keep H diagonal)."""
+    return rules[lowest].reads_only_diagonal(records[lowest]) and all(
+        not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index))
 
 
 def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget):
@@ -120,13 +164,11 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
         if index <= lowest:
             return
         samples = record.input.shape[0]
-        features = max(record.input[0].numel(), record.output[0].numel())
+        features = max(record.input.shape[1:].numel(), record.output.shape[1:].numel())
         context = PropagationContext(
             max_columns=_max_columns(samples, features, record.input.element_size(), memory_budget),
             mixing_below=any(rules[j].mixing for j in range(lowest + 1, index)),
-            # only the lowest module may mix: it propagates nothing, the others must keep H diagonal-readable
-            diagonal_only=rules[lowest].reads_only_diagonal(records[lowest]) and all(
-                not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index)),
+            diagonal_only=_diagonal_suffices(records, rules, lowest, index),
         )
         pieces = iter(rule.propagate(record, curvature, context))
         first = next(pieces)

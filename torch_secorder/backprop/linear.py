@@ -44,16 +44,16 @@ class LinearRule(Rule):
         if x.dim() == 2:
             # diag_W[i, j] = sum_n H_n[i, i] x_nj^2 : only the diagonal of H is needed
             h = curvature.diagonal()
-            if module.weight.requires_grad:
+            if record.wants(module.weight):
                 results.append((module.weight, h.transpose(0, 1) @ (x * x)))
-            if module.bias is not None and module.bias.requires_grad:
+            if record.wants(module.bias):
                 results.append((module.bias, h.sum(0)))
             return results
         positions = x[0].numel() // x.shape[-1]
         inputs = x.reshape(samples, positions, -1).transpose(1, 2)  # (N, in, P)
-        if module.weight.requires_grad:
+        if record.wants(module.weight):
             results.append((module.weight, shared_weight_diagonal(curvature, inputs, out_features, positions_first=True)))
-        if module.bias is not None and module.bias.requires_grad:
+        if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
             results.append((module.bias, shared_weight_diagonal(curvature, ones, out_features, positions_first=True)[:, 0]))
         return results
@@ -91,10 +91,21 @@ class LinearRule(Rule):
             if curvature.factors is not None:
                 parts.append((right_multiply(curvature.factors, weight), curvature.signs))
             if curvature.diag is not None:
-                # W^T diag(d) W = sum_o sign(d_o) (sqrt|d_o| W[o])^T (sqrt|d_o| W[o]): rows of W are columns
-                parts.append((weight * curvature.diag.abs().sqrt().unsqueeze(2), torch.sign(curvature.diag)))
+                parts.append(scaled_rows(weight, curvature.diag))
             factors, signs = concat_factors(parts)
             yield Curvature(feature_shape, factors, signs)
             return
-        for columns, signs in curvature.signed_factor_chunks(max_columns):  # streamed
-            yield Curvature(feature_shape, right_multiply(columns, weight), signs)
+        # streamed: factor columns in chunks, then the diagonal part a block of W's rows at a time
+        if curvature.factors is not None:
+            for columns, signs in curvature.factor_chunks(max_columns):
+                yield Curvature(feature_shape, right_multiply(columns, weight), signs)
+        if curvature.diag is not None:
+            for start in range(0, out_features, max_columns):
+                stop = min(out_features, start + max_columns)
+                yield Curvature(feature_shape, *scaled_rows(weight[start:stop], curvature.diag[:, start:stop]))
+
+
+def scaled_rows(weight, diag):
+    """W^T diag(d) W = sum_o sign(d_o) (sqrt|d_o| W[o])^T (sqrt|d_o| W[o]): rows of W are columns.
+    weight (O, in), diag (N, O) -> columns (N, O, in) and their signs (N, O)."""
+    return weight * diag.abs().sqrt().unsqueeze(2), torch.sign(diag)

@@ -3,10 +3,12 @@
 import functools
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from . import eligibility
 from .curvature import Curvature
 
 _MODULE_KINDS = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "bce_with_logits",
@@ -35,6 +37,9 @@ def recognise(loss_fn):
         kind = _MODULE_KINDS.get(type(loss_fn))
         if kind is not None:
             given = {name: getattr(loss_fn, name) for name in _OPTIONS[kind] if hasattr(loss_fn, name)}
+            hooked = eligibility.hook_reason(loss_fn)
+            if hooked is not None:
+                return f"loss {type(loss_fn).__name__} with {hooked}"
     else:
         function, keywords = loss_fn, {}
         if isinstance(loss_fn, functools.partial) and not loss_fn.args:
@@ -63,8 +68,11 @@ def unsupported_output_reason(spec, output, targets):
     return None
 
 
-def output_curvature(spec, output, targets):
-    """Per-sample Hessian of the loss in the model output (for nll: in the LogSoftmax input)."""
+def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=None):
+    """Per-sample Hessian of the loss in the model output (for nll: in the LogSoftmax input).
+
+    diagonal_only: nothing below reads more than diag(H). max_columns: how many output-sized
+    columns fit the memory budget at once (None: no limit)."""
     samples, options = output.shape[0], spec.options
     if spec.kind == "mse":
         diag = ops.mse_loss_hessian_diag(output, options["reduction"])
@@ -73,7 +81,30 @@ def output_curvature(spec, output, targets):
         diag = ops.bce_with_logits_hessian_diag(output, targets, options["weight"], options["pos_weight"],
                                                 options["reduction"])
         return Curvature(output.shape[1:], diag=diag.reshape(samples, -1))
-    smoothing = options.get("label_smoothing", 0.0)
-    factors = ops.cross_entropy_hessian_sqrt(output, targets, options["weight"], options["ignore_index"], smoothing,
-                                             options["reduction"])
-    return Curvature(output.shape[1:], factors=factors.transpose(1, 2))  # S S^T = H: columns of S
+    return _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns)
+
+
+def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):
+    """H_n = s_n (diag(p_n) - p_n p_n^T). The scale s_n is negative where class weights or target
+    probabilities are (PyTorch accepts both): such samples get signed columns, never a square root of
+    a negative number. Three forms, by what is read below and what fits:
+      diagonal only:  diag(H) itself, (N, C);
+      C columns:      S S^T from the compiled square-root factor, signs = sign(s), while (N, C, C) fits;
+      rank one:       diag(s p) minus the column sqrt|s| p: C + 1 columns in O(N C) memory, streamed."""
+    options = spec.options
+    scale = ops.cross_entropy_sample_scale(output, targets, options["weight"], options["ignore_index"],
+                                           options.get("label_smoothing", 0.0), options["reduction"])
+    feature_shape = output.shape[1:]
+    if diagonal_only:
+        return Curvature(feature_shape, diag=ops.softmax_hessian_diag(output, scale))
+    may_be_negative = options["weight"] is not None or targets.is_floating_point()
+    signs = torch.sign(scale) if may_be_negative and bool((scale < 0).any()) else None
+    classes = output.shape[1]
+    if max_columns is None or classes <= max_columns:
+        root = ops.softmax_hessian_sqrt(output, scale if signs is None else scale.abs())
+        expanded = None if signs is None else signs.unsqueeze(1).expand(-1, classes)
+        return Curvature(feature_shape, factors=root.transpose(1, 2), signs=expanded)  # S S^T = H: columns of S
+    probabilities = torch.softmax(output, dim=1)
+    column = (scale.abs().sqrt().unsqueeze(1) * probabilities).unsqueeze(1)  # (N, 1, C)
+    column_sign = -(torch.sign(scale) if signs is not None else torch.ones_like(scale)).unsqueeze(1)
+    return Curvature(feature_shape, factors=column, signs=column_sign, diag=scale.unsqueeze(1) * probabilities)

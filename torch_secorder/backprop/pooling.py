@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .curvature import Curvature, scatter_selected
-from .registry import Rule, register
+from .registry import Rule, register, registered_base
 from .shared_weight import linear_transpose_columns
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -22,7 +22,7 @@ _SPATIAL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d
 
 
 def _batched_input_reason(module, x):
-    expected = _SPATIAL_DIMS[type(module)] + 2
+    expected = _SPATIAL_DIMS[registered_base(module)] + 2
     return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
 
 
@@ -32,6 +32,11 @@ def _as_tuple(value, x):
 
 @register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 class MaxPoolRule(Rule):
+    def unsupported_reason(self, module):
+        if module.return_indices:
+            return "return_indices=True (its output is a tuple, not a tensor)"
+        return None
+
     def unsupported_input_reason(self, module, x):
         return _batched_input_reason(module, x)
 

@@ -18,6 +18,12 @@ class LayerRecord:
     output: torch.Tensor
     output_grad: Optional[torch.Tensor] = None
     extras: Optional[object] = None  # whatever the rule's forward kept (max pooling: the argmax indices)
+    wanted: frozenset = frozenset()  # ids of the tensors whose diagonals are asked for (see wants)
+
+    def wants(self, tensor):
+        """True when the diagonal of this module tensor (weight, bias) is asked for: a parameter in the
+        caller's list that requires grad, or the effective weight of a pruned one."""
+        return tensor is not None and id(tensor) in self.wanted
 
 
 @dataclass
@@ -37,6 +43,9 @@ class Rule:
         return False
 
     mixing = False  # its Jacobian is not diagonal (Linear, Conv, average pooling)
+    # Methods of the registered class that decide what the module computes: an instance whose class
+    # (or the instance itself) overrides one of them computes something else, and the rule steps aside.
+    forward_methods = ("forward",)
 
     def reads_only_diagonal(self, record):
         """True when this module's parameter diagonals need only diag(H) at its output, and so does its
@@ -75,9 +84,20 @@ def register(*module_types):
     return decorate
 
 
-def rule_for(module):
-    """The rule for module's exact type or its nearest registered base class, else None."""
+def registered_types():
+    """Every module type that has a rule (the trap tests run each of them)."""
+    return list(_RULES)
+
+
+def registered_base(module):
+    """The registered class module is an instance of (its own type or its nearest registered base), else None."""
     for cls in type(module).__mro__:
         if cls in _RULES:
-            return _RULES[cls]
+            return cls
     return None
+
+
+def rule_for(module):
+    """The rule for module's exact type or its nearest registered base class, else None."""
+    base = registered_base(module)
+    return None if base is None else _RULES[base]

@@ -1,0 +1,87 @@
+"""Whether what a module runs is exactly what its rule assumes.
+
+A rule describes the registered class's own computation. A subclass or an instance that overrides
+it, a hook (the module's own, or a global one) that may change inputs, outputs or gradients, a
+parametrization, or a weight that is not the module's own parameter make the module compute
+something else, so the engine steps aside for it. torch.nn.utils.prune is the one exception:
+weight = weight_orig * mask is exact to differentiate (see pruned_tensors).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.modules.module as module_globals
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+
+_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+          ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+_GLOBAL_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook"), ("_global_forward_hooks", "forward hook"),
+                 ("_global_backward_pre_hooks", "backward pre-hook"), ("_global_backward_hooks", "backward hook"))
+_CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forward is called
+_OWN_TENSORS = ("weight", "bias")
+
+
+def _hook_name(hook):
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+def global_hook_reason():
+    """Why global module hooks (torch.nn.modules.module.register_module_*_hook) rule the engine out, or None."""
+    for attribute, kind in _GLOBAL_HOOKS:
+        for hook in (getattr(module_globals, attribute, None) or {}).values():
+            return f"a global module {kind} ({_hook_name(hook)})"
+    return None
+
+
+def hook_reason(module):
+    """Why the module's own hooks rule it out, or None; pruning pre-hooks are allowed (see pruned_tensors)."""
+    for attribute, kind in _HOOKS:
+        for hook in (getattr(module, attribute, None) or {}).values():
+            if attribute == "_forward_pre_hooks" and isinstance(hook, BasePruningMethod):
+                continue
+            return f"a {kind} ({_hook_name(hook)})"
+    return None
+
+
+def pruned_tensors(module):
+    """{name: (original parameter, mask)} for the tensors pruned with torch.nn.utils.prune: the module
+    uses name = name_orig * name_mask, so the diagonal of name_orig is mask^2 times that of name."""
+    pruned = {}
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            name = hook._tensor_name
+            pruned[name] = (getattr(module, name + "_orig"), getattr(module, name + "_mask"))
+    return pruned
+
+
+def _override_reason(module, base, methods):
+    for name in methods:
+        if name in vars(module):
+            return f"{name} replaced on the instance"
+    for name in methods + _CALL_METHODS:
+        if getattr(type(module), name, None) is not getattr(base, name, None):
+            return f"{type(module).__name__} overrides {base.__name__}.{name}"
+    return None
+
+
+def _foreign_tensor_reason(module):
+    pruned = pruned_tensors(module)
+    for name in _OWN_TENSORS:
+        if name in module._parameters or name in module._buffers or name in pruned:
+            continue
+        if isinstance(getattr(module, name, None), torch.Tensor):
+            return f"its {name} is a plain tensor attribute, not a registered parameter or buffer"
+    return None
+
+
+def module_reason(module, base, methods):
+    """None when module computes exactly what the rule for its registered class `base` assumes, else why not.
+    methods: the names of base's methods that decide what it computes (Rule.forward_methods)."""
+    if parametrize.is_parametrized(module):
+        return "a parametrization (torch.nn.utils.parametrize); remove it or use method='autograd'"
+    return _override_reason(module, base, methods) or hook_reason(module) or _foreign_tensor_reason(module)
+
+
+def container_reason(container):
+    """None when an nn.Sequential (or a subclass) runs its children one after another, unchanged."""
+    return module_reason(container, nn.Sequential, ("forward", "__iter__"))

@@ -10,43 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import relative_error
+from helpers import assert_backprop_exact, brute_force, randomise_batch_norm
 from torch_secorder import explain_method, model_hessian_diagonal
-from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params
 
 D = torch.float64
 ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU,
                lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.LogSigmoid, lambda: nn.Hardtanh(-0.5, 0.5), nn.Identity,
                lambda: nn.CELU(0.7), nn.Mish, nn.ReLU6, nn.Softsign, nn.Tanhshrink, lambda: nn.Softplus(beta=2.0),
                lambda: nn.ReLU(inplace=True)]
-
-
-def brute_force(model, loss_fn, x, y):
-    """Full float64 Hessian diagonal; zeros for frozen parameters, as the API returns them."""
-    params = list(model.parameters())
-    diagonals = dense_hessian_diagonal(model_loss_of_params(model, loss_fn, x, y), params)
-    return [d if p.requires_grad else torch.zeros_like(d) for d, p in zip(diagonals, params)]
-
-
-def assert_backprop_exact(model, loss_fn, x, y, tolerance=1e-10, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no silent fallback to the generic method
-        actual = model_hessian_diagonal(model, loss_fn, x, y, method="backprop", **kwargs)
-    expected = brute_force(model, loss_fn, x, y)
-    for a, p in zip(actual, model.parameters()):
-        assert a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
-    error = relative_error(actual, expected)
-    assert error < tolerance, error
-    return actual
-
-
-def randomise_batch_norm(model, generator):
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator, dtype=D))
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator, dtype=D) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator, dtype=D) + 0.5)
-            module.bias.data.copy_(torch.randn(module.num_features, generator=generator, dtype=D))
-    return model.eval()
 
 
 # ---------------------------------------------------------------- losses
@@ -378,11 +349,20 @@ def test_shared_parameters_are_not_split_across_layers():
     assert relative_error(auto, brute_force(model, F.mse_loss, x, y)) < 1e-10
 
 
-def test_half_precision_uses_the_references():
+def test_half_precision_uses_the_references(monkeypatch):
+    from torch_secorder import ops, reference_ops
+
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(torch.bfloat16)
     x, y = torch.randn(5, 4, dtype=torch.bfloat16), torch.randint(0, 2, (5,))
-    diag = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
     expected = model_hessian_diagonal(model.double(), nn.CrossEntropyLoss(), x.double(), y, method="backprop")
+    model = model.to(torch.bfloat16)
+    used = []
+    for name in ("cross_entropy_sample_scale", "softmax_hessian_sqrt", "factor_diagonal"):
+        original = getattr(reference_ops, name)
+        monkeypatch.setattr(reference_ops, name, lambda *a, _name=name, _original=original: used.append(_name) or _original(*a))
+    monkeypatch.setattr(ops, "_compiled", lambda name: pytest.fail(f"the compiled {name} ran on bfloat16"))
+    diag = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
+    assert {"cross_entropy_sample_scale", "softmax_hessian_sqrt"} <= set(used)
     assert all(d.dtype == torch.bfloat16 for d in diag)
     assert relative_error(diag, expected) < 5e-2
 

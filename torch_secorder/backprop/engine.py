@@ -88,6 +88,10 @@ def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create
             output, extras = rule.forward(module, x)
             records.append(LayerRecord(module, x, output, extras=extras))
             x = output
+        if targets.is_floating_point() and targets.dtype != x.dtype:
+            # as F.mse_loss does: the loss of the promoted targets (F.cross_entropy and BCE would round
+            # parts of it to the targets' precision; the engine's numbers are the exact ones)
+            targets = targets.to(x.dtype)
         reason = unsupported_output_reason(spec, x, targets)
         if reason is not None:
             raise Unsupported(reason)

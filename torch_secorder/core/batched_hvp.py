@@ -1,9 +1,12 @@
 """The generic exact method: diag(H)_i = e_i^T H e_i, many unit vectors per double-backward.
 
 Works for anything autograd can differentiate twice. Its cost grows with the
-number of parameter entries, so the unit vectors are pushed through one
-batched backward (torch.autograd.grad(..., is_grads_batched=True)) per chunk,
-and the chunk size is chosen so that a chunk's temporaries fit a memory budget.
+number of parameter entries, so a chunk of unit vectors goes through one
+batched backward: torch.func.vmap over torch.autograd.grad first; where vmap
+cannot batch an op of the graph, torch.autograd.grad(..., is_grads_batched=True);
+where that fails too, one backward per entry (each step down warns once).
+The chunk size is chosen so that a chunk's temporaries fit a memory budget, and
+halved when the device runs out of memory anyway.
 """
 
 import warnings
@@ -107,7 +110,8 @@ class _HvpRows:
             try:
                 return strategy(grad_flat, param, rows, create_graph)
             except RuntimeError as error:
-                if len(self.strategies) == 1 or _is_unused_input_error(error):
+                # out of memory says nothing about batching: the caller shrinks the chunk instead
+                if len(self.strategies) == 1 or _is_unused_input_error(error) or is_out_of_memory(error):
                     raise
                 self.strategies.pop(0)
                 warnings.warn(
@@ -120,6 +124,19 @@ class _HvpRows:
 
 def _is_unused_input_error(error):
     return "appears to not have been used in the graph" in str(error)
+
+
+def is_out_of_memory(error):
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says so."""
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "not enough memory" in message or "out of memory" in message
+
+
+def _halved(step, error):
+    warnings.warn(f"torch_secorder: out of memory with {step} unit vectors per double backward "
+                  f"({str(error).splitlines()[0][:120]}); retrying with {step // 2} (a smaller memory_budget avoids "
+                  "this)", RuntimeWarning, stacklevel=5)
+    return step // 2
 
 
 def batched_hessian_diagonal(loss, params, grads, *, create_graph, chunk_size, graph_bytes, memory_budget, progress):
@@ -147,18 +164,24 @@ def batched_hessian_diagonal(loss, params, grads, *, create_graph, chunk_size, g
         step = chunk_size or choose_chunk_size(
             entries, param.element_size(), graph_bytes, param_bytes, memory_budget, param.device.type
         )
-        for start in range(0, entries, step):
+        start = 0
+        while start < entries:
             stop = min(entries, start + step)
             rows, index = _unit_rows(start, stop, entries, grad_flat)
             try:
                 hvp = hvp_rows(grad_flat, param, rows, create_graph)
             except RuntimeError as error:
+                if is_out_of_memory(error) and step > 1:
+                    del rows, index
+                    step = _halved(step, error)
+                    continue
                 if not _is_unused_input_error(error):
                     raise
                 hvp = None  # the gradient has a graph that does not reach the parameter: zero curvature
             if hvp is not None:
                 diag[start:stop] = hvp.reshape(stop - start, entries)[index, start + index]
             done += stop - start
+            start = stop
             if progress is not None:
                 progress(done, total)
         diagonals.append(diag.view_as(param))

@@ -56,10 +56,11 @@ def hessian_diagonal(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable returning the loss, got {type(func).__name__}")
-    return _hessian_diagonal(
-        func, params, v, create_graph, strict, "func",
-        method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-    )
+    with _outside_inference_mode():
+        return _hessian_diagonal(
+            func, params, v, create_graph, strict, "func",
+            method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+        )
 
 
 def model_hessian_diagonal(
@@ -86,6 +87,17 @@ def model_hessian_diagonal(
     input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_method(method)
     validation.check_chunking(chunk_size, memory_budget)
+    validation.check_progress(progress)
+    validation.check_not_inference_tensors(model)
+    with _outside_inference_mode():
+        # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
+        input_tuple = tuple(_normal_tensor(tensor) for tensor in input_tuple)
+        return _model_hessian_diagonal(model, loss_fn, input_tuple, _normal_tensor(targets), create_graph, strict,
+                                       method, chunk_size, memory_budget, progress)
+
+
+def _model_hessian_diagonal(model, loss_fn, input_tuple, targets, create_graph, strict, method, chunk_size,
+                            memory_budget, progress):
     params = list(model.parameters())
     if method != "autograd":
         choice = dispatch.explain_method(model, loss_fn, input_tuple, method)
@@ -99,7 +111,7 @@ def model_hessian_diagonal(
         if method == "backprop":
             raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
         warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
 
     def loss_func():
         return loss_fn(model(*input_tuple), targets)
@@ -135,12 +147,13 @@ def _backprop(model, loss_fn, inputs, targets, params, create_graph, strict, mem
 def _hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
     validation.check_method(method, for_model=source == "loss_fn")
     validation.check_chunking(chunk_size, memory_budget)
+    validation.check_progress(progress)
     params = validation.check_params(params)
     v = validation.check_v(v, params)
     if strict:
         _check_strict_requires_grad(params)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), _inference_tensors_explained(source):
         loss = func()
         validation.check_scalar_loss(loss, source)
         loss = loss.reshape(())
@@ -173,6 +186,33 @@ def _first_order_grads(loss, params):
         for index, grad in zip(active, found):
             grads[index] = grad
     return grads
+
+
+@contextmanager
+def _outside_inference_mode():
+    """inference_mode switches autograd off, and both methods need it: the call runs outside it (results
+    are ordinary tensors)."""
+    with torch.inference_mode(False):
+        yield
+
+
+def _normal_tensor(tensor):
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+@contextmanager
+def _inference_tensors_explained(source):
+    """A loss built from tensors made under torch.inference_mode cannot be differentiated: say so plainly."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "Inference tensor" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{source} uses a tensor created under torch.inference_mode(), which autograd cannot differentiate "
+            "through (torch.inference_mode disables autograd): create it outside inference_mode, or .clone() it "
+            "outside"
+        ) from error
 
 
 @contextmanager

@@ -24,6 +24,9 @@ def check_params(params):
             raise TypeError(f"params[{index}] must be a tensor, got {type(param).__name__}")
         if not param.is_floating_point():
             raise TypeError(f"params[{index}] must be a floating-point tensor, got dtype {param.dtype}")
+        if param.is_inference():
+            raise RuntimeError(f"params[{index}] was created under torch.inference_mode(), which disables autograd "
+                               "for it for good: create it outside inference_mode")
     return params
 
 
@@ -113,7 +116,20 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     input_dtype = _floating_dtype(input_tuple)
     if model_dtype is not None and input_dtype is not None and input_dtype != model_dtype:
         raise ValueError(f"inputs has dtype {input_dtype} but the model's parameters have dtype {model_dtype}")
-    reference_dtype = input_dtype or model_dtype
-    if targets.is_floating_point() and reference_dtype is not None and targets.dtype != reference_dtype:
-        raise ValueError(f"targets has dtype {targets.dtype} but inputs (and the model) have dtype {reference_dtype}")
+    # targets of another floating dtype are the loss function's business: F.mse_loss and friends promote them
     return input_tuple
+
+
+def check_progress(progress):
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
+
+
+def check_not_inference_tensors(model):
+    """Parameters or buffers created under torch.inference_mode can never take part in autograd."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_inference():
+                raise RuntimeError(
+                    f"model {kind} {name!r} was created under torch.inference_mode(), which disables autograd for "
+                    "it for good: build the model outside inference_mode")

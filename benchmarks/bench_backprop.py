@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn as nn
-from timing import median_seconds
+from timing import measured_commit, median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["gradient", "engine (kernels)", "engine (pure torch)", "backpack", "generic"]
@@ -196,7 +196,8 @@ def main():
 
 
 def write_results(rows, args):
-    meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+    meta = {"commit": measured_commit(),
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "dtype": "float32", "batch": args.batch or "as named",
             "timing": f"median over {args.rounds} rounds of the median of warm runs (CUDA events on GPU, wall clock "

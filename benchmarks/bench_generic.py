@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn as nn
+from timing import measured_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -92,7 +93,7 @@ def main():
         rows.append(row)
         print(json.dumps(row))
 
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    meta = {"commit": measured_commit(), "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_threads": torch.get_num_threads(), "compiled_ops": _extension.info()["source"],
             "repeats": args.repeats, "float": "float32", "timing": "median wall-clock, forward pass included"}
     os.makedirs(args.out, exist_ok=True)

@@ -12,7 +12,7 @@ import os
 import platform
 
 import torch
-from timing import median_seconds
+from timing import measured_commit, median_seconds
 
 from torch_secorder import ops, reference_ops
 
@@ -58,7 +58,7 @@ def main():
         rows.append({"case": name, "kernel_ms": kernel_s * 1e3, "reference_ms": reference_s * 1e3,
                      "speedup": reference_s / kernel_s, "max_relative_difference": error})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"device": args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
+    meta = {"commit": measured_commit(), "device": args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "dtype": "float32"}
     os.makedirs(args.out, exist_ok=True)

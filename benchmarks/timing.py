@@ -1,6 +1,8 @@
 """Timing shared by the benchmarks: CUDA events on the GPU (no host timing of queued work), a wall clock on the CPU."""
 
+import os
 import statistics
+import subprocess
 import time
 
 import torch
@@ -25,3 +27,16 @@ def median_seconds(run, device, repeats=20, warmup=3):
     for _ in range(warmup):
         run()
     return statistics.median(time_once(run, device) for _ in range(repeats))
+
+
+def measured_commit():
+    """The commit the numbers belong to (with '+changes' when the tree had uncommitted edits)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty else "")

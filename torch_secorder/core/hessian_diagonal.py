@@ -56,7 +56,7 @@ def hessian_diagonal(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable returning the loss, got {type(func).__name__}")
-    with _outside_inference_mode():
+    with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
         return _hessian_diagonal(
             func, params, v, create_graph, strict, "func",
             method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
@@ -89,7 +89,7 @@ def model_hessian_diagonal(
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
     validation.check_not_inference_tensors(model)
-    with _outside_inference_mode():
+    with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
         # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
         input_tuple = tuple(_normal_tensor(tensor) for tensor in input_tuple)
         return _model_hessian_diagonal(model, loss_fn, input_tuple, _normal_tensor(targets), create_graph, strict,
@@ -186,14 +186,6 @@ def _first_order_grads(loss, params):
         for index, grad in zip(active, found):
             grads[index] = grad
     return grads
-
-
-@contextmanager
-def _outside_inference_mode():
-    """inference_mode switches autograd off, and both methods need it: the call runs outside it (results
-    are ordinary tensors)."""
-    with torch.inference_mode(False):
-        yield
 
 
 def _normal_tensor(tensor):

@@ -65,19 +65,22 @@ def _override_reason(module, base, methods):
 
 
 def _foreign_tensor_reason(module):
-    pruned = pruned_tensors(module)
     for name in _OWN_TENSORS:
-        if name in module._parameters or name in module._buffers or name in pruned:
-            continue
-        if isinstance(getattr(module, name, None), torch.Tensor):
+        # a tensor that is neither a parameter nor a buffer lives in the instance's __dict__
+        if isinstance(vars(module).get(name), torch.Tensor) and name not in pruned_tensors(module):
             return f"its {name} is a plain tensor attribute, not a registered parameter or buffer"
     return None
+
+
+def _is_parametrized(module):
+    # what parametrize.is_parametrized checks, without nn.Module.__getattr__'s exception for the common "no"
+    return "parametrizations" in module._modules and parametrize.is_parametrized(module)
 
 
 def module_reason(module, base, methods):
     """None when module computes exactly what the rule for its registered class `base` assumes, else why not.
     methods: the names of base's methods that decide what it computes (Rule.forward_methods)."""
-    if parametrize.is_parametrized(module):
+    if _is_parametrized(module):
         return "a parametrization (torch.nn.utils.parametrize); remove it or use method='autograd'"
     return _override_reason(module, base, methods) or hook_reason(module) or _foreign_tensor_reason(module)
 

@@ -74,9 +74,10 @@ def _max_columns(samples, features, itemsize, memory_budget):
     return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
 
 
-def backprop_hessian_diagonal(model, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
-    """Exact Hessian diagonals for params (a list of model parameters), in their order."""
-    layers, spec = check_supported(model, loss_fn)
+def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
+    """Exact Hessian diagonals for params (a list of model parameters), in their order; chain is
+    check_supported(model, loss_fn)."""
+    layers, spec = chain
     rules = [rule_for(module) for module in layers]
     needs_grads = create_graph or any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all

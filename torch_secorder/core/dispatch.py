@@ -26,19 +26,21 @@ def explain_method(model, loss_fn, inputs=None, method="auto"):
     check_method(method)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for")
-    reason = backprop_unsupported_reason(model, loss_fn, inputs)
+    _, reason = backprop_plan(model, loss_fn, inputs)
     if reason is None:
         return MethodChoice("backprop", "every module and the loss have exact Hessian-backprop rules")
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}")
 
 
-def backprop_unsupported_reason(model, loss_fn, inputs=None):
+def backprop_plan(model, loss_fn, inputs=None):
+    """(chain, None) with the engine's (layers, loss spec) when it can run, else (None, why not)."""
     if isinstance(inputs, (tuple, list)) and len(inputs) != 1:
-        return f"a model called with {len(inputs)} inputs (only chains of modules with one input)"
-    try:
-        check_supported(model, loss_fn)
-    except Unsupported as error:
-        return str(error)
+        return None, f"a model called with {len(inputs)} inputs (only chains of modules with one input)"
+    if isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
     if isinstance(inputs, torch.Tensor) and inputs.dim() == 0:
-        return "0-D inputs"
-    return None
+        return None, "0-D inputs"
+    try:
+        return check_supported(model, loss_fn), None
+    except Unsupported as error:
+        return None, str(error)

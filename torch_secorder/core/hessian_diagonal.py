@@ -100,14 +100,14 @@ def _model_hessian_diagonal(model, loss_fn, input_tuple, targets, create_graph, 
                             memory_budget, progress):
     params = list(model.parameters())
     if method != "autograd":
-        choice = dispatch.explain_method(model, loss_fn, input_tuple, method)
-        reason = None if choice.method == "backprop" else choice.reason
+        chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
         if reason is None:
             try:
-                return _backprop(model, loss_fn, input_tuple[0], targets, params, create_graph, strict, memory_budget,
-                                 progress)
+                return _backprop(chain, model, loss_fn, input_tuple[0], targets, params, create_graph, strict,
+                                 memory_budget, progress)
             except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
-                reason = f"Hessian backpropagation does not support {error}"
+                reason = str(error)
+        reason = f"Hessian backpropagation does not support {reason}"
         if method == "backprop":
             raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
         warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)",
@@ -132,11 +132,11 @@ def _check_strict_requires_grad(params):
             )
 
 
-def _backprop(model, loss_fn, inputs, targets, params, create_graph, strict, memory_budget, progress):
+def _backprop(chain, model, loss_fn, inputs, targets, params, create_graph, strict, memory_budget, progress):
     if strict:
         _check_strict_requires_grad(params)
     with _buffers_restored(model):
-        diagonals = backprop_hessian_diagonal(model, loss_fn, inputs, targets, params,
+        diagonals = backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params,
                                               create_graph=create_graph, memory_budget=memory_budget)
     if progress is not None:
         total = sum(p.numel() for p in params)

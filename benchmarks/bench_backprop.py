@@ -1,9 +1,12 @@
 """The exact Hessian-backprop engine against the gradient, BackPACK DiagHessian and the generic method.
 
 Every (workload, method) runs in its own process so that its peak memory can be read from the
-process's high-water mark. Writes benchmarks/results/backprop_<device>.json and .md.
+process's high-water mark; --in-process measures everything in one process instead (on CUDA the
+peak comes from max_memory_allocated, so nothing is lost; on CPU no peak is reported). Writes
+benchmarks/results/backprop_<device>[_batch<B>].json and .md.
 
     python benchmarks/bench_backprop.py [--device cpu|cuda] [--generic-limit 60] [--only NAME]
+                                        [--batch B [B ...]] [--in-process] [--rounds 3]
 
 BackPACK is optional (`pip install --no-deps backpack-for-pytorch==1.7.1 einops unfoldNd`; its
 torchvision requirement is not needed for DiagHessian).
@@ -74,8 +77,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(name, method, device_name, generic_limit, batch):
-    """Runs in a child process: median seconds, repeats and peak extra memory of one method."""
+def measure(name, method, device_name, generic_limit, batch, in_process=False):
+    """Median seconds, repeats and peak extra memory of one method (in a child process of its own,
+    unless in_process)."""
     device = torch.device(device_name)
     model, x, y, loss_fn = build(name, device, batch)
     params = list(model.parameters())
@@ -138,7 +142,10 @@ def measure(name, method, device_name, generic_limit, batch):
     repeats = int(max(3, min(30, 3.0 / max(first, 1e-6))))
     seconds = median_seconds(run, device, repeats=repeats, warmup=2)
     del result
-    return {"seconds": seconds, "repeats": repeats, "peak_extra_bytes": max(peak, 0)}
+    measured = {"seconds": seconds, "repeats": repeats}
+    if device.type == "cuda" or not in_process:  # a process's high-water mark says nothing about one method
+        measured["peak_extra_bytes"] = max(peak, 0)
+    return measured
 
 
 def _rss_bytes():
@@ -151,7 +158,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--generic-limit", type=float, default=60.0, help="skip the generic method beyond this")
     parser.add_argument("--only", default=None, help="substring of the workload names to run")
-    parser.add_argument("--batch", type=int, default=None, help="override every workload's batch size")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="override every workload's batch size (several: one table per size)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process (one CUDA context, no process start-up per measurement)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over all methods; the reported time is the median of the rounds' medians, "
                              "so that a slow spell of the machine does not land on one method only")
@@ -159,47 +169,61 @@ def main():
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.device, args.generic_limit, args.batch)))
+        batch = args.batch[0] if args.batch else None
+        print(json.dumps(measure(args.child[0], args.child[1], args.device, args.generic_limit, batch)))
         return
-    rows = []
-    for name in workloads(args.device):
-        if args.only and args.only not in name:
+    for batch in args.batch or [None]:
+        rows = [measure_workload(name, args, batch) for name in workloads(args.device)
+                if not args.only or args.only in name]
+        write_results(rows, args, batch)
+
+
+def measure_workload(name, args, batch):
+    row = {"workload": re.sub(r"batch \d+", f"batch {batch}", name) if batch else name}
+    measured = {method: [] for method in METHODS}
+    for round_index in range(args.rounds):
+        for method in METHODS:
+            if measured[method] and "skipped" in measured[method][0]:
+                continue  # skipped once (not installed, too slow): skipped every round
+            result = measure_here(name, method, args, batch) if args.in_process else measure_in_child(name, method, args, batch)
+            measured[method].append(result)
+            print(name, "| batch", batch, "| round", round_index, "|", method, "|", result, flush=True)
+    for method, results in measured.items():
+        timed = [r for r in results if "seconds" in r]
+        if not timed:
+            row[method] = results[0]
             continue
-        shown = re.sub(r"batch \d+", f"batch {args.batch}", name) if args.batch else name
-        row = {"workload": shown}
-        measured = {method: [] for method in METHODS}
-        for round_index in range(args.rounds):
-            for method in METHODS:
-                if measured[method] and "skipped" in measured[method][0]:
-                    continue  # skipped once (not installed, too slow): skipped every round
-                command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
-                           str(args.generic_limit), "--child", name, method]
-                if args.batch:
-                    command += ["--batch", str(args.batch)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    result = {"skipped": "failed: " + done.stderr.strip().splitlines()[-1][:200]}
-                else:
-                    result = json.loads(done.stdout.strip().splitlines()[-1])
-                measured[method].append(result)
-                print(name, "| round", round_index, "|", method, "|", result, flush=True)
-        for method, results in measured.items():
-            timed = [r for r in results if "seconds" in r]
-            if not timed:
-                row[method] = results[0]
-                continue
-            row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
-                           "round_seconds": [r["seconds"] for r in timed],
-                           "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
-        rows.append(row)
-    write_results(rows, args)
+        row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
+                       "round_seconds": [r["seconds"] for r in timed]}
+        if all("peak_extra_bytes" in r for r in timed):
+            row[method]["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in timed)
+    return row
 
 
-def write_results(rows, args):
+def measure_here(name, method, args, batch):
+    try:
+        return measure(name, method, args.device, args.generic_limit, batch, in_process=True)
+    except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' numbers
+        return {"skipped": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+
+
+def measure_in_child(name, method, args, batch):
+    command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
+               str(args.generic_limit), "--child", name, method]
+    if batch:
+        command += ["--batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"skipped": "failed: " + done.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_results(rows, args, batch):
     meta = {"commit": measured_commit(),
             "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "dtype": "float32", "batch": args.batch or "as named",
+            "dtype": "float32", "batch": batch or "as named",
+            "processes": "one" if args.in_process else "one per measurement",
             "timing": f"median over {args.rounds} rounds of the median of warm runs (CUDA events on GPU, wall clock "
                       "on CPU), forward pass included",
             "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
@@ -207,7 +231,7 @@ def write_results(rows, args):
     if args.device != "cpu":
         meta["cuda"] = torch.version.cuda
     os.makedirs(args.out, exist_ok=True)
-    tag = ("cpu" if args.device == "cpu" else "cuda") + (f"_batch{args.batch}" if args.batch else "")
+    tag = ("cpu" if args.device == "cpu" else "cuda") + (f"_batch{batch}" if batch else "")
     with open(os.path.join(args.out, f"backprop_{tag}.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 

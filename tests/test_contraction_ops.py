@@ -122,3 +122,54 @@ def test_opcheck_selected(device, with_signs):
             torch.randint(0, 8, (3, 2, 5), generator=generator).to(device),
             torch.randn(3, 6, 8, generator=generator, dtype=torch.float64).to(device))
     torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args)
+
+
+@pytest.mark.parametrize("op", ["affine", "selected"])
+def test_strided_factors_and_inputs_need_no_copy(device, op):
+    """(V, N, O, P) storage seen as (N, V, O, P), as a convolution transpose leaves it, and inputs read with gaps."""
+    generator = torch.Generator().manual_seed(11)
+    samples, columns, outs, positions, ins = 3, 4, 5, 12, 6
+    factors = torch.randn(columns, samples, outs, 2 * positions, generator=generator, dtype=torch.float64)
+    factors = factors.transpose(0, 1)[..., ::2].to(device)
+    inputs = torch.randn(samples, 2 * ins, positions, generator=generator, dtype=torch.float64)[:, ::2].to(device)
+    signs = signs_like(samples, columns, torch.float64, device, 3)
+    if op == "affine":
+        result = torch.ops.torch_secorder.affine_weight_diagonal(factors, signs, inputs)
+        expected = reference_ops.affine_weight_diagonal(factors.contiguous(), signs, inputs.contiguous())
+    else:
+        indices = torch.randint(0, positions, (samples, outs, positions), generator=generator).to(device)
+        result = torch.ops.torch_secorder.selected_weight_diagonal(factors, signs, indices, inputs)
+        expected = reference_ops.selected_weight_diagonal(factors.contiguous(), signs, indices, inputs.contiguous())
+    assert relative_error(result, expected) < 1e-12
+
+
+@pytest.mark.parametrize("op", ["affine", "selected"])
+def test_cuda_atomics_say_they_are_nondeterministic(device, op):
+    if device.type != "cuda":
+        pytest.skip("the CPU kernels are deterministic")
+    factors = torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64)
+    inputs = torch.randn(2, 6, 5, device=device, dtype=torch.float64)
+    indices = torch.randint(0, 5, (2, 4, 5), device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            if op == "affine":
+                torch.ops.torch_secorder.affine_weight_diagonal(factors, None, inputs)
+            else:
+                torch.ops.torch_secorder.selected_weight_diagonal(factors, None, indices, inputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_cuda_kernel_checks_indices_on_the_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import subprocess
+    import sys
+
+    script = ("import torch; from torch_secorder import ops\n"
+              "f = torch.randn(2, 3, 4, 5, device='cuda'); x = torch.randn(2, 6, 9, device='cuda')\n"
+              "ops.selected_weight_diagonal(f, None, torch.full((2, 4, 5), 9, device='cuda'), x)\n"
+              "torch.cuda.synchronize()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]

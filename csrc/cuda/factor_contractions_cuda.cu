@@ -1,5 +1,7 @@
 // CUDA kernels of the Hessian-backprop contractions. Launches go on the current
-// stream and are checked; float and double.
+// stream and are checked; float and double; factors and inputs are read through their
+// strides. The weight-diagonal kernels accumulate with atomicAdd and say so to
+// torch.use_deterministic_algorithms.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,12 +23,12 @@ constexpr int kTile = 16;
 template <typename scalar_t>
 __global__ void factor_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, scalar_t* out, int64_t samples,
                                        int64_t columns, int64_t features, int64_t sample_stride,
-                                       int64_t column_stride) {
+                                       int64_t column_stride, int64_t feature_stride) {
   const int64_t total = samples * features;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = index / features, d = index % features;
-    const scalar_t* base = factors + n * sample_stride + d;
+    const scalar_t* base = factors + n * sample_stride + d * feature_stride;
     scalar_t sum = 0;
     for (int64_t v = 0; v < columns; ++v) {
       const scalar_t value = base[v * column_stride];
@@ -36,30 +38,44 @@ __global__ void factor_diagonal_kernel(const scalar_t* factors, const scalar_t* 
   }
 }
 
+// Strides of a 4-D factor tensor (N, V, O, P) and a 3-D input tensor (N, K, P): the kernels read any
+// layout, so the largest tensor the engine holds is never copied just to be contiguous.
+struct FactorStrides {
+  int64_t sample, column, out, position;
+};
+struct InputStrides {
+  int64_t sample, channel, position;
+};
+
+FactorStrides factor_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+InputStrides input_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
 // out[o, k] += sum over the (n, v) pairs of block z of sign * (sum_p factors[n, v, o, p] inputs[n, k, p])^2.
 // A 16 x 16 tile of (o, k) per block: each product is a small tiled matrix multiply through
 // shared memory, squared in registers; partial sums of the blocks along z meet in atomicAdd.
 template <typename scalar_t>
-__global__ void affine_weight_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, const scalar_t* inputs,
-                                              scalar_t* out, int64_t samples, int64_t columns, int64_t outs,
-                                              int64_t ins, int64_t positions) {
+__global__ void affine_weight_diagonal_kernel(const scalar_t* factors, FactorStrides fs, const scalar_t* signs,
+                                              const scalar_t* inputs, InputStrides is, scalar_t* out, int64_t samples,
+                                              int64_t columns, int64_t outs, int64_t ins, int64_t positions) {
   __shared__ scalar_t factor_tile[kTile][kTile + 1];
   __shared__ scalar_t input_tile[kTile][kTile + 1];
   const int64_t o = blockIdx.y * kTile + threadIdx.y;
   const int64_t k = blockIdx.x * kTile + threadIdx.x;
   scalar_t accumulated = 0;
   for (int64_t pair = blockIdx.z; pair < samples * columns; pair += gridDim.z) {
-    const int64_t n = pair / columns;
-    const scalar_t* factor_block = factors + pair * outs * positions;  // (O, P) of column v of sample n
-    const scalar_t* input_block = inputs + n * ins * positions;       // (K, P) of sample n
+    const int64_t n = pair / columns, v = pair % columns;
+    const scalar_t* factor_block = factors + n * fs.sample + v * fs.column;  // (O, P) of column v of sample n
+    const scalar_t* input_block = inputs + n * is.sample;                    // (K, P) of sample n
     scalar_t product = 0;
     for (int64_t p0 = 0; p0 < positions; p0 += kTile) {
       const int64_t o_load = blockIdx.y * kTile + threadIdx.y, p_load = p0 + threadIdx.x;
-      factor_tile[threadIdx.y][threadIdx.x] =
-          (o_load < outs && p_load < positions) ? factor_block[o_load * positions + p_load] : scalar_t(0);
+      factor_tile[threadIdx.y][threadIdx.x] = (o_load < outs && p_load < positions)
+                                                  ? factor_block[o_load * fs.out + p_load * fs.position]
+                                                  : scalar_t(0);
       const int64_t k_load = blockIdx.x * kTile + threadIdx.y;
-      input_tile[threadIdx.y][threadIdx.x] =
-          (k_load < ins && p_load < positions) ? input_block[k_load * positions + p_load] : scalar_t(0);
+      input_tile[threadIdx.y][threadIdx.x] = (k_load < ins && p_load < positions)
+                                                 ? input_block[k_load * is.channel + p_load * is.position]
+                                                 : scalar_t(0);
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kTile; ++i) product += factor_tile[threadIdx.y][i] * input_tile[threadIdx.x][i];
@@ -71,23 +87,28 @@ __global__ void affine_weight_diagonal_kernel(const scalar_t* factors, const sca
 }
 
 // One thread per (o, k) and a share of the (n, v) pairs along blockIdx.y; the selected input
-// positions are read through the index (cached loads), partial sums meet in atomicAdd.
+// positions are read through the index (checked on the device, as the CPU kernel checks them),
+// partial sums meet in atomicAdd.
 template <typename scalar_t>
-__global__ void selected_weight_diagonal_kernel(const scalar_t* factors, const scalar_t* signs, const int64_t* indices,
-                                                const scalar_t* inputs, scalar_t* out, int64_t samples,
-                                                int64_t columns, int64_t outs, int64_t selected, int64_t ins,
-                                                int64_t positions) {
+__global__ void selected_weight_diagonal_kernel(const scalar_t* factors, FactorStrides fs, const scalar_t* signs,
+                                                const int64_t* indices, const scalar_t* inputs, InputStrides is,
+                                                scalar_t* out, int64_t samples, int64_t columns, int64_t outs,
+                                                int64_t selected, int64_t ins, int64_t positions) {
   const int64_t entry = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (entry >= outs * ins) return;
   const int64_t o = entry / ins, k = entry % ins;
   scalar_t accumulated = 0;
   for (int64_t pair = blockIdx.y; pair < samples * columns; pair += gridDim.y) {
-    const int64_t n = pair / columns;
-    const scalar_t* column = factors + (pair * outs + o) * selected;
+    const int64_t n = pair / columns, v = pair % columns;
+    const scalar_t* column = factors + n * fs.sample + v * fs.column + o * fs.out;
     const int64_t* picked = indices + (n * outs + o) * selected;
-    const scalar_t* input_row = inputs + (n * ins + k) * positions;
+    const scalar_t* input_row = inputs + n * is.sample + k * is.channel;
     scalar_t product = 0;
-    for (int64_t q = 0; q < selected; ++q) product += column[q] * input_row[picked[q]];
+    for (int64_t q = 0; q < selected; ++q) {
+      const int64_t position = picked[q];
+      CUDA_KERNEL_ASSERT(position >= 0 && position < positions);
+      product += column[q * fs.position] * input_row[position * is.position];
+    }
     accumulated += (signs ? signs[pair] : scalar_t(1)) * product * product;
   }
   atomicAdd(out + entry, accumulated);
@@ -96,7 +117,7 @@ __global__ void selected_weight_diagonal_kernel(const scalar_t* factors, const s
 at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
   check_factor_diagonal_args(factors, signs);
   const c10::cuda::CUDAGuard guard(factors.device());
-  const auto s = factors.stride(2) == 1 ? factors : factors.contiguous();
+  const auto& s = factors;
   const bool has_signs = signs.has_value() && signs->defined();
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), features = s.size(2);
@@ -106,7 +127,7 @@ at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<a
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "factor_diagonal_cuda", [&] {
     factor_diagonal_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), samples, columns, features, s.stride(0), s.stride(1));
+        out.mutable_data_ptr<scalar_t>(), samples, columns, features, s.stride(0), s.stride(1), s.stride(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -115,9 +136,11 @@ at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<a
 at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
                                        const at::Tensor& inputs) {
   check_affine_weight_diagonal_args(factors, signs, inputs);
+  // float atomics add the partial sums in whatever order the blocks finish
+  at::globalContext().alertNotDeterministic("affine_weight_diagonal_cuda");
   const c10::cuda::CUDAGuard guard(factors.device());
-  const auto s = factors.contiguous();
-  const auto x = inputs.contiguous();
+  const auto& s = factors;
+  const auto& x = inputs;
   const bool has_signs = signs.has_value() && signs->defined();
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), positions = s.size(3);
@@ -132,8 +155,9 @@ at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::opt
   const dim3 block(kTile, kTile);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "affine_weight_diagonal_cuda", [&] {
     affine_weight_diagonal_kernel<scalar_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr, x.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), samples, columns, outs, ins, positions);
+        s.const_data_ptr<scalar_t>(), factor_strides(s), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
+        x.const_data_ptr<scalar_t>(), input_strides(x), out.mutable_data_ptr<scalar_t>(), samples, columns, outs, ins,
+        positions);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -142,10 +166,11 @@ at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::opt
 at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
                                          const at::Tensor& indices, const at::Tensor& inputs) {
   check_selected_weight_diagonal_args(factors, signs, indices, inputs);
+  at::globalContext().alertNotDeterministic("selected_weight_diagonal_cuda");  // float atomics, as above
   const c10::cuda::CUDAGuard guard(factors.device());
-  const auto s = factors.contiguous();
-  const auto idx = indices.contiguous();
-  const auto x = inputs.contiguous();
+  const auto& s = factors;
+  const auto idx = indices.contiguous();  // int64 (N, O, Q): small next to the factors
+  const auto& x = inputs;
   const bool has_signs = signs.has_value() && signs->defined();
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), selected = s.size(3);
@@ -157,9 +182,9 @@ at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::o
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "selected_weight_diagonal_cuda", [&] {
     selected_weight_diagonal_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        s.const_data_ptr<scalar_t>(), has_signs ? g.const_data_ptr<scalar_t>() : nullptr, idx.const_data_ptr<int64_t>(),
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), samples, columns, outs, selected, ins,
-        positions);
+        s.const_data_ptr<scalar_t>(), factor_strides(s), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
+        idx.const_data_ptr<int64_t>(), x.const_data_ptr<scalar_t>(), input_strides(x),
+        out.mutable_data_ptr<scalar_t>(), samples, columns, outs, selected, ins, positions);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -1,6 +1,8 @@
 // CUDA kernels of the loss-curvature ops. The per-entry math lives in
 // common/curvature_math.h, shared with the CPU kernels; this file only maps
-// work onto threads. Every launch goes on the current stream and is checked.
+// work onto threads: one warp per row (or per tile of a row's factor), so that
+// a 10-class row does not leave a 256-thread block idle. Every launch goes on
+// the current stream and is checked.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -18,69 +20,77 @@ namespace torch_secorder {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr unsigned kFullMask = 0xffffffffu;
 
-// Block-wide reduction of one value per thread (max or sum); every thread gets the result.
+// Warp-wide reduction (max or sum); every lane gets the result.
 template <typename acc_t, bool kMax>
-__device__ acc_t block_reduce(acc_t value, acc_t* shared) {
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      const acc_t other = shared[threadIdx.x + stride];
-      shared[threadIdx.x] = kMax ? max(shared[threadIdx.x], other) : shared[threadIdx.x] + other;
-    }
-    __syncthreads();
+__device__ __forceinline__ acc_t warp_reduce(acc_t value) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const acc_t other = __shfl_xor_sync(kFullMask, value, offset);
+    value = kMax ? max(value, other) : value + other;
   }
-  const acc_t result = shared[0];
-  __syncthreads();
-  return result;
+  return value;
 }
 
-// Row maximum and 1 / sum(exp(x - max)) of one row, computed by the whole block.
+// Row maximum and 1 / sum(exp(x - max)) of one row (stride `column_stride`), computed by one warp:
+// a row of 10 classes keeps 10 of 32 lanes busy instead of 10 of 256 threads.
 template <typename scalar_t, typename acc_t>
-__device__ void block_softmax_stats(const scalar_t* row, int64_t classes, acc_t& row_max, acc_t& inv_sum) {
-  __shared__ acc_t shared[kThreads];
+__device__ void warp_softmax_stats(const scalar_t* row, int64_t classes, int64_t column_stride, int lane,
+                                   acc_t& row_max, acc_t& inv_sum) {
   acc_t local_max = -INFINITY;
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) local_max = max(local_max, static_cast<acc_t>(row[c]));
-  row_max = block_reduce<acc_t, true>(local_max, shared);
+  for (int64_t c = lane; c < classes; c += kWarp) local_max = max(local_max, static_cast<acc_t>(row[c * column_stride]));
+  row_max = warp_reduce<acc_t, true>(local_max);
   acc_t local_sum = 0;
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) local_sum += exp(static_cast<acc_t>(row[c]) - row_max);
-  inv_sum = acc_t(1) / block_reduce<acc_t, false>(local_sum, shared);
+  for (int64_t c = lane; c < classes; c += kWarp) local_sum += exp(static_cast<acc_t>(row[c * column_stride]) - row_max);
+  inv_sum = acc_t(1) / warp_reduce<acc_t, false>(local_sum);
 }
 
-// One block per sample.
+// Logits are read through their strides: no contiguous() copy of a transposed or sliced input.
+struct RowLayout {
+  int64_t row_stride, column_stride;
+};
+
+// One warp per sample.
 template <typename scalar_t, typename acc_t>
-__global__ void softmax_hessian_diag_kernel(const scalar_t* logits, const scalar_t* scale, scalar_t* out,
-                                            int64_t classes) {
-  const int64_t n = blockIdx.x;
-  const scalar_t* row = logits + n * classes;
+__global__ void softmax_hessian_diag_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
+                                            int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (n >= rows) return;  // whole warps leave together: the shuffles below see full warps
+  const scalar_t* row = logits + n * layout.row_stride;
   acc_t row_max, inv_sum;
-  block_softmax_stats(row, classes, row_max, inv_sum);
-  const acc_t sn = scale[n];
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
-    const acc_t p = softmax_probability(static_cast<acc_t>(row[c]), row_max, inv_sum);
+  warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
+  const acc_t sn = scale[n * scale_stride];
+  for (int64_t c = lane; c < classes; c += kWarp) {
+    const acc_t p = softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum);
     out[n * classes + c] = softmax_hessian_diag_entry(p, sn);
   }
 }
 
-// Blocks (sample, tile): each block recomputes its sample's softmax statistics
-// (C reads) and then writes a strided share of the C x C factor.
+// One warp per (sample, tile of the C x C factor): the warp computes its sample's softmax statistics
+// (C reads, from cache after the first tile) and writes `tile_entries` consecutive entries.
 template <typename scalar_t, typename acc_t>
-__global__ void softmax_hessian_sqrt_kernel(const scalar_t* logits, const scalar_t* scale, scalar_t* out,
-                                            int64_t classes) {
-  const int64_t n = blockIdx.x;
-  const scalar_t* row = logits + n * classes;
+__global__ void softmax_hessian_sqrt_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
+                                            int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes,
+                                            int64_t tiles, int64_t tile_entries) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (item >= rows * tiles) return;
+  const int64_t n = item / tiles, tile = item % tiles;
+  const scalar_t* row = logits + n * layout.row_stride;
   acc_t row_max, inv_sum;
-  block_softmax_stats(row, classes, row_max, inv_sum);
-  const acc_t root_scale = sqrt(static_cast<acc_t>(scale[n]));
+  warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
+  const acc_t root_scale = sqrt(static_cast<acc_t>(scale[n * scale_stride]));
   const int64_t entries = classes * classes;
+  const int64_t stop = min(entries, (tile + 1) * tile_entries);
   scalar_t* out_sample = out + n * entries;
-  for (int64_t e = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < entries;
-       e += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+  for (int64_t e = tile * tile_entries + lane; e < stop; e += kWarp) {
     const int64_t i = e / classes, j = e % classes;
-    const acc_t p_i = softmax_probability(static_cast<acc_t>(row[i]), row_max, inv_sum);
-    const acc_t p_j = softmax_probability(static_cast<acc_t>(row[j]), row_max, inv_sum);
+    const acc_t p_i = softmax_probability(static_cast<acc_t>(row[i * layout.column_stride]), row_max, inv_sum);
+    const acc_t p_j = softmax_probability(static_cast<acc_t>(row[j * layout.column_stride]), row_max, inv_sum);
     out_sample[e] = softmax_hessian_sqrt_entry(p_i, p_j, i == j, root_scale);
   }
 }
@@ -94,19 +104,20 @@ __global__ void sigmoid_hessian_diag_kernel(const scalar_t* logits, const scalar
   }
 }
 
+int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
 at::Tensor softmax_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor& scale) {
   check_softmax_kernel_args("softmax_hessian_diag", logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto x = logits.contiguous();
-  const auto s = scale.contiguous();
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  auto out = at::empty({rows, classes}, logits.options());
   if (out.numel() == 0) return out;
-  const int64_t rows = x.size(0), classes = x.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_hessian_diag_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_hessian_diag_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    softmax_hessian_diag_kernel<scalar_t, acc_t><<<rows, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), classes);
+    softmax_hessian_diag_kernel<scalar_t, acc_t><<<blocks_for_warps(rows), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
+        scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -115,18 +126,19 @@ at::Tensor softmax_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor&
 at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor& scale) {
   check_softmax_kernel_args("softmax_hessian_sqrt", logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto x = logits.contiguous();
-  const auto s = scale.contiguous();
-  const int64_t rows = x.size(0), classes = x.size(1);
-  auto out = at::empty({rows, classes, classes}, x.options());
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  auto out = at::empty({rows, classes, classes}, logits.options());
   if (out.numel() == 0) return out;
-  const int64_t tiles = std::min<int64_t>(kMaxGridY, (classes * classes + kThreads - 1) / kThreads);
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
+  // A tile writes at least 4 C entries, so re-reading the row for its statistics stays a small share.
+  const int64_t tile_entries = std::max<int64_t>(8 * kWarp, (4 * classes + kWarp - 1) / kWarp * kWarp);
+  const int64_t tiles = (classes * classes + tile_entries - 1) / tile_entries;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_hessian_sqrt_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_hessian_sqrt_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    softmax_hessian_sqrt_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), classes);
+    softmax_hessian_sqrt_kernel<scalar_t, acc_t><<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
+        scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes, tiles,
+        tile_entries);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -135,6 +147,7 @@ at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor&
 at::Tensor sigmoid_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor& scale) {
   check_elementwise_kernel_args("sigmoid_hessian_diag", logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
+  // elementwise over any shape: a copy only where the input is not dense already
   const auto x = logits.contiguous();
   const auto s = scale.contiguous();
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);

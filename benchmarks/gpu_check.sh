@@ -26,7 +26,12 @@ source "$(dirname "$0")/gpu_check_steps.sh"
 say "gpu_check $( [ "$DRY" = 1 ] && echo '(dry run)') commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 step device 20 bash -c "nvidia-smi 2>&1 | head -15; nvcc --version 2>&1 | tail -2; $PYTHON -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)\""
 
-step build 140 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || finish 1
+if [ "$DRY" = 1 ]; then  # the same build, into a wheel: the installed package (maybe loaded by a test) stays as it is
+  step build 140 "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-index -w "$WORK/wheel" . || finish 1
+  rm -rf "$WORK/wheel"
+else
+  step build 140 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || finish 1
+fi
 if [ "$DRY" = 1 ]; then
   skipped "cuda-kernels-registered"
   DEVICE=cpu

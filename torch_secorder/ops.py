@@ -60,6 +60,8 @@ def has_kernel(name, device_type):
     if key not in _kernel_cache:
         backend = _BACKEND_KERNEL.get(name)
         dispatch_key = _DISPATCH_KEYS.get(device_type)
+        if not _extension.load():
+            return False  # no compiled ops at all: the one warning about that came from the loader
         if backend is None:
             available = True
         elif dispatch_key is None:

@@ -164,6 +164,17 @@ def test_hooks_step_aside(module_type, kind):
             handle.remove()
 
 
+@pytest.mark.parametrize("module_type", TYPES, ids=lambda t: t.__name__)
+def test_an_empty_batch_passes_every_rule(module_type):
+    module, shape = built(module_type)
+    model, x, y = chain_around(module, shape)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        diag = model_hessian_diagonal(model, loss_fn, x[:0], y[:0], method="backprop")
+    assert all(torch.equal(d, torch.zeros_like(p)) for d, p in zip(diag, model.parameters()))
+
+
 class Doubled(nn.Module):
     def forward(self, weight):
         return 2 * weight + weight ** 2
@@ -192,6 +203,15 @@ def test_pruning_is_exact(module_type):
     assert "1.weight_orig" in names and diag[names.index("1.weight_orig")].abs().max() > 0
     masked = diag[names.index("1.weight_orig")][model[1].weight_mask == 0]
     assert torch.equal(masked, torch.zeros_like(masked))
+
+
+def test_global_pruning_across_modules_is_exact():
+    model, x, y = chain_around(nn.Linear(4, 3), (4,))
+    prune.global_unstructured([(model[0], "weight"), (model[1], "weight"), (model[3], "weight")],
+                              pruning_method=prune.L1Unstructured, amount=0.5)
+    assert_backprop_exact(model, F.cross_entropy, x, y)
+    prune.remove(model[1], "weight")  # back to a plain parameter holding the pruned values
+    assert_backprop_exact(model, F.cross_entropy, x, y)
 
 
 @pytest.mark.parametrize("make", [
@@ -289,6 +309,16 @@ def test_negative_class_weights_are_signed_columns(budget, shape, reduction):
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing, reduction=reduction)
         diag = assert_backprop_exact(model, loss_fn, x, y, memory_budget=budget)
         assert all(torch.isfinite(d).all() for d in diag)
+
+
+def test_negative_weights_for_nll_after_log_softmax_and_for_bce():
+    torch.manual_seed(6)
+    x, y = torch.randn(6, 3, dtype=D), torch.tensor([0, 1, 2, 3, 1, 0])
+    weight = torch.tensor([1.0, -2.0, 0.5, -1.0], dtype=D)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ELU(), nn.Linear(5, 4), nn.LogSoftmax(dim=1)).double()
+    assert_backprop_exact(model, nn.NLLLoss(weight=weight, reduction="sum"), x, y)
+    bce = nn.BCEWithLogitsLoss(weight=weight, pos_weight=torch.tensor([-0.5, 1.0, 2.0, 1.0], dtype=D))
+    assert_backprop_exact(deep_model(), bce, x, torch.rand(6, 4, dtype=D).round())
 
 
 @pytest.mark.parametrize("weighted", [False, True])

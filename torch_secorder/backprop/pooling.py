@@ -14,7 +14,7 @@ def _pool_with_indices(module, x):
     """The pooled output and, for every output, the flat spatial index of the input it copies."""
     output, indices = _MAX_POOL[x.dim() - 2](x, module.kernel_size, module.stride, module.padding, module.dilation,
                                              ceil_mode=module.ceil_mode, return_indices=True)
-    return output, indices.reshape(x.shape[0], x.shape[1], -1)
+    return output, indices.reshape(x.shape[0], x.shape[1], indices.shape[2:].numel())
 
 
 _SPATIAL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,

@@ -16,22 +16,18 @@
 namespace torch_secorder {
 namespace {
 
-// Row maximum and 1 / sum(exp(x - max)): what softmax_probability needs.
-template <typename scalar_t, typename acc_t>
-void softmax_row_stats(const scalar_t* row, int64_t classes, acc_t& row_max, acc_t& inv_sum) {
-  row_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<acc_t>(row[c]));
-  acc_t sum = 0;
-  for (int64_t c = 0; c < classes; ++c) sum += std::exp(static_cast<acc_t>(row[c]) - row_max);
-  inv_sum = acc_t(1) / sum;
-}
-
-// Writes the softmax probabilities of one row into probs.
+// Writes the softmax probabilities of one row into probs: one exp per entry, kept for the normalisation.
 template <typename scalar_t, typename acc_t>
 void softmax_row(const scalar_t* row, int64_t classes, acc_t* probs) {
-  acc_t row_max, inv_sum;
-  softmax_row_stats(row, classes, row_max, inv_sum);
-  for (int64_t c = 0; c < classes; ++c) probs[c] = softmax_probability(static_cast<acc_t>(row[c]), row_max, inv_sum);
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<acc_t>(row[c]));
+  acc_t sum = 0;
+  for (int64_t c = 0; c < classes; ++c) {
+    probs[c] = std::exp(static_cast<acc_t>(row[c]) - row_max);
+    sum += probs[c];
+  }
+  const acc_t inv_sum = acc_t(1) / sum;
+  for (int64_t c = 0; c < classes; ++c) probs[c] *= inv_sum;
 }
 
 at::Tensor softmax_hessian_diag_cpu(const at::Tensor& logits, const at::Tensor& scale) {

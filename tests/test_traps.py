@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize, prune
 
 from conftest import relative_error
 from helpers import D, assert_backprop_exact, brute_force, randomise_batch_norm
-from torch_secorder import explain_method, model_hessian_diagonal, ops, reference_ops
+from torch_secorder import explain_method, hessian_diagonal, model_hessian_diagonal, ops, reference_ops
 from torch_secorder.backprop import registry
 from torch_secorder.backprop.elementwise import ElementwiseRule
 from torch_secorder.core import batched_hvp
@@ -349,7 +349,7 @@ def test_an_empty_batch_gives_zeros(method, loss_fn):
 def test_inference_mode_computes_the_right_numbers():
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with torch.inference_mode():
-        (diag,) = torch_secorder_hessian_diagonal(lambda: (p ** 3).sum(), [p])
+        (diag,) = hessian_diagonal(lambda: (p ** 3).sum(), [p])
     assert torch.equal(diag, torch.tensor([6.0, 12.0])) and not diag.is_inference()
     model = deep_model()
     x, y = torch.randn(6, 3, dtype=D), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -366,20 +366,14 @@ def test_inference_tensors_that_autograd_cannot_use_raise_one_clear_error():
         q = torch.tensor([1.0, 2.0])
         data = torch.tensor([3.0, 4.0])
     with pytest.raises(RuntimeError, match=r"params\[0\] was created under torch.inference_mode"):
-        torch_secorder_hessian_diagonal(lambda: (q ** 3).sum(), [q])
+        hessian_diagonal(lambda: (q ** 3).sum(), [q])
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(RuntimeError, match="func uses a tensor created under torch.inference_mode"):
-        torch_secorder_hessian_diagonal(lambda: (p ** 3 * data).sum(), [p])
+        hessian_diagonal(lambda: (p ** 3 * data).sum(), [p])
     with torch.inference_mode():
         model = nn.Linear(3, 2)
     with pytest.raises(RuntimeError, match="model parameter 'weight' was created under torch.inference_mode"):
         model_hessian_diagonal(model, F.mse_loss, torch.randn(4, 3), torch.randn(4, 2))
-
-
-def torch_secorder_hessian_diagonal(*args, **kwargs):
-    from torch_secorder import hessian_diagonal
-
-    return hessian_diagonal(*args, **kwargs)
 
 
 @pytest.mark.parametrize("loss_fn, target", [
@@ -408,7 +402,7 @@ def test_progress_that_is_not_callable_fails_before_any_work():
     calls = []
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(TypeError, match="progress must be a callable progress\\(done, total\\) or None, got int"):
-        torch_secorder_hessian_diagonal(lambda: calls.append(1) or (p ** 3).sum(), [p], progress=5)
+        hessian_diagonal(lambda: calls.append(1) or (p ** 3).sum(), [p], progress=5)
     assert calls == []
     with pytest.raises(TypeError, match="progress must be a callable"):
         model_hessian_diagonal(deep_model(), F.cross_entropy, torch.randn(2, 3, dtype=D), torch.tensor([0, 1]),
@@ -514,7 +508,7 @@ def test_out_of_memory_halves_the_chunk_instead_of_giving_up_batching(monkeypatc
     monkeypatch.setattr(batched_hvp, "_STRATEGIES", (tight_memory,) + batched_hvp._STRATEGIES[1:])
     x = torch.randn(13, dtype=D, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="out of memory with 13 unit vectors"):
-        (diag,) = torch_secorder_hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=13)
+        (diag,) = hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=13)
     assert relative_error(diag, 12 * x.detach() ** 2) < 1e-15
     assert sizes[:4] == [13, 6, 3, 3] and max(sizes[3:]) <= 3  # never one backward per entry
 
@@ -525,4 +519,4 @@ def test_out_of_memory_halves_the_chunk_instead_of_giving_up_batching(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(torch.OutOfMemoryError):
-            torch_secorder_hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=4)
+            hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=4)

@@ -106,5 +106,5 @@ def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):
         return Curvature(feature_shape, factors=root.transpose(1, 2), signs=expanded)  # S S^T = H: columns of S
     probabilities = torch.softmax(output, dim=1)
     column = (scale.abs().sqrt().unsqueeze(1) * probabilities).unsqueeze(1)  # (N, 1, C)
-    column_sign = -(torch.sign(scale) if signs is not None else torch.ones_like(scale)).unsqueeze(1)
+    column_sign = -torch.sign(scale).unsqueeze(1)  # a zero scale leaves a zero column: its sign is moot
     return Curvature(feature_shape, factors=column, signs=column_sign, diag=scale.unsqueeze(1) * probabilities)

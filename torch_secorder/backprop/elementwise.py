@@ -60,6 +60,13 @@ class ElementwiseRule(Rule):
             result = result.plus_residual((record.output_grad * second).reshape(samples, -1))
         yield result
 
+    def residual_diagonal(self, record):
+        """The residual g * f'' at the input, (N, D), or None where f'' = 0."""
+        if not self.needs_output_grad(record.module) or record.output_grad is None:
+            return None
+        _, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled())
+        return None if second is None else (record.output_grad * second).reshape(record.input.shape[0], -1)
+
 
 _BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 

@@ -25,6 +25,11 @@ def _hook_name(hook):
     return getattr(hook, "__qualname__", None) or type(hook).__name__
 
 
+def global_hooks():
+    """Every global module hook (torch.nn.modules.module.register_module_*_hook) now registered."""
+    return [hook for attribute, _ in _GLOBAL_HOOKS for hook in (getattr(module_globals, attribute, None) or {}).values()]
+
+
 def global_hook_reason():
     """Why global module hooks (torch.nn.modules.module.register_module_*_hook) rule the engine out, or None."""
     for attribute, kind in _GLOBAL_HOOKS:

@@ -11,12 +11,10 @@ import torch.nn as nn
 from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
 from .losses import output_curvature, recognise, unsupported_output_reason
 from ..core.validation import check_scalar_loss
-from . import eligibility
+from . import eligibility, graph
+from .graph_engine import graph_hessian_diagonal
+from .errors import Unsupported
 from .registry import LayerRecord, PropagationContext, registered_base, rule_for
-
-
-class Unsupported(Exception):
-    """The exact engine has no rule for this model or loss; the message names what."""
 
 
 def flatten_chain(model, names=None):
@@ -36,8 +34,16 @@ def _describe(module, names):
     return f"module {name!r} ({type(module).__name__})"
 
 
+class GraphSupport:
+    """What check_supported returns for a model the graph engine runs (not a chain)."""
+
+    def __init__(self, plan, spec, model):
+        self.plan, self.spec, self.model = plan, spec, model
+
+
 def check_supported(model, loss_fn):
-    """(layers, loss spec) or raises Unsupported naming the first module (or the loss) without an exact rule."""
+    """(layers, loss spec) for a chain, a GraphSupport for any other traceable model, or raises Unsupported
+    naming the first module (or the loss, or the traced call) without an exact rule."""
     reason = eligibility.global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
@@ -45,8 +51,38 @@ def check_supported(model, loss_fn):
     if isinstance(spec, str):
         raise Unsupported(spec)
     names = {id(module): name for name, module in model.named_modules()}
-    layers = flatten_chain(model, names)
+    layers = None
+    try:
+        layers = flatten_chain(model, names)
+    except Unsupported:
+        pass  # a Sequential with its own forward: traced below
+    if layers is not None and all(registered_base(module) is not None for module in layers):
+        return _chain_plan(layers, spec, names)
+    plan = graph.plan_for(model)
     if spec.kind == "nll":
+        plan = _strip_log_softmax(plan)
+    if plan.is_chain():
+        return _chain_plan(graph.chain_modules(plan), spec, names, log_softmax_stripped=True)
+    return GraphSupport(plan, spec, model)
+
+
+def _strip_log_softmax(plan):
+    """NLL is cross-entropy on the input of a final plain LogSoftmax(dim=1) (module or F.log_softmax)."""
+    node = plan.nodes[plan.output]
+    module = getattr(node.op, "callee", None)
+    fx_node = node.fx_node
+    plain_module = (isinstance(module, nn.LogSoftmax) and module.dim in (1, -1)
+                    and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None)
+    dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else None)
+    plain_function = fx_node.target in (torch.log_softmax, nn.functional.log_softmax) and dim in (1, -1) and (
+        fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
+    if not (plain_module or plain_function) or len(node.inputs) != 1:
+        raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
+    return graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names)
+
+
+def _chain_plan(layers, spec, names, log_softmax_stripped=False):
+    if spec.kind == "nll" and not log_softmax_stripped:
         last = layers[-1] if layers else None
         if (not isinstance(last, nn.LogSoftmax) or last.dim not in (1, -1)
                 or eligibility.module_reason(last, nn.LogSoftmax, ("forward",)) is not None):
@@ -77,6 +113,11 @@ def _max_columns(samples, features, itemsize, memory_budget):
 def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
     """Exact Hessian diagonals for params (a list of model parameters), in their order; chain is
     check_supported(model, loss_fn)."""
+    if isinstance(chain, GraphSupport):
+        if create_graph:
+            raise Unsupported("create_graph=True on a traced graph (only chains of modules)")
+        return graph_hessian_diagonal(chain.plan, chain.spec, chain.model, loss_fn, inputs, targets, params,
+                                      memory_budget=memory_budget)
     layers, spec = chain
     rules = [rule_for(module) for module in layers]
     needs_grads = create_graph or any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))

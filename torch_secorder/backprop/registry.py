@@ -65,6 +65,18 @@ class Rule:
         the rules treat axis 0 as the batch, so unbatched inputs must not reach them."""
         return None
 
+    def residual_diagonal(self, record):
+        """The residual term sum_k g_k d2f_k/dx2 at the input when it is diagonal, (N, D); None when zero."""
+        return None
+
+    def residual_columns(self, record, max_columns):
+        """The residual term as signed column chunks (S (N, V, D_in), signs (N, V)) at the input; none when zero
+        (the graph engine sweeps each as an origin of its own)."""
+        diagonal = self.residual_diagonal(record)
+        if diagonal is not None:
+            from .curvature import diagonal_columns
+            yield from diagonal_columns(diagonal, max_columns)
+
     def param_diagonals(self, record, curvature):
         """[(parameter, diagonal contribution)] from the curvature at the module output."""
         return []

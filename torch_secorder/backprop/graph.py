@@ -1,0 +1,178 @@
+"""The model's computation as a graph: traced with torch.fx, modules that have rules kept as leaves.
+
+A model is read from what its forward really calls (custom forward methods, functional calls,
+residual sums, concatenations), never from its module tree. Each traced node becomes a GraphNode
+whose `op` (graph_ops.py) knows how to evaluate it, pull columns through its Jacobian and add its
+parameters' diagonals. What cannot be traced, or a node without an exact treatment, raises
+Unsupported naming it.
+"""
+
+import weakref
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+
+from . import eligibility, graph_ops
+from .errors import Unsupported
+from .registry import registered_base
+
+
+@dataclass
+class GraphNode:
+    name: str
+    op: object  # a graph_ops.NodeOp
+    fx_node: fx.Node
+    inputs: List[int] = field(default_factory=list)  # indices of the activation nodes it reads, in op order
+    params: List[str] = field(default_factory=list)  # qualified names of the parameters it uses directly
+    activation: bool = False  # depends on the model input (carries columns)
+    input_names: List[str] = field(default_factory=list)  # the fx names of `inputs`
+    # filled in by each forward pass of the engine
+    values: Optional[dict] = None
+    value_shape: Optional[tuple] = None
+    output_grad: Optional[torch.Tensor] = None
+    record: Optional[object] = None
+    batch_checked: Optional[tuple] = None
+
+
+@dataclass
+class GraphPlan:
+    nodes: List[GraphNode]
+    output: int  # index of the node the model returns
+    names: dict  # id(module) -> qualified name
+
+    def is_chain(self):
+        """True when every activation node is a module rule reading the one before it: the chain engine's case."""
+        activations = [n for n in self.nodes if n.activation]
+        if not activations or self.output != len(self.nodes) - 1 or not activations[0].op.is_input:
+            return False
+        for previous, node in zip(activations, activations[1:]):
+            if not isinstance(node.op, graph_ops.ModuleOp) or node.inputs != [self.nodes.index(previous)]:
+                return False
+        return all(len(users_of(n)) <= 1 for n in activations)
+
+
+def users_of(node):
+    return [user for user in node.fx_node.users if user.op != "output"] + (
+        [None] if any(user.op == "output" for user in node.fx_node.users) else [])
+
+
+class _Tracer(fx.Tracer):
+    """Keeps modules with an exact rule (and torch.nn's own modules) as leaves, traces through the rest."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
+
+
+def _short(error):
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def trace(model):
+    try:
+        return _Tracer().trace(model)
+    except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
+        raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
+
+
+def _describe(module, names):
+    name = names.get(id(module)) or type(module).__name__
+    return f"module {name!r} ({type(module).__name__})"
+
+
+def check_modules(model, names):
+    """Every module must compute what its traced form says: no hooks anywhere, no parametrization, and a
+    module with a rule must run that rule's forward (the reasons are those of the chain engine)."""
+    reason = eligibility.global_hook_reason()
+    if reason is not None:
+        raise Unsupported(reason)
+    for module in model.modules():
+        hooked = eligibility.hook_reason(module)
+        if hooked is not None and registered_base(module) is None:
+            raise Unsupported(f"{_describe(module, names)}: {hooked}")
+
+
+def build_plan(model):
+    names = {id(module): name for name, module in model.named_modules()}
+    check_modules(model, names)
+    graph = trace(model)
+    modules = dict(model.named_modules())
+    nodes, index_of = [], {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise Unsupported(f"a forward with {len(placeholders)} arguments (the engine takes models of one input)")
+    output = None
+    for fx_node in graph.nodes:
+        if fx_node.op == "output":
+            result = fx_node.args[0]
+            if not isinstance(result, fx.Node) or result not in index_of:
+                raise Unsupported("a forward that does not return one tensor")
+            output = index_of[result]
+            continue
+        op, params = graph_ops.make_op(fx_node, model, modules, names)
+        node = GraphNode(fx_node.name, op, fx_node, params=params)
+        inputs = [index_of[arg] for arg in op.activation_args(fx_node) if arg in index_of]
+        node.activation = op.is_input or (fx_node.op != "get_attr" and any(
+            nodes[i].activation and nodes[i].op.carries for i in inputs))
+        node.inputs = [i for i in inputs if nodes[i].activation and nodes[i].op.carries]
+        node.input_names = [nodes[i].name for i in node.inputs]
+        if not node.activation and not isinstance(op, graph_ops.ConstantOp):
+            node.op = graph_ops.ConstantOp("call")  # computed from parameters or constants only
+        index_of[fx_node] = len(nodes)
+        nodes.append(node)
+    for node in nodes:
+        if node.activation and not node.op.is_input:
+            node.op.check(node, nodes)
+        elif not node.activation and node.op.param_derived(node, nodes):
+            # a parameter transformed before it meets the input (self.w * 2, a parametrization): the rules
+            # below would see a constant and give the parameter no curvature
+            raise Unsupported(f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
+                              f"{node.op.describe(node)} before use (only direct uses have exact rules)")
+    return GraphPlan(nodes, output, names)
+
+
+# ---------------------------------------------------------------- cache
+_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, plan or the Unsupported it raised)
+
+
+def _fingerprint(model):
+    """What the trace depends on besides code: modules, their train mode, parameters, hooks and plain
+    Python attributes (flags a forward may branch on). A change to any of them traces again."""
+    parts = [len(eligibility.global_hooks())]
+    for name, module in model.named_modules():
+        plain = tuple(sorted((key, value) for key, value in vars(module).items()
+                             if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))))
+        parts.append((name, id(module), type(module), module.training, plain,
+                      tuple((key, id(value), value is not None and value.requires_grad)
+                            for key, value in module._parameters.items()),
+                      tuple((key, None if value is None else (value.shape, value.dtype))
+                            for key, value in module._buffers.items()),
+                      len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks),
+                      len(module._backward_pre_hooks), "forward" in vars(module)))
+    return tuple(parts)
+
+
+def plan_for(model):
+    """The cached GraphPlan of model, traced again when anything it depends on changed."""
+    fingerprint = _fingerprint(model)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        if isinstance(cached[1], Unsupported):
+            raise cached[1]
+        return cached[1]
+    try:
+        plan = build_plan(model)
+    except Unsupported as error:
+        _CACHE[model] = (fingerprint, error)
+        raise
+    _CACHE[model] = (fingerprint, plan)
+    return plan
+
+
+def chain_modules(plan):
+    """The modules of a chain-shaped plan, in order (for the chain engine)."""
+    return [node.op.module for node in plan.nodes if node.activation and not node.op.is_input]
+

@@ -1,0 +1,172 @@
+"""Exact Hessian backpropagation through a traced graph (residual sums, concatenations, products).
+
+The Hessian of the loss in the parameters is a sum over origins of signed outer products of
+columns: the loss's per-sample factor at the model output, and the second-order term of each
+curved node at its inputs. An origin's columns are pulled down through the graph in reverse
+topological order; where a tensor feeds several nodes, the columns arriving from each are added as
+vectors (never squared first), and each node with parameters adds sum_v sign_v (B^T c_v)^2 to
+their diagonals. A chunk of columns goes through the whole sweep before the next one starts, so
+memory stays within the budget; origins are independent, so their contributions simply add.
+"""
+
+import torch
+
+from . import eligibility
+from .errors import Unsupported
+from .losses import output_curvature, unsupported_output_reason
+from ..core.validation import check_scalar_loss
+
+
+def _max_columns(samples, features, itemsize, memory_budget):
+    return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
+
+
+def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget):
+    nodes = plan.nodes
+    wanted_params = {id(p) for p in params if p.requires_grad}
+    by_name = dict(root.named_parameters(remove_duplicate=False))
+    needed = _needed(nodes, by_name, wanted_params)
+    _check_single_use(nodes, by_name, wanted_params)
+    curved = [i for i, node in enumerate(nodes)
+              if node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
+
+    values = {}
+    with torch.set_grad_enabled(bool(curved)):
+        for node in nodes:
+            node.output_grad = None
+            if node.op.is_input:
+                value = inputs
+            else:
+                value = node.op.evaluate(node, values, root)
+            values[node.name] = value
+            node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        output = values[nodes[plan.output].name]
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            raise Unsupported("a model output that is not a floating-point tensor")
+        if targets.is_floating_point() and targets.dtype != output.dtype:
+            targets = targets.to(output.dtype)  # as the chain engine: the loss of the promoted targets
+        reason = unsupported_output_reason(spec, output, targets)
+        if reason is not None:
+            raise Unsupported(reason)
+        loss = loss_fn(torch.log_softmax(output, dim=1) if spec.kind == "nll" else output, targets)
+        check_scalar_loss(loss, "loss_fn")
+        if inputs.shape[0] == 0:
+            return [torch.zeros_like(p) for p in params]
+        curved = [i for i in curved if _differentiable(values[nodes[i].name])]
+        if curved:
+            grads = torch.autograd.grad(loss, [values[nodes[i].name] for i in curved], allow_unused=True)
+            for index, grad in zip(curved, grads):
+                value = values[nodes[index].name]
+                nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
+    pruned = _pruned(nodes, wanted_params)  # the effective weights the pruning hooks computed in this forward
+    wanted = frozenset(wanted_params | pruned.keys())
+    for name, value in list(values.items()):
+        if isinstance(value, torch.Tensor):
+            values[name] = value.detach()
+    for node in nodes:
+        record = getattr(node, "record", None)
+        if record is not None:
+            record.input, record.output = record.input.detach(), record.output.detach()
+            record.output_grad = node.output_grad
+
+    results = {}
+
+    def accumulate(tensor, value):
+        key = id(tensor)
+        if key in pruned:
+            param, mask = pruned[key]
+            key, value = id(param), value * (mask * mask)
+        elif key not in wanted_params:
+            return
+        results[key] = value if key not in results else results[key] + value
+
+    if any(needed):
+        with torch.no_grad():
+            samples = output.shape[0]
+            budget_columns = _max_columns(samples, _widest(values), output.element_size(), memory_budget)
+            curvature = output_curvature(spec, output.detach(), targets, max_columns=None)
+            for columns, signs in curvature.signed_factor_chunks(budget_columns):
+                if needed[plan.output]:
+                    _sweep(nodes, {plan.output: columns.clone()}, signs, needed, wanted, accumulate)
+            for index in curved:
+                node = nodes[index]
+                for piece, signs in node.op.residual_columns(node, budget_columns):
+                    births = {}
+                    for position, columns in piece.items():
+                        source = node.inputs[position]
+                        if needed[source]:
+                            births[source] = columns.clone() if source not in births else births[source] + columns
+                    if births:
+                        _sweep(nodes, births, signs, needed, wanted, accumulate)
+    return [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
+
+
+def _differentiable(value):
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
+
+
+def _widest(values):
+    widths = [v[0].numel() for v in values.values() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 0]
+    return max(widths, default=1)
+
+
+def _sweep(nodes, births, signs, needed, wanted, accumulate):
+    """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters."""
+    pending = dict(births)
+    for index in range(max(births), -1, -1):
+        columns = pending.pop(index, None)
+        if columns is None:
+            continue
+        node = nodes[index]
+        for param, value in node.op.param_diagonals(node, columns, signs, wanted):
+            accumulate(param, value)
+        positions = [p for p, source in enumerate(node.inputs) if needed[source]]
+        if not positions:
+            continue
+        for position, pulled in zip(positions, node.op.pull(node, columns, signs, positions)):
+            source = node.inputs[position]
+            if source in pending:
+                pending[source] = pending[source] + pulled  # another path of the same origin: add as vectors
+            else:
+                # rules may scale their columns in place: a tensor that reaches two nodes must not be shared
+                shared = pulled is columns or any(pulled is other for other in pending.values())
+                pending[source] = pulled.clone() if shared and len(positions) > 1 else pulled
+        del columns
+
+
+def _needed(nodes, by_name, wanted):
+    """needed[i]: node i or a node below it uses a parameter whose diagonal is asked for."""
+    needed = []
+    for node in nodes:
+        own = node.activation and any(id(by_name.get(name)) in wanted for name in node.params)
+        needed.append(bool(own or any(needed[j] for j in node.inputs)))
+    return needed
+
+
+def _check_single_use(nodes, by_name, wanted):
+    """A parameter used at two places has cross terms between its uses: refused, naming it."""
+    users = {}
+    for node in nodes:
+        if not node.activation:
+            continue  # get_attr: the parameter itself, not a use
+        for name in node.params:
+            param = by_name.get(name)
+            if param is not None and id(param) in wanted:
+                users.setdefault(id(param), []).append((name, node.name))
+    for uses in users.values():
+        if len(uses) > 1:
+            raise Unsupported(f"parameter {uses[0][0]!r} used at {len(uses)} places ({', '.join(n for _, n in uses)}): "
+                              "its Hessian has terms between the uses")
+
+
+def _pruned(nodes, wanted_params):
+    """{id(effective weight): (original parameter, mask)} of modules pruned with torch.nn.utils.prune."""
+    pruned = {}
+    for node in nodes:
+        module = getattr(node.op, "module", None)
+        if module is None:
+            continue
+        for name, (original, mask) in eligibility.pruned_tensors(module).items():
+            if id(original) in wanted_params:
+                pruned[id(getattr(module, name))] = (original, mask)
+    return pruned

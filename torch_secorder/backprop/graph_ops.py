@@ -1,0 +1,487 @@
+"""What each traced node does in the graph engine: evaluate, pull columns, add parameter diagonals, residuals.
+
+Columns are per-sample adjoints (N, V, D) of one origin. Every op pulls them through its Jacobian
+one to one (column v stays column v), so columns of one origin that reach a tensor along several
+paths can be added as vectors (graph_engine.py). Four kinds of op:
+
+- ModuleOp: a module with a rule (registry), or a functional call that is one (F.relu, F.linear,
+  F.conv2d, F.max_pool2d, torch.flatten, ...) run through a module built once from its arguments.
+- ReshapeOp: view/reshape/flatten that keep the batch axis: the columns are the same numbers.
+- AddOp: sums and differences: the columns go to both operands unchanged (or negated).
+- GenericOp: anything else, through torch.func: a batched vjp pulls the columns, a per-sample vjp
+  gives diagonals of parameters it uses directly (only where it is affine in them), and a per-sample
+  Hessian of g . f (one batched double backward) gives its residual term where it is not linear.
+"""
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import eligibility
+from .curvature import Curvature
+from .errors import Unsupported
+from .registry import LayerRecord, PropagationContext, registered_base, rule_for
+
+# One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
+COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
+
+
+def _describe_module(module, names):
+    name = names.get(id(module)) or type(module).__name__
+    return f"module {name!r} ({type(module).__name__})"
+
+
+def _target_name(fx_node):
+    target = fx_node.target
+    if fx_node.op == "call_method":
+        return f"Tensor.{target}"
+    return getattr(target, "__name__", str(target))
+
+
+class NodeOp:
+    is_input = False
+    carries = True  # its value is a tensor that columns can reach
+    curved_possible = False  # may have a residual term (needs dloss/doutput)
+
+    def activation_args(self, fx_node):
+        return _unique_nodes((fx_node.args, fx_node.kwargs))
+
+    def check(self, node, nodes):
+        """Raises Unsupported when this node, as traced, has no exact treatment (plan time)."""
+
+    def param_derived(self, node, nodes):
+        return False
+
+    def evaluate(self, node, values, root):
+        raise NotImplementedError
+
+    def pull(self, node, columns, signs, positions):
+        """J^T columns for the activation inputs at `positions` (indices into node.inputs)."""
+        raise NotImplementedError
+
+    def param_diagonals(self, node, columns, signs, wanted):
+        return []
+
+    def residual_columns(self, node, max_columns):
+        """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
+        return iter(())
+
+    def describe(self, node):
+        return f"{node.name} ({_target_name(node.fx_node)})"
+
+
+def _unique_nodes(args):
+    found = []
+    fx.node.map_arg(args, lambda n: found.append(n) if n not in found else None)
+    return found
+
+
+# ---------------------------------------------------------------- leaves without columns
+class InputOp(NodeOp):
+    is_input = True
+
+    def evaluate(self, node, values, root):
+        raise AssertionError("the input is set by the engine")
+
+
+class ConstantOp(NodeOp):
+    """get_attr (parameters, buffers) and calls that do not depend on the input."""
+
+    carries = False
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def evaluate(self, node, values, root):
+        fx_node = node.fx_node
+        if fx_node.op == "get_attr":
+            value = root
+            for part in fx_node.target.split("."):
+                value = getattr(value, part)
+            return value
+        return _call(fx_node, values)
+
+    def param_derived(self, node, nodes):
+        if node.fx_node.op == "get_attr":
+            return False
+        return bool(self.param_names(node, nodes))
+
+    def param_names(self, node, nodes):
+        """Trainable parameters this constant is computed from."""
+        by_name = {n.name: n for n in nodes}
+        found = []
+        for arg in _unique_nodes((node.fx_node.args, node.fx_node.kwargs)):
+            source = by_name.get(arg.name)
+            if source is None:
+                continue
+            found.extend(source.params if source.fx_node.op == "get_attr" else
+                         (source.op.param_names(source, nodes) if isinstance(source.op, ConstantOp) else []))
+        return found
+
+
+def _call(fx_node, values):
+    args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: values[n.name])
+    if fx_node.op == "call_method":
+        return getattr(args[0], fx_node.target)(*args[1:], **kwargs)
+    if fx_node.target in _IN_PLACE:
+        return _IN_PLACE[fx_node.target](*args, **kwargs)
+    return fx_node.target(*args, **kwargs)
+
+
+# x += y is traced as operator.iadd only in some versions; the engine never mutates recorded values
+_IN_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+             operator.itruediv: operator.truediv}
+
+
+# ---------------------------------------------------------------- modules with rules
+class ModuleOp(NodeOp):
+    def __init__(self, module, rule, bind=None):
+        self.module, self.rule = module, rule
+        self._bind = bind  # for functional calls: puts this call's weight and bias on the module
+        self.curved_possible = rule.needs_output_grad(module)
+        self.input_arg = None
+
+    def activation_args(self, fx_node):
+        return [self.input_arg] if self.input_arg is not None else [fx_node.args[0]]
+
+    def evaluate(self, node, values, root):
+        x = values[node.fx_node.args[0].name] if self.input_arg is None else values[self.input_arg.name]
+        if self._bind is not None:
+            self._bind(self.module, node.fx_node, values)
+        reason = self.rule.unsupported_input_reason(self.module, x)
+        if reason is not None:
+            raise Unsupported(f"{self.describe(node)} on {reason}")
+        output, extras = self.rule.forward(self.module, x)
+        node.record = LayerRecord(self.module, x, output, extras=extras)
+        return output
+
+    def describe(self, node):
+        if node.fx_node.op == "call_module":
+            return f"module {node.fx_node.target!r} ({type(self.module).__name__})"
+        return super().describe(node)
+
+    def _curvature(self, node, columns, signs):
+        return Curvature(node.record.output.shape[1:], factors=columns, signs=signs, primary=False)
+
+    def pull(self, node, columns, signs, positions):
+        pieces = list(self.rule.propagate(node.record, self._curvature(node, columns, signs), COLUMNS))
+        assert len(pieces) == 1 and pieces[0].dense is None and pieces[0].diag is None, "a column pull must be 1:1"
+        return [pieces[0].factors]
+
+    def param_diagonals(self, node, columns, signs, wanted):
+        node.record.wanted = wanted
+        return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs))
+
+    def residual_columns(self, node, max_columns):
+        for columns, signs in self.rule.residual_columns(node.record, max_columns):
+            yield {0: columns}, signs
+
+
+def module_op(module, names):
+    """ModuleOp for a traced leaf module, or Unsupported naming it."""
+    base = registered_base(module)
+    if base is None:
+        if any(True for _ in module.parameters()):
+            raise Unsupported(f"{_describe_module(module, names)} (no exact rule for its parameters)")
+        return None  # a parameter-free torch.nn module: a GenericOp calls it
+    rule = rule_for(module)
+    reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
+    if reason is not None:
+        raise Unsupported(f"{_describe_module(module, names)}: {reason}")
+    return ModuleOp(module, rule)
+
+
+# ---------------------------------------------------------------- reshapes and sums
+class ReshapeOp(NodeOp):
+    """view / reshape / flatten / contiguous that keep axis 0 as the batch: per-sample order is unchanged."""
+
+    def activation_args(self, fx_node):
+        return [fx_node.args[0]]
+
+    def evaluate(self, node, values, root):
+        x = values[node.fx_node.args[0].name]
+        value = _call(node.fx_node, values)
+        if value.dim() == 0 or x.dim() == 0 or value.shape[0] != x.shape[0]:
+            raise Unsupported(f"{self.describe(node)} reshaping the batch axis ({tuple(x.shape)} -> "
+                              f"{tuple(value.shape)})")
+        return value
+
+    def pull(self, node, columns, signs, positions):
+        return [columns]
+
+
+class GenericOp(NodeOp):
+    """Any other call: exact through torch.func, per sample (checked: no sample may reach another)."""
+
+    def __init__(self, linear, param_args=(), callee=None):
+        self.linear = linear  # known to be linear in its activation inputs: no residual term
+        self.curved_possible = not linear
+        self.param_args = tuple(param_args)  # names of get_attr nodes holding trainable parameters
+        self.callee = callee  # a parameter-free module, for call_module nodes
+
+    def check(self, node, nodes):
+        if node.params and not self.affine_in_params(node):
+            raise Unsupported(f"parameter(s) {node.params} used by {self.describe(node)}, which has no exact rule "
+                              "for parameters (only sums, products, matmul, layer_norm and modules with rules)")
+
+    def affine_in_params(self, node):
+        target = node.fx_node.target
+        return target in _AFFINE_IN_PARAMS or (node.fx_node.op == "call_method" and target in _AFFINE_METHODS)
+
+    # -- evaluation
+    def function(self, node, values, replaced):
+        """The node's call as a function of the tensors named in `replaced` (in that order)."""
+        fx_node = node.fx_node
+
+        def call(*tensors):
+            local = dict(values)
+            local.update(zip(replaced, tensors))
+            if self.callee is not None:
+                args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: local[n.name])
+                return self.callee(*args, **kwargs)
+            return _call(fx_node, local)
+
+        return call
+
+    def evaluate(self, node, values, root):
+        node.values = values  # what the node reads; the engine keeps every value of the pass anyway
+        if self.callee is not None:
+            args, kwargs = fx.node.map_arg((node.fx_node.args, node.fx_node.kwargs), lambda n: values[n.name])
+            value = self.callee(*args, **kwargs)
+        else:
+            value = _call(node.fx_node, values)
+        if not isinstance(value, torch.Tensor):
+            raise Unsupported(f"{self.describe(node)} returning {type(value).__name__} (a tensor was expected)")
+        self._check_batch(node, value)
+        return value
+
+    def _check_batch(self, node, value):
+        """Per-sample ops only: the batch axis is kept and no output sample depends on another sample's input
+        (checked with one batched vjp of a random cotangent per output sample)."""
+        inputs = [node.values[name] for name in node.input_names]
+        samples = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
+        if samples is None or value.dim() == 0 or value.shape[0] != samples or any(
+                t.dim() == 0 or t.shape[0] != samples for t in inputs):
+            raise Unsupported(f"{self.describe(node)} changing the batch axis ({[tuple(t.shape) for t in inputs]} -> "
+                              f"{tuple(value.shape)})")
+        if samples <= 1 or not value.is_floating_point():
+            return
+        if node.batch_checked == (samples, tuple(value.shape)):
+            return
+        with torch.enable_grad():
+            output, vjp_fn = torch.func.vjp(self.function(node, node.values, node.input_names), *inputs)
+            eye = torch.eye(samples, dtype=output.dtype, device=output.device)
+            cotangents = torch.randn_like(output).unsqueeze(0) * eye.reshape(samples, samples, *[1] * (output.dim() - 1))
+            pulled = torch.func.vmap(vjp_fn)(cotangents)
+        for grad in pulled:
+            reached = grad.reshape(samples, samples, -1).abs().sum(2) != 0  # [output sample, input sample]
+            if bool((reached & ~torch.eye(samples, dtype=torch.bool, device=reached.device)).any()):
+                raise Unsupported(f"{self.describe(node)} mixing samples of the batch")
+        node.batch_checked = (samples, tuple(value.shape))
+
+    # -- columns
+    def pull(self, node, columns, signs, positions):
+        inputs = [node.values[name] for name in node.input_names]
+        samples, width = columns.shape[:2]
+        with torch.enable_grad():
+            output, vjp_fn = torch.func.vjp(self.function(node, node.values, node.input_names), *inputs)
+        cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
+        pulled = torch.func.vmap(vjp_fn)(cotangents)
+        return [pulled[p].reshape(width, samples, -1).transpose(0, 1) for p in positions]
+
+    def param_diagonals(self, node, columns, signs, wanted):
+        params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
+        if not params:
+            return []
+        inputs = [node.values[name] for name in node.input_names]
+        samples, width = columns.shape[:2]
+        param_names = [name for name, _ in params]
+        call = self.function(node, node.values, node.input_names + param_names)
+
+        def per_sample(sample_inputs, sample_columns):
+            def of_params(*tensors):
+                return call(*[t.unsqueeze(0) for t in sample_inputs], *tensors)
+
+            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in params])
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
+
+        try:
+            with torch.enable_grad():
+                projections = torch.func.vmap(per_sample)(tuple(inputs), columns)  # each (N, V, *param.shape)
+        except Exception as error:  # noqa: BLE001
+            raise Unsupported(f"{self.describe(node)}: cannot be evaluated per sample for its parameters "
+                              f"({type(error).__name__})") from None
+        results = []
+        for (_, param), projection in zip(params, projections):
+            squared = projection * projection
+            if signs is not None:
+                squared = squared * signs.reshape(samples, width, *[1] * param.dim())
+            results.append((param, squared.sum(dim=(0, 1))))
+        return results
+
+    def residual_columns(self, node, max_columns):
+        if self.linear or node.output_grad is None:
+            return
+        from .residuals import per_sample_hessian_columns
+        inputs = [node.values[name] for name in node.input_names]
+        yield from per_sample_hessian_columns(self.function(node, node.values, node.input_names), inputs,
+                                              node.output_grad, max_columns)
+
+
+class AddOp(GenericOp):
+    """a + b, a - b (also torch.add/sub and the methods; alpha=1): columns go to each operand unchanged or negated."""
+
+    def __init__(self, param_args=()):
+        super().__init__(linear=True, param_args=param_args)
+
+    def pull(self, node, columns, signs, positions):
+        output_shape = node.value_shape
+        results = []
+        for position in positions:
+            name = node.input_names[position]
+            if tuple(node.values[name].shape) != output_shape:  # broadcast: sum over the broadcast axes
+                results.append(GenericOp.pull(self, node, columns, signs, [position])[0])
+                continue
+            negated = self._negated(node, name)
+            results.append(-columns if negated else columns)
+        return results
+
+    def _negated(self, node, name):
+        args = node.fx_node.args
+        subtract = node.fx_node.target in (operator.sub, operator.isub, torch.sub, "sub")
+        return subtract and len(args) > 1 and isinstance(args[1], fx.Node) and args[1].name == name and not (
+            isinstance(args[0], fx.Node) and args[0].name == name)
+
+
+# ---------------------------------------------------------------- the table
+_LINEAR_FUNCTIONS = {
+    operator.getitem, operator.neg, operator.pos, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
+    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.narrow, torch.flip, torch.roll,
+    torch.movedim, torch.swapaxes, torch.mean, torch.sum, torch.neg, F.pad, torch.unbind, torch.hstack,
+    torch.vstack, torch.dstack, torch.diagonal, torch.tile, torch.repeat_interleave, torch.clone,
+}
+_LINEAR_METHODS = {
+    "permute", "transpose", "squeeze", "unsqueeze", "narrow", "flip", "roll", "movedim", "swapaxes", "mean", "sum",
+    "neg", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "clone", "diagonal", "tile", "t",
+    "unfold", "repeat_interleave", "__getitem__",
+}
+_RESHAPES = {torch.reshape, torch.flatten}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "view_as", "reshape_as", "unflatten"}
+_ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
+             operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
+_AFFINE_IN_PARAMS = _ADDS | {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul, F.layer_norm,
+                             F.group_norm}
+_AFFINE_METHODS = {"add", "sub", "mul", "matmul", "__add__", "__mul__"}
+
+
+class MetaOp(NodeOp):
+    """x.shape, x.size(0), x.dim(): numbers about a tensor, constants for the derivatives."""
+
+    carries = False
+
+    def evaluate(self, node, values, root):
+        value = _call(node.fx_node, values)
+        if isinstance(value, torch.Tensor):  # carries no columns: a tensor here would cut the graph
+            raise Unsupported(f"{self.describe(node)} returning a tensor")
+        return value
+
+
+_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+_META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type", "get_device"}
+
+
+def make_op(fx_node, root, modules, names):
+    """(op, [parameter names it uses directly]) for one traced node."""
+    from .functional import module_for_call  # functional calls that are modules with rules
+
+    if fx_node.op == "placeholder":
+        return InputOp(), []
+    if (fx_node.op == "call_function" and (fx_node.target is len or (
+            fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))) or (
+            fx_node.op == "call_method" and fx_node.target in _META_METHODS):
+        return MetaOp(), []
+    if fx_node.op == "get_attr":
+        value = root
+        for part in fx_node.target.split("."):
+            value = getattr(value, part)
+        trainable = isinstance(value, nn.Parameter) and value.requires_grad
+        return ConstantOp("attribute"), ([fx_node.target] if trainable else [])
+    if fx_node.op == "call_module":
+        module = modules[fx_node.target]
+        op = module_op(module, names)
+        if op is not None:
+            return op, [f"{fx_node.target}.{name}" if fx_node.target else name
+                        for name, p in module.named_parameters() if p.requires_grad]
+        return GenericOp(linear=False, callee=module), []
+    target = fx_node.target
+    found = module_for_call(fx_node, root)
+    param_args = _param_args(fx_node, root)
+    qualified = [name for _, name in param_args]
+    if found is not None:
+        module, bind, input_arg = found
+        op = ModuleOp(module, rule_for(module), bind)
+        op.input_arg = input_arg
+        return op, qualified
+    is_method = fx_node.op == "call_method"
+    params = [node_name for node_name, _ in param_args]
+    if (target in _RESHAPES and not is_method) or (is_method and target in _RESHAPE_METHODS):
+        if fx_node.target != torch.flatten or _flatten_keeps_batch(fx_node):
+            return ReshapeOp(), qualified
+        return GenericOp(linear=True, param_args=params), qualified
+    if (target in _ADDS and not is_method) or (is_method and target in ("add", "sub", "add_", "sub_")):
+        if "alpha" not in fx_node.kwargs and len(fx_node.args) <= 2:
+            return AddOp(params), qualified
+        return GenericOp(linear=True, param_args=params), qualified
+    if (not is_method and target in _LINEAR_FUNCTIONS) or (is_method and target in _LINEAR_METHODS):
+        return GenericOp(linear=True, param_args=params), qualified
+    if target in (operator.mul, torch.mul, operator.truediv, torch.div, operator.matmul, torch.matmul) or (
+            is_method and target in ("mul", "div", "matmul", "__mul__", "__truediv__")):
+        # linear when only one operand depends on the input; the engine checks that at plan time
+        return ProductOp(params), qualified
+    return GenericOp(linear=False, param_args=params), qualified
+
+
+def _flatten_keeps_batch(fx_node):
+    start = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("start_dim", 0)
+    return isinstance(start, int) and start >= 1
+
+
+def _param_args(fx_node, root):
+    """The get_attr arguments holding trainable parameters: [(node name, qualified parameter name)]."""
+    found = []
+    for arg in _unique_nodes((fx_node.args, fx_node.kwargs)):
+        if arg.op == "get_attr":
+            value = root
+            for part in arg.target.split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, nn.Parameter) and value.requires_grad:
+                found.append((arg.name, arg.target))
+    return found
+
+
+class ProductOp(GenericOp):
+    """x * y, x / y, x @ y: linear when one side is a constant or a parameter; a curved node (its second
+    derivative couples the operands) when both depend on the input."""
+
+    def __init__(self, param_args=()):
+        super().__init__(linear=False, param_args=param_args)
+
+    def check(self, node, nodes):
+        super().check(node, nodes)
+        fx_node = node.fx_node
+        divisor = fx_node.args[1] if len(fx_node.args) > 1 else None
+        divides = fx_node.target in (operator.truediv, operator.itruediv, torch.div, "div", "__truediv__")
+        if len(node.inputs) <= 1 and not (divides and isinstance(divisor, fx.Node) and divisor.name in node.input_names):
+            self.linear = True
+            self.curved_possible = False
+        if divides and node.params and isinstance(divisor, fx.Node) and divisor.op == "get_attr":
+            raise Unsupported(f"parameter(s) {node.params} used as a divisor by {self.describe(node)} "
+                              "(not affine in the parameter)")
+
+
+__all__ = ["make_op", "NodeOp", "ModuleOp", "GenericOp", "ReshapeOp", "AddOp", "ProductOp", "ConstantOp",
+           "InputOp", "Unsupported"]

@@ -101,6 +101,14 @@ class Curvature:
         if self.diag is not None:
             yield from diagonal_columns(self.diag, max_columns)
 
+    def column_parts(self):
+        """Everything but the diagonal part as signed columns: the factors, or the dense part's eigen-columns
+        (for rules that read the diagonal part on its own)."""
+        if self.dense is not None:
+            yield from self.signed_factor_chunks(1 << 62)
+        elif self.width:
+            yield self.factors, self.signs
+
     def factor_chunks(self, max_columns):
         """The factor part alone, in column chunks."""
         return _split(self.factors, self.signs, max_columns)

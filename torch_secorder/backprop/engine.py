@@ -8,7 +8,7 @@ goes from the loss down, each rule adding its parameters' exact diagonals.
 import torch
 import torch.nn as nn
 
-from . import conv, elementwise, linear, pooling, structural  # noqa: F401  (they register their rules)
+from . import conv, conv_transpose, elementwise, embedding, linear, norm, pooling, structural  # noqa: F401  (they register their rules)
 from .losses import output_curvature, recognise, unsupported_output_reason
 from ..core.validation import check_scalar_loss
 from . import eligibility, graph

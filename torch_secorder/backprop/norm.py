@@ -1,0 +1,106 @@
+"""nn.LayerNorm: y = w * (x - mean) / sqrt(var + eps) + b over the last dims (rows), per sample.
+
+Affine in w and b, so their diagonals come from the columns at the output alone. In x it is curved:
+its second-order term is one dense (D x D) block per row, R = d2(g . y)/dx2, computed by one batched
+double backward over the D features of all rows at once (residuals.py) and turned into signed
+columns, each living in one row."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import Rule, register
+from .residuals import per_sample_hessian
+from .shared_weight import linear_transpose_columns
+
+_RELATIVE_ZERO = 1e-13
+
+
+def _rows(module, x):
+    """x as (N, R, D): R rows of the D normalised features per sample."""
+    features = 1
+    for size in module.normalized_shape:
+        features *= size
+    return x.reshape(x.shape[0], -1, features)
+
+
+@register(nn.LayerNorm)
+class LayerNormRule(Rule):
+    mixing = True
+
+    def needs_output_grad(self, module):
+        return True
+
+    def unsupported_input_reason(self, module, x):
+        dims = len(module.normalized_shape)
+        return None if x.dim() > dims else f"an unbatched input of shape {tuple(x.shape)}"
+
+    def _normalized(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def param_diagonals(self, record, curvature):
+        module, x = record.module, record.input
+        wants_weight, wants_bias = record.wants(module.weight), record.wants(module.bias)
+        if not (wants_weight or wants_bias):
+            return []
+        rows = _rows(module, x)
+        samples, count, features = rows.shape
+        normalized = _rows(module, self._normalized(module, x))
+        results = []
+        for param, values, wanted in ((module.weight, normalized, wants_weight),
+                                      (module.bias, torch.ones_like(normalized), wants_bias)):
+            if not wanted:
+                continue
+            total = values.new_zeros(features)
+            if curvature.diag is not None:
+                total = total + (curvature.diag.reshape(samples, count, features) * values * values).sum((0, 1))
+            for columns, signs in curvature.column_parts():
+                projected = (columns.reshape(samples, -1, count, features) * values.unsqueeze(1)).sum(2)
+                squared = projected * projected
+                if signs is not None:
+                    squared = squared * signs.unsqueeze(2)
+                total = total + squared.sum((0, 1))
+            results.append((param, total.reshape(param.shape)))
+        return results
+
+    def propagate(self, record, curvature, context):
+        module, x = record.module, record.input
+
+        def function(inp):
+            return F.layer_norm(inp, module.normalized_shape, module.weight, module.bias, module.eps)
+
+        yield from linear_transpose_columns(function, x, curvature, context.max_columns)
+        if curvature.primary:
+            from .curvature import Curvature
+            for columns, signs in self.residual_columns(record, context.max_columns):
+                yield Curvature(x.shape[1:], columns, signs)
+
+    def residual_columns(self, record, max_columns):
+        module, x = record.module, record.input
+        rows = _rows(module, x)
+        samples, count, features = rows.shape
+        weight = None if module.weight is None else module.weight.detach().reshape(-1)
+        bias = None if module.bias is None else module.bias.detach().reshape(-1)
+
+        def function(flat_rows):
+            return F.layer_norm(flat_rows, (features,), weight, bias, module.eps)
+
+        grad = record.output_grad.reshape(samples * count, features)
+        hessian = per_sample_hessian(function, [rows.reshape(samples * count, features)], grad, max_columns)
+        if hessian is None:
+            return
+        eigenvalues, eigenvectors = torch.linalg.eigh(hessian)  # (N R, D), (N R, D, D)
+        magnitude = eigenvalues.abs()
+        kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()[:, 0]
+        columns = (eigenvectors[:, :, kept] * magnitude[:, kept].sqrt().unsqueeze(1)).transpose(1, 2)
+        width = kept.numel()
+        columns = columns.reshape(samples, count, width, features)
+        signs = torch.sign(eigenvalues[:, kept]).reshape(samples, count * width)
+        # row r's columns are zero outside row r: (N, R * V, R * D)
+        per_row = max(1, max_columns // max(1, width))
+        for start in range(0, count, per_row):
+            stop = min(count, start + per_row)
+            block = columns.new_zeros(samples, stop - start, width, count, features)
+            index = torch.arange(stop - start, device=x.device)
+            block[:, index, :, start + index, :] = columns[:, start:stop].transpose(0, 1)
+            yield block.reshape(samples, (stop - start) * width, -1), signs[:, start * width:stop * width]

@@ -259,7 +259,7 @@ class Custom(nn.Module):
 @pytest.mark.parametrize(
     "model, loss_fn, message",
     [
-        (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), nn.MSELoss(), r"module '1' \(LayerNorm\)"),
+        (nn.Sequential(nn.Linear(3, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)), nn.MSELoss(), r"module '1' \(GroupNorm\)"),
         (nn.Sequential(nn.Linear(3, 3), Custom(), nn.Linear(3, 2)), nn.MSELoss(), r"torch.fx cannot trace"),
         (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train(), nn.MSELoss(),
          r"module '1' \(BatchNorm1d\): BatchNorm in training mode"),

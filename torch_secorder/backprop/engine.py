@@ -41,6 +41,15 @@ class GraphSupport:
         self.plan, self.spec, self.model = plan, spec, model
 
 
+class TracedChain(tuple):
+    """(layers, loss spec) of a traced model whose graph is a chain, with the plan it was read from."""
+
+    def __new__(cls, layers, spec, plan, model):
+        chain = super().__new__(cls, (layers, spec))
+        chain.plan, chain.model = plan, model
+        return chain
+
+
 def check_supported(model, loss_fn):
     """(layers, loss spec) for a chain, a GraphSupport for any other traceable model, or raises Unsupported
     naming the first module (or the loss, or the traced call) without an exact rule."""
@@ -62,7 +71,8 @@ def check_supported(model, loss_fn):
     if spec.kind == "nll":
         plan = _strip_log_softmax(plan)
     if plan.is_chain():
-        return _chain_plan(graph.chain_modules(plan), spec, names, log_softmax_stripped=True)
+        layers, spec = _chain_plan(graph.chain_modules(plan), spec, names, log_softmax_stripped=True)
+        return TracedChain(layers, spec, plan, model)
     return GraphSupport(plan, spec, model)
 
 
@@ -78,7 +88,10 @@ def _strip_log_softmax(plan):
         fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
     if not (plain_module or plain_function) or len(node.inputs) != 1:
         raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
-    return graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names)
+    if "nll" not in plan.variants:
+        plan.variants["nll"] = graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names,
+                                               log_softmax_stripped=True)
+    return plan.variants["nll"]
 
 
 def _chain_plan(layers, spec, names, log_softmax_stripped=False):
@@ -113,6 +126,8 @@ def _max_columns(samples, features, itemsize, memory_budget):
 def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
     """Exact Hessian diagonals for params (a list of model parameters), in their order; chain is
     check_supported(model, loss_fn)."""
+    if isinstance(chain, (GraphSupport, TracedChain)):
+        graph.validate(chain.plan, chain.model, inputs)
     if isinstance(chain, GraphSupport):
         if create_graph:
             raise Unsupported("create_graph=True on a traced graph (only chains of modules)")

@@ -41,6 +41,9 @@ class GraphPlan:
     nodes: List[GraphNode]
     output: int  # index of the node the model returns
     names: dict  # id(module) -> qualified name
+    validated: bool = False  # the trace reproduced the model's own forward once (validate)
+    log_softmax_stripped: bool = False  # the model's final LogSoftmax is left to the NLL loss
+    variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
 
     def is_chain(self):
         """True when every activation node is a module rule reading the one before it: the chain engine's case."""
@@ -170,6 +173,30 @@ def plan_for(model):
         raise
     _CACHE[model] = (fingerprint, plan)
     return plan
+
+
+def validate(plan, model, inputs):
+    """Once per plan: the traced graph must give what model(inputs) gives. What a trace cannot see (an in-place
+    change of a tensor another path still reads, randomness, Python state read in the forward) shows here."""
+    if plan.validated:
+        return
+    with torch.no_grad():
+        expected = model(inputs)
+        values = {}
+        for node in plan.nodes[:plan.output + 1]:
+            values[node.name] = inputs if node.op.is_input else node.op.evaluate(node, values, model)
+        traced = values[plan.nodes[plan.output].name]
+    if plan.log_softmax_stripped:  # NLL: the plan stops below the model's final LogSoftmax
+        traced = torch.log_softmax(traced, dim=1)
+    for node in plan.nodes:
+        node.record, node.values = None, None
+    same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype
+            and torch.allclose(traced, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max().clamp_min(1e-30))
+                               if expected.numel() else 0.0, equal_nan=True))
+    if not same:
+        raise Unsupported("a forward the trace does not reproduce (in-place changes of tensors read elsewhere, "
+                          "randomness or Python state the trace cannot see)")
+    plan.validated = True
 
 
 def chain_modules(plan):

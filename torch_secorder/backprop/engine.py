@@ -70,6 +70,7 @@ def check_supported(model, loss_fn):
     plan = graph.plan_for(model)
     if spec.kind == "nll":
         plan = _strip_log_softmax(plan)
+        spec.log_softmax_dim = plan.log_softmax_dim
     if plan.is_chain():
         layers, spec = _chain_plan(graph.chain_modules(plan), spec, names, log_softmax_stripped=True)
         return TracedChain(layers, spec, plan, model)
@@ -90,8 +91,17 @@ def _strip_log_softmax(plan):
         raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
     if "nll" not in plan.variants:
         plan.variants["nll"] = graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names,
-                                               log_softmax_stripped=True)
+                                               log_softmax_dim=_final_log_softmax_dim(plan))
     return plan.variants["nll"]
+
+
+def _final_log_softmax_dim(plan):
+    node = plan.nodes[plan.output]
+    module = getattr(node.op, "callee", None)
+    if module is not None:
+        return module.dim
+    fx_node = node.fx_node
+    return fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else 1)
 
 
 def _chain_plan(layers, spec, names, log_softmax_stripped=False):
@@ -100,6 +110,7 @@ def _chain_plan(layers, spec, names, log_softmax_stripped=False):
         if (not isinstance(last, nn.LogSoftmax) or last.dim not in (1, -1)
                 or eligibility.module_reason(last, nn.LogSoftmax, ("forward",)) is not None):
             raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
+        spec.log_softmax_dim = last.dim
         layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
     seen_modules, seen_params = set(), set()
     for module in layers:
@@ -202,7 +213,7 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
         curvature = output_curvature(
             spec, output if create_graph else output.detach(), targets,
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
-            max_columns=_max_columns(samples, features, output.element_size(), memory_budget))
+            max_columns=_max_columns(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
         _propagate(records, rules, len(records) - 1, curvature, owners[0], accumulate, memory_budget)
     diagonals = [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
     return diagonals if create_graph else [d.detach() for d in diagonals]

@@ -42,7 +42,7 @@ class GraphPlan:
     output: int  # index of the node the model returns
     names: dict  # id(module) -> qualified name
     validated: bool = False  # the trace reproduced the model's own forward once (validate)
-    log_softmax_stripped: bool = False  # the model's final LogSoftmax is left to the NLL loss
+    log_softmax_dim: Optional[int] = None  # set when the model's final LogSoftmax is left to the NLL loss
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
 
     def is_chain(self):
@@ -186,8 +186,8 @@ def validate(plan, model, inputs):
         for node in plan.nodes[:plan.output + 1]:
             values[node.name] = inputs if node.op.is_input else node.op.evaluate(node, values, model)
         traced = values[plan.nodes[plan.output].name]
-    if plan.log_softmax_stripped:  # NLL: the plan stops below the model's final LogSoftmax
-        traced = torch.log_softmax(traced, dim=1)
+    if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax
+        traced = torch.log_softmax(traced, dim=plan.log_softmax_dim)
     for node in plan.nodes:
         node.record, node.values = None, None
     same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype

@@ -61,7 +61,7 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
     pruned = _pruned(nodes, wanted_params)  # the effective weights the pruning hooks computed in this forward
     wanted = frozenset(wanted_params | pruned.keys())
     for name, value in list(values.items()):
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id
             values[name] = value.detach()
     for node in nodes:
         record = getattr(node, "record", None)
@@ -84,7 +84,7 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
         with torch.no_grad():
             samples = output.shape[0]
             budget_columns = _max_columns(samples, _widest(values), output.element_size(), memory_budget)
-            curvature = output_curvature(spec, output.detach(), targets, max_columns=None)
+            curvature = output_curvature(spec, output.detach(), targets, max_columns=None, memory_budget=memory_budget)
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
                     _sweep(nodes, {plan.output: columns.clone()}, signs, needed, wanted, accumulate)

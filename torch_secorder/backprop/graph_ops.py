@@ -362,12 +362,18 @@ _LINEAR_FUNCTIONS = {
     torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.narrow, torch.flip, torch.roll,
     torch.movedim, torch.swapaxes, torch.mean, torch.sum, torch.neg, F.pad, torch.unbind, torch.hstack,
     torch.vstack, torch.dstack, torch.diagonal, torch.tile, torch.repeat_interleave, torch.clone,
+    F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold,
 }
 _LINEAR_METHODS = {
     "permute", "transpose", "squeeze", "unsqueeze", "narrow", "flip", "roll", "movedim", "swapaxes", "mean", "sum",
     "neg", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "clone", "diagonal", "tile", "t",
     "unfold", "repeat_interleave", "__getitem__",
 }
+# parameter-free torch.nn modules that are linear in their input (the rest are checked for a second derivative)
+_LINEAR_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                   nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                   nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+                   nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Fold, nn.Unfold)
 _RESHAPES = {torch.reshape, torch.flatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "view_as", "reshape_as", "unflatten"}
 _ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
@@ -416,7 +422,7 @@ def make_op(fx_node, root, modules, names):
         if op is not None:
             return op, [f"{fx_node.target}.{name}" if fx_node.target else name
                         for name, p in module.named_parameters() if p.requires_grad]
-        return GenericOp(linear=False, callee=module), []
+        return GenericOp(linear=isinstance(module, _LINEAR_MODULES), callee=module), []
     target = fx_node.target
     found = module_for_call(fx_node, root)
     param_args = _param_args(fx_node, root)

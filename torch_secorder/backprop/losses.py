@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .. import ops
 from . import eligibility
 from .curvature import Curvature
+from .errors import Unsupported
 
 _MODULE_KINDS = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "bce_with_logits",
                  nn.NLLLoss: "nll"}
@@ -28,6 +29,7 @@ _DEFAULTS = {"reduction": "mean", "weight": None, "ignore_index": -100, "label_s
 class LossSpec:
     kind: str
     options: dict = field(default_factory=dict)
+    log_softmax_dim: int = 1  # nll: the dim of the model's final LogSoftmax (must be the class axis)
 
 
 def recognise(loss_fn):
@@ -61,14 +63,16 @@ def recognise(loss_fn):
 
 def unsupported_output_reason(spec, output, targets):
     """Why this output/target pair has no exact loss rule, or None."""
-    if spec.kind in ("cross_entropy", "nll") and output.dim() != 2:
-        return f"{spec.kind} on outputs of shape {tuple(output.shape)} (only (N, C) logits)"
+    if spec.kind in ("cross_entropy", "nll") and output.dim() < 2:
+        return f"{spec.kind} on outputs of shape {tuple(output.shape)} (no batch axis)"
+    if spec.kind == "nll" and spec.log_softmax_dim % output.dim() != 1:
+        return f"LogSoftmax(dim={spec.log_softmax_dim}) on outputs of shape {tuple(output.shape)} (not the class axis)"
     if spec.kind in ("mse", "bce_with_logits") and targets.shape != output.shape:
         return f"{spec.kind} with targets of shape {tuple(targets.shape)} broadcast to outputs {tuple(output.shape)}"
     return None
 
 
-def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=None):
+def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=None, memory_budget=None):
     """Per-sample Hessian of the loss in the model output (for nll: in the LogSoftmax input).
 
     diagonal_only: nothing below reads more than diag(H). max_columns: how many output-sized
@@ -81,7 +85,41 @@ def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=
         diag = ops.bce_with_logits_hessian_diag(output, targets, options["weight"], options["pos_weight"],
                                                 options["reduction"])
         return Curvature(output.shape[1:], diag=diag.reshape(samples, -1))
+    if output.dim() > 2:
+        return _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, memory_budget)
     return _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns)
+
+
+def _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, memory_budget):
+    """Cross-entropy on (N, C, d1, ...): one C x C block per position, so per sample C columns per position,
+    each zero outside its position (features ordered (C, positions) like the output)."""
+    options = spec.options
+    samples, classes = output.shape[:2]
+    positions = output[0, 0].numel()
+    rows = output.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
+    if targets.is_floating_point():
+        row_targets = targets.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
+    else:
+        row_targets = targets.reshape(-1)
+    scale = ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
+                                           options.get("label_smoothing", 0.0), options["reduction"])
+    feature_shape = output.shape[1:]
+    if diagonal_only:
+        diag = ops.softmax_hessian_diag(rows, scale).reshape(samples, positions, classes).transpose(1, 2)
+        return Curvature(feature_shape, diag=diag.reshape(samples, -1))
+    size = samples * positions * classes * classes * positions * output.element_size()
+    if memory_budget is not None and size > memory_budget:
+        raise Unsupported(f"{spec.kind} over {positions} positions per sample: its per-sample factor "
+                          f"({size / 2**20:.0f} MiB) exceeds memory_budget")
+    negative = bool((scale < 0).any())
+    root = ops.softmax_hessian_sqrt(rows, scale.abs() if negative else scale)  # (N P, C, C): S S^T = H
+    columns = root.transpose(1, 2).reshape(samples, positions, classes, classes)  # [n, p, column, class]
+    # column (p, v) of sample n holds root column v of position p at features (c, p), zeros elsewhere
+    factors = torch.diag_embed(columns.permute(0, 2, 3, 1)).permute(0, 3, 1, 2, 4)  # (N, P, V, C, P)
+    signs = None
+    if negative:
+        signs = torch.sign(scale).reshape(samples, positions, 1).expand(-1, -1, classes).reshape(samples, -1)
+    return Curvature(feature_shape, factors=factors.reshape(samples, positions * classes, -1), signs=signs)
 
 
 def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):

@@ -95,6 +95,15 @@ def _strip_log_softmax(plan):
     return plan.variants["nll"]
 
 
+def curved_nodes(chain):
+    """Names of the nodes with a second-order term of their own (origins of more columns)."""
+    if isinstance(chain, GraphSupport):
+        return [node.name for node in chain.plan.nodes
+                if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)]
+    layers, _ = chain
+    return [type(module).__name__ for module in layers if rule_for(module).needs_output_grad(module)]
+
+
 def _final_log_softmax_dim(plan):
     node = plan.nodes[plan.output]
     module = getattr(node.op, "callee", None)

@@ -12,24 +12,59 @@ from .validation import check_method
 class MethodChoice:
     method: str  # "backprop" or "autograd"
     reason: str
+    cost: str = ""  # what it will compute: columns and passes for backprop, Hessian-vector products for autograd
 
     def __str__(self):
-        return f"{self.method}: {self.reason}"
+        return f"{self.method}: {self.reason}" + (f" ({self.cost})" if self.cost else "")
 
 
 def explain_method(model, loss_fn, inputs=None, method="auto"):
-    """The method model_hessian_diagonal(model, loss_fn, inputs, ..., method=method) will use, and why.
+    """The method model_hessian_diagonal(model, loss_fn, inputs, ..., method=method) will use, why, and what it
+    will cost. With `inputs`, the engine's column counts come from a forward pass without gradients.
 
     >>> explain_method(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss())
-    MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules')
+    MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules', cost='...')
     """
     check_method(method)
     if method == "autograd":
-        return MethodChoice("autograd", "method='autograd' was asked for")
-    _, reason = backprop_plan(model, loss_fn, inputs)
+        return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
+    chain, reason = backprop_plan(model, loss_fn, inputs)
     if reason is None:
-        return MethodChoice("backprop", "every module and the loss have exact Hessian-backprop rules")
-    return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}")
+        return MethodChoice("backprop", "every module and the loss have exact Hessian-backprop rules",
+                            engine_cost(chain, model, inputs))
+    return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
+
+
+def generic_cost(model):
+    entries = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{entries} Hessian-vector products, one per parameter entry, batched; each costs about a gradient or more"
+
+
+def engine_cost(chain, model, inputs=None):
+    """Origins and their columns: the loss's per-sample curvature, and one origin per curved node."""
+    from ..backprop import curved_nodes
+
+    curved = curved_nodes(chain)
+    spec = getattr(chain, "spec", None) or chain[1]
+    loss_columns = "C (classes) columns" if spec.kind in ("cross_entropy", "nll") else "one column per output feature"
+    if isinstance(inputs, (tuple, list)):
+        inputs = inputs[0] if len(inputs) == 1 else None
+    if isinstance(inputs, torch.Tensor):
+        try:
+            with torch.no_grad():
+                output = model(inputs)
+            features = output[0].numel() if output.dim() > 1 else 1
+            loss_columns = f"{features} columns"
+        except Exception:  # noqa: BLE001  (the call itself will report what is wrong)
+            pass
+    text = f"one forward pass; the loss's {loss_columns} per sample pulled down once through every layer"
+    if curved:
+        shown = ", ".join(curved[:5]) + (", ..." if len(curved) > 5 else "")
+        text += (f"; {len(curved)} curved node(s) ({shown}) each add as many columns as their input has features "
+                 "per sample, pulled down from there (smooth activations, LayerNorm, products of two inputs)")
+    else:
+        text += "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"
+    return text
 
 
 def backprop_plan(model, loss_fn, inputs=None):

@@ -331,6 +331,45 @@ class GenericOp(NodeOp):
                                               node.output_grad, max_columns)
 
 
+class TupleOp(NodeOp):
+    """split / chunk / unbind: a tuple of tensors. It carries no columns itself: each getitem of it is an
+    ItemOp, a function of the tuple op's own inputs."""
+
+    carries = False
+
+    def evaluate(self, node, values, root):
+        return _call(node.fx_node, values)
+
+
+class ItemOp(GenericOp):
+    """tuple_op(x)[i] as one linear function of x."""
+
+    def __init__(self, source, index):
+        super().__init__(linear=True)
+        self.source, self.index = source, index
+
+    def activation_args(self, fx_node):
+        return _unique_nodes((self.source.args, self.source.kwargs))
+
+    def function(self, node, values, replaced):
+        def call(*tensors):
+            local = dict(values)
+            local.update(zip(replaced, tensors))
+            return _call(self.source, local)[self.index]
+
+        return call
+
+    def evaluate(self, node, values, root):
+        node.values = values
+        value = values[self.source.name][self.index]
+        self._check_batch(node, value)
+        return value
+
+
+_TUPLE_FUNCTIONS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split}
+_TUPLE_METHODS = {"split", "chunk", "unbind", "tensor_split"}
+
+
 class AddOp(GenericOp):
     """a + b, a - b (also torch.add/sub and the methods; alpha=1): columns go to each operand unchanged or negated."""
 
@@ -424,6 +463,14 @@ def make_op(fx_node, root, modules, names):
                         for name, p in module.named_parameters() if p.requires_grad]
         return GenericOp(linear=isinstance(module, _LINEAR_MODULES), callee=module), []
     target = fx_node.target
+    if (fx_node.op == "call_function" and target in _TUPLE_FUNCTIONS) or (
+            fx_node.op == "call_method" and target in _TUPLE_METHODS):
+        return TupleOp(), []
+    source = fx_node.args[0] if fx_node.args else None
+    if target is operator.getitem and isinstance(source, fx.Node) and (
+            (source.op == "call_function" and source.target in _TUPLE_FUNCTIONS) or
+            (source.op == "call_method" and source.target in _TUPLE_METHODS)) and isinstance(fx_node.args[1], int):
+        return ItemOp(source, fx_node.args[1]), []
     found = module_for_call(fx_node, root)
     param_args = _param_args(fx_node, root)
     qualified = [name for _, name in param_args]

@@ -188,7 +188,7 @@ def _hessian_diagonal(func, params, v, create_graph, strict, source, *, method, 
     if strict:
         _check_strict_requires_grad(params)
 
-    with torch.enable_grad(), _inference_tensors_explained(source):
+    with torch.enable_grad(), _inference_tensors_explained(source), _attention_twice_differentiable():
         loss = func()
         validation.check_scalar_loss(loss, source)
         loss = loss.reshape(())
@@ -221,6 +221,14 @@ def _first_order_grads(loss, params):
         for index, grad in zip(active, found):
             grads[index] = grad
     return grads
+
+
+def _attention_twice_differentiable():
+    """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward: the
+    generic method records the forward with the math backend, which has (same numbers up to rounding)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _normal_tensor(tensor):

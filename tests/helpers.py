@@ -41,3 +41,26 @@ def randomise_batch_norm(model, generator):
     return model.eval()
 
 
+
+
+def assert_sampled_exact(model, loss_fn, x, y, per_parameter=6, tolerance=1e-10, seed=0):
+    """For models too big for the full Hessian: the engine against one float64 Hessian-vector product per
+    sampled entry (per_parameter entries of every parameter, the largest diagonal entry among them)."""
+    from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    params = list(model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    picks = [(i, k) for i, p in enumerate(params) if p.requires_grad
+             for k in torch.randperm(p.numel(), generator=generator)[:per_parameter].tolist()]
+    picks += [(i, int(a.reshape(-1).abs().argmax())) for i, a in enumerate(actual) if params[i].requires_grad]
+    exact = sampled_hessian_diagonal(model_loss_of_params(model, loss_fn, x, y), params, picks)
+    scale = max(abs(v) for v in exact.values())
+    error = max(abs(actual[i].reshape(-1)[k].item() - v) for (i, k), v in exact.items()) / scale
+    assert error < tolerance, error
+    for a, p in zip(actual, params):
+        if not p.requires_grad:
+            assert torch.equal(a, torch.zeros_like(p))
+    return actual

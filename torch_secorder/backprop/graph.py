@@ -53,6 +53,8 @@ class GraphPlan:
         for previous, node in zip(activations, activations[1:]):
             if not isinstance(node.op, graph_ops.ModuleOp) or node.inputs != [self.nodes.index(previous)]:
                 return False
+            if node.op.binds_tensors:  # F.linear(x, w): its module gets w at each evaluation (graph engine only)
+                return False
         return all(len(users_of(n)) <= 1 for n in activations)
 
 
@@ -151,7 +153,7 @@ def _fingerprint(model):
         parts.append((name, id(module), type(module), module.training, plain,
                       tuple((key, id(value), value is not None and value.requires_grad)
                             for key, value in module._parameters.items()),
-                      tuple((key, None if value is None else (value.shape, value.dtype))
+                      tuple((key, None if value is None else (id(value), value.shape, value.dtype))
                             for key, value in module._buffers.items()),
                       len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks),
                       len(module._backward_pre_hooks), "forward" in vars(module)))

@@ -141,6 +141,7 @@ class ModuleOp(NodeOp):
     def __init__(self, module, rule, bind=None):
         self.module, self.rule = module, rule
         self._bind = bind  # for functional calls: puts this call's weight and bias on the module
+        self.binds_tensors = bind is not None
         self.curved_possible = rule.needs_output_grad(module)
         self.input_arg = None
 

@@ -94,6 +94,8 @@ class LayerNormRule(Rule):
         kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()[:, 0]
         columns = (eigenvectors[:, :, kept] * magnitude[:, kept].sqrt().unsqueeze(1)).transpose(1, 2)
         width = kept.numel()
+        if width == 0:  # g . y has no curvature here (g = 0 on these rows)
+            return
         columns = columns.reshape(samples, count, width, features)
         signs = torch.sign(eigenvalues[:, kept]).reshape(samples, count * width)
         # row r's columns are zero outside row r: (N, R * V, R * D)

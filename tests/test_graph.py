@@ -1,0 +1,516 @@
+"""The graph engine on models as people write them: every construct against the float64 brute force."""
+
+import math
+import random
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from conftest import relative_error
+from helpers import D, assert_backprop_exact, assert_sampled_exact, brute_force, randomise_batch_norm
+from torch_secorder import explain_method, model_hessian_diagonal
+from torchvision_style import BasicBlock, Bottleneck, ResNet
+
+Y5 = torch.tensor([0, 1, 2, 1, 0])
+
+
+def exact(model, x, y=Y5, loss_fn=F.cross_entropy):
+    torch.manual_seed(11)
+    model = model.double().eval()
+    randomise_batch_norm(model, torch.Generator().manual_seed(2))
+    assert explain_method(model, loss_fn).method == "backprop", explain_method(model, loss_fn)
+    return assert_backprop_exact(model, loss_fn, x, y)
+
+
+def steps_aside(model, x, message, y=Y5, loss_fn=F.cross_entropy):
+    """auto: one warning naming why, numbers of the generic method (exact); backprop: raises naming it."""
+    model = model.double().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = model_hessian_diagonal(model, loss_fn, x, y)
+    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
+    assert len(ours) == 1 and message in ours[0], ours
+    assert relative_error(auto, brute_force(model, loss_fn, x, y)) < 1e-10
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+
+
+def vectors(*shape):
+    return torch.randn(5, *shape, dtype=D, generator=torch.Generator().manual_seed(7))
+
+
+# ---------------------------------------------------------------- models written as classes
+class ClassMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + self.b(F.softplus(h))  # the skip and the branch meet
+        h = h - 0.5 * self.c(torch.sigmoid(h)) / 3
+        return self.out(F.gelu(h))
+
+
+class FunctionalCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.avg_pool2d(torch.tanh(self.conv2(x)), 2)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+class FunctionalWeights(nn.Module):
+    """F.linear / F.conv2d / F.layer_norm / F.embedding with the module's own parameters, and a bias, a
+    scale (LayerScale) and a matrix used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Parameter(torch.randn(3, 2, 3, 3) / 3)
+        self.w = nn.Parameter(torch.randn(4, 12) / 3)
+        self.b = nn.Parameter(torch.randn(4))
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.ln_w, self.ln_b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.m = nn.Parameter(torch.randn(4, 3) / 2)
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        h = F.conv2d(x, self.conv, None, stride=2)
+        h = F.linear(torch.tanh(h).flatten(1), self.w, self.b)
+        h = F.layer_norm(h, (4,), self.ln_w, self.ln_b) * self.gamma
+        return torch.sigmoid(h) @ self.m + self.bias
+
+
+@pytest.mark.parametrize("model, shape", [
+    (ClassMLP, (6,)), (ResidualMLP, (6,)), (FunctionalCNN, (2, 10, 10)), (FunctionalWeights, (2, 5, 5)),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_models_written_as_classes(model, shape):
+    torch.manual_seed(0)
+    exact(model(), vectors(*shape))
+
+
+# ---------------------------------------------------------------- torchvision-style ResNets
+@pytest.mark.parametrize("block, layers", [(BasicBlock, [1, 1, 1, 1]), (Bottleneck, [1, 1, 1, 1]),
+                                           (BasicBlock, [2, 1, 1, 1])], ids=["basic", "bottleneck", "basic-2"])
+def test_torchvision_style_resnets(block, layers):
+    """Too many parameters for the full Hessian: one float64 Hessian-vector product per sampled entry."""
+    torch.manual_seed(0)
+    model = ResNet(block, layers, num_classes=3, width=4, in_channels=2).double().eval()
+    randomise_batch_norm(model, torch.Generator().manual_seed(2))
+    assert explain_method(model, F.cross_entropy).method == "backprop"
+    assert_sampled_exact(model, F.cross_entropy, vectors(2, 16, 16), Y5)
+
+
+def test_small_resnet_against_the_full_hessian_with_frozen_layers():
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).double().eval()
+    for p in list(model.layer4.parameters()) + list(model.layer1.parameters()):
+        p.requires_grad_(False)
+    exact(model, vectors(1, 8, 8))
+
+
+# ---------------------------------------------------------------- concatenation, gating, norms
+class DenseBlock(nn.Module):
+    """DenseNet-style: each layer reads the concatenation of everything before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.layers = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(3 + 2 * i), nn.ReLU(inplace=True),
+                                                  nn.Conv2d(3 + 2 * i, 2, 3, padding=1)) for i in range(3))
+        self.fc = nn.Linear(9, 3)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.fc(F.adaptive_avg_pool2d(torch.cat(features, 1), 1).flatten(1))
+
+
+class GLU(nn.Module):
+    def __init__(self, swish=False):
+        super().__init__()
+        self.swish = swish
+        self.inp, self.gate, self.value, self.out = nn.Linear(6, 6), nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        gate = F.silu(self.gate(x)) if self.swish else torch.sigmoid(self.gate(x))
+        return self.out(self.value(x) * gate)
+
+
+class FusedGLU(nn.Module):
+    """One projection split in two halves, then gated (the chunk / split form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 10), nn.Linear(5, 3)
+
+    def forward(self, x):
+        value, gate = self.up(x).chunk(2, dim=-1)
+        return self.down(value * F.silu(gate))
+
+
+class PreNormMLP(nn.Module):
+    def __init__(self, width=6, hidden=8, depth=2):
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(width), "up": nn.Linear(width, hidden),
+                                                   "down": nn.Linear(hidden, width)}) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block["down"](F.gelu(block["up"](block["norm"](x))))
+        return self.head(self.norm(x))
+
+
+class SequenceModel(nn.Module):
+    """Per-position layers over (N, T, D): LayerNorm over the last axis, mean over positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.norm(F.gelu(self.a(x)))
+        return self.b(h).mean(1) + self.b(h[:, 0]) * 0.5
+
+
+@pytest.mark.parametrize("model, shape", [
+    (DenseBlock, (2, 4, 4)), (GLU, (6,)), (lambda: GLU(swish=True), (6,)), (FusedGLU, (6,)), (PreNormMLP, (5,)),
+], ids=["densenet", "glu", "swiglu", "fused-glu", "prenorm-mlp"])
+def test_concatenation_gating_and_normalisation(model, shape):
+    torch.manual_seed(0)
+    exact(model(), vectors(*shape))
+
+
+def test_sequence_model_with_a_parameter_used_twice_is_refused_naming_it():
+    torch.manual_seed(0)
+    steps_aside(SequenceModel(), vectors(3, 4), "parameter 'b.weight' used at 2 places")
+
+
+def test_layer_norm_over_several_rows_and_axes():
+    torch.manual_seed(0)
+    exact(nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm(3), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(6, 3)), vectors(3))
+    exact(nn.Sequential(nn.Conv2d(2, 2, 2), nn.LayerNorm([2, 2, 2]), nn.Flatten(), nn.Linear(8, 3)), vectors(2, 3, 3))
+
+
+# ---------------------------------------------------------------- embeddings
+class BagOfWords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.fc = nn.Embedding(9, 4, padding_idx=0), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.embedding(ids).mean(1)))
+
+
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 3))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, ids):
+        return self.fc(F.gelu(F.embedding(ids, self.table)).flatten(1))
+
+
+def test_embedding_models():
+    ids = torch.tensor([[1, 2, 2, 0], [3, 0, 0, 6], [1, 1, 1, 1], [5, 4, 3, 2], [0, 0, 0, 0]])
+    torch.manual_seed(0)
+    diagonals = exact(BagOfWords(), ids)
+    assert torch.equal(diagonals[0][0], torch.zeros(4, dtype=D))  # padding_idx
+    torch.manual_seed(0)
+    exact(TokenMLP(), ids % 7)
+
+
+# ---------------------------------------------------------------- attention
+class Attention(nn.Module):
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.qkv, self.proj = nn.Linear(3, width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, t, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(c, dim=2)
+        q = q.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+        weights = F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), dim=-1)
+        y = (weights @ v).transpose(1, 2).contiguous().view(n, t, c)
+        return self.head((x + self.proj(y)).mean(1))
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def test_hand_written_attention_through_the_engine():
+    torch.manual_seed(0)
+    exact(Attention(), vectors(4, 3))
+
+
+@pytest.mark.parametrize("model", [EncoderClassifier, lambda: nn.MultiheadAttention(4, 2, batch_first=True)],
+                         ids=["encoder-layer", "multihead"])
+def test_torch_transformer_layers_through_the_generic_method(model, device):
+    """scaled_dot_product_attention's fused kernels have no double backward: the generic method runs the math one."""
+    torch.manual_seed(0)
+    model = model()
+    if isinstance(model, nn.MultiheadAttention):
+        attention = model
+
+        class Wrapped(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attention, self.head = attention, nn.Linear(4, 3)
+
+            def forward(self, x):
+                return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+        model, x = Wrapped(), vectors(4, 4)
+    else:
+        x = vectors(4, 3)
+    model = model.double().eval().to(device)
+    x, y = x.to(device), Y5.to(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = model_hessian_diagonal(model, F.cross_entropy, x, y)
+    assert len([w for w in caught if "torch_secorder" in str(w.message)]) == 1
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = brute_force(model, F.cross_entropy, x, y)
+    assert relative_error(auto, expected) < 1e-10
+
+
+# ---------------------------------------------------------------- reshapes, slicing, padding, transposed convs
+class Reshapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.pad = nn.ReflectionPad2d(1)
+        self.up = nn.ConvTranspose2d(3, 2, 2, stride=2)
+        self.fc = nn.Linear(2 * 4 * 3 + 8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(self.pad(F.pad(x, (1, 1, 0, 1)))))  # (2, 5, 4) -> (3, 6, 5)
+        h = h[:, :, 1:3, ::2]  # slicing: (3, 2, 3)
+        h = F.silu(self.up(h))  # (2, 4, 6)
+        left, right = h.split([3, 3], dim=3)
+        h = torch.stack([left, right * 2], dim=1).sum(1)  # (2, 4, 3)
+        summary = h.permute(0, 2, 3, 1).reshape(h.size(0), -1, 2).mean(1)  # (2,)
+        return self.fc(torch.cat([h.flatten(1), summary.repeat(1, 4)], 1))
+
+
+def test_reshapes_slicing_padding_and_transposed_convolutions():
+    torch.manual_seed(0)
+    exact(Reshapes(), vectors(2, 5, 4))
+
+
+@pytest.mark.parametrize("transpose", [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d])
+def test_transposed_convolutions(transpose):
+    torch.manual_seed(0)
+    dims = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[transpose]
+    size = (3,) * dims
+    layer = transpose(2, 2, 3, stride=2, padding=1, output_padding=1, dilation=1)
+    with torch.no_grad():
+        features = layer(torch.zeros(1, 2, *size)).numel()
+    exact(nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(features, 3)), vectors(2, *size))
+
+
+def test_cross_entropy_on_outputs_with_positions():
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.conv(x)))
+
+    torch.manual_seed(0)
+    targets = torch.randint(0, 3, (5, 3, 3), generator=torch.Generator().manual_seed(1))
+    targets[0, 0, 0] = -100
+    exact(Segmenter(), vectors(2, 3, 3), targets)
+    exact(Segmenter(), vectors(2, 3, 3), targets,
+          loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, -2.0, 0.5], dtype=D), reduction="sum"))
+    probabilities = torch.softmax(torch.randn(5, 3, 3, 3, dtype=D), 1)
+    exact(Segmenter(), vectors(2, 3, 3), probabilities, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1))
+
+
+# ---------------------------------------------------------------- what the engine must refuse
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+
+class BatchMixing(nn.Module):
+    def __init__(self, mix):
+        super().__init__()
+        self.mix, self.a, self.b = mix, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.mix == "mean":
+            h = h - h.mean(0, keepdim=True)
+        elif self.mix == "flip":
+            h = h + h.flip(0)
+        else:
+            h = h * h.roll(1, 0)
+        return self.b(h)
+
+
+class Aliased(nn.Module):
+    """An in-place change that another path still reads: eager and traced results differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        alias = h
+        h += 1
+        return self.b(torch.tanh(h + alias))
+
+
+class TiedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("model, message", [
+    (DataDependent, "torch.fx cannot trace"),
+    (lambda: BatchMixing("mean"), "changing the batch axis"),
+    (lambda: BatchMixing("flip"), "mixing samples"),
+    (lambda: BatchMixing("roll"), "mixing samples"),
+    (Aliased, "a forward the trace does not reproduce"),
+    (TiedWeights, "module 'a' (Linear): parameters used at two places"),
+], ids=["data-dependent", "batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"])
+def test_what_the_engine_cannot_do_exactly_steps_aside(model, message):
+    torch.manual_seed(0)
+    steps_aside(model(), vectors(6), message)
+
+
+def test_a_changed_python_flag_is_traced_again():
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.skip = True
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h + x if self.skip else h)
+
+    torch.manual_seed(0)
+    model = Switch().double()
+    exact(model, vectors(6))
+    model.skip = False
+    exact(model, vectors(6))
+
+
+def test_hooks_anywhere_step_aside():
+    torch.manual_seed(0)
+    model = ResidualMLP()
+    model.register_forward_hook(lambda module, inputs, output: output * 2)
+    steps_aside(model, vectors(6), "forward hook")
+
+
+# ---------------------------------------------------------------- random graphs
+class RandomGraph(nn.Module):
+    """A random program over tensors of width 4: residual sums, concatenations, gates, norms, activations."""
+
+    ACTIVATIONS = [torch.tanh, torch.sigmoid, F.relu, F.gelu, F.softplus, F.silu]
+
+    def __init__(self, seed, steps=6):
+        super().__init__()
+        rng = random.Random(seed)
+        self.program, self.layers = [], nn.ModuleList()
+        width = 4
+        for step in range(steps):
+            kind = rng.choice(["linear", "add", "cat", "gate", "norm", "scale", "sub"])
+            a = rng.randrange(step + 1)
+            b = rng.randrange(step + 1)
+            activation = rng.randrange(len(self.ACTIVATIONS))
+            if kind == "cat":
+                self.layers.append(nn.Linear(2 * width, width))
+            elif kind == "norm":
+                self.layers.append(nn.LayerNorm(width))
+            else:
+                self.layers.append(nn.Linear(width, width))
+            self.program.append((kind, a, b, activation))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        values = [x]
+        for (kind, a, b, activation), layer in zip(self.program, self.layers):
+            f = self.ACTIVATIONS[activation]
+            if kind == "linear":
+                out = f(layer(values[a]))
+            elif kind == "add":
+                out = values[a] + layer(f(values[b]))
+            elif kind == "sub":
+                out = values[a] - 0.5 * layer(values[b])
+            elif kind == "cat":
+                out = f(layer(torch.cat([values[a], values[b]], dim=1)))
+            elif kind == "gate":
+                out = layer(values[a]) * torch.sigmoid(values[b])
+            elif kind == "norm":
+                out = layer(values[a] + values[b])
+            else:
+                out = 0.7 * f(layer(values[a]))
+            values.append(out)
+        return self.head(values[-1] + values[len(values) // 2])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_graphs(seed):
+    torch.manual_seed(seed)
+    exact(RandomGraph(seed), vectors(4))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_graphs_streamed_under_a_tiny_budget(seed):
+    torch.manual_seed(seed)
+    model = RandomGraph(seed).double()
+    expected = brute_force(model, F.cross_entropy, vectors(4), Y5)
+    actual = model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=1)
+    assert relative_error(actual, expected) < 1e-10

@@ -466,7 +466,7 @@ class RandomGraph(nn.Module):
         self.program, self.layers = [], nn.ModuleList()
         width = 4
         for step in range(steps):
-            kind = rng.choice(["linear", "add", "cat", "gate", "norm", "scale", "sub"])
+            kind = rng.choice(["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product"])
             a = rng.randrange(step + 1)
             b = rng.randrange(step + 1)
             activation = rng.randrange(len(self.ACTIVATIONS))
@@ -495,16 +495,37 @@ class RandomGraph(nn.Module):
                 out = layer(values[a]) * torch.sigmoid(values[b])
             elif kind == "norm":
                 out = layer(values[a] + values[b])
+            elif kind == "divide":
+                out = layer(values[a]) / (1 + torch.sigmoid(values[b]))
+            elif kind == "mean-product":
+                out = layer(values[a]) * values[b].mean(1, keepdim=True)
             else:
                 out = 0.7 * f(layer(values[a]))
             values.append(out)
         return self.head(values[-1] + values[len(values) // 2])
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(40))
 def test_random_graphs(seed):
     torch.manual_seed(seed)
-    exact(RandomGraph(seed), vectors(4))
+    exact(RandomGraph(seed, steps=8), vectors(4))
+
+
+class SameTensorTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + h - 0.5 * (h - h) + 3 * h
+        h = h * h + torch.sigmoid(h)
+        return self.b(torch.cat([h, h], 1))
+
+
+def test_a_tensor_used_twice_by_one_node():
+    torch.manual_seed(0)
+    exact(SameTensorTwice(), vectors(6))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -47,7 +47,10 @@ def _flatten(start_dim=0, end_dim=-1):
 
 
 def _dropout(p=0.5, training=True, inplace=False):
-    return nn.Dropout(p) if not training or p == 0 else None
+    if training and p > 0:
+        from .errors import Unsupported
+        raise Unsupported(f"F.dropout(p={p}) in training mode is random; call model.eval() or use p=0")
+    return nn.Dropout(p)
 
 
 _FIXED = {

@@ -372,28 +372,34 @@ _TUPLE_METHODS = {"split", "chunk", "unbind", "tensor_split"}
 
 
 class AddOp(GenericOp):
-    """a + b, a - b (also torch.add/sub and the methods; alpha=1): columns go to each operand unchanged or negated."""
+    """a + b, a - b (also torch.add/sub and the methods; alpha=1): the columns go to each operand times its
+    coefficient (x + x gives x twice, x - x none)."""
 
     def __init__(self, param_args=()):
         super().__init__(linear=True, param_args=param_args)
 
     def pull(self, node, columns, signs, positions):
         output_shape = node.value_shape
+        coefficients = self._coefficients(node)
         results = []
         for position in positions:
             name = node.input_names[position]
             if tuple(node.values[name].shape) != output_shape:  # broadcast: sum over the broadcast axes
                 results.append(GenericOp.pull(self, node, columns, signs, [position])[0])
                 continue
-            negated = self._negated(node, name)
-            results.append(-columns if negated else columns)
+            coefficient = coefficients.get(name, 0)
+            results.append(columns if coefficient == 1 else columns * coefficient)
         return results
 
-    def _negated(self, node, name):
-        args = node.fx_node.args
-        subtract = node.fx_node.target in (operator.sub, operator.isub, torch.sub, "sub")
-        return subtract and len(args) > 1 and isinstance(args[1], fx.Node) and args[1].name == name and not (
-            isinstance(args[0], fx.Node) and args[0].name == name)
+    def _coefficients(self, node):
+        fx_node = node.fx_node
+        subtract = fx_node.target in (operator.sub, operator.isub, torch.sub, "sub", "sub_")
+        coefficients = {}
+        for position, arg in enumerate(fx_node.args[:2]):
+            if isinstance(arg, fx.Node):
+                sign = -1 if subtract and position == 1 else 1
+                coefficients[arg.name] = coefficients.get(arg.name, 0) + sign
+        return coefficients
 
 
 # ---------------------------------------------------------------- the table
@@ -529,7 +535,9 @@ class ProductOp(GenericOp):
         fx_node = node.fx_node
         divisor = fx_node.args[1] if len(fx_node.args) > 1 else None
         divides = fx_node.target in (operator.truediv, operator.itruediv, torch.div, "div", "__truediv__")
-        if len(node.inputs) <= 1 and not (divides and isinstance(divisor, fx.Node) and divisor.name in node.input_names):
+        operands = [arg for arg in fx_node.args[:2] if isinstance(arg, fx.Node) and arg.name in node.input_names]
+        divides_by_input = divides and isinstance(divisor, fx.Node) and divisor.name in node.input_names
+        if len(operands) <= 1 and not divides_by_input:  # x * c, c * x, x @ W, x / c: linear in x
             self.linear = True
             self.curved_possible = False
         if divides and node.params and isinstance(divisor, fx.Node) and divisor.op == "get_attr":

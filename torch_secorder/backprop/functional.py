@@ -161,4 +161,5 @@ def module_for_call(fx_node, root):
         return None  # arguments the module does not take: the generic op runs the call as written
     if found is None or not isinstance(found[2], fx.Node):
         return None
+    found[0].train(False)  # a functional call has no training mode of its own (F.dropout's was checked above)
     return found

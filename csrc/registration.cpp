@@ -18,6 +18,7 @@ TORCH_LIBRARY(torch_secorder, m) {
   // sum_n sum_v signs[n, v] (factors[n, v] @ inputs[n]^T)^2 with factors (N, V, O, P), inputs (N, K, P) -> (O, K),
   // without materialising the N x V x O x K products.
   m.def("affine_weight_diagonal(Tensor factors, Tensor? signs, Tensor inputs) -> Tensor");
+  m.def("channel_weight_diagonal(Tensor factors, Tensor? signs, Tensor values) -> Tensor");
   // The same when the factors live on max-pooling selections: output channel o of sample n uses only
   // positions indices[n, o, :]. factors (N, V, O, Q), indices (N, O, Q) int64, inputs (N, K, P) -> (O, K).
   m.def("selected_weight_diagonal(Tensor factors, Tensor? signs, Tensor indices, Tensor inputs) -> Tensor");

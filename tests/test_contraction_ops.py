@@ -173,3 +173,44 @@ def test_cuda_kernel_checks_indices_on_the_device():
               "torch.cuda.synchronize()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 9), (8, 10, 64, 1), (2, 3, 4, 300), (0, 2, 3, 4)])
+@pytest.mark.parametrize("with_signs", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_channel_weight_diagonal(device, dtype, shape, with_signs, layout):
+    """sum_n sum_v sign (sum_p S[n, v, c, p] X[n, c, p])^2; the transposed layout is LayerNorm's (rows as positions)."""
+    samples, columns, channels, positions = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    if layout == "contiguous":
+        factors = torch.randn(samples, columns, channels, positions, generator=generator, dtype=dtype)
+        values = torch.randn(samples, channels, positions, generator=generator, dtype=dtype)
+    else:
+        factors = torch.randn(samples, columns, positions, channels, generator=generator, dtype=dtype).transpose(2, 3)
+        values = torch.randn(samples, positions, channels, generator=generator, dtype=dtype).transpose(1, 2)
+    factors, values = factors.to(device), values.to(device)
+    signs = signs_like(samples, columns, dtype, device, 9) if with_signs else None
+    result = torch.ops.torch_secorder.channel_weight_diagonal(factors, signs, values)
+    assert result.shape == (channels,) and result.dtype == dtype and result.device == factors.device
+    weights = torch.ones(samples, columns, dtype=dtype, device=device) if signs is None else signs
+    projections = (factors * values.unsqueeze(1)).sum(3)  # definition, by broadcasting
+    expected = (weights.unsqueeze(2) * projections * projections).sum((0, 1))
+    assert relative_error(result, expected) < TOL[dtype]
+    assert relative_error(result, reference_ops.channel_weight_diagonal(factors, signs, values)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_opcheck_channel(device, with_signs):
+    generator = torch.Generator().manual_seed(8)
+    args = (torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
+            signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
+            torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).to(device))
+    torch.library.opcheck(torch.ops.torch_secorder.channel_weight_diagonal.default, args)
+
+
+def test_channel_weight_diagonal_names_bad_arguments():
+    with pytest.raises(RuntimeError, match=r"values must be \(N, C, P\)"):
+        ops.channel_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 4, 6))
+    with pytest.raises(RuntimeError, match="values has dtype"):
+        ops.channel_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 4, 5, dtype=torch.float64))

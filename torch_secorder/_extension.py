@@ -130,4 +130,9 @@ def _register_fake_kernels():
         return factors.new_empty((factors.shape[2], inputs.shape[1]))
 
     torch.library.register_fake("torch_secorder::selected_weight_diagonal")(selected_weight_diagonal)
+
+    def channel_weight_diagonal(factors, signs, values):
+        return factors.new_empty((factors.shape[2],))
+
+    torch.library.register_fake("torch_secorder::channel_weight_diagonal")(channel_weight_diagonal)
     _register_fake_kernels.done = True

@@ -45,7 +45,7 @@ _BACKEND_KERNEL = {
     "cross_entropy_hessian_diag": "softmax_hessian_diag", "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
     "bce_with_logits_hessian_diag": "sigmoid_hessian_diag", "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
     "factor_diagonal": "factor_diagonal", "affine_weight_diagonal": "affine_weight_diagonal",
-    "selected_weight_diagonal": "selected_weight_diagonal",
+    "selected_weight_diagonal": "selected_weight_diagonal", "channel_weight_diagonal": "channel_weight_diagonal",
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _kernel_cache = {}  # (op, device type) -> bool
@@ -171,3 +171,10 @@ def selected_weight_diagonal(factors, signs, indices, inputs):
     """affine_weight_diagonal for factors on max-pooling selections: output channel o of sample n
     uses only positions indices[n, o]; factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P) -> (O, K)."""
     return _run("selected_weight_diagonal", factors, signs, indices, inputs)
+
+
+def channel_weight_diagonal(factors, signs, values):
+    """Diagonal of a per-channel scale (BatchNorm's, LayerNorm's weight) from curvature factors:
+    sum_n sum_v signs[n, v] (sum_p factors[n, v, c, p] values[n, c, p])^2, factors (N, V, C, P),
+    values (N, C, P) -> (C,). Any strides."""
+    return _run("channel_weight_diagonal", factors, signs, values)

@@ -158,3 +158,13 @@ def selected_weight_diagonal(factors, signs, indices, inputs, samples_per_chunk=
             squared = squared * signs[start:stop, :, None, None]
         total = total + squared.sum(dim=(0, 1))
     return total
+
+
+def channel_weight_diagonal(factors, signs, values):
+    """sum_n sum_v signs[n, v] (sum_p factors[n, v, c, p] values[n, c, p])^2, (C,): the diagonal of a
+    per-channel scale. factors (N, V, C, P), signs (N, V) or None, values (N, C, P)."""
+    projected = torch.einsum("nvcp,ncp->nvc", factors, values)
+    squared = projected * projected
+    if signs is not None:
+        squared = squared * signs.unsqueeze(2)
+    return squared.sum(dim=(0, 1))

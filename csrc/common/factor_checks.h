@@ -59,4 +59,17 @@ inline void check_selected_weight_diagonal_args(const at::Tensor& factors, const
   check_signs(op, signs, factors);
 }
 
+inline void check_channel_weight_diagonal_args(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                              const at::Tensor& values) {
+  const char* op = "channel_weight_diagonal";
+  TORCH_CHECK(factors.dim() == 4, op, ": factors must be (N, V, C, P), got ", factors.dim(), "-D");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == factors.size(0) && values.size(1) == factors.size(2) &&
+                  values.size(2) == factors.size(3),
+              op, ": values must be (N, C, P) = (", factors.size(0), ", ", factors.size(2), ", ", factors.size(3),
+              "), got ", values.sizes());
+  TORCH_CHECK(at::isFloatingType(factors.scalar_type()), op, ": factors must be floating point");
+  check_same_kind(op, "values", values, factors);
+  check_signs(op, signs, factors);
+}
+
 }  // namespace torch_secorder

@@ -137,12 +137,52 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
   return partial.sum(0);
 }
 
+// sum_n sum_v sign (sum_p factors[n, v, c, p] values[n, c, p])^2 per channel c: the diagonal of a
+// per-channel scale (BatchNorm's and LayerNorm's weight). Samples in parallel, one (C) accumulator per
+// thread; factors and values are read through their strides (LayerNorm passes transposed views).
+at::Tensor channel_weight_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                       const at::Tensor& values) {
+  check_channel_weight_diagonal_args(factors, signs, values);
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = factors.size(0), columns = factors.size(1), channels = factors.size(2);
+  const int64_t positions = factors.size(3);
+  const int threads = at::get_num_threads();
+  auto partial = at::zeros({threads, channels}, factors.options());
+  if (samples == 0 || columns == 0 || channels == 0) return partial.sum(0);
+  AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "channel_weight_diagonal_cpu", [&] {
+    const scalar_t* fp = factors.const_data_ptr<scalar_t>();
+    const scalar_t* xp = values.const_data_ptr<scalar_t>();
+    const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t fn = factors.stride(0), fv = factors.stride(1), fc = factors.stride(2), fpos = factors.stride(3);
+    const int64_t xn = values.stride(0), xc = values.stride(1), xpos = values.stride(2);
+    scalar_t* partial_base = partial.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * channels;
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t v = 0; v < columns; ++v) {
+          const scalar_t sign = has_signs ? gp[n * columns + v] : scalar_t(1);
+          for (int64_t c = 0; c < channels; ++c) {
+            const scalar_t* column = fp + n * fn + v * fv + c * fc;
+            const scalar_t* value = xp + n * xn + c * xc;
+            scalar_t product = 0;
+            for (int64_t p = 0; p < positions; ++p) product += column[p * fpos] * value[p * xpos];
+            acc[c] += sign * product * product;
+          }
+        }
+      }
+    });
+  });
+  return partial.sum(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_secorder, CPU, m) {
   m.impl("factor_diagonal", &factor_diagonal_cpu);
   m.impl("affine_weight_diagonal", &affine_weight_diagonal_cpu);
   m.impl("selected_weight_diagonal", &selected_weight_diagonal_cpu);
+  m.impl("channel_weight_diagonal", &channel_weight_diagonal_cpu);
 }
 
 }  // namespace torch_secorder

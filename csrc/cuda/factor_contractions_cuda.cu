@@ -114,6 +114,32 @@ __global__ void selected_weight_diagonal_kernel(const scalar_t* factors, FactorS
   atomicAdd(out + entry, accumulated);
 }
 
+// One block per channel: its threads share the (n, v) pairs, each a dot product over the positions,
+// squared; a block reduction writes out[c] (deterministic: no atomics).
+template <typename scalar_t>
+__global__ void channel_weight_diagonal_kernel(const scalar_t* factors, FactorStrides fs, const scalar_t* signs,
+                                               const scalar_t* values, InputStrides vs, scalar_t* out,
+                                               int64_t samples, int64_t columns, int64_t positions) {
+  __shared__ scalar_t partial[kThreads];
+  const int64_t c = blockIdx.x;
+  scalar_t accumulated = 0;
+  for (int64_t pair = threadIdx.x; pair < samples * columns; pair += blockDim.x) {
+    const int64_t n = pair / columns, v = pair % columns;
+    const scalar_t* column = factors + n * fs.sample + v * fs.column + c * fs.out;
+    const scalar_t* value = values + n * vs.sample + c * vs.channel;
+    scalar_t product = 0;
+    for (int64_t p = 0; p < positions; ++p) product += column[p * fs.position] * value[p * vs.position];
+    accumulated += (signs ? signs[pair] : scalar_t(1)) * product * product;
+  }
+  partial[threadIdx.x] = accumulated;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[c] = partial[0];
+}
+
 at::Tensor factor_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
   check_factor_diagonal_args(factors, signs);
   const c10::cuda::CUDAGuard guard(factors.device());
@@ -192,10 +218,30 @@ at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::o
 
 }  // namespace
 
+at::Tensor channel_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
+                                        const at::Tensor& values) {
+  check_channel_weight_diagonal_args(factors, signs, values);
+  const c10::cuda::CUDAGuard guard(factors.device());
+  const bool has_signs = signs.has_value() && signs->defined();
+  const auto g = has_signs ? signs->contiguous() : at::Tensor();
+  const int64_t samples = factors.size(0), columns = factors.size(1), channels = factors.size(2);
+  auto out = at::zeros({channels}, factors.options());
+  if (samples == 0 || columns == 0 || channels == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "channel_weight_diagonal_cuda", [&] {
+    channel_weight_diagonal_kernel<scalar_t><<<channels, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        factors.const_data_ptr<scalar_t>(), factor_strides(factors), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
+        values.const_data_ptr<scalar_t>(), input_strides(values), out.mutable_data_ptr<scalar_t>(), samples, columns,
+        factors.size(3));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(torch_secorder, CUDA, m) {
   m.impl("selected_weight_diagonal", &selected_weight_diagonal_cuda);
   m.impl("factor_diagonal", &factor_diagonal_cuda);
   m.impl("affine_weight_diagonal", &affine_weight_diagonal_cuda);
+  m.impl("channel_weight_diagonal", &channel_weight_diagonal_cuda);
 }
 
 }  // namespace torch_secorder

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from .registry import Rule, register
 from .residuals import per_sample_hessian
 from .shared_weight import linear_transpose_columns
@@ -55,11 +56,9 @@ class LayerNormRule(Rule):
             if curvature.diag is not None:
                 total = total + (curvature.diag.reshape(samples, count, features) * values * values).sum((0, 1))
             for columns, signs in curvature.column_parts():
-                projected = (columns.reshape(samples, -1, count, features) * values.unsqueeze(1)).sum(2)
-                squared = projected * projected
-                if signs is not None:
-                    squared = squared * signs.unsqueeze(2)
-                total = total + squared.sum((0, 1))
+                # feature d of every row is one "channel", the rows its positions (transposed views, no copies)
+                by_feature = columns.reshape(samples, -1, count, features).transpose(2, 3)
+                total = total + ops.channel_weight_diagonal(by_feature, signs, values.transpose(1, 2))
             results.append((param, total.reshape(param.shape)))
         return results
 

@@ -108,11 +108,8 @@ def channelwise_diagonal(curvature, values):
         blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
         return torch.einsum("ncpq,ncp,ncq->c", blocks, values, values)
     if curvature.factors is not None:
-        projected = torch.einsum("nvcp,ncp->nvc", curvature.factors.reshape(samples, -1, channels, positions), values)
-        squared = projected * projected
-        if curvature.signs is not None:
-            squared = squared * curvature.signs.unsqueeze(2)
-        total = total + squared.sum(dim=(0, 1))
+        factors = curvature.factors.reshape(samples, -1, channels, positions)
+        total = total + ops.channel_weight_diagonal(factors, curvature.signs, values)
     if curvature.diag is not None:
         total = total + (curvature.diag.reshape(samples, channels, positions) * values * values).sum(dim=(0, 2))
     return total

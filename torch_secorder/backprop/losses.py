@@ -90,6 +90,29 @@ def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=
     return _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns)
 
 
+def softmax_hessian_columns(logits, scale):
+    """C - 1 columns per sample whose outer products sum to scale * (diag(p) - p p^T), p = softmax(logits):
+    the rank of that Hessian, one column fewer to pull through the whole model than a square root.
+
+    With q = sqrt(p), diag(p) - p p^T = diag(q) (I - q q^T) diag(q), and I - q q^T is the sum of u u^T over
+    the columns u of the Householder reflection H = I - w w^T / (1 + q_k), w = q + e_k, other than column
+    k (H maps q to -e_k; k = the most likely class keeps 1 + q_k >= 1). logits (N, C), scale (N,) >= 0
+    -> (N, C - 1, C)."""
+    samples, classes = logits.shape
+    q = torch.softmax(logits, dim=1).sqrt()
+    if classes == 1:
+        return logits.new_zeros(samples, 0, 1)
+    top = q.argmax(dim=1)
+    w = q.clone()
+    w[torch.arange(samples, device=q.device), top] += 1
+    denominator = 1 + q.gather(1, top.unsqueeze(1))  # (N, 1)
+    reflection = torch.eye(classes, dtype=q.dtype, device=q.device) - w.unsqueeze(2) * (w / denominator).unsqueeze(1)
+    keep = torch.ones(samples, classes, dtype=torch.bool, device=q.device)
+    keep[torch.arange(samples, device=q.device), top] = False
+    basis = reflection.transpose(1, 2)[keep].reshape(samples, classes - 1, classes)  # rows: H's columns j != k
+    return basis * (q * scale.sqrt().unsqueeze(1)).unsqueeze(1)
+
+
 def _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, memory_budget):
     """Cross-entropy on (N, C, d1, ...): one C x C block per position, so per sample C columns per position,
     each zero outside its position (features ordered (C, positions) like the output)."""
@@ -112,14 +135,15 @@ def _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, mem
         raise Unsupported(f"{spec.kind} over {positions} positions per sample: its per-sample factor "
                           f"({size / 2**20:.0f} MiB) exceeds memory_budget")
     negative = bool((scale < 0).any())
-    root = ops.softmax_hessian_sqrt(rows, scale.abs() if negative else scale)  # (N P, C, C): S S^T = H
-    columns = root.transpose(1, 2).reshape(samples, positions, classes, classes)  # [n, p, column, class]
-    # column (p, v) of sample n holds root column v of position p at features (c, p), zeros elsewhere
+    root = softmax_hessian_columns(rows, scale.abs() if negative else scale)  # (N P, C - 1, C)
+    width = root.shape[1]
+    columns = root.reshape(samples, positions, width, classes)  # [n, p, column, class]
+    # column (p, v) of sample n holds column v of position p at features (c, p), zeros elsewhere
     factors = torch.diag_embed(columns.permute(0, 2, 3, 1)).permute(0, 3, 1, 2, 4)  # (N, P, V, C, P)
     signs = None
     if negative:
-        signs = torch.sign(scale).reshape(samples, positions, 1).expand(-1, -1, classes).reshape(samples, -1)
-    return Curvature(feature_shape, factors=factors.reshape(samples, positions * classes, -1), signs=signs)
+        signs = torch.sign(scale).reshape(samples, positions, 1).expand(-1, -1, width).reshape(samples, -1)
+    return Curvature(feature_shape, factors=factors.reshape(samples, positions * width, -1), signs=signs)
 
 
 def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):
@@ -138,10 +162,10 @@ def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):
     may_be_negative = options["weight"] is not None or targets.is_floating_point()
     signs = torch.sign(scale) if may_be_negative and bool((scale < 0).any()) else None
     classes = output.shape[1]
-    if max_columns is None or classes <= max_columns:
-        root = ops.softmax_hessian_sqrt(output, scale if signs is None else scale.abs())
-        expanded = None if signs is None else signs.unsqueeze(1).expand(-1, classes)
-        return Curvature(feature_shape, factors=root.transpose(1, 2), signs=expanded)  # S S^T = H: columns of S
+    if max_columns is None or classes - 1 <= max_columns:
+        columns = softmax_hessian_columns(output, scale if signs is None else scale.abs())
+        expanded = None if signs is None else signs.unsqueeze(1).expand(-1, columns.shape[1])
+        return Curvature(feature_shape, factors=columns, signs=expanded)
     probabilities = torch.softmax(output, dim=1)
     column = (scale.abs().sqrt().unsqueeze(1) * probabilities).unsqueeze(1)  # (N, 1, C)
     column_sign = -torch.sign(scale).unsqueeze(1)  # a zero scale leaves a zero column: its sign is moot

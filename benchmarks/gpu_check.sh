@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call (at most ~8 minutes), from the repository root:
+# The whole GPU check in one device call (at most ~9 minutes: step limits sum to 520 s), from the repository root:
 #   build -> tests (not slow; every device-parametrised test on cuda) -> compute-sanitizer memcheck of
-#   the CUDA op tests -> kernel benchmarks -> engine benchmarks (one process, CUDA events after warm-up).
+#   the CUDA op tests -> kernel benchmarks -> engine benchmarks (one process, CUDA events after warm-up) ->
+#   the graph engine on ResNet-18 at batch 128.
 # Each step has its own time limit and reports its exit status and elapsed seconds. Everything lands
 # in $OUT as two files: summary.txt and gpu_check.tar.gz (logs, benchmark JSON and markdown).
 #   usage: bash benchmarks/gpu_check.sh [--dry-run]
@@ -24,23 +25,24 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 source "$(dirname "$0")/gpu_check_steps.sh"
 
 say "gpu_check $( [ "$DRY" = 1 ] && echo '(dry run)') commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-step device 20 bash -c "nvidia-smi 2>&1 | head -15; nvcc --version 2>&1 | tail -2; $PYTHON -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)\""
+step device 15 bash -c "nvidia-smi 2>&1 | head -15; nvcc --version 2>&1 | tail -2; $PYTHON -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)\""
 
 if [ "$DRY" = 1 ]; then  # the same build, into a wheel: the installed package (maybe loaded by a test) stays as it is
-  step build 140 "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-index -w "$WORK/wheel" . || finish 1
+  step build 120 "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-index -w "$WORK/wheel" . || finish 1
   rm -rf "$WORK/wheel"
 else
-  step build 140 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || finish 1
+  step build 120 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || finish 1
 fi
 if [ "$DRY" = 1 ]; then
   skipped "cuda-kernels-registered"
   DEVICE=cpu
 else
-  step cuda-kernels-registered 30 "$PYTHON" -c "
+  step cuda-kernels-registered 20 "$PYTHON" -c "
 import torch
 from torch_secorder import _extension, ops
 assert _extension.info()['source'] == 'prebuilt', _extension.info()
-for name in ('softmax_hessian_diag', 'factor_diagonal', 'affine_weight_diagonal', 'selected_weight_diagonal'):
+for name in ('softmax_hessian_diag', 'factor_diagonal', 'affine_weight_diagonal', 'selected_weight_diagonal',
+             'channel_weight_diagonal'):
     assert ops.has_kernel(name, 'cuda'), name
 print('CUDA kernels registered:', _extension.info())" || finish 1
   DEVICE=cuda
@@ -48,16 +50,16 @@ fi
 
 # BackPACK and its pure-Python dependencies, from wheels, into a folder of their own (no network there)
 if [ -d .gpu_wheels ]; then
-  step backpack-wheels 30 "$PYTHON" -m pip install --no-index --no-deps --target "$WORK/site" .gpu_wheels/*.whl \
+  step backpack-wheels 20 "$PYTHON" -m pip install --no-index --no-deps --target "$WORK/site" .gpu_wheels/*.whl \
     && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 else
   say "=== backpack-wheels: no .gpu_wheels folder (BackPACK columns will say skipped)"
 fi
 
 if [ "$DRY" = 1 ]; then
-  step tests 150 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -k "traps and zero_size" tests
+  step tests 110 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -k "traps and zero_size" tests
 else
-  TAIL=6 step tests 150 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
+  TAIL=6 step tests 110 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
   say "    tests run on cuda: $(grep -c '^PASSED.*cuda' "$WORK/tests.log") passed, $(grep -c '^SKIPPED.*cuda\|^FAILED.*cuda' "$WORK/tests.log") skipped or failed"
 fi
 
@@ -65,7 +67,7 @@ if [ "$DRY" = 1 ]; then
   skipped memcheck
 elif command -v compute-sanitizer > /dev/null; then
   # without the caching allocator, an access past a tensor's end is outside any allocation and is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_loss_curvature_ops.py tests/test_contraction_ops.py -k cuda
   case $? in
     0) say "    memcheck: no errors" ;;
@@ -77,8 +79,15 @@ else
   say "=== memcheck: compute-sanitizer not found"
 fi
 
-if [ "$DRY" = 1 ]; then KERNEL_BATCH=4; ENGINE_ARGS=(--batch 4 --only MLP); else KERNEL_BATCH=256; ENGINE_ARGS=(--batch 256 --batch 1024); fi
-TAIL=14 step kernel-benchmarks 45 "$PYTHON" benchmarks/bench_kernels.py --device "$DEVICE" --batch "$KERNEL_BATCH" --out "$WORK"
-TAIL=12 step engine-benchmarks 120 "$PYTHON" benchmarks/bench_backprop.py --device "$DEVICE" --in-process \
+if [ "$DRY" = 1 ]; then
+  KERNEL_BATCH=4; ENGINE_ARGS=(--batch 4 --only MLP); GRAPH_ARGS=(--batch 2 --only "as a class")
+else
+  KERNEL_BATCH=256; ENGINE_ARGS=(--batch 256 --batch 1024); GRAPH_ARGS=(--batch 128 --only ResNet-18)
+fi
+TAIL=14 step kernel-benchmarks 40 "$PYTHON" benchmarks/bench_kernels.py --device "$DEVICE" --batch "$KERNEL_BATCH" --out "$WORK"
+TAIL=12 step engine-benchmarks 60 "$PYTHON" benchmarks/bench_backprop.py --device "$DEVICE" --in-process \
   --generic-limit 10 --rounds 2 --out "$WORK" "${ENGINE_ARGS[@]}"
+# ResNet-18 (torchvision's definition, CIFAR size, eval) at batch 128: gradient, engine, BackPACK DiagGGNExact
+TAIL=6 step graph-benchmarks 75 "$PYTHON" benchmarks/bench_graph.py --device "$DEVICE" --rounds 1 --generic-limit 5 \
+  --out "$WORK" "${GRAPH_ARGS[@]}"
 finish 0

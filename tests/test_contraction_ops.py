@@ -214,3 +214,20 @@ def test_channel_weight_diagonal_names_bad_arguments():
         ops.channel_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 4, 6))
     with pytest.raises(RuntimeError, match="values has dtype"):
         ops.channel_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.randn(2, 4, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 5, 7, 1), (4, 10, 6, 8, 4), (2, 3, 4, 5, 16)])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_weight_diagonal_over_position_pairs_equals_the_kernel(shape, with_signs):
+    """The engine expands the square over position pairs when few positions meet many columns: same numbers."""
+    from torch_secorder.backprop.shared_weight import factor_weight_diagonal
+
+    samples, columns, outs, ins, positions = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    factors = torch.randn(samples, columns, outs, positions, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(samples, ins, positions, generator=generator, dtype=torch.float64)
+    signs = signs_like(samples, columns, torch.float64, "cpu", 4) if with_signs else None
+    expected = reference_ops.affine_weight_diagonal(factors, signs, inputs)
+    for budget in (1 << 24, 1):  # one chunk of samples, and one sample at a time
+        result = factor_weight_diagonal(factors, signs, inputs, max_elements=budget, force_pairs=True)
+        assert relative_error(result, expected) < 1e-12

@@ -41,7 +41,7 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
     return total
 
 
-def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24):
+def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_pairs=False):
     """sum_n sum_v signs (factors[n, v] @ inputs[n]^T)^2, factors (N, V, O, P), inputs (N, K, P) -> (O, K).
 
     Two ways with the same numbers: the compiled op forms each (V O, K) projection and squares it, about
@@ -49,10 +49,12 @@ def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24):
         sum_{p <= q} (2 - [p = q]) (sum_v signs S[v, o, p] S[v, o, q]) (X[k, p] X[k, q]),
     costs about N O K P (P + 1) / 2: cheaper when few positions meet many columns (deep convolutions
     on small feature maps, P = 1 to 16 against V = 10 classes), where the projections are mostly
-    memory traffic."""
+    memory traffic. force_pairs: always the pairs (tests)."""
     samples, width, out_channels, positions = factors.shape
     pairs = positions * (positions + 1) // 2
-    if 4 * pairs > width * positions or samples == 0:  # measured: pairs 4x faster at P = 4, V = 10; 3x slower at P = 16
+    # Measured on CPU (N = 32, O K = 74k-590k): the kernel's cost follows its (V O, K) products while P is
+    # small (its GEMMs are skinny) and V O K P beyond P = 8; the pairs' follows O K T at a lower rate.
+    if (3 * pairs >= width * max(8, positions) or samples == 0) and not force_pairs:
         return ops.affine_weight_diagonal(factors, signs, inputs)
     first, second = torch.triu_indices(positions, positions, device=factors.device)
     twice = torch.where(first == second, 1.0, 2.0).to(factors.dtype)

@@ -535,3 +535,45 @@ def test_random_graphs_streamed_under_a_tiny_budget(seed):
     expected = brute_force(model, F.cross_entropy, vectors(4), Y5)
     actual = model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=1)
     assert relative_error(actual, expected) < 1e-10
+
+
+# ---------------------------------------------------------------- dropout, cost reports, projections
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.3, training=self.training))
+
+
+def test_functional_dropout_is_exact_in_eval_and_refused_in_training():
+    torch.manual_seed(0)
+    model = FunctionalDropout()
+    exact(model, vectors(6))
+    assert "F.dropout(p=0.3) in training mode" in explain_method(model.double().train(), F.cross_entropy).reason
+
+
+def test_explain_method_reports_what_each_method_costs():
+    torch.manual_seed(0)
+    choice = explain_method(ResidualMLP(), F.cross_entropy, vectors(6).float())
+    assert choice.method == "backprop"
+    assert "the loss's 3 columns per sample" in choice.cost and "curved node(s)" in choice.cost
+    resnet = explain_method(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1), F.cross_entropy)
+    assert "the loss is the only origin" in resnet.cost
+    generic = explain_method(nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3)), F.mse_loss)
+    assert generic.method == "autograd" and generic.cost.startswith("15 Hessian-vector products")
+    assert "(15 Hessian-vector products" in str(generic)
+
+
+def test_the_fallback_warning_projects_the_time_of_a_large_generic_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.GroupNorm(1, 30), nn.Linear(30, 2))
+    x, y = torch.randn(8, 40), torch.randint(0, 2, (8,))
+    with pytest.warns(RuntimeWarning, match=r"projected roughly .*: 1352 Hessian-vector products"):
+        model_hessian_diagonal(model, F.cross_entropy, x, y, chunk_size=1352)
+    small = nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_hessian_diagonal(small, F.mse_loss, torch.randn(5, 4), torch.randn(5, 3))
+    assert not any("projected" in str(w.message) for w in caught)  # 21 entries: nothing to project

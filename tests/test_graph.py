@@ -559,7 +559,8 @@ def test_explain_method_reports_what_each_method_costs():
     choice = explain_method(ResidualMLP(), F.cross_entropy, vectors(6).float())
     assert choice.method == "backprop"
     assert "the loss's 3 columns per sample" in choice.cost and "curved node(s)" in choice.cost
-    resnet = explain_method(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1), F.cross_entropy)
+    resnet = explain_method(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).eval(),
+                            F.cross_entropy)
     assert "the loss is the only origin" in resnet.cost
     generic = explain_method(nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3)), F.mse_loss)
     assert generic.method == "autograd" and generic.cost.startswith("15 Hessian-vector products")

@@ -191,7 +191,7 @@ def validate(plan, model, inputs):
     if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax
         traced = torch.log_softmax(traced, dim=plan.log_softmax_dim)
     for node in plan.nodes:
-        node.record, node.values = None, None
+        node.record, node.values, node.output_grad = None, None, None
     same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype
             and torch.allclose(traced, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max().clamp_min(1e-30))
                                if expected.numel() else 0.0, equal_nan=True))

@@ -11,10 +11,13 @@ memory stays within the budget; origins are independent, so their contributions 
 
 import torch
 
-from . import eligibility
+from . import eligibility, graph_ops
 from .errors import Unsupported
 from .losses import output_curvature, unsupported_output_reason
 from ..core.validation import check_scalar_loss
+
+
+RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
 def _max_columns(samples, features, itemsize, memory_budget):
@@ -22,6 +25,29 @@ def _max_columns(samples, features, itemsize, memory_budget):
 
 
 def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget):
+    try:
+        return _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget)
+    finally:  # the plan is cached with the model: it must not keep this call's tensors alive
+        for node in plan.nodes:
+            node.values = node.record = node.output_grad = None
+
+
+def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
+    """A generic curved node forms its per-sample Hessians densely (N x D x D for D input features per sample),
+    not in chunks: refuse before any work when they exceed the memory budget (or 64 MiB, whichever is more:
+    small ones always go), as attention over long sequences would."""
+    for index in curved:
+        node = nodes[index]
+        if not isinstance(node.op, graph_ops.GenericOp) or node.op.linear:
+            continue
+        features = sum(node.values[name][0].numel() for name in node.input_names)
+        size = samples * features * features * itemsize
+        if size > max(memory_budget, RESIDUAL_FLOOR):
+            raise Unsupported(f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
+                              f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)")
+
+
+def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget):
     nodes = plan.nodes
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
@@ -53,6 +79,7 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
         if inputs.shape[0] == 0:
             return [torch.zeros_like(p) for p in params]
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
+        _check_residual_sizes(nodes, curved, inputs.shape[0], output.element_size(), memory_budget)
         if curved:
             grads = torch.autograd.grad(loss, [values[nodes[i].name] for i in curved], allow_unused=True)
             for index, grad in zip(curved, grads):

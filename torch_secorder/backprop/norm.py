@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from .registry import Rule, register
-from .residuals import per_sample_hessian
 from .shared_weight import linear_transpose_columns
 
-_RELATIVE_ZERO = 1e-13
 
 
 def _rows(module, x):
@@ -78,25 +76,12 @@ class LayerNormRule(Rule):
         module, x = record.module, record.input
         rows = _rows(module, x)
         samples, count, features = rows.shape
-        weight = None if module.weight is None else module.weight.detach().reshape(-1)
-        bias = None if module.bias is None else module.bias.detach().reshape(-1)
-
-        def function(flat_rows):
-            return F.layer_norm(flat_rows, (features,), weight, bias, module.eps)
-
+        weight = None if module.weight is None else module.weight.reshape(-1)
         grad = record.output_grad.reshape(samples * count, features)
-        hessian = per_sample_hessian(function, [rows.reshape(samples * count, features)], grad, max_columns)
-        if hessian is None:
-            return
-        eigenvalues, eigenvectors = torch.linalg.eigh(hessian)  # (N R, D), (N R, D, D)
-        magnitude = eigenvalues.abs()
-        kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()[:, 0]
-        columns = (eigenvectors[:, :, kept] * magnitude[:, kept].sqrt().unsqueeze(1)).transpose(1, 2)
-        width = kept.numel()
-        if width == 0:  # g . y has no curvature here (g = 0 on these rows)
-            return
+        columns, signs = row_residual_columns(rows.reshape(samples * count, features), grad, weight, module.eps)
+        width = columns.shape[1]
         columns = columns.reshape(samples, count, width, features)
-        signs = torch.sign(eigenvalues[:, kept]).reshape(samples, count * width)
+        signs = signs.reshape(samples, count * width)
         # row r's columns are zero outside row r: (N, R * V, R * D)
         per_row = max(1, max_columns // max(1, width))
         for start in range(0, count, per_row):
@@ -105,3 +90,32 @@ class LayerNormRule(Rule):
             index = torch.arange(stop - start, device=x.device)
             block[:, index, :, start + index, :] = columns[:, start:stop].transpose(0, 1)
             yield block.reshape(samples, (stop - start) * width, -1), signs[:, start * width:stop * width]
+
+
+def row_residual_columns(rows, grad, weight, eps):
+    """Signed columns of R = d2(g . layer_norm(x))/dx2 for each row x (M, D), in closed form.
+
+    With x^ = (x - mean) / s, s = sqrt(var + eps), a = g * w, m = a . x^, P = I - 1 1^T / D and
+    u = P a - (m / D) x^:
+        R = -1 / (D s^2) [m I - (m / D) 1 1^T + u x^^T + x^ u^T - (m / D) x^ x^^T],
+    that is a diagonal k m I (k = -1 / (D s^2)) plus four columns: 1 and x^ (sign -k m), and
+    (u + x^), (u - x^) (signs k, -k) from u x^^T + x^ u^T = ((u + x^)(u + x^)^T - (u - x^)(u - x^)^T) / 2.
+    Returns (M, D + 4, D) columns and (M, D + 4) signs."""
+    features = rows.shape[1]
+    centered = rows - rows.mean(dim=1, keepdim=True)
+    scale = (centered.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()
+    normalized = centered / scale
+    a = grad if weight is None else grad * weight
+    m = (a * normalized).sum(dim=1, keepdim=True)  # (M, 1)
+    u = a - a.mean(dim=1, keepdim=True) - m / features * normalized
+    k = -1.0 / (features * scale * scale)  # (M, 1)
+    diagonal = (k * m).expand(-1, features)  # the k m I part, as scaled unit columns
+    unit = torch.diag_embed(diagonal.abs().sqrt())  # (M, D, D)
+    rank_one = (k * m / features).abs().sqrt()  # for -(k m / D)(1 1^T + x^ x^^T)
+    half = (k.abs() / 2).sqrt()
+    extra = torch.stack([rank_one * torch.ones_like(normalized), rank_one * normalized, half * (u + normalized),
+                         half * (u - normalized)], dim=1)  # (M, 4, D)
+    columns = torch.cat([unit, extra], dim=1)
+    sign_km, sign_k = torch.sign(k * m), torch.sign(k)
+    signs = torch.cat([torch.sign(diagonal), -sign_km, -sign_km, sign_k, -sign_k], dim=1)
+    return columns, signs

@@ -25,7 +25,7 @@ import time
 
 import torch
 import torch.nn as nn
-from timing import measured_commit, median_seconds
+from timing import measured_commit, median_seconds, memory_cell, time_cell
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["gradient", "engine (kernels)", "engine (pure torch)", "backpack", "generic"]
@@ -236,18 +236,10 @@ def write_results(rows, args, batch):
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 
     def cell(row, method):
-        result = row[method]
-        if "seconds" not in result:
-            return "skipped"
-        text = f"{result['seconds'] * 1e3:.2f} ms"
-        gradient = row["gradient"].get("seconds")
-        if gradient and method != "gradient":
-            text += f" ({result['seconds'] / gradient:.1f}x grad)"
-        return text
+        return time_cell(row, method, digits=2, say_why=False)
 
     def memory(row, method):
-        result = row[method]
-        return f"{result['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in result else "-"
+        return memory_cell(row, method, digits=1)
 
     lines = ["| workload | gradient | engine (kernels) | engine (pure torch) | BackPACK DiagHessian | generic | "
              "speed-up vs BackPACK | peak MiB engine / BackPACK |", "|---|---|---|---|---|---|---|---|"]

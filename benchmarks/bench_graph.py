@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import measured_commit, median_seconds
+from timing import measured_commit, median_seconds, memory_cell, time_cell
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -102,7 +102,7 @@ def measure(name, method, device_name, generic_limit, batch):
     params = list(model.parameters())
     from torch_secorder import model_hessian_diagonal
 
-    check = None
+    compare = None  # for BackPACK: its largest relative difference to the engine
     if method == "gradient":
         def run():
             return torch.autograd.grad(loss_fn(model(x), y), params)
@@ -127,7 +127,7 @@ def measure(name, method, device_name, generic_limit, batch):
                 extended_loss(extended(x), y).backward()
             return [p.diag_ggn_exact for p in extended.parameters()]
 
-        def check(result):
+        def compare(result):
             errors = [((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(result, reference)]
             return max(errors)
     else:
@@ -157,8 +157,8 @@ def measure(name, method, device_name, generic_limit, batch):
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     measured = {"peak_extra_bytes": max(peak, 0)}
-    if check is not None:
-        measured["max_relative_difference_to_engine"] = check(result)
+    if compare is not None:
+        measured["max_relative_difference_to_engine"] = compare(result)
     del result
     start = time.perf_counter()
     run()
@@ -237,18 +237,10 @@ def write_results(rows, args):
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 
     def cell(row, method):
-        result = row[method]
-        if "seconds" not in result:
-            return result.get("skipped", "skipped")
-        text = f"{result['seconds'] * 1e3:.1f} ms"
-        gradient = row["gradient"].get("seconds")
-        if gradient and method != "gradient":
-            text += f" ({result['seconds'] / gradient:.1f}x grad)"
-        return text
+        return time_cell(row, method, digits=1, say_why=True)
 
     def memory(row, method):
-        result = row[method]
-        return f"{result['peak_extra_bytes'] / 2**20:.0f}" if "peak_extra_bytes" in result else "-"
+        return memory_cell(row, method, digits=0)
 
     lines = ["| workload | gradient | engine | BackPACK DiagGGNExact (converter) | generic | engine vs BackPACK | "
              "peak MiB gradient / engine / BackPACK |", "|---|---|---|---|---|---|---|"]

@@ -40,3 +40,21 @@ def measured_commit():
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + ("+changes" if dirty else "")
+
+
+def time_cell(row, method, digits=2, say_why=False):
+    """A table cell: milliseconds of row[method] and its ratio to row["gradient"], or why it was skipped."""
+    result = row[method]
+    if "seconds" not in result:
+        return result.get("skipped", "skipped") if say_why else "skipped"
+    text = f"{result['seconds'] * 1e3:.{digits}f} ms"
+    gradient = row["gradient"].get("seconds")
+    if gradient and method != "gradient":
+        text += f" ({result['seconds'] / gradient:.1f}x grad)"
+    return text
+
+
+def memory_cell(row, method, digits=1):
+    """A table cell: the peak extra MiB of row[method], or '-'."""
+    result = row[method]
+    return f"{result['peak_extra_bytes'] / 2**20:.{digits}f}" if "peak_extra_bytes" in result else "-"

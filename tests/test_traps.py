@@ -571,3 +571,5 @@ def test_embedding_options_without_a_derivative_rule_step_aside(option, message)
     model = nn.Sequential(nn.Embedding(6, 3, **option), nn.Flatten(), nn.Linear(9, 3)).double()
     ids = torch.tensor([[0, 1, 2], [3, 3, 3], [5, 1, 0]])
     assert message in explain_method(model, F.cross_entropy).reason
+    steps_aside = model_hessian_diagonal(model, F.cross_entropy, ids, torch.tensor([0, 1, 2]), method="autograd")
+    assert all(torch.isfinite(d).all() for d in steps_aside)

@@ -50,6 +50,12 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
     return Curvature(shape, factors, curvature.signs, diag)
 
 
+def batched_input_reason(module, x):
+    """Convolutions (and their transposes) read axis 0 as the batch: an unbatched input must not reach the rule."""
+    expected = len(module.kernel_size) + 2
+    return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
@@ -61,8 +67,7 @@ class ConvRule(Rule):
         return None
 
     def unsupported_input_reason(self, module, x):
-        expected = len(module.kernel_size) + 2
-        return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+        return batched_input_reason(module, x)
 
     def param_diagonals(self, record, curvature):
         module, x, z = record.module, record.input, record.output

@@ -9,7 +9,7 @@ import types
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import unfold
+from .conv import batched_input_reason, unfold
 from .registry import Rule, register
 from .shared_weight import linear_transpose_columns, shared_weight_diagonal
 from .. import ops
@@ -29,8 +29,7 @@ class ConvTransposeRule(Rule):
         return None
 
     def unsupported_input_reason(self, module, x):
-        expected = len(module.kernel_size) + 2
-        return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+        return batched_input_reason(module, x)
 
     def param_diagonals(self, record, curvature):
         module, x, z = record.module, record.input, record.output

@@ -13,6 +13,7 @@ from .losses import output_curvature, recognise, unsupported_output_reason
 from ..core.validation import check_scalar_loss
 from . import eligibility, graph
 from .graph_engine import graph_hessian_diagonal
+from .diagonals import Diagonals
 from .errors import Unsupported
 from .registry import LayerRecord, PropagationContext, registered_base, rule_for
 
@@ -194,27 +195,9 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
     owners = [i for i, module in enumerate(layers) if any(id(p) in wanted_params for p in module.parameters())]
     if not owners:
         return [torch.zeros_like(p) for p in params]
-    # Pruned tensors: the rules see the effective weight (recomputed by the pruning hook in the forward
-    # above); its diagonal times mask^2 is the diagonal of the original parameter.
-    pruned = {}
-    for module in layers:
-        for name, (original, mask) in eligibility.pruned_tensors(module).items():
-            if id(original) in wanted_params:
-                pruned[id(getattr(module, name))] = (original, mask)
-    wanted = frozenset(wanted_params | pruned.keys())
+    diagonals = Diagonals(params, layers)
     for record in records:
-        record.wanted = wanted
-
-    results = {}  # id(param) -> diagonal so far; parameters nothing reached get zeros at the end
-
-    def accumulate(tensor, value):
-        key = id(tensor)
-        if key in pruned:
-            param, mask = pruned[key]
-            key, value = id(param), value * (mask * mask)
-        elif key not in wanted_params:
-            return
-        results[key] = value if key not in results else results[key] + value
+        record.wanted = diagonals.wanted
 
     with torch.set_grad_enabled(create_graph):
         output = records[-1].output
@@ -223,9 +206,9 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
             spec, output if create_graph else output.detach(), targets,
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
             max_columns=_max_columns(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
-        _propagate(records, rules, len(records) - 1, curvature, owners[0], accumulate, memory_budget)
-    diagonals = [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
-    return diagonals if create_graph else [d.detach() for d in diagonals]
+        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget)
+    result = diagonals.result()
+    return result if create_graph else [d.detach() for d in result]
 
 
 def _diagonal_suffices(records, rules, lowest, index):

@@ -11,7 +11,8 @@ memory stays within the budget; origins are independent, so their contributions 
 
 import torch
 
-from . import eligibility, graph_ops
+from . import graph_ops
+from .diagonals import Diagonals
 from .errors import Unsupported
 from .losses import output_curvature, unsupported_output_reason
 from ..core.validation import check_scalar_loss
@@ -85,8 +86,9 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             for index, grad in zip(curved, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
-    pruned = _pruned(nodes, wanted_params)  # the effective weights the pruning hooks computed in this forward
-    wanted = frozenset(wanted_params | pruned.keys())
+    # after the forward: pruning hooks computed this call's effective weights
+    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)])
+    wanted = diagonals.wanted
     for name, value in list(values.items()):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id
             values[name] = value.detach()
@@ -96,17 +98,6 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             record.input, record.output = record.input.detach(), record.output.detach()
             record.output_grad = node.output_grad
 
-    results = {}
-
-    def accumulate(tensor, value):
-        key = id(tensor)
-        if key in pruned:
-            param, mask = pruned[key]
-            key, value = id(param), value * (mask * mask)
-        elif key not in wanted_params:
-            return
-        results[key] = value if key not in results else results[key] + value
-
     if any(needed):
         with torch.no_grad():
             samples = output.shape[0]
@@ -114,7 +105,7 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             curvature = output_curvature(spec, output.detach(), targets, max_columns=None, memory_budget=memory_budget)
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
-                    _sweep(nodes, {plan.output: columns.clone()}, signs, needed, wanted, accumulate)
+                    _sweep(nodes, {plan.output: columns.clone()}, signs, needed, wanted, diagonals.add)
             for index in curved:
                 node = nodes[index]
                 for piece, signs in node.op.residual_columns(node, budget_columns):
@@ -124,8 +115,8 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
                         if needed[source]:
                             births[source] = columns.clone() if source not in births else births[source] + columns
                     if births:
-                        _sweep(nodes, births, signs, needed, wanted, accumulate)
-    return [results[id(p)] if id(p) in results else torch.zeros_like(p) for p in params]
+                        _sweep(nodes, births, signs, needed, wanted, diagonals.add)
+    return diagonals.result()
 
 
 def _differentiable(value):
@@ -184,16 +175,3 @@ def _check_single_use(nodes, by_name, wanted):
         if len(uses) > 1:
             raise Unsupported(f"parameter {uses[0][0]!r} used at {len(uses)} places ({', '.join(n for _, n in uses)}): "
                               "its Hessian has terms between the uses")
-
-
-def _pruned(nodes, wanted_params):
-    """{id(effective weight): (original parameter, mask)} of modules pruned with torch.nn.utils.prune."""
-    pruned = {}
-    for node in nodes:
-        module = getattr(node.op, "module", None)
-        if module is None:
-            continue
-        for name, (original, mask) in eligibility.pruned_tensors(module).items():
-            if id(original) in wanted_params:
-                pruned[id(getattr(module, name))] = (original, mask)
-    return pruned

@@ -578,3 +578,35 @@ def test_the_fallback_warning_projects_the_time_of_a_large_generic_run():
         warnings.simplefilter("always")
         model_hessian_diagonal(small, F.mse_loss, torch.randn(5, 4), torch.randn(5, 3))
     assert not any("projected" in str(w.message) for w in caught)  # 21 entries: nothing to project
+
+
+def test_the_cached_plan_keeps_no_tensors_of_the_last_call():
+    from torch_secorder.backprop import graph
+
+    torch.manual_seed(0)
+    model = GLU().double()
+    exact(model, vectors(6))
+    plan = graph.plan_for(model)
+    assert all(node.values is None and node.record is None and node.output_grad is None for node in plan.nodes)
+
+
+def test_a_replaced_module_is_traced_again():
+    torch.manual_seed(0)
+    model = ResidualMLP().double()
+    exact(model, vectors(6))
+    model.out = nn.Linear(6, 3).double()  # new parameters: the cached plan must not give the old ones
+    exact(model, vectors(6))
+
+
+def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work():
+    class WideProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 750), nn.Linear(4, 750), nn.Linear(750, 3)
+
+        def forward(self, x):
+            return self.out(self.a(x) * self.b(x))  # 1,500 features per sample meet in one product
+
+    model = WideProduct().double()
+    with pytest.raises(NotImplementedError, match="its second-order term is a dense 1500 x 1500 matrix per sample"):
+        model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)

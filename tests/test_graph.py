@@ -558,7 +558,8 @@ def test_explain_method_reports_what_each_method_costs():
     torch.manual_seed(0)
     choice = explain_method(ResidualMLP(), F.cross_entropy, vectors(6).float())
     assert choice.method == "backprop"
-    assert "the loss's 3 columns per sample" in choice.cost and "curved node(s)" in choice.cost
+    # 3 classes: 2 loss columns; tanh 6, softplus 6, sigmoid 6, gelu 6 features per sample
+    assert "the loss's 2 columns per sample" in choice.cost and "about 26 columns per sample in all" in choice.cost
     resnet = explain_method(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).eval(),
                             F.cross_entropy)
     assert "the loss is the only origin" in resnet.cost

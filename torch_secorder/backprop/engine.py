@@ -96,13 +96,35 @@ def _strip_log_softmax(plan):
     return plan.variants["nll"]
 
 
-def curved_nodes(chain):
-    """Names of the nodes with a second-order term of their own (origins of more columns)."""
+def curved_nodes(chain, inputs=None):
+    """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
+    (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
     if isinstance(chain, GraphSupport):
-        return [node.name for node in chain.plan.nodes
-                if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)]
+        nodes = [node for node in chain.plan.nodes
+                 if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)]
+        widths = _graph_widths(chain, inputs) if inputs is not None and nodes else {}
+        return [(node.name, widths.get(node.name)) for node in nodes]
     layers, _ = chain
-    return [type(module).__name__ for module in layers if rule_for(module).needs_output_grad(module)]
+    widths, x = [], inputs
+    with torch.no_grad():
+        for module in layers:
+            curved = rule_for(module).needs_output_grad(module)
+            if curved:
+                widths.append((type(module).__name__, None if x is None else x[0].numel()))
+            x = None if x is None else module(x)
+    return widths
+
+
+def _graph_widths(chain, inputs):
+    values, widths = {}, {}
+    with torch.no_grad():
+        for node in chain.plan.nodes[:chain.plan.output + 1]:
+            values[node.name] = inputs if node.op.is_input else node.op.evaluate(node, values, chain.model)
+            if node.activation and node.inputs:
+                widths[node.name] = sum(values[name][0].numel() for name in node.input_names)
+    for node in chain.plan.nodes:
+        node.values = node.record = None
+    return widths
 
 
 def _final_log_softmax_dim(plan):

@@ -41,30 +41,37 @@ def generic_cost(model):
 
 
 def engine_cost(chain, model, inputs=None):
-    """Origins and their columns: the loss's per-sample curvature, and one origin per curved node."""
+    """Origins and their columns: the loss's per-sample curvature, and one origin per curved node (counted
+    with a forward pass without gradients when inputs are given)."""
     from ..backprop import curved_nodes
 
-    curved = curved_nodes(chain)
     spec = getattr(chain, "spec", None) or chain[1]
-    loss_columns = "C (classes) columns" if spec.kind in ("cross_entropy", "nll") else "one column per output feature"
+    classes = spec.kind in ("cross_entropy", "nll")
+    loss_columns = "C - 1 (classes - 1) columns" if classes else "one column per output feature"
     if isinstance(inputs, (tuple, list)):
         inputs = inputs[0] if len(inputs) == 1 else None
+    curved, counted = curved_nodes(chain), None
     if isinstance(inputs, torch.Tensor):
         try:
             with torch.no_grad():
                 output = model(inputs)
-            features = output[0].numel() if output.dim() > 1 else 1
-            loss_columns = f"{features} columns"
+            positions = output[0, 0].numel() if output.dim() > 2 else 1
+            counted = (output.shape[1] - 1) * positions if classes else output[0].numel()
+            loss_columns = f"{counted} columns"
+            curved = curved_nodes(chain, inputs)
         except Exception:  # noqa: BLE001  (the call itself will report what is wrong)
-            pass
+            counted = None
     text = f"one forward pass; the loss's {loss_columns} per sample pulled down once through every layer"
-    if curved:
-        shown = ", ".join(curved[:5]) + (", ..." if len(curved) > 5 else "")
-        text += (f"; {len(curved)} curved node(s) ({shown}) each add as many columns as their input has features "
-                 "per sample, pulled down from there (smooth activations, LayerNorm, products of two inputs)")
-    else:
-        text += "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"
-    return text
+    if not curved:
+        return text + "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"
+    if counted is not None and all(width is not None for _, width in curved):
+        shown = ", ".join(f"{name} {width}" for name, width in curved[:6]) + (", ..." if len(curved) > 6 else "")
+        total = counted + sum(width for _, width in curved)
+        return text + (f"; {len(curved)} curved node(s) add about as many columns as their input has features "
+                       f"per sample ({shown}), pulled down from there: about {total} columns per sample in all")
+    shown = ", ".join(name for name, _ in curved[:5]) + (", ..." if len(curved) > 5 else "")
+    return text + (f"; {len(curved)} curved node(s) ({shown}) each add as many columns as their input has features "
+                   "per sample, pulled down from there (smooth activations, LayerNorm, products of two inputs)")
 
 
 def backprop_plan(model, loss_fn, inputs=None):

@@ -611,3 +611,22 @@ def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work(
     model = WideProduct().double()
     with pytest.raises(NotImplementedError, match="its second-order term is a dense 1500 x 1500 matrix per sample"):
         model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
+
+
+class IndexedByTheInput(nn.Module):
+    """Indices and masks computed from the input: integer tensors, constants to the derivatives."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        picked = h.gather(1, h.argsort(dim=1)[:, :3])
+        mask = (h > 0).to(h.dtype)
+        return self.b(picked * 2) + (h * mask)[:, :3]
+
+
+def test_indices_and_masks_computed_from_the_input():
+    torch.manual_seed(0)
+    exact(IndexedByTheInput(), vectors(6))

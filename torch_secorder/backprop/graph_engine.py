@@ -86,6 +86,8 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             for index, grad in zip(curved, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
+    # integer tensors (indices, masks) carry no columns, whatever they were computed from
+    needed = [flag and _floating(values.get(node.name)) for flag, node in zip(needed, nodes)]
     # after the forward: pruning hooks computed this call's effective weights
     diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)])
     wanted = diagonals.wanted
@@ -117,6 +119,10 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
                     if births:
                         _sweep(nodes, births, signs, needed, wanted, diagonals.add)
     return diagonals.result()
+
+
+def _floating(value):
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _differentiable(value):

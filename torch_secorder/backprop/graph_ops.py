@@ -268,15 +268,17 @@ class GenericOp(NodeOp):
                 t.dim() == 0 or t.shape[0] != samples for t in inputs):
             raise Unsupported(f"{self.describe(node)} changing the batch axis ({[tuple(t.shape) for t in inputs]} -> "
                               f"{tuple(value.shape)})")
-        if samples <= 1 or not value.is_floating_point():
-            return
+        differentiable = self._differentiable(node)
+        if samples <= 1 or not value.is_floating_point() or not differentiable:
+            return  # integer tensors carry no derivative: whatever mixes them is locally constant
         if node.batch_checked == (samples, tuple(value.shape)):
             return
         # probe output samples 0, 1 and N - 1 (three vjps' worth of memory, whatever the batch): a reduction
         # or a shuffle over the batch (mean(0), flip(0), roll(k, 0)) reaches another sample from one of them
         probes = sorted({0, 1, samples - 1})
         with torch.enable_grad():
-            output, vjp_fn = torch.func.vjp(self.function(node, node.values, node.input_names), *inputs)
+            output, vjp_fn = torch.func.vjp(self.function(node, node.values, differentiable),
+                                            *[node.values[name] for name in differentiable])
             mask = torch.zeros(len(probes), samples, dtype=output.dtype, device=output.device)
             mask[torch.arange(len(probes)), torch.tensor(probes)] = 1
             cotangents = torch.randn_like(output).unsqueeze(0) * mask.reshape(len(probes), samples,
@@ -288,15 +290,22 @@ class GenericOp(NodeOp):
                 raise Unsupported(f"{self.describe(node)} mixing samples of the batch")
         node.batch_checked = (samples, tuple(value.shape))
 
+    @staticmethod
+    def _differentiable(node):
+        """The names of the floating-point inputs: integer ones (indices, masks) are constants to derivatives."""
+        return [name for name in node.input_names if node.values[name].is_floating_point()]
+
     # -- columns
     def pull(self, node, columns, signs, positions):
-        inputs = [node.values[name] for name in node.input_names]
+        differentiable = self._differentiable(node)
         samples, width = columns.shape[:2]
         with torch.enable_grad():
-            output, vjp_fn = torch.func.vjp(self.function(node, node.values, node.input_names), *inputs)
+            output, vjp_fn = torch.func.vjp(self.function(node, node.values, differentiable),
+                                            *[node.values[name] for name in differentiable])
         cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
         pulled = torch.func.vmap(vjp_fn)(cotangents)
-        return [pulled[p].reshape(width, samples, -1).transpose(0, 1) for p in positions]
+        return [pulled[differentiable.index(node.input_names[p])].reshape(width, samples, -1).transpose(0, 1)
+                for p in positions]
 
     def param_diagonals(self, node, columns, signs, wanted):
         params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
@@ -332,9 +341,13 @@ class GenericOp(NodeOp):
         if self.linear or node.output_grad is None:
             return
         from .residuals import per_sample_hessian_columns
-        inputs = [node.values[name] for name in node.input_names]
-        yield from per_sample_hessian_columns(self.function(node, node.values, node.input_names), inputs,
-                                              node.output_grad, max_columns)
+        differentiable = self._differentiable(node)
+        if not differentiable:
+            return
+        inputs = [node.values[name] for name in differentiable]
+        for piece, signs in per_sample_hessian_columns(self.function(node, node.values, differentiable), inputs,
+                                                       node.output_grad, max_columns):
+            yield {node.input_names.index(differentiable[k]): columns for k, columns in piece.items()}, signs
 
 
 class TupleOp(NodeOp):

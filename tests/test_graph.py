@@ -630,3 +630,20 @@ class IndexedByTheInput(nn.Module):
 def test_indices_and_masks_computed_from_the_input():
     torch.manual_seed(0)
     exact(IndexedByTheInput(), vectors(6))
+
+
+class WithKeywordDefaults(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, mask=None, temperature=2.0):
+        h = torch.tanh(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return self.b(h) / temperature
+
+
+def test_keyword_arguments_with_defaults_are_fixed_to_them():
+    torch.manual_seed(0)
+    exact(WithKeywordDefaults(), vectors(6))

@@ -7,6 +7,7 @@ parameters' diagonals. What cannot be traced, or a node without an exact treatme
 Unsupported naming it.
 """
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -77,8 +78,16 @@ def _short(error):
 
 
 def trace(model):
+    """The traced graph; keyword arguments with defaults (forward(self, x, mask=None)) are fixed to them, as
+    model(inputs) calls it: control flow on them is resolved at trace time."""
     try:
-        return _Tracer().trace(model)
+        signature = inspect.signature(model.forward)
+        defaults = {name: parameter.default for name, parameter in list(signature.parameters.items())[1:]
+                    if parameter.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):
+        defaults = {}
+    try:
+        return _Tracer().trace(model, concrete_args=defaults or None)
     except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
 
@@ -106,7 +115,7 @@ def build_plan(model):
     graph = trace(model)
     modules = dict(model.named_modules())
     nodes, index_of = [], {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default
     if len(placeholders) != 1:
         raise Unsupported(f"a forward with {len(placeholders)} arguments (the engine takes models of one input)")
     output = None

@@ -97,6 +97,8 @@ class ConstantOp(NodeOp):
 
     def evaluate(self, node, values, root):
         fx_node = node.fx_node
+        if fx_node.op == "placeholder":  # a keyword argument fixed to its default
+            return fx_node.args[0]
         if fx_node.op == "get_attr":
             value = root
             for part in fx_node.target.split("."):
@@ -469,7 +471,7 @@ def make_op(fx_node, root, modules, names):
     from .functional import module_for_call  # functional calls that are modules with rules
 
     if fx_node.op == "placeholder":
-        return InputOp(), []
+        return (ConstantOp("default"), []) if fx_node.args else (InputOp(), [])
     if (fx_node.op == "call_function" and (fx_node.target is len or (
             fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))) or (
             fx_node.op == "call_method" and fx_node.target in _META_METHODS):

@@ -21,6 +21,12 @@ _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forwa
 _OWN_TENSORS = ("weight", "bias")
 
 
+def describe_module(module, names=None):
+    """How refusals name a module: its qualified name in the model (names: id -> name) and its class."""
+    name = (names or {}).get(id(module)) or type(module).__name__
+    return f"module {name!r} ({type(module).__name__})"
+
+
 def _hook_name(hook):
     return getattr(hook, "__qualname__", None) or type(hook).__name__
 

@@ -26,13 +26,8 @@ def flatten_chain(model, names=None):
         return [model]
     reason = eligibility.container_reason(model)
     if reason is not None:
-        raise Unsupported(f"{_describe(model, names)}: {reason}")
+        raise Unsupported(f"{eligibility.describe_module(model, names)}: {reason}")
     return [leaf for child in model for leaf in flatten_chain(child, names)]
-
-
-def _describe(module, names):
-    name = (names or {}).get(id(module)) or type(module).__name__
-    return f"module {name!r} ({type(module).__name__})"
 
 
 class GraphSupport:
@@ -149,16 +144,16 @@ def _chain_plan(layers, spec, names, log_softmax_stripped=False):
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
         shared = id(module) in seen_modules or any(id(p) in seen_params for p in module.parameters())
         if shared:
-            raise Unsupported(f"{_describe(module, names)}: parameters used at two places in the chain")
+            raise Unsupported(f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain")
         seen_modules.add(id(module))
         seen_params.update(id(p) for p in module.parameters())
         base = registered_base(module)
         if base is None:
-            raise Unsupported(_describe(module, names))
+            raise Unsupported(eligibility.describe_module(module, names))
         rule = rule_for(module)
         reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
         if reason is not None:
-            raise Unsupported(f"{_describe(module, names)}: {reason}")
+            raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
     return layers, spec
 
 

@@ -6,6 +6,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .graph_ops import attribute
+
 
 def _fixed(make):
     """An adapter for calls whose other arguments are plain constants: the module is built once."""
@@ -76,13 +78,6 @@ for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):
             _FIXED.setdefault(getattr(F, _variant), _FIXED[getattr(F, _name)])
 
 
-def _attribute(root, node):
-    value = root
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _weighted(build, names):
     """An adapter for F.linear / F.conv*d / F.layer_norm / F.embedding: the module is built once from the
     weight's shape and gets this call's weight and bias (whatever tensors they are) at each evaluation."""
@@ -96,7 +91,7 @@ def _weighted(build, names):
         weight = tensors["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return None  # a weight computed in the forward: the generic op (its product with the input) handles it
-        module = build(_attribute(root, weight), tensors["bias"] is not None, **constants)
+        module = build(attribute(root, weight.target), tensors["bias"] is not None, **constants)
         if module is None:
             return None
 

@@ -92,11 +92,6 @@ def trace(model):
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
 
 
-def _describe(module, names):
-    name = names.get(id(module)) or type(module).__name__
-    return f"module {name!r} ({type(module).__name__})"
-
-
 def check_modules(model, names):
     """Every module must compute what its traced form says: no hooks anywhere, no parametrization, and a
     module with a rule must run that rule's forward (the reasons are those of the chain engine)."""
@@ -106,7 +101,7 @@ def check_modules(model, names):
     for module in model.modules():
         hooked = eligibility.hook_reason(module)
         if hooked is not None and registered_base(module) is None:
-            raise Unsupported(f"{_describe(module, names)}: {hooked}")
+            raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 
 def build_plan(model):
@@ -134,7 +129,7 @@ def build_plan(model):
         node.inputs = [i for i in inputs if nodes[i].activation and nodes[i].op.carries]
         node.input_names = [nodes[i].name for i in node.inputs]
         if not node.activation and not isinstance(op, graph_ops.ConstantOp):
-            node.op = graph_ops.ConstantOp("call")  # computed from parameters or constants only
+            node.op = graph_ops.ConstantOp()  # computed from parameters or constants only
         index_of[fx_node] = len(nodes)
         nodes.append(node)
     for node in nodes:

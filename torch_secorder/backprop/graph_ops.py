@@ -29,9 +29,9 @@ from .registry import LayerRecord, PropagationContext, registered_base, rule_for
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
 
 
-def _describe_module(module, names):
-    name = names.get(id(module)) or type(module).__name__
-    return f"module {name!r} ({type(module).__name__})"
+def attribute(root, target):
+    """root's attribute at a dotted path (a get_attr target such as 'layer1.0.weight')."""
+    return operator.attrgetter(target)(root)
 
 
 def _target_name(fx_node):
@@ -92,18 +92,12 @@ class ConstantOp(NodeOp):
 
     carries = False
 
-    def __init__(self, kind):
-        self.kind = kind
-
     def evaluate(self, node, values, root):
         fx_node = node.fx_node
         if fx_node.op == "placeholder":  # a keyword argument fixed to its default
             return fx_node.args[0]
         if fx_node.op == "get_attr":
-            value = root
-            for part in fx_node.target.split("."):
-                value = getattr(value, part)
-            return value
+            return attribute(root, fx_node.target)
         return _call(fx_node, values)
 
     def param_derived(self, node, nodes):
@@ -188,12 +182,12 @@ def module_op(module, names):
     base = registered_base(module)
     if base is None:
         if any(True for _ in module.parameters()):
-            raise Unsupported(f"{_describe_module(module, names)} (no exact rule for its parameters)")
+            raise Unsupported(f"{eligibility.describe_module(module, names)} (no exact rule for its parameters)")
         return None  # a parameter-free torch.nn module: a GenericOp calls it
     rule = rule_for(module)
     reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
     if reason is not None:
-        raise Unsupported(f"{_describe_module(module, names)}: {reason}")
+        raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
     return ModuleOp(module, rule)
 
 
@@ -251,11 +245,7 @@ class GenericOp(NodeOp):
 
     def evaluate(self, node, values, root):
         node.values = values  # what the node reads; the engine keeps every value of the pass anyway
-        if self.callee is not None:
-            args, kwargs = fx.node.map_arg((node.fx_node.args, node.fx_node.kwargs), lambda n: values[n.name])
-            value = self.callee(*args, **kwargs)
-        else:
-            value = _call(node.fx_node, values)
+        value = self.function(node, values, [])()
         if not isinstance(value, torch.Tensor):
             raise Unsupported(f"{self.describe(node)} returning {type(value).__name__} (a tensor was expected)")
         self._check_batch(node, value)
@@ -443,8 +433,11 @@ _LINEAR_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, n
 _RESHAPES = {torch.reshape, torch.flatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "view_as", "reshape_as", "unflatten"}
 _ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
-             operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
+# x * y, x / y, x @ y: linear in x when y does not depend on the input (ProductOp decides per node)
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
+                      operator.matmul, torch.matmul}
+_PRODUCT_METHODS = {"mul", "div", "matmul", "__mul__", "__truediv__"}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "__truediv__"}
 _AFFINE_IN_PARAMS = _ADDS | {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul, F.layer_norm,
                              F.group_norm}
 _AFFINE_METHODS = {"add", "sub", "mul", "matmul", "__add__", "__mul__"}
@@ -471,17 +464,15 @@ def make_op(fx_node, root, modules, names):
     from .functional import module_for_call  # functional calls that are modules with rules
 
     if fx_node.op == "placeholder":
-        return (ConstantOp("default"), []) if fx_node.args else (InputOp(), [])
+        return (ConstantOp(), []) if fx_node.args else (InputOp(), [])
     if (fx_node.op == "call_function" and (fx_node.target is len or (
             fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))) or (
             fx_node.op == "call_method" and fx_node.target in _META_METHODS):
         return MetaOp(), []
     if fx_node.op == "get_attr":
-        value = root
-        for part in fx_node.target.split("."):
-            value = getattr(value, part)
+        value = attribute(root, fx_node.target)
         trainable = isinstance(value, nn.Parameter) and value.requires_grad
-        return ConstantOp("attribute"), ([fx_node.target] if trainable else [])
+        return ConstantOp(), ([fx_node.target] if trainable else [])
     if fx_node.op == "call_module":
         module = modules[fx_node.target]
         op = module_op(module, names)
@@ -518,9 +509,7 @@ def make_op(fx_node, root, modules, names):
         return GenericOp(linear=True, param_args=params), qualified
     if (not is_method and target in _LINEAR_FUNCTIONS) or (is_method and target in _LINEAR_METHODS):
         return GenericOp(linear=True, param_args=params), qualified
-    if target in (operator.mul, torch.mul, operator.truediv, torch.div, operator.matmul, torch.matmul) or (
-            is_method and target in ("mul", "div", "matmul", "__mul__", "__truediv__")):
-        # linear when only one operand depends on the input; the engine checks that at plan time
+    if (not is_method and target in _PRODUCT_FUNCTIONS) or (is_method and target in _PRODUCT_METHODS):
         return ProductOp(params), qualified
     return GenericOp(linear=False, param_args=params), qualified
 
@@ -535,9 +524,7 @@ def _param_args(fx_node, root):
     found = []
     for arg in _unique_nodes((fx_node.args, fx_node.kwargs)):
         if arg.op == "get_attr":
-            value = root
-            for part in arg.target.split("."):
-                value = getattr(value, part, None)
+            value = attribute(root, arg.target)
             if isinstance(value, nn.Parameter) and value.requires_grad:
                 found.append((arg.name, arg.target))
     return found
@@ -554,7 +541,7 @@ class ProductOp(GenericOp):
         super().check(node, nodes)
         fx_node = node.fx_node
         divisor = fx_node.args[1] if len(fx_node.args) > 1 else None
-        divides = fx_node.target in (operator.truediv, operator.itruediv, torch.div, "div", "__truediv__")
+        divides = fx_node.target in _DIVISIONS
         operands = [arg for arg in fx_node.args[:2] if isinstance(arg, fx.Node) and arg.name in node.input_names]
         divides_by_input = divides and isinstance(divisor, fx.Node) and divisor.name in node.input_names
         if len(operands) <= 1 and not divides_by_input:  # x * c, c * x, x @ W, x / c: linear in x

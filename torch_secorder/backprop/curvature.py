@@ -157,6 +157,11 @@ class Curvature:
         return dense
 
 
+def columns_within(samples, features, itemsize, memory_budget):
+    """How many columns of `features` per sample fit memory_budget (4 copies in flight: in, out, temporaries)."""
+    return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
+
+
 def factor_diagonal(factors, signs):
     """sum_v signs[n, v] * factors[n, v, d]^2: (N, D)."""
     from .. import ops  # the compiled op when it is loaded

@@ -13,6 +13,7 @@ from .losses import output_curvature, recognise, unsupported_output_reason
 from ..core.validation import check_scalar_loss
 from . import eligibility, graph
 from .graph_engine import graph_hessian_diagonal
+from .curvature import columns_within
 from .diagonals import Diagonals
 from .errors import Unsupported
 from .registry import LayerRecord, PropagationContext, registered_base, rule_for
@@ -61,33 +62,38 @@ def check_supported(model, loss_fn):
         layers = flatten_chain(model, names)
     except Unsupported:
         pass  # a Sequential with its own forward: traced below
-    if layers is not None and all(registered_base(module) is not None for module in layers):
+    # NLL goes through the trace, which finds the model's final LogSoftmax (module or F.log_softmax)
+    if spec.kind != "nll" and layers is not None and all(registered_base(module) is not None for module in layers):
         return _chain_plan(layers, spec, names)
     plan = graph.plan_for(model)
     if spec.kind == "nll":
         plan = _strip_log_softmax(plan)
         spec.log_softmax_dim = plan.log_softmax_dim
     if plan.is_chain():
-        layers, spec = _chain_plan(graph.chain_modules(plan), spec, names, log_softmax_stripped=True)
+        layers, spec = _chain_plan(graph.chain_modules(plan), spec, names)
         return TracedChain(layers, spec, plan, model)
     return GraphSupport(plan, spec, model)
 
 
 def _strip_log_softmax(plan):
     """NLL is cross-entropy on the input of a final plain LogSoftmax(dim=1) (module or F.log_softmax)."""
+    if "nll" in plan.variants:
+        return plan.variants["nll"]
     node = plan.nodes[plan.output]
     module = getattr(node.op, "callee", None)
     fx_node = node.fx_node
-    plain_module = (isinstance(module, nn.LogSoftmax) and module.dim in (1, -1)
-                    and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None)
-    dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else None)
-    plain_function = fx_node.target in (torch.log_softmax, nn.functional.log_softmax) and dim in (1, -1) and (
-        fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
-    if not (plain_module or plain_function) or len(node.inputs) != 1:
+    if module is not None:
+        plain = (isinstance(module, nn.LogSoftmax)
+                 and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None)
+        dim = module.dim
+    else:
+        plain = (fx_node.target in (torch.log_softmax, nn.functional.log_softmax)
+                 and fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
+        dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else None)
+    # the class axis is 1; dim=-1 is that axis only on (N, C) outputs, which the loss checks per call
+    if not plain or dim not in (1, -1) or len(node.inputs) != 1:
         raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
-    if "nll" not in plan.variants:
-        plan.variants["nll"] = graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names,
-                                               log_softmax_dim=_final_log_softmax_dim(plan))
+    plan.variants["nll"] = graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names, log_softmax_dim=dim)
     return plan.variants["nll"]
 
 
@@ -111,34 +117,16 @@ def curved_nodes(chain, inputs=None):
 
 
 def _graph_widths(chain, inputs):
-    values, widths = {}, {}
-    with torch.no_grad():
-        for node in chain.plan.nodes[:chain.plan.output + 1]:
-            values[node.name] = inputs if node.op.is_input else node.op.evaluate(node, values, chain.model)
-            if node.activation and node.inputs:
-                widths[node.name] = sum(values[name][0].numel() for name in node.input_names)
-    for node in chain.plan.nodes:
-        node.values = node.record = None
-    return widths
+    try:
+        with torch.no_grad():
+            values = graph.forward(chain.plan, chain.model, inputs)
+    finally:
+        graph.release(chain.plan)
+    return {node.name: sum(values[name][0].numel() for name in node.input_names)
+            for node in chain.plan.nodes[:chain.plan.output + 1] if node.activation and node.inputs}
 
 
-def _final_log_softmax_dim(plan):
-    node = plan.nodes[plan.output]
-    module = getattr(node.op, "callee", None)
-    if module is not None:
-        return module.dim
-    fx_node = node.fx_node
-    return fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else 1)
-
-
-def _chain_plan(layers, spec, names, log_softmax_stripped=False):
-    if spec.kind == "nll" and not log_softmax_stripped:
-        last = layers[-1] if layers else None
-        if (not isinstance(last, nn.LogSoftmax) or last.dim not in (1, -1)
-                or eligibility.module_reason(last, nn.LogSoftmax, ("forward",)) is not None):
-            raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
-        spec.log_softmax_dim = last.dim
-        layers = layers[:-1]  # LogSoftmax + NLL is cross-entropy on its input
+def _chain_plan(layers, spec, names):
     seen_modules, seen_params = set(), set()
     for module in layers:
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
@@ -155,10 +143,6 @@ def _chain_plan(layers, spec, names, log_softmax_stripped=False):
         if reason is not None:
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
     return layers, spec
-
-
-def _max_columns(samples, features, itemsize, memory_budget):
-    return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
 
 
 def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
@@ -222,7 +206,7 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
         curvature = output_curvature(
             spec, output if create_graph else output.detach(), targets,
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
-            max_columns=_max_columns(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
+            max_columns=columns_within(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
         _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget)
     result = diagonals.result()
     return result if create_graph else [d.detach() for d in result]
@@ -247,7 +231,7 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
         samples = record.input.shape[0]
         features = max(record.input.shape[1:].numel(), record.output.shape[1:].numel())
         context = PropagationContext(
-            max_columns=_max_columns(samples, features, record.input.element_size(), memory_budget),
+            max_columns=columns_within(samples, features, record.input.element_size(), memory_budget),
             mixing_below=any(rules[j].mixing for j in range(lowest + 1, index)),
             diagonal_only=_diagonal_suffices(records, rules, lowest, index),
         )

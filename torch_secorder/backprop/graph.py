@@ -56,12 +56,7 @@ class GraphPlan:
                 return False
             if node.op.binds_tensors:  # F.linear(x, w): its module gets w at each evaluation (graph engine only)
                 return False
-        return all(len(users_of(n)) <= 1 for n in activations)
-
-
-def users_of(node):
-    return [user for user in node.fx_node.users if user.op != "output"] + (
-        [None] if any(user.op == "output" for user in node.fx_node.users) else [])
+        return all(len(n.fx_node.users) <= 1 for n in activations)
 
 
 class _Tracer(fx.Tracer):
@@ -188,14 +183,12 @@ def validate(plan, model, inputs):
         return
     with torch.no_grad():
         expected = model(inputs)
-        values = {}
-        for node in plan.nodes[:plan.output + 1]:
-            values[node.name] = inputs if node.op.is_input else node.op.evaluate(node, values, model)
-        traced = values[plan.nodes[plan.output].name]
+        try:
+            traced = forward(plan, model, inputs)[plan.nodes[plan.output].name]
+        finally:
+            release(plan)
     if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax
         traced = torch.log_softmax(traced, dim=plan.log_softmax_dim)
-    for node in plan.nodes:
-        node.record, node.values, node.output_grad = None, None, None
     same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype
             and torch.allclose(traced, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max().clamp_min(1e-30))
                                if expected.numel() else 0.0, equal_nan=True))
@@ -203,6 +196,23 @@ def validate(plan, model, inputs):
         raise Unsupported("a forward the trace does not reproduce (in-place changes of tensors read elsewhere, "
                           "randomness or Python state the trace cannot see)")
     plan.validated = True
+
+
+def forward(plan, model, inputs):
+    """Evaluates the plan up to its output: {node name: value}. The nodes keep what their ops recorded for
+    the backward sweep (records, the values they read) until release(plan)."""
+    values = {}
+    for node in plan.nodes[:plan.output + 1]:
+        value = inputs if node.op.is_input else node.op.evaluate(node, values, model)
+        values[node.name] = value
+        node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    return values
+
+
+def release(plan):
+    """The plan is cached with the model: it must not keep a call's tensors alive."""
+    for node in plan.nodes:
+        node.values = node.record = node.output_grad = None
 
 
 def chain_modules(plan):

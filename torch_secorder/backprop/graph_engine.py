@@ -11,7 +11,8 @@ memory stays within the budget; origins are independent, so their contributions 
 
 import torch
 
-from . import graph_ops
+from . import graph, graph_ops
+from .curvature import columns_within
 from .diagonals import Diagonals
 from .errors import Unsupported
 from .losses import output_curvature, unsupported_output_reason
@@ -21,16 +22,11 @@ from ..core.validation import check_scalar_loss
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
-def _max_columns(samples, features, itemsize, memory_budget):
-    return max(1, memory_budget // max(1, 4 * samples * features * itemsize))
-
-
 def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget):
     try:
         return _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget)
-    finally:  # the plan is cached with the model: it must not keep this call's tensors alive
-        for node in plan.nodes:
-            node.values = node.record = node.output_grad = None
+    finally:
+        graph.release(plan)
 
 
 def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
@@ -49,7 +45,7 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
 
 
 def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget):
-    nodes = plan.nodes
+    nodes = plan.nodes[:plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
     needed = _needed(nodes, by_name, wanted_params)
@@ -57,16 +53,8 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
     curved = [i for i, node in enumerate(nodes)
               if node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
 
-    values = {}
     with torch.set_grad_enabled(bool(curved)):
-        for node in nodes:
-            node.output_grad = None
-            if node.op.is_input:
-                value = inputs
-            else:
-                value = node.op.evaluate(node, values, root)
-            values[node.name] = value
-            node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        values = graph.forward(plan, root, inputs)
         output = values[nodes[plan.output].name]
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise Unsupported("a model output that is not a floating-point tensor")
@@ -86,8 +74,7 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             for index, grad in zip(curved, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
-    # integer tensors (indices, masks) carry no columns, whatever they were computed from
-    needed = [flag and _floating(values.get(node.name)) for flag, node in zip(needed, nodes)]
+    needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     # after the forward: pruning hooks computed this call's effective weights
     diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)])
     wanted = diagonals.wanted
@@ -95,15 +82,14 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id
             values[name] = value.detach()
     for node in nodes:
-        record = getattr(node, "record", None)
-        if record is not None:
-            record.input, record.output = record.input.detach(), record.output.detach()
-            record.output_grad = node.output_grad
+        if node.record is not None:
+            node.record.input, node.record.output = node.record.input.detach(), node.record.output.detach()
+            node.record.output_grad = node.output_grad
 
     if any(needed):
         with torch.no_grad():
             samples = output.shape[0]
-            budget_columns = _max_columns(samples, _widest(values), output.element_size(), memory_budget)
+            budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
             curvature = output_curvature(spec, output.detach(), targets, max_columns=None, memory_budget=memory_budget)
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
@@ -119,10 +105,6 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
                     if births:
                         _sweep(nodes, births, signs, needed, wanted, diagonals.add)
     return diagonals.result()
-
-
-def _floating(value):
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _differentiable(value):
@@ -158,12 +140,15 @@ def _sweep(nodes, births, signs, needed, wanted, accumulate):
         del columns
 
 
-def _needed(nodes, by_name, wanted):
-    """needed[i]: node i or a node below it uses a parameter whose diagonal is asked for."""
+def _needed(nodes, by_name, wanted, values=None):
+    """needed[i]: node i or a node below it uses a parameter whose diagonal is asked for. With the values of a
+    forward pass, integer tensors (indices, masks) are not: they carry no columns, whatever made them."""
     needed = []
     for node in nodes:
         own = node.activation and any(id(by_name.get(name)) in wanted for name in node.params)
-        needed.append(bool(own or any(needed[j] for j in node.inputs)))
+        floating = values is None or (isinstance(values[node.name], torch.Tensor)
+                                      and values[node.name].is_floating_point())
+        needed.append(bool(floating and (own or any(needed[j] for j in node.inputs))))
     return needed
 
 

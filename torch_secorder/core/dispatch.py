@@ -50,7 +50,7 @@ def engine_cost(chain, model, inputs=None):
     loss_columns = "C - 1 (classes - 1) columns" if classes else "one column per output feature"
     if isinstance(inputs, (tuple, list)):
         inputs = inputs[0] if len(inputs) == 1 else None
-    curved, counted = curved_nodes(chain), None
+    curved, counted = None, None
     if isinstance(inputs, torch.Tensor):
         try:
             with torch.no_grad():
@@ -61,6 +61,8 @@ def engine_cost(chain, model, inputs=None):
             curved = curved_nodes(chain, inputs)
         except Exception:  # noqa: BLE001  (the call itself will report what is wrong)
             counted = None
+    if curved is None:  # no inputs, or a forward that failed: the nodes without their widths
+        curved = curved_nodes(chain)
     text = f"one forward pass; the loss's {loss_columns} per sample pulled down once through every layer"
     if not curved:
         return text + "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"

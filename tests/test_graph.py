@@ -647,3 +647,28 @@ class WithKeywordDefaults(nn.Module):
 def test_keyword_arguments_with_defaults_are_fixed_to_them():
     torch.manual_seed(0)
     exact(WithKeywordDefaults(), vectors(6))
+
+
+@pytest.mark.parametrize("positions_first", [False, True], ids=["batchnorm-layout", "layernorm-layout"])
+def test_channel_diagonal_reads_factors_dense_and_diagonal_parts_alike(positions_first):
+    """BatchNorm's (C, P) and LayerNorm's (P, C) feature orders: the same H as factors + diagonal or as a dense
+    matrix gives the same per-channel diagonal, equal to its definition."""
+    from torch_secorder.backprop.curvature import Curvature
+    from torch_secorder.backprop.shared_weight import channelwise_diagonal
+
+    generator = torch.Generator().manual_seed(3)
+    samples, channels, positions, width = 3, 4, 5, 6
+    features = (positions, channels) if positions_first else (channels, positions)
+    factors = torch.randn(samples, width, channels * positions, generator=generator, dtype=D)
+    signs = torch.sign(torch.randn(samples, width, generator=generator, dtype=D))
+    diag = torch.randn(samples, channels * positions, generator=generator, dtype=D)
+    values = torch.randn(samples, channels, positions, generator=generator, dtype=D)
+    factored = Curvature(features, factors=factors, signs=signs, diag=diag)
+    dense = Curvature(features, dense=factored.to_dense())
+    hessian = dense.dense.reshape(samples, *features, *features)
+    if positions_first:
+        hessian = hessian.permute(0, 2, 1, 4, 3)  # -> (N, C, P, C, Q)
+    expected = torch.stack([torch.einsum("npq,np,nq->", hessian[:, c, :, c, :], values[:, c], values[:, c])
+                            for c in range(channels)])
+    for curvature in (factored, dense):
+        assert relative_error(channelwise_diagonal(curvature, values, positions_first), expected) < 1e-12

@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from .registry import Rule, register
-from .shared_weight import linear_transpose_columns
+from .shared_weight import channelwise_diagonal, linear_transpose_columns
 
 
 
@@ -42,22 +41,13 @@ class LayerNormRule(Rule):
         wants_weight, wants_bias = record.wants(module.weight), record.wants(module.bias)
         if not (wants_weight or wants_bias):
             return []
-        rows = _rows(module, x)
-        samples, count, features = rows.shape
         normalized = _rows(module, self._normalized(module, x))
         results = []
         for param, values, wanted in ((module.weight, normalized, wants_weight),
                                       (module.bias, torch.ones_like(normalized), wants_bias)):
-            if not wanted:
-                continue
-            total = values.new_zeros(features)
-            if curvature.diag is not None:
-                total = total + (curvature.diag.reshape(samples, count, features) * values * values).sum((0, 1))
-            for columns, signs in curvature.column_parts():
-                # feature d of every row is one "channel", the rows its positions (transposed views, no copies)
-                by_feature = columns.reshape(samples, -1, count, features).transpose(2, 3)
-                total = total + ops.channel_weight_diagonal(by_feature, signs, values.transpose(1, 2))
-            results.append((param, total.reshape(param.shape)))
+            if wanted:  # feature d of every row is one "channel", the rows its positions
+                diagonal = channelwise_diagonal(curvature, values.transpose(1, 2), positions_first=True)
+                results.append((param, diagonal.reshape(param.shape)))
         return results
 
     def propagate(self, record, curvature, context):

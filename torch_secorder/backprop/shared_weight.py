@@ -98,22 +98,30 @@ def linear_transpose_columns(function, x, curvature, max_columns):
         yield Curvature(feature_shape, transpose_columns(function, x, columns), signs)
 
 
-def channelwise_diagonal(curvature, values):
-    """diag of a per-channel scale a_c used as z[n, c, p] = a_c * values[n, c, p] (BatchNorm's weight):
+def channelwise_diagonal(curvature, values, positions_first=False):
+    """diag of a per-channel scale a_c used as z[n, c, p] = a_c * values[n, c, p] (BatchNorm's weight; LayerNorm's,
+    with its features as channels and its rows as positions):
 
         sum_n sum_{p, q} H_n[(c, p), (c, q)] values[n, c, p] values[n, c, q]      -> (C,)
+
+    The curvature's features are ordered (C, P), or (P, C) when positions_first (read through views).
     """
     samples, channels, positions = values.shape
+    layout = (positions, channels) if positions_first else (channels, positions)
+
+    def by_channel(tensor, axis):  # the (C, P) or (P, C) features starting at `axis` as (C, P)
+        tensor = tensor.reshape(*tensor.shape[:axis], *layout, *tensor.shape[axis + 1:])
+        return tensor.transpose(axis, axis + 1) if positions_first else tensor
+
     total = values.new_zeros(channels)
     if curvature.dense is not None:
-        dense = curvature.dense.reshape(samples, channels, positions, channels, positions)
+        dense = by_channel(by_channel(curvature.dense, 2), 1)  # (N, C, P, C, Q)
         blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
         return torch.einsum("ncpq,ncp,ncq->c", blocks, values, values)
     if curvature.factors is not None:
-        factors = curvature.factors.reshape(samples, -1, channels, positions)
-        total = total + ops.channel_weight_diagonal(factors, curvature.signs, values)
+        total = total + ops.channel_weight_diagonal(by_channel(curvature.factors, 2), curvature.signs, values)
     if curvature.diag is not None:
-        total = total + (curvature.diag.reshape(samples, channels, positions) * values * values).sum(dim=(0, 2))
+        total = total + (by_channel(curvature.diag, 1) * values * values).sum(dim=(0, 2))
     return total
 
 

@@ -235,7 +235,7 @@ def test_create_graph_is_differentiable():
 def test_auto_uses_backprop_when_supported(monkeypatch):
     import importlib
 
-    api = importlib.import_module("torch_secorder.core.hessian_diagonal")
+    api = importlib.import_module("torch_secorder.core.model_curvature")
 
     calls = []
     original = api.backprop_hessian_diagonal

@@ -80,3 +80,73 @@ def loop_hessian_diagonal(loss_fn, params, progress=None):
             done += param.numel()
         diagonals.append(diag.view_as(param))
     return diagonals
+
+
+def _flat_model_output(model, inputs):
+    """(output, output as a function of the flat parameter vector, flat vector, shapes)."""
+    params = list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    input_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+    shapes = [p.shape for p in params]
+
+    def output_of_flat(vector):
+        state = dict(zip(names, _unflatten(vector, shapes)))
+        state.update({name: buffer.clone() for name, buffer in buffers.items()})
+        return functional_call(model, state, input_tuple)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return output_of_flat(flat).detach(), output_of_flat, flat, shapes
+
+
+def _loss_of_output(loss_fn):
+    """NLL is read at the log-probabilities as cross-entropy (softmax of log-probabilities is the same
+    distribution): the GGN split at the logits."""
+    import torch.nn.functional as F
+
+    if isinstance(loss_fn, torch.nn.NLLLoss) or loss_fn is F.nll_loss:
+        return lambda output, targets: loss_fn(torch.log_softmax(output, dim=1), targets)
+    return loss_fn
+
+
+def dense_ggn_diagonal(model, loss_fn, inputs, targets, per_sample=False):
+    """diag(sum_n J_n^T H_nn J_n) from the full Jacobian of the model output and the loss's full Hessian in
+    that output (reverse over reverse); per_sample: (N, *shape) per parameter."""
+    output, output_of_flat, flat, shapes = _flat_model_output(model, inputs)
+    jacobian = jacrev(output_of_flat)(flat).reshape(output.shape[0], -1, flat.numel())  # (N, D, P)
+    loss = _loss_of_output(loss_fn)
+    hessian = jacrev(jacrev(lambda o: loss(o.reshape(output.shape), targets)))(output.reshape(-1))
+    samples, features = jacobian.shape[:2]
+    blocks = hessian.reshape(samples, features, samples, features).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    per = torch.einsum("ndp,nde,nep->np", jacobian, blocks, jacobian)
+    if per_sample:
+        return _unflatten_batched(per, shapes)
+    return _unflatten(per.sum(0), shapes)
+
+
+def dense_per_sample_hessian_diagonal(model, loss_fn, inputs, targets):
+    """(N, *shape) per parameter: the Hessian diagonal of the loss with only sample n's output depending on
+    the parameters (the others held at their values)."""
+    output, output_of_flat, flat, shapes = _flat_model_output(model, inputs)
+    results = []
+    for sample in range(output.shape[0]):
+        mask = torch.zeros(output.shape[0], *[1] * (output.dim() - 1), dtype=output.dtype)
+        mask[sample] = 1
+
+        def loss_of_flat(vector, mask=mask):
+            live = output_of_flat(vector)
+            return loss_fn(output + (live - output) * mask, targets)
+
+        results.append(torch.diagonal(jacrev(jacrev(loss_of_flat))(flat)))
+    return _unflatten_batched(torch.stack(results), shapes)
+
+
+def _unflatten_batched(rows, shapes):
+    tensors, offset = [], 0
+    for shape in shapes:
+        count = 1
+        for size in shape:
+            count *= size
+        tensors.append(rows[:, offset:offset + count].reshape(rows.shape[0], *shape))
+        offset += count
+    return tensors

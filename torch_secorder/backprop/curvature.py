@@ -53,6 +53,15 @@ class Curvature:
         """The factors as stored: (N, V, C * Q) on the selected positions when `selection` is set."""
         return self._factors
 
+    def sample(self, index):
+        """The curvature of one sample (index:index + 1), in the same form."""
+        def one(tensor):
+            return None if tensor is None else tensor[index:index + 1]
+
+        selection = None if self.selection is None else (one(self.selection[0]), self.selection[1])
+        return Curvature(self.feature_shape, one(self._factors), one(self.signs), one(self.diag), one(self.dense),
+                         self.primary, selection)
+
     # ------------------------------------------------------------------ shape
     @property
     def samples(self):

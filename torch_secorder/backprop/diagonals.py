@@ -10,8 +10,9 @@ class Diagonals:
     pruning hook computed in this forward (weight = weight_orig * mask), and its diagonal times mask^2 is
     the diagonal of weight_orig."""
 
-    def __init__(self, params, modules):
+    def __init__(self, params, modules, samples=None):
         self.params = params
+        self.samples = samples  # per-sample diagonals: each contribution is (N, *parameter.shape)
         self.asked = {id(p) for p in params if p.requires_grad}
         self.pruned = {}  # id(effective weight) -> (original parameter, mask)
         for module in modules:
@@ -32,4 +33,9 @@ class Diagonals:
 
     def result(self):
         """One tensor per parameter, in order; zeros where nothing reached it."""
-        return [self._sums[id(p)] if id(p) in self._sums else torch.zeros_like(p) for p in self.params]
+        return [self._sums[id(p)] if id(p) in self._sums else self.zeros(p) for p in self.params]
+
+    def zeros(self, param):
+        if self.samples is None:
+            return torch.zeros_like(param)
+        return param.new_zeros(self.samples, *param.shape).detach()

@@ -9,14 +9,15 @@ import torch
 import torch.nn as nn
 
 from . import conv, conv_transpose, elementwise, embedding, linear, norm, pooling, structural  # noqa: F401  (they register their rules)
-from .losses import output_curvature, recognise, unsupported_output_reason
+from .losses import recognise, unsupported_output_reason
+from .origins import HESSIAN, output_origin
 from ..core.validation import check_scalar_loss
 from . import eligibility, graph
 from .graph_engine import graph_hessian_diagonal
 from .curvature import columns_within
 from .diagonals import Diagonals
 from .errors import Unsupported
-from .registry import LayerRecord, PropagationContext, registered_base, rule_for
+from .registry import LayerRecord, PropagationContext, registered_base, rule_for, sample_param_diagonals
 
 
 def flatten_chain(model, names=None):
@@ -145,19 +146,21 @@ def _chain_plan(layers, spec, names):
     return layers, spec
 
 
-def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget):
-    """Exact Hessian diagonals for params (a list of model parameters), in their order; chain is
-    check_supported(model, loss_fn)."""
+def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create_graph, memory_budget,
+                              request=HESSIAN):
+    """Exact diagonals for params (a list of model parameters), in their order, of the curvature `request`
+    names (the Hessian by default; per sample: (N, *shape) each); chain is check_supported(model, loss_fn)."""
     if isinstance(chain, (GraphSupport, TracedChain)):
         graph.validate(chain.plan, chain.model, inputs)
     if isinstance(chain, GraphSupport):
         if create_graph:
             raise Unsupported("create_graph=True on a traced graph (only chains of modules)")
         return graph_hessian_diagonal(chain.plan, chain.spec, chain.model, loss_fn, inputs, targets, params,
-                                      memory_budget=memory_budget)
+                                      memory_budget=memory_budget, request=request)
     layers, spec = chain
     rules = [rule_for(module) for module in layers]
-    needs_grads = create_graph or any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
+    needs_grads = create_graph or (request.residuals and any(rule.needs_output_grad(module)
+                                                             for rule, module in zip(rules, layers)))
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
         for module, rule in zip(layers, rules):
@@ -177,10 +180,12 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
         # The loss itself, once: its own checks (class indices in range, shapes) must fire here too.
         loss = loss_fn(torch.log_softmax(x, dim=1) if spec.kind == "nll" else x, targets)
         check_scalar_loss(loss, "loss_fn")
-        if inputs.shape[0] == 0:  # no samples: every Hessian entry is an empty sum
-            return [torch.zeros_like(p) for p in params]
-        needing = [index for index, rule in enumerate(rules)
-                   if rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
+        samples = inputs.shape[0]
+        diagonals = Diagonals(params, layers, samples if request.per_sample else None)
+        if samples == 0:  # no samples: every Hessian entry is an empty sum
+            return diagonals.result()
+        needing = [index for index, rule in enumerate(rules) if request.residuals
+                   and rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
         if needing:
             grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
                                         allow_unused=True)
@@ -195,19 +200,20 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
     wanted_params = {id(p) for p in params if p.requires_grad}
     owners = [i for i, module in enumerate(layers) if any(id(p) in wanted_params for p in module.parameters())]
     if not owners:
-        return [torch.zeros_like(p) for p in params]
-    diagonals = Diagonals(params, layers)
+        return diagonals.result()
     for record in records:
         record.wanted = diagonals.wanted
 
     with torch.set_grad_enabled(create_graph):
         output = records[-1].output
         samples, features = output.shape[0], output.shape[1:].numel()
-        curvature = output_curvature(
-            spec, output if create_graph else output.detach(), targets,
+        curvature = output_origin(
+            request, spec, output if create_graph else output.detach(), targets, loss_fn,
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
             max_columns=columns_within(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
-        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget)
+        curvature.primary = request.residuals  # no residuals anywhere below unless the Hessian is asked for
+        contributions = sample_param_diagonals if request.per_sample else _summed_param_diagonals
+        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget, contributions)
     result = diagonals.result()
     return result if create_graph else [d.detach() for d in result]
 
@@ -220,11 +226,16 @@ def _diagonal_suffices(records, rules, lowest, index):
         not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index))
 
 
-def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget):
-    """From the output of module `index` down to module `lowest`; pieces of a split curvature go down one by one."""
+def _summed_param_diagonals(rule, record, curvature):
+    return rule.param_diagonals(record, curvature)
+
+
+def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget, contributions):
+    """From the output of module `index` down to module `lowest`; pieces of a split curvature go down one by one.
+    contributions(rule, record, curvature): the parameters' part, summed over samples or per sample."""
     while True:
         record, rule = records[index], rules[index]
-        for param, value in rule.param_diagonals(record, curvature):
+        for param, value in contributions(rule, record, curvature):
             accumulate(param, value)
         if index <= lowest:
             return
@@ -243,11 +254,11 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
             curvature, index = first, index - 1
             continue
         # Pieces go down one at a time; only the first may carry residuals from below.
-        _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget)
+        _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget, contributions)
         del first
         for piece in _chain(second, pieces):
             piece.primary = False
-            _propagate(records, rules, index - 1, piece, lowest, accumulate, memory_budget)
+            _propagate(records, rules, index - 1, piece, lowest, accumulate, memory_budget, contributions)
         return
 
 

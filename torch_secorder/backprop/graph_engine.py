@@ -9,22 +9,25 @@ their diagonals. A chunk of columns goes through the whole sweep before the next
 memory stays within the budget; origins are independent, so their contributions simply add.
 """
 
+import functools
+
 import torch
 
 from . import graph, graph_ops
 from .curvature import columns_within
 from .diagonals import Diagonals
 from .errors import Unsupported
-from .losses import output_curvature, unsupported_output_reason
+from .losses import unsupported_output_reason
+from .origins import HESSIAN, output_origin
 from ..core.validation import check_scalar_loss
 
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
-def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget):
+def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget, request=HESSIAN):
     try:
-        return _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget)
+        return _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget, request)
     finally:
         graph.release(plan)
 
@@ -44,14 +47,14 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
                               f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)")
 
 
-def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget):
+def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget, request):
     nodes = plan.nodes[:plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
     needed = _needed(nodes, by_name, wanted_params)
     _check_single_use(nodes, by_name, wanted_params)
-    curved = [i for i, node in enumerate(nodes)
-              if node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
+    curved = [i for i, node in enumerate(nodes) if request.residuals
+              and node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
 
     with torch.set_grad_enabled(bool(curved)):
         values = graph.forward(plan, root, inputs)
@@ -66,7 +69,7 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
         loss = loss_fn(torch.log_softmax(output, dim=1) if spec.kind == "nll" else output, targets)
         check_scalar_loss(loss, "loss_fn")
         if inputs.shape[0] == 0:
-            return [torch.zeros_like(p) for p in params]
+            return Diagonals(params, [], 0 if request.per_sample else None).result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
         _check_residual_sizes(nodes, curved, inputs.shape[0], output.element_size(), memory_budget)
         if curved:
@@ -76,7 +79,8 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
     needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     # after the forward: pruning hooks computed this call's effective weights
-    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)])
+    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)],
+                          inputs.shape[0] if request.per_sample else None)
     wanted = diagonals.wanted
     for name, value in list(values.items()):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id
@@ -90,10 +94,13 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
         with torch.no_grad():
             samples = output.shape[0]
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
-            curvature = output_curvature(spec, output.detach(), targets, max_columns=None, memory_budget=memory_budget)
+            curvature = output_origin(request, spec, output.detach(), targets, loss_fn, max_columns=None,
+                                      memory_budget=memory_budget)
+            sweep = functools.partial(_sweep, needed=needed, wanted=wanted, accumulate=diagonals.add,
+                                      per_sample=request.per_sample)
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
-                    _sweep(nodes, {plan.output: columns.clone()}, signs, needed, wanted, diagonals.add)
+                    sweep(nodes, {plan.output: columns.clone()}, signs)
             for index in curved:
                 node = nodes[index]
                 for piece, signs in node.op.residual_columns(node, budget_columns):
@@ -103,7 +110,7 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
                         if needed[source]:
                             births[source] = columns.clone() if source not in births else births[source] + columns
                     if births:
-                        _sweep(nodes, births, signs, needed, wanted, diagonals.add)
+                        sweep(nodes, births, signs)
     return diagonals.result()
 
 
@@ -116,7 +123,7 @@ def _widest(values):
     return max(widths, default=1)
 
 
-def _sweep(nodes, births, signs, needed, wanted, accumulate):
+def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
     """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters."""
     pending = dict(births)
     for index in range(max(births), -1, -1):
@@ -124,7 +131,7 @@ def _sweep(nodes, births, signs, needed, wanted, accumulate):
         if columns is None:
             continue
         node = nodes[index]
-        for param, value in node.op.param_diagonals(node, columns, signs, wanted):
+        for param, value in node.op.param_diagonals(node, columns, signs, wanted, per_sample):
             accumulate(param, value)
         positions = [p for p, source in enumerate(node.inputs) if needed[source]]
         if not positions:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import eligibility
 from .curvature import Curvature
 from .errors import Unsupported
-from .registry import LayerRecord, PropagationContext, registered_base, rule_for
+from .registry import LayerRecord, PropagationContext, registered_base, rule_for, sample_param_diagonals
 
 # One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
@@ -62,7 +62,8 @@ class NodeOp:
         """J^T columns for the activation inputs at `positions` (indices into node.inputs)."""
         raise NotImplementedError
 
-    def param_diagonals(self, node, columns, signs, wanted):
+    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
+        """[(parameter, its diagonal from these columns)]: summed over samples, or (N, *shape) per_sample."""
         return []
 
     def residual_columns(self, node, max_columns):
@@ -168,9 +169,12 @@ class ModuleOp(NodeOp):
         assert len(pieces) == 1 and pieces[0].dense is None and pieces[0].diag is None, "a column pull must be 1:1"
         return [pieces[0].factors]
 
-    def param_diagonals(self, node, columns, signs, wanted):
+    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
         node.record.wanted = wanted
-        return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs))
+        curvature = self._curvature(node, columns, signs)
+        if per_sample:
+            return sample_param_diagonals(self.rule, node.record, curvature)
+        return self.rule.param_diagonals(node.record, curvature)
 
     def residual_columns(self, node, max_columns):
         for columns, signs in self.rule.residual_columns(node.record, max_columns):
@@ -299,7 +303,7 @@ class GenericOp(NodeOp):
         return [pulled[differentiable.index(node.input_names[p])].reshape(width, samples, -1).transpose(0, 1)
                 for p in positions]
 
-    def param_diagonals(self, node, columns, signs, wanted):
+    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
         params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
         if not params:
             return []
@@ -308,7 +312,7 @@ class GenericOp(NodeOp):
         param_names = [name for name, _ in params]
         call = self.function(node, node.values, node.input_names + param_names)
 
-        def per_sample(sample_inputs, sample_columns):
+        def one_sample(sample_inputs, sample_columns):
             def of_params(*tensors):
                 return call(*[t.unsqueeze(0) for t in sample_inputs], *tensors)
 
@@ -317,7 +321,7 @@ class GenericOp(NodeOp):
 
         try:
             with torch.enable_grad():
-                projections = torch.func.vmap(per_sample)(tuple(inputs), columns)  # each (N, V, *param.shape)
+                projections = torch.func.vmap(one_sample)(tuple(inputs), columns)  # each (N, V, *param.shape)
         except Exception as error:  # noqa: BLE001
             raise Unsupported(f"{self.describe(node)}: cannot be evaluated per sample for its parameters "
                               f"({type(error).__name__})") from None
@@ -326,7 +330,7 @@ class GenericOp(NodeOp):
             squared = projection * projection
             if signs is not None:
                 squared = squared * signs.reshape(samples, width, *[1] * param.dim())
-            results.append((param, squared.sum(dim=(0, 1))))
+            results.append((param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))))
         return results
 
     def residual_columns(self, node, max_columns):

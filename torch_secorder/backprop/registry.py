@@ -20,6 +20,11 @@ class LayerRecord:
     extras: Optional[object] = None  # whatever the rule's forward kept (max pooling: the argmax indices)
     wanted: frozenset = frozenset()  # ids of the tensors whose diagonals are asked for (see wants)
 
+    def sample(self, index):
+        """The record of one sample (every batched tensor sliced to index:index + 1), for per-sample diagonals."""
+        return LayerRecord(self.module, _one(self.input, index), _one(self.output, index), _one(self.output_grad, index),
+                           _one(self.extras, index), self.wanted)
+
     def wants(self, tensor):
         """True when the diagonal of this module tensor (weight, bias) is asked for: a parameter in the
         caller's list that requires grad, or the effective weight of a pruned one."""
@@ -81,10 +86,41 @@ class Rule:
         """[(parameter, diagonal contribution)] from the curvature at the module output."""
         return []
 
+    def per_sample_param_diagonals(self, record, curvature):
+        """[(parameter, (N, *parameter.shape))] without the sum over samples, or None: the engine then calls
+        param_diagonals once per sample (same numbers; rules give this where a batched form is much faster)."""
+        return None
+
     def propagate(self, record, curvature, context):
         """The curvature at the module input: one Curvature, or several whose sum it is
         (column chunks of at most context.max_columns, streamed to keep memory bounded)."""
         raise NotImplementedError
+
+
+def _one(value, index):
+    """value[index:index + 1] for batched tensors (and tuples of them); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value[index:index + 1]
+    if isinstance(value, tuple):
+        return tuple(_one(item, index) for item in value)
+    return value
+
+
+def sample_param_diagonals(rule, record, curvature):
+    """[(parameter, (N, *parameter.shape))]: the contributions of each sample on their own."""
+    native = rule.per_sample_param_diagonals(record, curvature)
+    if native is not None:
+        return native
+    samples = curvature.samples
+    found = {}
+    for index in range(samples):
+        contributions = rule.param_diagonals(record.sample(index), curvature.sample(index))
+        if index == 0 and not contributions:
+            return []  # nothing asked for in this module
+        for param, value in contributions:
+            found.setdefault(id(param), (param, [None] * samples))[1][index] = value
+    return [(param, torch.stack([torch.zeros_like(param) if v is None else v for v in values]))
+            for param, values in found.values()]
 
 
 def register(*module_types):

@@ -1,4 +1,8 @@
 from .dispatch import MethodChoice, explain_method
+from .curvatures import model_fisher_diagonal, model_ggn_diagonal
+from .estimate import DiagonalEstimate, hessian_diagonal_estimate, model_hessian_diagonal_estimate
 from .hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 
-__all__ = ["hessian_diagonal", "model_hessian_diagonal", "explain_method", "MethodChoice"]
+__all__ = ["hessian_diagonal", "model_hessian_diagonal", "model_ggn_diagonal", "model_fisher_diagonal",
+           "hessian_diagonal_estimate", "model_hessian_diagonal_estimate", "DiagonalEstimate", "explain_method",
+           "MethodChoice"]

@@ -133,3 +133,8 @@ def check_not_inference_tensors(model):
                 raise RuntimeError(
                     f"model {kind} {name!r} was created under torch.inference_mode(), which disables autograd for "
                     "it for good: build the model outside inference_mode")
+
+
+def check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -1,0 +1,101 @@
+"""The generic exact method's core: the Hessian diagonal of a scalar built by a callable, by batched
+double backward (batched_hvp.py), with the checks and contexts every caller needs."""
+
+from contextlib import contextmanager
+
+import torch
+
+from . import validation
+from .batched_hvp import batched_hessian_diagonal, saved_tensor_bytes
+
+
+def check_strict_requires_grad(params):
+    for index, param in enumerate(params):
+        if not param.requires_grad:
+            raise RuntimeError(
+                f"params[{index}] (shape {tuple(param.shape)}) does not require grad; "
+                "pass strict=False to get zeros for it"
+            )
+
+
+def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
+    validation.check_method(method, for_model=source == "loss_fn")
+    validation.check_chunking(chunk_size, memory_budget)
+    validation.check_progress(progress)
+    params = validation.check_params(params)
+    v = validation.check_v(v, params)
+    if strict:
+        check_strict_requires_grad(params)
+
+    with torch.enable_grad(), inference_tensors_explained(source), attention_twice_differentiable():
+        loss = func()
+        validation.check_scalar_loss(loss, source)
+        loss = loss.reshape(())
+        grads = first_order_grads(loss, params)
+        if strict:
+            for index, grad in enumerate(grads):
+                if grad is None:
+                    raise RuntimeError(
+                        f"the loss does not depend on params[{index}] (shape {tuple(params[index].shape)}); "
+                        "pass strict=False to get zeros for it"
+                    )
+        diagonals = batched_hessian_diagonal(
+            loss, params, grads,
+            create_graph=create_graph, chunk_size=chunk_size,
+            graph_bytes=saved_tensor_bytes(loss), memory_budget=memory_budget, progress=progress,
+        )
+    if v is not None:
+        diagonals = [vec * diag for vec, diag in zip(v, diagonals)]
+    if not create_graph:
+        diagonals = [diag.detach() for diag in diagonals]
+    return diagonals
+
+
+def first_order_grads(loss, params):
+    """Gradients with a graph (for the second derivative); None where the loss does not depend on a parameter."""
+    grads = [None] * len(params)
+    active = [index for index, param in enumerate(params) if param.requires_grad]
+    if loss.requires_grad and active:
+        found = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True, allow_unused=True)
+        for index, grad in zip(active, found):
+            grads[index] = grad
+    return grads
+
+
+def attention_twice_differentiable():
+    """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward: the
+    generic method records the forward with the math backend, which has (same numbers up to rounding)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def normal_tensor(tensor):
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+@contextmanager
+def inference_tensors_explained(source):
+    """A loss built from tensors made under torch.inference_mode cannot be differentiated: say so plainly."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "Inference tensor" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{source} uses a tensor created under torch.inference_mode(), which autograd cannot differentiate "
+            "through (torch.inference_mode disables autograd): create it outside inference_mode, or .clone() it "
+            "outside"
+        ) from error
+
+
+@contextmanager
+def buffers_restored(model):
+    """Puts buffers (BatchNorm running stats, counters) back as they were: computing a Hessian must not train."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)

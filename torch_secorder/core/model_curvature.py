@@ -1,0 +1,117 @@
+"""One dispatch for every model-level diagonal (Hessian, GGN, Fisher; summed or per sample): the engine
+where it supports the model, else the generic method, with one warning saying why and what it will cost."""
+
+import time
+import warnings
+
+import torch
+
+from ..backprop import Unsupported, backprop_hessian_diagonal
+from ..backprop.losses import recognise
+from . import dispatch, validation
+from .generic import buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_tensor
+from .generic_curvature import generic_model_curvature
+
+PROJECTION_THRESHOLD = 1000  # Hessian-vector products (each about a gradient) beyond which the fallback says how long
+
+_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_mc": "Monte-Carlo Fisher", "fisher_empirical": "empirical Fisher"}
+
+
+def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_graph, strict, method, chunk_size,
+                   memory_budget, progress):
+    """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors."""
+    input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
+    validation.check_method(method)
+    validation.check_chunking(chunk_size, memory_budget)
+    validation.check_progress(progress)
+    validation.check_not_inference_tensors(model)
+    spec = None
+    if request.kind != "hessian":
+        spec = recognise(loss_fn)
+        if isinstance(spec, str):
+            raise ValueError(f"{api}: loss_fn is not supported: {spec}; the {_NAMES[request.kind]} needs the "
+                             "loss's curvature in the model output, known for MSE, cross-entropy, "
+                             "BCE-with-logits and NLL")
+    with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
+        # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
+        input_tuple = tuple(normal_tensor(tensor) for tensor in input_tuple)
+        targets = normal_tensor(targets)
+        params = list(model.parameters())
+        if method != "autograd":
+            chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
+            if reason is None:
+                try:
+                    return _backprop(chain, model, loss_fn, input_tuple[0], targets, params, request, create_graph,
+                                     strict, memory_budget, progress)
+                except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
+                    reason = str(error)
+            reason = f"Hessian backpropagation does not support {reason}"
+            if method == "backprop":
+                raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
+            repeats = _batch_size(input_tuple, targets) if request.per_sample else 1
+            warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
+                          f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
+                          RuntimeWarning, stacklevel=3)
+        with buffers_restored(model):
+            if request.kind == "hessian" and not request.per_sample:
+                def loss_func():
+                    return loss_fn(model(*input_tuple), targets)
+
+                return generic_hessian_diagonal(loss_func, params, None, create_graph, strict, "loss_fn",
+                                                method="autograd", chunk_size=chunk_size,
+                                                memory_budget=memory_budget, progress=progress)
+            return generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request,
+                                           create_graph=create_graph, strict=strict, chunk_size=chunk_size,
+                                           memory_budget=memory_budget, progress=progress)
+
+
+def _batch_size(input_tuple, targets):
+    for tensor in (*input_tuple, targets):
+        if tensor.dim() > 0:
+            return tensor.shape[0]
+    return 1
+
+
+def _backprop(chain, model, loss_fn, inputs, targets, params, request, create_graph, strict, memory_budget, progress):
+    if strict:
+        check_strict_requires_grad(params)
+    with buffers_restored(model):
+        diagonals = backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, create_graph=create_graph,
+                                              memory_budget=memory_budget, request=request)
+    if progress is not None:
+        total = sum(p.numel() for p in params)
+        progress(total, total)
+    return diagonals
+
+
+def _projection(model, loss_fn, input_tuple, targets, params, repeats=1):
+    """'; projected ...' for the fallback warning when the generic method will take more than about 1,000
+    gradients: one gradient is timed (a small price next to what follows), else ''. repeats: per-sample
+    diagonals take one pass per sample."""
+    entries = sum(p.numel() for p in params if p.requires_grad) * repeats
+    if entries <= PROJECTION_THRESHOLD:
+        return ""
+    active = [p for p in params if p.requires_grad]
+    try:
+        with buffers_restored(model), torch.enable_grad():
+            for _ in range(2):  # the second one warm
+                start = time.perf_counter()
+                loss = loss_fn(model(*input_tuple), targets)
+                if loss.requires_grad:
+                    torch.autograd.grad(loss, active, allow_unused=True)
+                if loss.is_cuda:
+                    torch.cuda.synchronize(loss.device)
+                seconds = time.perf_counter() - start
+    except Exception:  # noqa: BLE001  (the method itself reports what is wrong)
+        return ""
+    per = " per sample" if repeats > 1 else ""
+    # measured on CPU: a batched Hessian-vector product cost 0.1 to 2 gradients (less on small models)
+    return (f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
+            f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)")
+
+
+def _duration(seconds):
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"

@@ -289,3 +289,19 @@ def test_bad_arguments_get_clear_errors():
     log_probs_missing = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="not log-probabilities"):
         model_ggn_diagonal(log_probs_missing, nn.NLLLoss(), x, y)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_per_sample_diagonals_below_max_pooling(groups):
+    """Factors kept on the pooled grid: per sample, conv1 gathers its selected inputs (Q K = 288 < V P = 576)
+    and conv2 scatters its columns back (Q K = 216 > V P = 144); with groups they are always scattered."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 4, 3, padding=1, groups=groups), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 10)).double()
+    x, y = torch.randn(5, 2, 8, 8, dtype=D), torch.randint(0, 10, (5,))
+    expected = dense_per_sample_hessian_diagonal(model, F.cross_entropy, x, y)
+    assert relative_error(engine(model_hessian_diagonal, model, F.cross_entropy, x, y, per_sample=True),
+                          expected) < 1e-10
+    assert relative_error(engine(model_ggn_diagonal, model, F.cross_entropy, x, y, per_sample=True),
+                          dense_ggn_diagonal(model, F.cross_entropy, x, y, per_sample=True)) < 1e-10

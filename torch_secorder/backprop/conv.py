@@ -1,5 +1,7 @@
 """nn.Conv1d/2d/3d: stride, padding (numbers or 'same'), dilation, groups; zero padding mode."""
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +61,7 @@ def batched_input_reason(module, x):
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
+    per_sample_native = True
     forward_methods = ("forward", "_conv_forward")
 
     def unsupported_reason(self, module):
@@ -69,17 +72,19 @@ class ConvRule(Rule):
     def unsupported_input_reason(self, module, x):
         return batched_input_reason(module, x)
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
         module, x, z = record.module, record.input, record.output
         samples, out_channels = x.shape[0], module.out_channels
         positions = z[0].numel() // out_channels
         results = []
-        if curvature.selection is not None and module.groups == 1:  # factors still on max-pooling selections
+        leading = (samples,) if per_sample else ()
+        if curvature.selection is not None and module.groups == 1 and (
+                not per_sample or _gather_selected(curvature, module, positions)):  # factors still on selections
             if record.wants(module.weight):
-                diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels)
-                results.append((module.weight, diag.reshape(module.weight.shape)))
+                diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels, per_sample)
+                results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
             if record.wants(module.bias):
-                results.append((module.bias, selected_bias_diagonal(curvature, out_channels)))
+                results.append((module.bias, selected_bias_diagonal(curvature, out_channels, per_sample)))
             return results
         if record.wants(module.weight):
             patches = unfold(module, x)  # (N, C K, P)
@@ -90,11 +95,12 @@ class ConvRule(Rule):
             for g in range(groups):
                 part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
                 blocks.append(shared_weight_diagonal(part, patches[:, g * per_group_in:(g + 1) * per_group_in],
-                                                     per_group_out, positions_first=False))
-            results.append((module.weight, torch.cat(blocks, 0).reshape(module.weight.shape)))
+                                                     per_group_out, positions_first=False, per_sample=per_sample))
+            results.append((module.weight, torch.cat(blocks, len(leading)).reshape(*leading, *module.weight.shape)))
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
-            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False)[:, 0]))
+            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False,
+                                                                per_sample=per_sample)[..., 0]))
         return results
 
     def propagate(self, record, curvature, context):
@@ -122,3 +128,11 @@ class ConvRule(Rule):
         for columns, signs in curvature.signed_factor_chunks(context.max_columns):
             folded, unfold_back = fold_columns(columns)
             yield Curvature(x.shape[1:], unfold_back(transpose(folded.reshape(-1, *record.output.shape[1:]))), signs)
+
+
+def _gather_selected(curvature, module, positions):
+    """Per sample, the selected inputs are gathered per output channel (O Q K values per sample) or the columns
+    scattered back to every position (V O P): whichever is smaller."""
+    selected = curvature.compact_factors.shape[2] // module.out_channels
+    features = module.in_channels * math.prod(module.kernel_size)
+    return selected * features < curvature.width * positions

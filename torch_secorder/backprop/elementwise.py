@@ -75,6 +75,8 @@ _BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (
 class BatchNormEvalRule(Rule):
     """y = weight * (x - running_mean) / sqrt(running_var + eps) + bias, per channel: affine in x."""
 
+    per_sample_native = True
+
     def unsupported_reason(self, module):
         if module.training or not module.track_running_stats or module.running_mean is None:
             return "BatchNorm in training mode (batch statistics couple the samples); call model.eval()"
@@ -95,15 +97,16 @@ class BatchNormEvalRule(Rule):
         scale = inv_std if module.weight is None else inv_std * module.weight.reshape(shape)
         return normalized, scale
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
         module, x = record.module, record.input
         results = []
         if record.wants(module.weight):
             normalized, _ = self._per_channel(module, x)
-            results.append((module.weight, channelwise_diagonal(curvature, normalized.reshape(x.shape[0], x.shape[1], -1))))
+            results.append((module.weight, channelwise_diagonal(
+                curvature, normalized.reshape(x.shape[0], x.shape[1], -1), per_sample=per_sample)))
         if record.wants(module.bias):
             ones = x.new_ones(x.shape[0], x.shape[1], x[0, 0].numel())
-            results.append((module.bias, channelwise_diagonal(curvature, ones)))
+            results.append((module.bias, channelwise_diagonal(curvature, ones, per_sample=per_sample)))
         return results
 
     def propagate(self, record, curvature, context):

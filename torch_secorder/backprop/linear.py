@@ -17,6 +17,7 @@ def right_multiply(columns, weight):
 @register(nn.Linear)
 class LinearRule(Rule):
     mixing = True
+    per_sample_native = True
 
     def unsupported_input_reason(self, module, x):
         return None if x.dim() >= 2 else f"an input of shape {tuple(x.shape)} without a batch dimension"
@@ -37,7 +38,7 @@ class LinearRule(Rule):
             total = part if total is None else total + part
         return total
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
         module, x = record.module, record.input
         samples, out_features = x.shape[0], module.out_features
         results = []
@@ -45,17 +46,21 @@ class LinearRule(Rule):
             # diag_W[i, j] = sum_n H_n[i, i] x_nj^2 : only the diagonal of H is needed
             h = curvature.diagonal()
             if record.wants(module.weight):
-                results.append((module.weight, h.transpose(0, 1) @ (x * x)))
+                squares = x * x
+                results.append((module.weight, h.unsqueeze(2) * squares.unsqueeze(1) if per_sample
+                                else h.transpose(0, 1) @ squares))
             if record.wants(module.bias):
-                results.append((module.bias, h.sum(0)))
+                results.append((module.bias, h if per_sample else h.sum(0)))
             return results
         positions = x[0].numel() // x.shape[-1]
         inputs = x.reshape(samples, positions, -1).transpose(1, 2)  # (N, in, P)
         if record.wants(module.weight):
-            results.append((module.weight, shared_weight_diagonal(curvature, inputs, out_features, positions_first=True)))
+            results.append((module.weight, shared_weight_diagonal(curvature, inputs, out_features, positions_first=True,
+                                                                  per_sample=per_sample)))
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
-            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_features, positions_first=True)[:, 0]))
+            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_features, positions_first=True,
+                                                                per_sample=per_sample)[..., 0]))
         return results
 
     def propagate(self, record, curvature, context):

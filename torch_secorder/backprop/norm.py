@@ -26,6 +26,8 @@ def _rows(module, x):
 class LayerNormRule(Rule):
     mixing = True
 
+    per_sample_native = True
+
     def needs_output_grad(self, module):
         return True
 
@@ -36,7 +38,7 @@ class LayerNormRule(Rule):
     def _normalized(self, module, x):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
         module, x = record.module, record.input
         wants_weight, wants_bias = record.wants(module.weight), record.wants(module.bias)
         if not (wants_weight or wants_bias):
@@ -46,8 +48,9 @@ class LayerNormRule(Rule):
         for param, values, wanted in ((module.weight, normalized, wants_weight),
                                       (module.bias, torch.ones_like(normalized), wants_bias)):
             if wanted:  # feature d of every row is one "channel", the rows its positions
-                diagonal = channelwise_diagonal(curvature, values.transpose(1, 2), positions_first=True)
-                results.append((param, diagonal.reshape(param.shape)))
+                diagonal = channelwise_diagonal(curvature, values.transpose(1, 2), positions_first=True,
+                                                per_sample=per_sample)
+                results.append((param, diagonal.reshape(*diagonal.shape[:-1], *param.shape)))
         return results
 
     def propagate(self, record, curvature, context):

@@ -82,14 +82,13 @@ class Rule:
             from .curvature import diagonal_columns
             yield from diagonal_columns(diagonal, max_columns)
 
+    # param_diagonals takes per_sample=True and then returns (N, *parameter.shape) per parameter; without it
+    # the engine calls param_diagonals once per sample (same numbers, slower)
+    per_sample_native = False
+
     def param_diagonals(self, record, curvature):
         """[(parameter, diagonal contribution)] from the curvature at the module output."""
         return []
-
-    def per_sample_param_diagonals(self, record, curvature):
-        """[(parameter, (N, *parameter.shape))] without the sum over samples, or None: the engine then calls
-        param_diagonals once per sample (same numbers; rules give this where a batched form is much faster)."""
-        return None
 
     def propagate(self, record, curvature, context):
         """The curvature at the module input: one Curvature, or several whose sum it is
@@ -108,9 +107,8 @@ def _one(value, index):
 
 def sample_param_diagonals(rule, record, curvature):
     """[(parameter, (N, *parameter.shape))]: the contributions of each sample on their own."""
-    native = rule.per_sample_param_diagonals(record, curvature)
-    if native is not None:
-        return native
+    if rule.per_sample_native:
+        return rule.param_diagonals(record, curvature, per_sample=True)
     samples = curvature.samples
     found = {}
     for index in range(samples):

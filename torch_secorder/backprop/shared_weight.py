@@ -6,13 +6,15 @@ from .. import ops
 from .curvature import Curvature
 
 
-def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
+def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per_sample=False):
     """diag of a weight W (O, K) used as z[n, o, p] = sum_k W[o, k] inputs[n, k, p]:
 
         sum_n sum_{p, q} H_n[(o, p), (o, q)] inputs[n, k, p] inputs[n, k, q]      -> (O, K)
 
-    The curvature's features are ordered (O, P), or (P, O) when positions_first.
+    (N, O, K) without the sum over n when per_sample. The curvature's features are ordered (O, P), or
+    (P, O) when positions_first.
     """
+    result = "nok" if per_sample else "ok"
     samples, _, positions = inputs.shape
     total = None
 
@@ -32,16 +34,16 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first):
             blocks = torch.diagonal(dense, dim1=2, dim2=4).permute(0, 3, 1, 2)
         else:  # (N, O, P, O, Q)
             blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)
-        add(torch.einsum("nopq,nkp,nkq->ok", blocks, inputs, inputs))
+        add(torch.einsum(f"nopq,nkp,nkq->{result}", blocks, inputs, inputs))
         return total
-    if curvature.factors is not None:
-        add(factor_weight_diagonal(by_channel(curvature.factors), curvature.signs, inputs))  # (N, V, O, P)
+    if curvature.factors is not None:  # (N, V, O, P)
+        add(factor_weight_diagonal(by_channel(curvature.factors), curvature.signs, inputs, per_sample=per_sample))
     if curvature.diag is not None:
-        add(torch.einsum("nop,nkp->ok", by_channel(curvature.diag), inputs * inputs))
+        add(torch.einsum(f"nop,nkp->{result}", by_channel(curvature.diag), inputs * inputs))
     return total
 
 
-def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_pairs=False):
+def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_pairs=False, per_sample=False):
     """sum_n sum_v signs (factors[n, v] @ inputs[n]^T)^2, factors (N, V, O, P), inputs (N, K, P) -> (O, K).
 
     Two ways with the same numbers: the compiled op forms each (V O, K) projection and squares it, about
@@ -49,12 +51,15 @@ def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_p
         sum_{p <= q} (2 - [p = q]) (sum_v signs S[v, o, p] S[v, o, q]) (X[k, p] X[k, q]),
     costs about N O K P (P + 1) / 2: cheaper when few positions meet many columns (deep convolutions
     on small feature maps, P = 1 to 16 against V = 10 classes), where the projections are mostly
-    memory traffic. force_pairs: always the pairs (tests)."""
+    memory traffic. force_pairs: always the pairs (tests). per_sample: (N, O, K), the same two ways
+    without the sum over n (the projections batched over samples instead of the compiled op)."""
     samples, width, out_channels, positions = factors.shape
     pairs = positions * (positions + 1) // 2
     # Measured on CPU (N = 32, O K = 74k-590k): the kernel's cost follows its (V O, K) products while P is
     # small (its GEMMs are skinny) and V O K P beyond P = 8; the pairs' follows O K T at a lower rate.
     if (3 * pairs >= width * max(8, positions) or samples == 0) and not force_pairs:
+        if per_sample:
+            return _per_sample_projections(factors, signs, inputs, max_elements)
         return ops.affine_weight_diagonal(factors, signs, inputs)
     first, second = torch.triu_indices(positions, positions, device=factors.device)
     twice = torch.where(first == second, 1.0, 2.0).to(factors.dtype)
@@ -66,11 +71,33 @@ def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_p
         stop = min(samples, start + step)
         # (n, o): sum_v signs S[v, p] S[v, q], one small product per (sample, channel)
         coupling = (signed[start:stop, :, :, first] * factors[start:stop, :, :, second]).sum(1) * twice  # (n, O, T)
-        coupling = coupling.transpose(0, 1).reshape(out_channels, -1)  # (O, n T)
         products = inputs[start:stop, :, first] * inputs[start:stop, :, second]  # (n, K, T)
+        if per_sample:
+            part = torch.bmm(coupling, products.transpose(1, 2))  # (n, O, K)
+            total = part if total is None else torch.cat([total, part])
+            continue
+        coupling = coupling.transpose(0, 1).reshape(out_channels, -1)  # (O, n T)
         part = coupling @ products.permute(0, 2, 1).reshape(-1, features)
         total = part if total is None else total + part
     return total
+
+
+def _per_sample_projections(factors, signs, inputs, max_elements):
+    """sum_v signs (factors[n, v] @ inputs[n]^T)^2 for each n: (N, O, K), samples in chunks whose (n, V O, K)
+    projections stay within max_elements."""
+    samples, width, out_channels, positions = factors.shape
+    features = inputs.shape[1]
+    step = max(1, max_elements // max(1, width * out_channels * features))
+    parts = []
+    for start in range(0, samples, step):
+        stop = min(samples, start + step)
+        projected = torch.bmm(factors[start:stop].reshape(stop - start, width * out_channels, positions),
+                              inputs[start:stop].transpose(1, 2)).reshape(stop - start, width, out_channels, features)
+        squared = projected * projected
+        if signs is not None:
+            squared = squared * signs[start:stop].reshape(stop - start, width, 1, 1)
+        parts.append(squared.sum(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def fold_columns(columns):
@@ -98,13 +125,14 @@ def linear_transpose_columns(function, x, curvature, max_columns):
         yield Curvature(feature_shape, transpose_columns(function, x, columns), signs)
 
 
-def channelwise_diagonal(curvature, values, positions_first=False):
+def channelwise_diagonal(curvature, values, positions_first=False, per_sample=False):
     """diag of a per-channel scale a_c used as z[n, c, p] = a_c * values[n, c, p] (BatchNorm's weight; LayerNorm's,
     with its features as channels and its rows as positions):
 
         sum_n sum_{p, q} H_n[(c, p), (c, q)] values[n, c, p] values[n, c, q]      -> (C,)
 
     The curvature's features are ordered (C, P), or (P, C) when positions_first (read through views).
+    (N, C) without the sum over n when per_sample.
     """
     samples, channels, positions = values.shape
     layout = (positions, channels) if positions_first else (channels, positions)
@@ -113,41 +141,75 @@ def channelwise_diagonal(curvature, values, positions_first=False):
         tensor = tensor.reshape(*tensor.shape[:axis], *layout, *tensor.shape[axis + 1:])
         return tensor.transpose(axis, axis + 1) if positions_first else tensor
 
-    total = values.new_zeros(channels)
+    total = values.new_zeros(samples, channels) if per_sample else values.new_zeros(channels)
     if curvature.dense is not None:
         dense = by_channel(by_channel(curvature.dense, 2), 1)  # (N, C, P, C, Q)
         blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
-        return torch.einsum("ncpq,ncp,ncq->c", blocks, values, values)
+        return torch.einsum(f"ncpq,ncp,ncq->{'nc' if per_sample else 'c'}", blocks, values, values)
     if curvature.factors is not None:
-        total = total + ops.channel_weight_diagonal(by_channel(curvature.factors, 2), curvature.signs, values)
+        factors = by_channel(curvature.factors, 2)  # (N, V, C, P)
+        if per_sample:
+            projected = (factors * values.unsqueeze(1)).sum(3)  # (N, V, C)
+            squared = projected * projected
+            if curvature.signs is not None:
+                squared = squared * curvature.signs.unsqueeze(2)
+            total = total + squared.sum(1)
+        else:
+            total = total + ops.channel_weight_diagonal(factors, curvature.signs, values)
     if curvature.diag is not None:
-        total = total + (by_channel(curvature.diag, 1) * values * values).sum(dim=(0, 2))
+        total = total + (by_channel(curvature.diag, 1) * values * values).sum(dim=2 if per_sample else (0, 2))
     return total
 
 
-def selected_weight_diagonal(curvature, inputs, out_channels):
+def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False, max_elements=1 << 24):
     """shared_weight_diagonal for factors kept on max-pooling selections (Curvature.selection):
     only the selected positions of each output channel take part, so the products shrink by the
-    pooling factor and the pooled columns are never scattered back to full size."""
+    pooling factor and the pooled columns are never scattered back to full size. (N, O, K) when
+    per_sample: the inputs at each channel's selected positions gathered, in sample chunks."""
     indices, _ = curvature.selection
     compact = curvature.compact_factors
     samples, width = compact.shape[:2]
     columns = compact.reshape(samples, width, out_channels, -1)  # (N, V, O, Q)
-    total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs)
+    if per_sample:
+        total = _selected_per_sample(columns, curvature.signs, indices, inputs, max_elements)
+    else:
+        total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs)
     if curvature.diag is not None:
-        total = total + torch.einsum("nop,nkp->ok", curvature.diag.reshape(samples, out_channels, -1), inputs * inputs)
+        total = total + torch.einsum(f"nop,nkp->{'nok' if per_sample else 'ok'}",
+                                     curvature.diag.reshape(samples, out_channels, -1), inputs * inputs)
     return total
 
 
-def selected_bias_diagonal(curvature, out_channels):
-    """Bias diagonal from factors on selections: sum_n sum_v signs (sum_q S[n, v, o, q])^2 (+ the diagonal part)."""
+def _selected_per_sample(columns, signs, indices, inputs, max_elements):
+    """sum_v signs (sum_q S[n, v, o, q] inputs[n, k, indices[n, o, q]])^2 -> (N, O, K)."""
+    samples, width, out_channels, selected = columns.shape
+    features = inputs.shape[1]
+    step = max(1, max_elements // max(1, out_channels * features * (selected + width)))
+    parts = []
+    for start in range(0, samples, step):
+        stop = min(samples, start + step)
+        count = stop - start
+        rows = inputs[start:stop].transpose(1, 2).contiguous()  # (n, P, K): whole rows are picked below
+        picked = rows[torch.arange(count, device=rows.device).unsqueeze(1), indices[start:stop].reshape(count, -1)]
+        gathered = picked.reshape(count, out_channels, selected, features)
+        projected = columns[start:stop].transpose(1, 2) @ gathered  # (n, O, V, K)
+        squared = projected * projected
+        if signs is not None:
+            squared = squared * signs[start:stop].reshape(count, 1, width, 1)
+        parts.append(squared.sum(2))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def selected_bias_diagonal(curvature, out_channels, per_sample=False):
+    """Bias diagonal from factors on selections: sum_n sum_v signs (sum_q S[n, v, o, q])^2 (+ the diagonal part);
+    (N, O) without the sum over n when per_sample."""
     compact = curvature.compact_factors
     samples, width = compact.shape[:2]
     sums = compact.reshape(samples, width, out_channels, -1).sum(3)
     squared = sums * sums
     if curvature.signs is not None:
         squared = squared * curvature.signs.unsqueeze(2)
-    total = squared.sum(dim=(0, 1))
+    total = squared.sum(dim=1 if per_sample else (0, 1))
     if curvature.diag is not None:
-        total = total + curvature.diag.reshape(samples, out_channels, -1).sum(dim=(0, 2))
+        total = total + curvature.diag.reshape(samples, out_channels, -1).sum(dim=2 if per_sample else (0, 2))
     return total

@@ -4,7 +4,7 @@ For Rademacher probes v (entries +-1), E[v * (H v)] = diag(H): each probe gives 
 v_i (H v)_i per entry. The estimate is their mean, its standard error the sample standard deviation over
 sqrt(probes). Probes go through batched Hessian-vector products, many per double backward (as the exact
 generic method's unit vectors do), chunked to the memory budget; with target_rel_error, chunks are drawn
-until ||standard error|| / ||estimate|| reaches it (or n_probes, the cap, is spent).
+until the estimated ||estimate - diag(H)|| / ||diag(H)|| reaches it (or n_probes, the cap, is spent).
 """
 
 import warnings
@@ -27,7 +27,8 @@ DEFAULT_MAX_PROBES = 10_000  # the cap when only target_rel_error is given
 
 class DiagonalEstimate(tuple):
     """(diagonal, standard_error): lists with one tensor per parameter, unpackable as a pair; also
-    .probes (how many were drawn) and .relative_error (||standard_error|| / ||diagonal|| over all entries)."""
+    .probes (how many were drawn) and .relative_error, the expected ||estimate - diag(H)|| / ||diag(H)||
+    over all entries (inf when the noise is as large as the estimate itself)."""
 
     def __new__(cls, diagonal, standard_error, probes):
         estimate = super().__new__(cls, (diagonal, standard_error))
@@ -60,7 +61,7 @@ def hessian_diagonal_estimate(
     """Hutchinson estimate of the Hessian diagonal of func() (a scalar) in params, with its standard error.
 
     n_probes: Rademacher probes to draw (default 100); with target_rel_error, the most to draw (default
-    10,000), stopping once ||standard error|| / ||estimate|| <= target_rel_error (checked after each chunk;
+    10,000), stopping once the estimated relative error (DiagonalEstimate.relative_error) <= target_rel_error (checked after each chunk;
     a warning if the cap comes first). generator: a torch.Generator on the parameters' device, for
     reproducible probes. Cost: one Hessian-vector product (about one to two gradients) per probe.
 
@@ -211,6 +212,12 @@ def _moments(sums, squares, drawn, params):
 
 
 def _relative_error(diagonal, standard_error):
-    norm = sum(float((d.double() ** 2).sum()) for d in diagonal) ** 0.5
-    error = sum(float((e.double() ** 2).sum()) for e in standard_error) ** 0.5
-    return error / norm if norm > 0 else (0.0 if error == 0 else float("inf"))
+    """||standard error|| / ||diag(H)||, with ||diag(H)||^2 estimated as ||estimate||^2 - ||standard error||^2
+    (the estimate's expected squared norm is ||diag(H)||^2 plus its variance: dividing by ||estimate||
+    would call a noise-dominated estimate accurate)."""
+    squared = sum(float((d.double() ** 2).sum()) for d in diagonal)
+    error = sum(float((e.double() ** 2).sum()) for e in standard_error)
+    signal = squared - error
+    if error == 0:
+        return 0.0
+    return (error / signal) ** 0.5 if signal > 0 else float("inf")

@@ -24,14 +24,12 @@ import json
 import os
 import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn as nn
-from timing import measured_commit, median_seconds, memory_cell, time_cell
+from timing import combine_rounds, measured_commit, median_seconds, memory_cell, run_child, time_cell
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -187,11 +185,7 @@ def _norm_error(actual, expected):
 
 
 def measure_in_child(name, method, args):
-    command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--child", name, method]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"skipped": "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child([sys.executable, os.path.abspath(__file__), "--device", args.device, "--child", name, method])
 
 
 def main():
@@ -223,16 +217,7 @@ def main():
                 print(name, "| round", round_index, "|", method, "|", result, flush=True)
         row = {"workload": name}
         for method, results in measured.items():
-            timed = [r for r in results if "seconds" in r]
-            if not timed:
-                row[method] = results[0] if results else {"skipped": "not run"}
-                continue
-            row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
-                           "round_seconds": [r["seconds"] for r in timed],
-                           "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
-            for key in ("error_vs_exact", "predicted_error"):
-                if key in timed[0]:
-                    row[method][key] = max(r[key] for r in timed)
+            row[method] = combine_rounds(results, ("error_vs_exact", "predicted_error"))
         rows.append(row)
     write_results(rows, args, methods)
 

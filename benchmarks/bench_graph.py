@@ -18,15 +18,13 @@ import json
 import os
 import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import measured_commit, median_seconds, memory_cell, time_cell
+from timing import combine_rounds, measured_commit, median_seconds, memory_cell, run_child, time_cell
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -174,10 +172,7 @@ def measure_in_child(name, method, args):
                str(args.generic_limit), "--child", name, method]
     if args.batch:
         command += ["--batch", str(args.batch)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"skipped": "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(command)
 
 
 def main():
@@ -207,16 +202,7 @@ def main():
                 print(name, "| round", round_index, "|", method, "|", result, flush=True)
         row = {"workload": name if not args.batch else name.rsplit("batch", 1)[0] + f"batch {args.batch}"}
         for method, results in measured.items():
-            timed = [r for r in results if "seconds" in r]
-            if not timed:
-                row[method] = results[0]
-                continue
-            row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
-                           "round_seconds": [r["seconds"] for r in timed],
-                           "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
-            if "max_relative_difference_to_engine" in timed[0]:
-                row[method]["max_relative_difference_to_engine"] = max(
-                    r["max_relative_difference_to_engine"] for r in timed)
+            row[method] = combine_rounds(results, ("max_relative_difference_to_engine",))
         rows.append(row)
     write_results(rows, args)
 

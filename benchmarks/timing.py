@@ -1,5 +1,6 @@
 """Timing shared by the benchmarks: CUDA events on the GPU (no host timing of queued work), a wall clock on the CPU."""
 
+import json
 import os
 import statistics
 import subprocess
@@ -58,3 +59,26 @@ def memory_cell(row, method, digits=1):
     """A table cell: the peak extra MiB of row[method], or '-'."""
     result = row[method]
     return f"{result['peak_extra_bytes'] / 2**20:.{digits}f}" if "peak_extra_bytes" in result else "-"
+
+
+def run_child(command):
+    """What a child measuring process printed last (JSON), or {"skipped": why it failed}."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"skipped": "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def combine_rounds(results, keys=()):
+    """One (workload, method) cell from its rounds: the median seconds, every round's, the largest peak and the
+    largest value of each of `keys`; the first result (why it was skipped) when no round was timed."""
+    timed = [r for r in results if "seconds" in r]
+    if not timed:
+        return results[0] if results else {"skipped": "not run"}
+    cell = {"seconds": statistics.median(r["seconds"] for r in timed),
+            "round_seconds": [r["seconds"] for r in timed],
+            "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
+    for key in keys:
+        if key in timed[0]:
+            cell[key] = max(r[key] for r in timed)
+    return cell

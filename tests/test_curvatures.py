@@ -305,3 +305,22 @@ def test_per_sample_diagonals_below_max_pooling(groups):
                           expected) < 1e-10
     assert relative_error(engine(model_ggn_diagonal, model, F.cross_entropy, x, y, per_sample=True),
                           dense_ggn_diagonal(model, F.cross_entropy, x, y, per_sample=True)) < 1e-10
+
+
+@pytest.mark.parametrize("loss_fn, targets", [
+    (F.cross_entropy, torch.randint(0, 3, (0,))), (F.mse_loss, torch.randn(0, 3, dtype=D)),
+    (nn.BCEWithLogitsLoss(), torch.rand(0, 3, dtype=D))], ids=["ce", "mse", "bce"])
+def test_an_empty_batch_gives_zeros_in_every_form(loss_fn, targets):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(0, 4, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("backprop", "autograd"):
+            for per_sample in (False, True):
+                results = [model_ggn_diagonal(model, loss_fn, x, targets, method=method, per_sample=per_sample)]
+                results += [model_fisher_diagonal(model, loss_fn, x, targets, kind, method=method,
+                                                  per_sample=per_sample) for kind in ("mc", "empirical")]
+                for result in results:
+                    for diagonal, param in zip(result, model.parameters()):
+                        shape = (0, *param.shape) if per_sample else param.shape
+                        assert diagonal.shape == shape and float(diagonal.abs().sum()) == 0

@@ -15,7 +15,7 @@ def python_blocks():
 
 def test_readme_examples_print_what_they_say():
     blocks = [b for b in python_blocks() if "print(" in b]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         expected = [m.group(1).strip() for m in re.finditer(r"^print\(.*\)\s+#\s*(.*)$", block, re.M)]
         out = io.StringIO()

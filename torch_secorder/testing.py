@@ -11,14 +11,7 @@ from torch.func import functional_call, jacrev
 
 
 def _unflatten(flat, shapes):
-    tensors, offset = [], 0
-    for shape in shapes:
-        count = 1
-        for size in shape:
-            count *= size
-        tensors.append(flat[offset:offset + count].reshape(shape))
-        offset += count
-    return tensors
+    return [tensor[0] for tensor in _unflatten_batched(flat.unsqueeze(0), shapes)]
 
 
 def dense_hessian_diagonal(loss_of_params, params):

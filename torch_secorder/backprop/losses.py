@@ -1,6 +1,7 @@
 """Recognises the loss (module or functional form) and gives its curvature at the model output."""
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -113,17 +114,24 @@ def softmax_hessian_columns(logits, scale):
     return basis * (q * scale.sqrt().unsqueeze(1)).unsqueeze(1)
 
 
+def class_rows(output, targets):
+    """(N, C, d1, ...) outputs as (N P, C) rows, one per sample and position, with their targets (indices
+    (N P,) or probabilities (N P, C)) and P; (N, C) outputs are their own rows (P = 1)."""
+    samples, classes = output.shape[:2]
+    positions = math.prod(output.shape[2:])
+
+    def rows(tensor):
+        return tensor.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
+
+    return rows(output), (rows(targets) if targets.is_floating_point() else targets.reshape(-1)), positions
+
+
 def _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, memory_budget):
     """Cross-entropy on (N, C, d1, ...): one C x C block per position, so per sample C columns per position,
     each zero outside its position (features ordered (C, positions) like the output)."""
     options = spec.options
     samples, classes = output.shape[:2]
-    positions = output[0, 0].numel()
-    rows = output.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
-    if targets.is_floating_point():
-        row_targets = targets.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
-    else:
-        row_targets = targets.reshape(-1)
+    rows, row_targets, positions = class_rows(output, targets)
     scale = ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
                                            options.get("label_smoothing", 0.0), options["reduction"])
     feature_shape = output.shape[1:]

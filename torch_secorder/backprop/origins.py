@@ -11,6 +11,7 @@
 All but the Hessian start from the loss alone; per_sample keeps each sample's contribution apart.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +19,7 @@ import torch
 
 from .. import ops
 from .curvature import Curvature
-from .losses import output_curvature
+from .losses import class_rows, output_curvature
 
 KINDS = ("hessian", "ggn", "fisher_mc", "fisher_empirical")
 
@@ -51,17 +52,19 @@ def fisher_columns(request, spec, output, targets, loss_fn, nll_logits=True):
     The generic method calls this too, on the model's own output (log-probabilities for NLL: their softmax
     is the same distribution, and NLL's gradient through it is the same vector in parameter space);
     nll_logits: for NLL, output holds the logits the engine split the final LogSoftmax from."""
-    samples = output.shape[0]
+    samples, features = output.shape[0], math.prod(output.shape[1:])
+    if samples == 0:  # no samples: no columns (the sums they feed are empty)
+        return output.new_zeros(0, 1, features)
     if request.kind == "fisher_empirical":
         with torch.enable_grad():
             leaf = output.detach().requires_grad_(True)
             loss = loss_fn(torch.log_softmax(leaf, dim=1) if spec.kind == "nll" and nll_logits else leaf, targets)
             (grad,) = torch.autograd.grad(loss, leaf)
-        return (grad * mean_normaliser(spec, output, targets) ** 0.5).reshape(samples, 1, -1)
+        return (grad * mean_normaliser(spec, output, targets) ** 0.5).reshape(samples, 1, features)
     draws, generator = request.mc_samples, request.generator
     output = output.detach()
     if spec.kind == "mse":
-        noise = torch.randn(samples, draws, output[0].numel(), dtype=output.dtype, device=output.device,
+        noise = torch.randn(samples, draws, features, dtype=output.dtype, device=output.device,
                             generator=generator)
         return noise * (2.0 / (mean_normaliser(spec, output, targets) * draws)) ** 0.5
     if spec.kind == "bce_with_logits":
@@ -87,7 +90,7 @@ def _bernoulli_columns(spec, output, targets, draws, generator):
     """y ~ Bernoulli(sigmoid(f)) per element; the loss's per-element Hessian is h sigmoid'(f) with h the
     weight (times pos_weight y + 1 - y): columns sqrt(h / M) (sigmoid(f) - y)."""
     options = spec.options
-    samples = output.shape[0]
+    samples, features = output.shape[0], math.prod(output.shape[1:])
     weight = torch.ones_like(output)
     if options["weight"] is not None:
         weight = weight * options["weight"]
@@ -96,9 +99,9 @@ def _bernoulli_columns(spec, output, targets, draws, generator):
     weight = weight / mean_normaliser(spec, output, targets)
     if bool((weight < 0).any()):
         raise ValueError("model_fisher_diagonal(kind='mc'): the loss has negative weights (no likelihood to sample)")
-    probability = torch.sigmoid(output).reshape(samples, 1, -1).expand(-1, draws, -1)
+    probability = torch.sigmoid(output).reshape(samples, 1, features).expand(-1, draws, -1)
     sampled = torch.bernoulli(probability, generator=generator)
-    return (probability - sampled) * (weight.reshape(samples, 1, -1) / draws).sqrt()
+    return (probability - sampled) * (weight.reshape(samples, 1, features) / draws).sqrt()
 
 
 def _categorical_columns(spec, output, targets, draws, generator):
@@ -106,22 +109,20 @@ def _categorical_columns(spec, output, targets, draws, generator):
     s the loss's own per-sample Hessian scale (reduction, class weight of the target, ignore_index)."""
     options = spec.options
     samples, classes = output.shape[:2]
-    positions = output[0, 0].numel() if output.dim() > 2 else 1
-    rows = output.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
-    if targets.is_floating_point():
-        row_targets = targets.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
-    else:
-        row_targets = targets.reshape(-1)
+    rows, row_targets, positions = class_rows(output, targets)
     scale = ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
                                            options.get("label_smoothing", 0.0), options["reduction"])
     if bool((scale < 0).any()):
         raise ValueError("model_fisher_diagonal(kind='mc'): the loss has negative class weights or target "
                          "probabilities (no likelihood to sample)")
     probabilities = torch.softmax(rows, dim=1)
+    if rows.shape[0] == 0:
+        return output.new_zeros(samples, draws, classes * positions)
     drawn = torch.multinomial(probabilities, draws, replacement=True, generator=generator)  # (N P, M)
     columns = probabilities.unsqueeze(1).repeat(1, draws, 1)
     columns.scatter_add_(2, drawn.unsqueeze(2), torch.full_like(columns[:, :, :1], -1.0))
     columns = columns * (scale / draws).sqrt().reshape(-1, 1, 1)
     # (N, P, M, C) -> (N, M, C, P): one column per draw over every position (positions are drawn independently,
     # so the cross terms between positions average to zero)
-    return columns.reshape(samples, positions, draws, classes).permute(0, 2, 3, 1).reshape(samples, draws, -1)
+    return columns.reshape(samples, positions, draws, classes).permute(0, 2, 3, 1).reshape(samples, draws,
+                                                                                           classes * positions)

@@ -189,8 +189,10 @@ def _selected_per_sample(columns, signs, indices, inputs, max_elements):
     for start in range(0, samples, step):
         stop = min(samples, start + step)
         count = stop - start
-        rows = inputs[start:stop].transpose(1, 2).contiguous()  # (n, P, K): whole rows are picked below
-        picked = rows[torch.arange(count, device=rows.device).unsqueeze(1), indices[start:stop].reshape(count, -1)]
+        positions = inputs.shape[2]
+        rows = inputs[start:stop].transpose(1, 2).reshape(count * positions, features)  # whole rows are picked
+        offsets = torch.arange(count, device=rows.device).unsqueeze(1) * positions
+        picked = rows.index_select(0, (indices[start:stop].reshape(count, -1) + offsets).reshape(-1))
         gathered = picked.reshape(count, out_channels, selected, features)
         projected = columns[start:stop].transpose(1, 2) @ gathered  # (n, O, V, K)
         squared = projected * projected

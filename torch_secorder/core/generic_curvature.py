@@ -11,6 +11,7 @@ sum to the batch's diagonal whenever the loss is a sum over samples (every suppo
 
 import torch
 
+from ..backprop.losses import class_rows
 from ..backprop.origins import fisher_columns
 from .. import ops
 from .generic import generic_hessian_diagonal
@@ -39,7 +40,7 @@ def generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, 
         if request.kind == "hessian":
             return loss_fn(fixed + live, targets)
         if fisher is not None:
-            projections = torch.einsum("nmd,nd->nm", fisher, live.reshape(live.shape[0], -1))
+            projections = torch.einsum("nmd,nd->nm", fisher, live.flatten(1))
             return 0.5 * (projections * projections).sum()
         _check_output(spec, fixed)
         return 0.5 * loss_quadratic_form(spec, output if create_graph else fixed, targets, live)
@@ -85,15 +86,9 @@ def loss_quadratic_form(spec, output, targets, u):
         diag = ops.bce_with_logits_hessian_diag(output, targets, options["weight"], options["pos_weight"],
                                                 options["reduction"])
         return (diag * u * u).sum()
-    samples, classes = output.shape[:2]
-    positions = output[0, 0].numel() if output.dim() > 2 else 1
-
-    def rows(tensor):
-        return tensor.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
-
-    row_targets = rows(targets) if targets.is_floating_point() else targets.reshape(-1)
-    scale = ops.cross_entropy_sample_scale(rows(output), row_targets, options["weight"], options["ignore_index"],
+    rows, row_targets, _ = class_rows(output, targets)
+    scale = ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
                                            options.get("label_smoothing", 0.0), options["reduction"])
-    p, v = torch.softmax(rows(output), dim=1), rows(u)
+    p, v = torch.softmax(rows, dim=1), class_rows(u, targets)[0]
     # u^T s (diag(p) - p p^T) u per row
     return (scale * ((p * v * v).sum(1) - (p * v).sum(1) ** 2)).sum()

@@ -180,6 +180,8 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
         # The loss itself, once: its own checks (class indices in range, shapes) must fire here too.
         loss = loss_fn(torch.log_softmax(x, dim=1) if spec.kind == "nll" else x, targets)
         check_scalar_loss(loss, "loss_fn")
+        if request.record_loss is not None:
+            request.record_loss(loss.detach())
         samples = inputs.shape[0]
         diagonals = Diagonals(params, layers, samples if request.per_sample else None)
         if samples == 0:  # no samples: every Hessian entry is an empty sum

@@ -68,6 +68,8 @@ def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, 
             raise Unsupported(reason)
         loss = loss_fn(torch.log_softmax(output, dim=1) if spec.kind == "nll" else output, targets)
         check_scalar_loss(loss, "loss_fn")
+        if request.record_loss is not None:
+            request.record_loss(loss.detach())
         if inputs.shape[0] == 0:
             return Diagonals(params, [], 0 if request.per_sample else None).result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]

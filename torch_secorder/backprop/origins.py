@@ -12,8 +12,8 @@ All but the Hessian start from the loss alone; per_sample keeps each sample's co
 """
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ class CurvatureRequest:
     per_sample: bool = False
     mc_samples: int = 1
     generator: Optional[torch.Generator] = None
+    record_loss: Optional[Callable] = field(default=None, compare=False)  # called with the loss the engine computed
 
     @property
     def residuals(self):

@@ -30,6 +30,8 @@ def model_ggn_diagonal(
     chunk_size: Optional[int] = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Optional[Callable[[int, int], None]] = None,
+    return_loss: bool = False,
+    flat: bool = False,
 ) -> List[Tensor]:
     """Exact diagonal of the generalised Gauss-Newton matrix sum_n J_n^T H_n J_n of loss_fn(model(inputs),
     targets), J_n the Jacobian of sample n's output in the parameters and H_n the loss's Hessian in that
@@ -38,12 +40,13 @@ def model_ggn_diagonal(
 
     NLL after a final LogSoftmax is split at the logits (the same GGN as cross-entropy on the logits; NLL
     itself is linear in the log-probabilities). Arguments and return shapes are those of
-    model_hessian_diagonal; per_sample=True gives (N, *param.shape) per parameter.
+    model_hessian_diagonal (per_sample, return_loss, flat, dict inputs included).
     """
     validation.check_flag(per_sample, "per_sample")
     return model_diagonal("model_ggn_diagonal", model, loss_fn, inputs, targets,
                           CurvatureRequest("ggn", per_sample=per_sample), create_graph=create_graph, strict=strict,
-                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress)
+                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+                          return_loss=return_loss, flat=flat)
 
 
 def model_fisher_diagonal(
@@ -61,6 +64,8 @@ def model_fisher_diagonal(
     chunk_size: Optional[int] = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Optional[Callable[[int, int], None]] = None,
+    return_loss: bool = False,
+    flat: bool = False,
 ) -> List[Tensor]:
     """Diagonal of a Fisher information matrix of loss_fn(model(inputs), targets).
 
@@ -74,7 +79,7 @@ def model_fisher_diagonal(
     EFLinearOperator convention. Not an estimate of the GGN away from a minimum.
 
     Supported losses: MSE, cross-entropy, BCE-with-logits, NLL (as model_ggn_diagonal). Other arguments as
-    model_hessian_diagonal; per_sample=True gives (N, *param.shape) per parameter.
+    model_hessian_diagonal (per_sample, return_loss, flat, dict inputs included).
     """
     if kind not in FISHER_KINDS:
         raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
@@ -89,4 +94,4 @@ def model_fisher_diagonal(
     request = CurvatureRequest(f"fisher_{kind}", per_sample=per_sample, mc_samples=mc_samples, generator=generator)
     return model_diagonal("model_fisher_diagonal", model, loss_fn, inputs, targets, request, create_graph=False,
                           strict=strict, method=method, chunk_size=chunk_size, memory_budget=memory_budget,
-                          progress=progress)
+                          progress=progress, return_loss=return_loss, flat=flat)

@@ -95,17 +95,18 @@ def model_hessian_diagonal_estimate(
     For models too large for an exact diagonal. Where explain_method says the engine supports the model,
     model_hessian_diagonal is exact and usually costs less than a few dozen probes (README: curvature table).
     """
-    input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
+    validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_not_inference_tensors(model)
     params = list(model.parameters())
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
     with torch.inference_mode(False):
-        input_tuple = tuple(normal_tensor(tensor) for tensor in input_tuple)
+        inputs = torch.utils._pytree.tree_map(lambda v: normal_tensor(v) if isinstance(v, torch.Tensor) else v, inputs)
+        called, input_tuple = validation.model_call(model, inputs)
         targets = normal_tensor(targets)
 
         def loss_func():
-            return loss_fn(model(*input_tuple), targets)
+            return loss_fn(called(*input_tuple), targets)
 
         with buffers_restored(model), torch.enable_grad(), inference_tensors_explained("loss_fn"), \
                 attention_twice_differentiable():

@@ -76,6 +76,8 @@ def model_hessian_diagonal(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Optional[Callable[[int, int], None]] = None,
     per_sample: bool = False,
+    return_loss: bool = False,
+    flat: bool = False,
 ) -> List[Tensor]:
     """Hessian diagonal of loss_fn(model(inputs), targets) for every tensor in model.parameters().
 
@@ -83,13 +85,19 @@ def model_hessian_diagonal(
     (F.mse_loss). inputs may be a tensor or a tuple of positional model
     arguments. The model keeps its train/eval mode, and its buffers (such as
     BatchNorm running statistics) are restored after the forward pass.
+    inputs may also be a dict (model(**inputs) is called: Hugging Face-style batches) or positional
+    arguments that are nested tuples / lists / dicts of tensors.
     per_sample: one diagonal per sample, (N, *param.shape) each: the Hessian of sample n's term of the
     loss (with the loss's reduction scaling, so they sum to the batch's diagonal).
+    return_loss: returns (loss, diagonals), the loss as computed on the way (detached).
+    flat: one vector over the parameters that require grad, in model.parameters() order (per sample:
+    (N, that many)) instead of one tensor per parameter.
     Other arguments are those of hessian_diagonal.
     """
     validation.check_flag(per_sample, "per_sample")
     return model_diagonal("model_hessian_diagonal", model, loss_fn, inputs, targets,
                           CurvatureRequest("hessian", per_sample=per_sample), create_graph=create_graph, strict=strict,
-                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress)
+                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+                          return_loss=return_loss, flat=flat)
 
 

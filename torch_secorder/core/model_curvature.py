@@ -1,8 +1,10 @@
 """One dispatch for every model-level diagonal (Hessian, GGN, Fisher; summed or per sample): the engine
 where it supports the model, else the generic method, with one warning saying why and what it will cost."""
 
+import dataclasses
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -18,9 +20,13 @@ _NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_mc": "Monte-Carlo Fisher",
 
 
 def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_graph, strict, method, chunk_size,
-                   memory_budget, progress):
-    """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors."""
-    input_tuple = validation.check_model_arguments(model, loss_fn, inputs, targets)
+                   memory_budget, progress, return_loss=False, flat=False):
+    """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors.
+    return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
+    (N, that many)), in model.parameters() order."""
+    validation.check_model_arguments(model, loss_fn, inputs, targets)
+    validation.check_flag(return_loss, "return_loss")
+    validation.check_flag(flat, "flat")
     validation.check_method(method)
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
@@ -32,42 +38,79 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             raise ValueError(f"{api}: loss_fn is not supported: {spec}; the {_NAMES[request.kind]} needs the "
                              "loss's curvature in the model output, known for MSE, cross-entropy, "
                              "BCE-with-logits and NLL")
+    losses = []
+    request = dataclasses.replace(request, record_loss=losses.append)
     with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
         # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
-        input_tuple = tuple(normal_tensor(tensor) for tensor in input_tuple)
+        inputs = torch.utils._pytree.tree_map(lambda v: normal_tensor(v) if isinstance(v, torch.Tensor) else v, inputs)
+        called, input_tuple = validation.model_call(model, inputs)
         targets = normal_tensor(targets)
-        params = list(model.parameters())
-        if method != "autograd":
-            chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
-            if reason is None:
-                try:
-                    return _backprop(chain, model, loss_fn, input_tuple[0], targets, params, request, create_graph,
-                                     strict, memory_budget, progress)
-                except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
-                    reason = str(error)
-            reason = f"Hessian backpropagation does not support {reason}"
-            if method == "backprop":
-                raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
+        diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
+                              method, chunk_size, memory_budget, progress)
+    if flat:
+        trainable = [d for d, p in zip(diagonals, model.parameters()) if p.requires_grad]
+        start = 1 if request.per_sample else 0
+        diagonals = (torch.cat([d.flatten(start) for d in trainable], dim=start) if trainable
+                     else next(model.parameters(), torch.zeros(0)).new_zeros(0))
+    if not return_loss:
+        return diagonals
+    if not losses:  # the generic GGN / Fisher / per-sample passes use pseudo-losses: one forward more
+        with torch.no_grad(), buffers_restored(model):
+            losses.append(loss_fn(called(*input_tuple), targets))
+    return losses[0].detach(), diagonals
+
+
+def _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,
+              chunk_size, memory_budget, progress):
+    model, user_model = called, model  # the module to call (a keyword wrapper for dict inputs)
+    params = list(model.parameters())
+    if method != "autograd":
+        chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
+        if reason is None:
+            try:
+                return _backprop(chain, model, loss_fn, input_tuple[0], targets, params, request, create_graph,
+                                 strict, memory_budget, progress)
+            except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
+                reason = str(error)
+        reason = f"Hessian backpropagation does not support {reason}"
+        if method == "backprop":
+            raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
+        if _first_time(user_model, loss_fn, reason):
             repeats = _batch_size(input_tuple, targets) if request.per_sample else 1
             warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
                           f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
-                          RuntimeWarning, stacklevel=3)
-        with buffers_restored(model):
-            if request.kind == "hessian" and not request.per_sample:
-                def loss_func():
-                    return loss_fn(model(*input_tuple), targets)
+                          RuntimeWarning, stacklevel=4)
+    with buffers_restored(model):
+        if request.kind == "hessian" and not request.per_sample:
+            def loss_func():
+                loss = loss_fn(model(*input_tuple), targets)
+                request.record_loss(loss.detach())
+                return loss
 
-                return generic_hessian_diagonal(loss_func, params, None, create_graph, strict, "loss_fn",
-                                                method="autograd", chunk_size=chunk_size,
-                                                memory_budget=memory_budget, progress=progress)
-            return generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request,
-                                           create_graph=create_graph, strict=strict, chunk_size=chunk_size,
-                                           memory_budget=memory_budget, progress=progress)
+            return generic_hessian_diagonal(loss_func, params, None, create_graph, strict, "loss_fn",
+                                            method="autograd", chunk_size=chunk_size,
+                                            memory_budget=memory_budget, progress=progress)
+        return generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request,
+                                       create_graph=create_graph, strict=strict, chunk_size=chunk_size,
+                                       memory_budget=memory_budget, progress=progress)
+
+
+_WARNED = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
+
+
+def _first_time(model, loss_fn, reason):
+    """The fallback warning comes once per model, loss and reason, not on every batch of a training loop."""
+    kind = type(loss_fn) if isinstance(loss_fn, torch.nn.Module) else getattr(loss_fn, "__qualname__", type(loss_fn))
+    seen = _WARNED.setdefault(model, set())
+    if (kind, reason) in seen:
+        return False
+    seen.add((kind, reason))
+    return True
 
 
 def _batch_size(input_tuple, targets):
-    for tensor in (*input_tuple, targets):
-        if tensor.dim() > 0:
+    for tensor in (*torch.utils._pytree.tree_leaves(input_tuple), targets):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
             return tensor.shape[0]
     return 1
 

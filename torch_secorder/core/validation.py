@@ -1,5 +1,7 @@
 """Argument checks of the public API: clear errors that name the argument, raised before any autograd work."""
 
+import weakref
+
 import torch
 
 METHODS = ("auto", "autograd", "backprop")
@@ -76,25 +78,67 @@ def _floating_dtype(tensors):
     return None
 
 
+class KeywordCall(torch.nn.Module):
+    """model(**inputs) for dict inputs (Hugging Face-style batches), called with the values positionally: the
+    same parameters in the same order, the same buffers and modes."""
+
+    def __init__(self, model, keys):
+        super().__init__()
+        self.model, self.keys = model, tuple(keys)
+
+    def forward(self, *values):
+        return self.model(**dict(zip(self.keys, values)))
+
+
+class OneKeywordCall(KeywordCall):
+    def forward(self, value):  # one named input: a traceable signature, so the engine can still take the model
+        return self.model(**{self.keys[0]: value})
+
+
+_WRAPPERS = weakref.WeakKeyDictionary()  # model -> {keys: wrapper}: one per model and keys (the engine's plan cache)
+
+
+def model_call(model, inputs):
+    """(the module to call with positional arguments, those arguments as a tuple): dicts become keyword calls."""
+    if isinstance(inputs, dict):
+        if not all(isinstance(key, str) for key in inputs):
+            raise TypeError("inputs as a dict must have string keys (model(**inputs) is called)")
+        keys = tuple(inputs)
+        wrappers = _WRAPPERS.setdefault(model, {})
+        if keys not in wrappers:
+            wrappers[keys] = (OneKeywordCall if len(keys) == 1 else KeywordCall)(model, keys)
+        return wrappers[keys], tuple(inputs.values())
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _tensor_leaves(value):
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
 def check_model_arguments(model, loss_fn, inputs, targets):
-    """Returns inputs as a tuple of positional model arguments."""
+    """Returns inputs as a tuple of positional model arguments (a dict's values: see model_call); each may be a
+    tensor or any nested tuple / list / dict of tensors and other values the model's forward takes."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (an nn.Module loss or a function), got {type(loss_fn).__name__}")
-    several = isinstance(inputs, (tuple, list))
-    input_tuple = tuple(inputs) if several else (inputs,)
+    keyed = isinstance(inputs, dict)
+    several = isinstance(inputs, (tuple, list)) or keyed
+    input_tuple = tuple(inputs.values()) if keyed else tuple(inputs) if several else (inputs,)
+    names = list(inputs) if keyed else None
 
     def input_name(index):
-        return f"inputs[{index}]" if several else "inputs"
+        return f"inputs[{names[index]!r}]" if keyed else f"inputs[{index}]" if several else "inputs"
 
-    for index, tensor in enumerate(input_tuple):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{input_name(index)} must be a tensor, got {type(tensor).__name__}")
+    for index, value in enumerate(input_tuple):
+        if not isinstance(value, torch.Tensor) and not _tensor_leaves(value):
+            raise TypeError(f"{input_name(index)} must be a tensor (or a structure of tensors), "
+                            f"got {type(value).__name__}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
 
-    first = input_tuple[0] if input_tuple else None
+    leaves = [leaf for value in input_tuple for leaf in _tensor_leaves(value)]
+    first = leaves[0] if leaves else None
     if first is not None and first.dim() > 0 and targets.dim() > 0 and first.shape[0] != targets.shape[0]:
         raise ValueError(
             f"inputs and targets disagree on the batch size: inputs has {first.shape[0]} samples "
@@ -105,15 +149,16 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     model_devices = {p.device for p in params}
     if len(model_devices) == 1:
         (model_device,) = model_devices
-        for index, tensor in enumerate(input_tuple):
-            if tensor.device != model_device:
-                raise ValueError(
-                    f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")
+        for index, value in enumerate(input_tuple):
+            for tensor in _tensor_leaves(value):
+                if tensor.device != model_device:
+                    raise ValueError(
+                        f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")
     if first is not None and targets.device != first.device:
         raise ValueError(f"targets is on {targets.device} but inputs is on {first.device}")
 
     model_dtype = _floating_dtype(params)
-    input_dtype = _floating_dtype(input_tuple)
+    input_dtype = _floating_dtype(leaves)
     if model_dtype is not None and input_dtype is not None and input_dtype != model_dtype:
         raise ValueError(f"inputs has dtype {input_dtype} but the model's parameters have dtype {model_dtype}")
     # targets of another floating dtype are the loss function's business: F.mse_loss and friends promote them

@@ -1,0 +1,1 @@
+"""Backends for other libraries (each imports its library only when imported itself)."""

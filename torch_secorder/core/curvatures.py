@@ -32,6 +32,7 @@ def model_ggn_diagonal(
     progress: Optional[Callable[[int, int], None]] = None,
     return_loss: bool = False,
     flat: bool = False,
+    all_reduce: bool = False,
 ) -> List[Tensor]:
     """Exact diagonal of the generalised Gauss-Newton matrix sum_n J_n^T H_n J_n of loss_fn(model(inputs),
     targets), J_n the Jacobian of sample n's output in the parameters and H_n the loss's Hessian in that
@@ -46,7 +47,7 @@ def model_ggn_diagonal(
     return model_diagonal("model_ggn_diagonal", model, loss_fn, inputs, targets,
                           CurvatureRequest("ggn", per_sample=per_sample), create_graph=create_graph, strict=strict,
                           method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-                          return_loss=return_loss, flat=flat)
+                          return_loss=return_loss, flat=flat, all_reduce=all_reduce)
 
 
 def model_fisher_diagonal(
@@ -66,6 +67,7 @@ def model_fisher_diagonal(
     progress: Optional[Callable[[int, int], None]] = None,
     return_loss: bool = False,
     flat: bool = False,
+    all_reduce: bool = False,
 ) -> List[Tensor]:
     """Diagonal of a Fisher information matrix of loss_fn(model(inputs), targets).
 
@@ -94,4 +96,4 @@ def model_fisher_diagonal(
     request = CurvatureRequest(f"fisher_{kind}", per_sample=per_sample, mc_samples=mc_samples, generator=generator)
     return model_diagonal("model_fisher_diagonal", model, loss_fn, inputs, targets, request, create_graph=False,
                           strict=strict, method=method, chunk_size=chunk_size, memory_budget=memory_budget,
-                          progress=progress, return_loss=return_loss, flat=flat)
+                          progress=progress, return_loss=return_loss, flat=flat, all_reduce=all_reduce)

@@ -78,6 +78,7 @@ def model_hessian_diagonal(
     per_sample: bool = False,
     return_loss: bool = False,
     flat: bool = False,
+    all_reduce: bool = False,
 ) -> List[Tensor]:
     """Hessian diagonal of loss_fn(model(inputs), targets) for every tensor in model.parameters().
 
@@ -92,12 +93,14 @@ def model_hessian_diagonal(
     return_loss: returns (loss, diagonals), the loss as computed on the way (detached).
     flat: one vector over the parameters that require grad, in model.parameters() order (per sample:
     (N, that many)) instead of one tensor per parameter.
+    all_reduce: data parallel (torch.distributed initialised, each rank its shard of the batch): every rank
+    gets the diagonal of the global batch's loss, 'mean' and 'sum' respected.
     Other arguments are those of hessian_diagonal.
     """
     validation.check_flag(per_sample, "per_sample")
     return model_diagonal("model_hessian_diagonal", model, loss_fn, inputs, targets,
                           CurvatureRequest("hessian", per_sample=per_sample), create_graph=create_graph, strict=strict,
                           method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-                          return_loss=return_loss, flat=flat)
+                          return_loss=return_loss, flat=flat, all_reduce=all_reduce)
 
 

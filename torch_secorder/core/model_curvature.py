@@ -10,7 +10,7 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
-from . import dispatch, validation
+from . import dispatch, distributed, validation
 from .generic import buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_tensor
 from .generic_curvature import generic_model_curvature
 
@@ -20,13 +20,15 @@ _NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_mc": "Monte-Carlo Fisher",
 
 
 def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_graph, strict, method, chunk_size,
-                   memory_budget, progress, return_loss=False, flat=False):
+                   memory_budget, progress, return_loss=False, flat=False, all_reduce=False):
     """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors.
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
-    (N, that many)), in model.parameters() order."""
+    (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
+    holding a shard of the batch, the diagonal (and loss) of the global batch's loss on every rank."""
     validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_flag(return_loss, "return_loss")
     validation.check_flag(flat, "flat")
+    distributed.check_all_reduce(all_reduce, request.per_sample)
     validation.check_method(method)
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
@@ -47,6 +49,13 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
         targets = normal_tensor(targets)
         diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
                               method, chunk_size, memory_budget, progress)
+    if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes use pseudo-losses: one forward more
+        with torch.no_grad(), buffers_restored(model):
+            losses.append(loss_fn(called(*input_tuple), targets))
+    if all_reduce:
+        reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
+                                               distributed.local_normaliser(loss_fn, targets))
+        diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
     if flat:
         trainable = [d for d, p in zip(diagonals, model.parameters()) if p.requires_grad]
         start = 1 if request.per_sample else 0
@@ -54,10 +63,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                      else next(model.parameters(), torch.zeros(0)).new_zeros(0))
     if not return_loss:
         return diagonals
-    if not losses:  # the generic GGN / Fisher / per-sample passes use pseudo-losses: one forward more
-        with torch.no_grad(), buffers_restored(model):
-            losses.append(loss_fn(called(*input_tuple), targets))
-    return losses[0].detach(), diagonals
+    return losses[0].detach().reshape(()), diagonals
 
 
 def _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,

@@ -1,0 +1,90 @@
+"""A diagonal second-order optimizer in the style of Sophia (Liu et al., 2023), fed by this library's diagonals.
+
+    optimizer = SophiaDiagonal(model.parameters(), lr=1e-3, update_every=10)
+    for x, y in loader:
+        if optimizer.curvature_due():
+            optimizer.update_curvature(model_ggn_diagonal(model, loss_fn, x, y))  # or any diagonal
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+Per parameter: m = beta1 m + (1 - beta1) g every step; every `update_every` steps the curvature EMA
+h = beta2 h + (1 - beta2) d with the diagonal d you pass (the exact Hessian, the GGN, a Fisher, a
+Hutchinson estimate); the step is theta -= lr * sign(m) * min(|m| / max(rho * h, eps), 1) (Sophia's
+clipping: where the curvature is small, negative or not yet known the step is at most lr per entry),
+with decoupled weight decay.
+"""
+
+import torch
+
+
+class SophiaDiagonal(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.965, 0.99), rho=0.04, weight_decay=0.0, eps=1e-12,
+                 update_every=10):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not rho > 0 or not eps > 0 or weight_decay < 0:
+            raise ValueError(f"rho and eps must be positive and weight_decay >= 0, got {rho!r}, {eps!r}, "
+                             f"{weight_decay!r}")
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+        self.update_every = update_every
+        self.steps = 0
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def curvature_due(self):
+        """True on the steps whose curvature should be refreshed (the first, then every update_every)."""
+        return self.steps % self.update_every == 0
+
+    @torch.no_grad()
+    def update_curvature(self, diagonals):
+        """Folds a curvature diagonal into the EMA: one tensor per parameter of the optimizer, in order (as
+        model_*_diagonal returns them for model.parameters()), or one flat vector over all of them."""
+        params = self._params()
+        if isinstance(diagonals, torch.Tensor):
+            diagonals = list(torch.split(diagonals.reshape(-1), [p.numel() for p in params]))
+        diagonals = list(diagonals)
+        if len(diagonals) != len(params):
+            raise ValueError(f"update_curvature needs one diagonal per parameter: got {len(diagonals)} for "
+                             f"{len(params)} parameters")
+        index = 0
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for param in group["params"]:
+                diagonal = diagonals[index].reshape(param.shape).to(param.dtype)
+                index += 1
+                state = self.state[param]
+                if "curvature" not in state:
+                    state["curvature"] = diagonal.clone()  # the first estimate as it is, not shrunk towards 0
+                else:
+                    state["curvature"].mul_(beta2).add_(diagonal, alpha=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1 = group["betas"][0]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                momentum = state.setdefault("momentum", torch.zeros_like(param))
+                momentum.mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                if group["weight_decay"]:
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                curvature = state.get("curvature")
+                if curvature is None:
+                    ratio = torch.ones_like(param)  # no curvature yet: a sign step of size lr
+                else:
+                    ratio = (momentum.abs() / (group["rho"] * curvature).clamp_min(group["eps"])).clamp_max(1)
+                param.addcmul_(momentum.sign(), ratio, value=-group["lr"])
+        self.steps += 1
+        return loss

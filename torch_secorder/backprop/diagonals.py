@@ -38,4 +38,4 @@ class Diagonals:
     def zeros(self, param):
         if self.samples is None:
             return torch.zeros_like(param)
-        return param.new_zeros(self.samples, *param.shape).detach()
+        return param.new_zeros(self.samples, *param.shape)

@@ -21,9 +21,6 @@ from .. import ops
 from .curvature import Curvature
 from .losses import class_rows, output_curvature
 
-KINDS = ("hessian", "ggn", "fisher_mc", "fisher_empirical")
-
-
 @dataclass(frozen=True)
 class CurvatureRequest:
     kind: str = "hessian"

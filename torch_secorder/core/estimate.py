@@ -17,7 +17,7 @@ from torch.nn import Module
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
 from .generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
-                      inference_tensors_explained, normal_tensor)
+                      inference_tensors_explained, normal_inputs, normal_tensor)
 
 __all__ = ["DiagonalEstimate", "hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
 
@@ -101,8 +101,7 @@ def model_hessian_diagonal_estimate(
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
     with torch.inference_mode(False):
-        inputs = torch.utils._pytree.tree_map(lambda v: normal_tensor(v) if isinstance(v, torch.Tensor) else v, inputs)
-        called, input_tuple = validation.model_call(model, inputs)
+        called, input_tuple = validation.model_call(model, normal_inputs(inputs))
         targets = normal_tensor(targets)
 
         def loss_func():

@@ -70,6 +70,11 @@ def attention_twice_differentiable():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def normal_inputs(inputs):
+    """normal_tensor on every tensor of a (nested) input structure."""
+    return torch.utils._pytree.tree_map(lambda v: normal_tensor(v) if isinstance(v, torch.Tensor) else v, inputs)
+
+
 def normal_tensor(tensor):
     return tensor.clone() if tensor.is_inference() else tensor
 

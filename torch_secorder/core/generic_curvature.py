@@ -21,13 +21,14 @@ NLL_TOLERANCE = 1e-3  # |logsumexp| of log-probabilities, in the output's own pr
 
 def generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request, *, create_graph, strict,
                             chunk_size, memory_budget, progress):
-    samples = None
     fisher = None
+    if request.kind != "hessian" or request.per_sample:
+        with torch.no_grad():  # one forward for what does not change between passes
+            reference = model(*input_tuple)
+    if request.kind != "hessian":
+        _check_output(spec, reference)
     if request.kind.startswith("fisher"):
-        with torch.no_grad():
-            output = model(*input_tuple)
-        _check_output(spec, output)
-        fisher = fisher_columns(request, spec, output, targets, loss_fn, nll_logits=False)  # drawn once
+        fisher = fisher_columns(request, spec, reference, targets, loss_fn, nll_logits=False)  # drawn once
 
     def term(sample=None):
         output = model(*input_tuple)
@@ -42,15 +43,13 @@ def generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, 
         if fisher is not None:
             projections = torch.einsum("nmd,nd->nm", fisher, live.flatten(1))
             return 0.5 * (projections * projections).sum()
-        _check_output(spec, fixed)
         return 0.5 * loss_quadratic_form(spec, output if create_graph else fixed, targets, live)
 
     options = dict(method="autograd", chunk_size=chunk_size, memory_budget=memory_budget)
     if not request.per_sample:
         return generic_hessian_diagonal(term, params, None, create_graph, strict, "loss_fn", progress=progress,
                                         **options)
-    with torch.no_grad():
-        samples = model(*input_tuple).shape[0]
+    samples = reference.shape[0]
     total = samples * sum(p.numel() for p in params)
     results = []
     for sample in range(samples):

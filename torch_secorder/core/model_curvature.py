@@ -11,7 +11,8 @@ import torch
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
 from . import dispatch, distributed, validation
-from .generic import buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_tensor
+from .generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
+                      normal_tensor)
 from .generic_curvature import generic_model_curvature
 
 PROJECTION_THRESHOLD = 1000  # Hessian-vector products (each about a gradient) beyond which the fallback says how long
@@ -44,8 +45,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     request = dataclasses.replace(request, record_loss=losses.append)
     with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
         # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
-        inputs = torch.utils._pytree.tree_map(lambda v: normal_tensor(v) if isinstance(v, torch.Tensor) else v, inputs)
-        called, input_tuple = validation.model_call(model, inputs)
+        called, input_tuple = validation.model_call(model, normal_inputs(inputs))
         targets = normal_tensor(targets)
         diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
                               method, chunk_size, memory_budget, progress)
@@ -66,9 +66,9 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     return losses[0].detach().reshape(()), diagonals
 
 
-def _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,
+def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,
               chunk_size, memory_budget, progress):
-    model, user_model = called, model  # the module to call (a keyword wrapper for dict inputs)
+    """model: the module to call with input_tuple (user_model itself, or its keyword wrapper for dict inputs)."""
     params = list(model.parameters())
     if method != "autograd":
         chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
+from torch_secorder import model_ggn_diagonal, model_hessian_diagonal, model_hessian_diagonal_estimate
 from torch_secorder.optim import SophiaDiagonal
 
 D = torch.float64
@@ -54,7 +54,30 @@ def test_bad_arguments_are_named():
         SophiaDiagonal([p]).update_curvature([torch.zeros(2), torch.zeros(2)])
 
 
-@pytest.mark.parametrize("curvature", [model_ggn_diagonal, model_hessian_diagonal], ids=["ggn", "hessian"])
+def hutchinson(model, loss_fn, x, y):
+    return model_hessian_diagonal_estimate(model, loss_fn, x, y, 20, generator=torch.Generator().manual_seed(1))
+
+
+def test_an_estimate_is_folded_in_by_its_diagonal():
+    p = torch.zeros(3, dtype=D, requires_grad=True)
+    q = torch.zeros(2, dtype=D, requires_grad=True)
+    optimizer = SophiaDiagonal([p, q])
+    estimate = hessian_diagonal_estimate_of_a_quadratic(p, q)
+    optimizer.update_curvature(estimate)
+    assert torch.equal(optimizer.state[p]["curvature"], estimate.diagonal[0])
+    assert torch.equal(optimizer.state[q]["curvature"], estimate.diagonal[1])
+
+
+def hessian_diagonal_estimate_of_a_quadratic(p, q):
+    from torch_secorder import hessian_diagonal_estimate
+
+    scales = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    return hessian_diagonal_estimate(lambda: (scales * p**2).sum() + (p[0] * q).sum() + (q**2).sum(), [p, q], 8,
+                                     generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("curvature", [model_ggn_diagonal, model_hessian_diagonal, hutchinson],
+                         ids=["ggn", "hessian", "hutchinson"])
 def test_it_trains_a_classifier(curvature):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 10, generator=generator)

@@ -3,19 +3,22 @@
     optimizer = SophiaDiagonal(model.parameters(), lr=1e-3, update_every=10)
     for x, y in loader:
         if optimizer.curvature_due():
-            optimizer.update_curvature(model_ggn_diagonal(model, loss_fn, x, y))  # or any diagonal
+            optimizer.update_curvature(model_ggn_diagonal(model, loss_fn, x, y))  # or any diagonal, or
+            # optimizer.update_curvature(model_hessian_diagonal_estimate(model, loss_fn, x, y, 20))
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
 
 Per parameter: m = beta1 m + (1 - beta1) g every step; every `update_every` steps the curvature EMA
-h = beta2 h + (1 - beta2) d with the diagonal d you pass (the exact Hessian, the GGN, a Fisher, a
-Hutchinson estimate); the step is theta -= lr * sign(m) * min(|m| / max(rho * h, eps), 1) (Sophia's
-clipping: where the curvature is small, negative or not yet known the step is at most lr per entry),
-with decoupled weight decay.
+h = beta2 h + (1 - beta2) d with the diagonal d you pass (the exact Hessian, the GGN, a Fisher, or a
+Hutchinson DiagonalEstimate, whose .diagonal is taken); the step is
+theta -= lr * sign(m) * min(|m| / max(rho * h, eps), 1) (Sophia's clipping: where the curvature is small,
+negative or not yet known the step is at most lr per entry), with decoupled weight decay.
 """
 
 import torch
+
+from .core.estimate import DiagonalEstimate
 
 
 class SophiaDiagonal(torch.optim.Optimizer):
@@ -44,8 +47,11 @@ class SophiaDiagonal(torch.optim.Optimizer):
     @torch.no_grad()
     def update_curvature(self, diagonals):
         """Folds a curvature diagonal into the EMA: one tensor per parameter of the optimizer, in order (as
-        model_*_diagonal returns them for model.parameters()), or one flat vector over all of them."""
+        model_*_diagonal returns them for model.parameters()), one flat vector over all of them, or a
+        DiagonalEstimate (its .diagonal; its standard error is not used)."""
         params = self._params()
+        if isinstance(diagonals, DiagonalEstimate):
+            diagonals = diagonals.diagonal
         if isinstance(diagonals, torch.Tensor):
             diagonals = list(torch.split(diagonals.reshape(-1), [p.numel() for p in params]))
         diagonals = list(diagonals)

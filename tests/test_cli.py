@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -38,7 +39,7 @@ def test_main_prints_the_exact_diagonal_summary(capsys):
         difference = float(re.search(rf"{method} vs loop: max relative difference (\S+)", out.out).group(1))
         assert difference < 1e-10
     assert "method 'auto' would use backprop" in out.out
-    assert "entries (100%)" in out.err  # progress
+    assert "100%" in out.err  # progress (a tqdm bar or the plain line)
 
 
 def test_module_entry_point_runs():
@@ -47,3 +48,43 @@ def test_module_entry_point_runs():
     assert result.returncode == 0, result.stderr
     assert "exact Hessian diagonal (method auto)" in result.stdout and "timings (" in result.stdout
     assert "auto (uses backprop)" in result.stdout
+
+
+def test_plot_saves_a_picture_of_the_diagonal_and_the_timings(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "report.png"
+    assert main(["--hidden", "4", "--batch-size", "16", "--train-steps", "1", "--method", "all", "--quiet",
+                 "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert f"picture: {path}" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_is_a_usage_error_before_any_work(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--plot", "x.png"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert "--plot needs matplotlib" in err.err and "torch-secorder[plot]" in err.err and err.out == ""
+
+
+def test_progress_plain_and_tqdm(monkeypatch, capsys):
+    from torch_secorder import progress
+
+    report = progress.plain_progress("job")
+    for done in (0, 5, 10):
+        report(done, 10)
+    assert capsys.readouterr().err.endswith("job: 10/10 entries (100%)\n")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    fallback = progress.progress_bar("job")
+    fallback(3, 3)
+    assert "job: 3/3 entries (100%)" in capsys.readouterr().err
+    monkeypatch.undo()
+    progress.progress_bar("job", enabled=False)(3, 3)
+    assert capsys.readouterr().err == ""
+    pytest.importorskip("tqdm")
+    bar = progress.tqdm_progress("bar")
+    for done in (1, 4, 8):
+        bar(done, 8)
+    err = capsys.readouterr().err
+    assert "bar: 100%" in err and "8.00/8.00" in err, err

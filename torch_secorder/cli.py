@@ -16,6 +16,8 @@ import torch.nn as nn
 from . import __version__, _extension
 from .core.dispatch import explain_method
 from .core.hessian_diagonal import model_hessian_diagonal
+from .plot import plot_report, require_matplotlib
+from .progress import progress_bar
 from .testing import loop_hessian_diagonal
 
 
@@ -35,8 +37,16 @@ def parse_args(argv):
                              "'all' runs every method and compares them")
     parser.add_argument("--memory-budget-mb", type=int, default=1024, help="memory budget per chunk (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return parser.parse_args(argv)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr (tqdm when installed)")
+    parser.add_argument("--plot", metavar="PATH", help="save a picture (PNG, SVG, PDF by the suffix) of the diagonal "
+                        "per parameter tensor and of each method's time (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            require_matplotlib()
+        except ImportError as error:
+            parser.error(str(error))
+    return args
 
 
 def synthetic_blobs(samples, features, classes, generator, dtype):
@@ -72,20 +82,6 @@ def timed(device, run, quick=0.1, repeats=5):
     if seconds < quick:
         seconds = statistics.median(once()[1] for _ in range(repeats))
     return result, seconds
-
-
-def progress_printer(label, enabled, interval=0.5):
-    """A progress callback that rewrites one stderr line at most every `interval` seconds, and at the end."""
-    last = [0.0]
-
-    def report(done, total):
-        now = time.monotonic()
-        if enabled and (now - last[0] >= interval or done >= total):
-            last[0] = now
-            end = "\n" if done >= total else ""
-            print(f"\r  {label}: {done:,}/{total:,} entries ({100 * done / max(total, 1):.0f}%)", end=end,
-                  file=sys.stderr, flush=True)
-    return report
 
 
 def format_seconds(seconds):
@@ -134,7 +130,7 @@ def main(argv=None):
     methods = ["backprop", "autograd", "loop"] if args.method == "all" else [args.method]
     results, seconds = {}, {}
     for method in methods:
-        report = progress_printer(method, not args.quiet)
+        report = progress_bar(method, not args.quiet)
         if method == "loop":
             def run():
                 return loop_hessian_diagonal(lambda: loss_fn(model(inputs), labels), params, progress=report)
@@ -167,4 +163,9 @@ def main(argv=None):
             mine = torch.cat([d.double().reshape(-1) for d in results[method]])
             error = (mine - reference).abs().max().item() / max(reference.abs().max().item(), 1e-300)
             print(f"  {method} vs {methods[-1]}: max relative difference {error:.2e}")
+    if args.plot:
+        plot_report(args.plot, names, diag, seconds, gradient_seconds,
+                    f"MLP {widths} (Tanh), {count:,} parameters, batch {args.batch_size}, {args.dtype}, {device}; "
+                    f"torch_secorder {__version__}")
+        print(f"\npicture: {args.plot}")
     return 0

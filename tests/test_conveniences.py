@@ -1,5 +1,6 @@
 """What laplace-torch and training loops need from the API: the loss, a flat vector, dict inputs, one warning."""
 
+import collections
 import warnings
 
 import pytest
@@ -69,6 +70,34 @@ def test_dict_inputs_call_the_model_with_keywords():
     assert relative_error(both, expected) < 1e-12
     with pytest.raises(ValueError, match="batch size"):
         model_hessian_diagonal(model, F.cross_entropy, {"input_ids": ids[:3]}, y)
+
+
+class BranchesOnTheInputType(nn.Module):
+    """Takes a mapping or a tensor, as laplace-torch's and Hugging Face-style models do: a trace, which stands a
+    tensor in for the input, would follow the other branch than a call with a mapping."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+
+    def forward(self, batch):
+        if isinstance(batch, collections.abc.Mapping):
+            return self.net(batch["x"] * 2)
+        return self.net(batch)
+
+
+@pytest.mark.parametrize("function", [model_hessian_diagonal, model_ggn_diagonal])
+def test_a_mapping_given_whole_to_the_forward_is_not_traced_as_a_tensor(function):
+    torch.manual_seed(0)
+    model = BranchesOnTheInputType().double()
+    x, y = torch.randn(6, 3, dtype=D), torch.randint(0, 2, (6,))
+    batch = collections.UserDict(x=x)
+    with pytest.raises(NotImplementedError, match="a model input that is a UserDict, not a tensor"):
+        function(model, F.cross_entropy, (batch,), y, method="backprop")
+    with pytest.warns(RuntimeWarning, match="a model input that is a UserDict"):
+        got = function(model, F.cross_entropy, (batch,), y)
+    # the mapping branch doubles x: the same as the tensor branch on 2 x, which the engine computes
+    assert relative_error(got, function(model, F.cross_entropy, 2 * x, y, method="backprop")) < 1e-12
 
 
 def lambda_model(model, mask):

@@ -84,6 +84,9 @@ def backprop_plan(model, loss_fn, inputs=None):
         inputs = inputs[0]
     if isinstance(inputs, torch.Tensor) and inputs.dim() == 0:
         return None, "0-D inputs"
+    if inputs is not None and not isinstance(inputs, torch.Tensor):
+        # the trace stands a tensor in for the input: a forward that branches on its type would differ
+        return None, f"a model input that is a {type(inputs).__name__}, not a tensor (the engine takes one tensor)"
     try:
         return check_supported(model, loss_fn), None
     except Unsupported as error:

@@ -1,5 +1,6 @@
 """Argument checks of the public API: clear errors that name the argument, raised before any autograd work."""
 
+import collections.abc
 import weakref
 
 import torch
@@ -111,8 +112,16 @@ def model_call(model, inputs):
     return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _tensor_leaves(value):
-    return [leaf for leaf in torch.utils._pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+def tensor_leaves(value):
+    """The tensors in a nested input structure: pytree's containers and any Mapping (UserDict, Hugging Face's
+    BatchEncoding), whose values pytree would not look into."""
+    found = []
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif isinstance(leaf, collections.abc.Mapping):
+            found += tensor_leaves(list(leaf.values()))
+    return found
 
 
 def check_model_arguments(model, loss_fn, inputs, targets):
@@ -131,13 +140,13 @@ def check_model_arguments(model, loss_fn, inputs, targets):
         return f"inputs[{names[index]!r}]" if keyed else f"inputs[{index}]" if several else "inputs"
 
     for index, value in enumerate(input_tuple):
-        if not isinstance(value, torch.Tensor) and not _tensor_leaves(value):
+        if not isinstance(value, torch.Tensor) and not tensor_leaves(value):
             raise TypeError(f"{input_name(index)} must be a tensor (or a structure of tensors), "
                             f"got {type(value).__name__}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
 
-    leaves = [leaf for value in input_tuple for leaf in _tensor_leaves(value)]
+    leaves = [leaf for value in input_tuple for leaf in tensor_leaves(value)]
     first = leaves[0] if leaves else None
     if first is not None and first.dim() > 0 and targets.dim() > 0 and first.shape[0] != targets.shape[0]:
         raise ValueError(
@@ -150,7 +159,7 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     if len(model_devices) == 1:
         (model_device,) = model_devices
         for index, value in enumerate(input_tuple):
-            for tensor in _tensor_leaves(value):
+            for tensor in tensor_leaves(value):
                 if tensor.device != model_device:
                     raise ValueError(
                         f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")

@@ -23,6 +23,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 
@@ -49,7 +50,9 @@ class _ExactDiagonal:
 
     def _model_and_inputs(self, x):
         if not self.last_layer:
-            return self.model, x
+            # laplace calls model(x) with a batch that is a mapping (Hugging Face style) too; our functions
+            # would call model(**x) for a dict, so the mapping goes in as the one positional argument
+            return self.model, (x,) if isinstance(x, Mapping) else x
         # laplace's FeatureExtractor: the last layer's curvature depends only on its input features
         with torch.no_grad():
             _, features = self.model.forward_with_features(x)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call (at most ~9 minutes: step limits sum to 520 s), from the repository root:
+# The whole GPU check in one device call (at most ~9 minutes: step limits sum to 535 s), from the repository root:
 #   build -> tests (not slow; every device-parametrised test on cuda) -> compute-sanitizer memcheck of
 #   the CUDA op tests -> kernel benchmarks -> engine benchmarks (one process, CUDA events after warm-up) ->
-#   the graph engine on ResNet-18 at batch 128.
+#   the graph engine on ResNet-18 at batch 128 -> the SophiaDiagonal example on cuda (loss curves PNG).
 # Each step has its own time limit and reports its exit status and elapsed seconds. Everything lands
 # in $OUT as two files: summary.txt and gpu_check.tar.gz (logs, benchmark JSON and markdown).
 #   usage: bash benchmarks/gpu_check.sh [--dry-run]
@@ -59,7 +59,7 @@ fi
 if [ "$DRY" = 1 ]; then
   step tests 110 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -k "traps and zero_size" tests
 else
-  TAIL=6 step tests 110 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
+  TAIL=6 step tests 100 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
   say "    tests run on cuda: $(grep -c '^PASSED.*cuda' "$WORK/tests.log") passed, $(grep -c '^SKIPPED.*cuda\|^FAILED.*cuda' "$WORK/tests.log") skipped or failed"
 fi
 
@@ -67,7 +67,7 @@ if [ "$DRY" = 1 ]; then
   skipped memcheck
 elif command -v compute-sanitizer > /dev/null; then
   # without the caching allocator, an access past a tensor's end is outside any allocation and is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 55 compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_loss_curvature_ops.py tests/test_contraction_ops.py -k cuda
   case $? in
     0) say "    memcheck: no errors" ;;
@@ -88,6 +88,10 @@ TAIL=14 step kernel-benchmarks 40 "$PYTHON" benchmarks/bench_kernels.py --device
 TAIL=12 step engine-benchmarks 60 "$PYTHON" benchmarks/bench_backprop.py --device "$DEVICE" --in-process \
   --generic-limit 10 --rounds 2 --out "$WORK" "${ENGINE_ARGS[@]}"
 # ResNet-18 (torchvision's definition, CIFAR size, eval) at batch 128: gradient, engine, BackPACK DiagGGNExact
-TAIL=6 step graph-benchmarks 75 "$PYTHON" benchmarks/bench_graph.py --device "$DEVICE" --rounds 1 --generic-limit 5 \
+TAIL=6 step graph-benchmarks 70 "$PYTHON" benchmarks/bench_graph.py --device "$DEVICE" --rounds 1 --generic-limit 5 \
   --out "$WORK" "${GRAPH_ARGS[@]}"
+# the optimizer example (SophiaDiagonal vs Adam, CNN and transformer); its JSON and PNG go into the tar file
+if [ "$DRY" = 1 ]; then EXAMPLE_ARGS=(--steps 4 --train-samples 64 --test-samples 16); else EXAMPLE_ARGS=(); fi
+TAIL=5 step sophia-example 35 "$PYTHON" examples/sophia_training.py --device "$DEVICE" --out "$WORK/examples" \
+  "${EXAMPLE_ARGS[@]}"
 finish 0

@@ -19,12 +19,13 @@ def test_dry_run_leaves_a_summary_and_one_tar_file(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    for step in ("device", "build", "tests", "kernel-benchmarks", "engine-benchmarks"):
+    for step in ("device", "build", "tests", "kernel-benchmarks", "engine-benchmarks", "sophia-example"):
         assert f"=== {step}: ok, " in summary, summary  # each step says how it ended and how long it took
     assert "=== memcheck: skipped (dry run: no GPU)" in summary
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
         names = {os.path.basename(name) for name in archive.getnames()}
-    assert {"summary.txt", "build.log", "tests.log", "kernels_cpu.json", "backprop_cpu_batch4.json"} <= names, names
+    assert {"summary.txt", "build.log", "tests.log", "kernels_cpu.json", "backprop_cpu_batch4.json",
+            "sophia_training.json"} <= names, names
 
 
 def test_a_step_that_runs_out_of_time_is_told_apart_from_a_failure(tmp_path):

@@ -10,7 +10,6 @@ on held-out data (negative log-likelihood, calibration error) and on far-away in
 MAP network is overconfident. Writes OUT/laplace_diag.json.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ try:
     from laplace import Laplace
 except ImportError:
     sys.exit("this example needs laplace-torch: pip install 'torch-secorder[laplace]'")
+from synthetic import example_parser, parse_example_arguments
 from torch_secorder.integrations.laplace import SecorderGGN, SecorderHessian
 
 
@@ -55,18 +55,11 @@ def summary(probabilities, labels, far_probabilities):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = example_parser(__doc__, train_samples=1000, test_samples=1000)
     parser.add_argument("--backend", choices=["ggn", "hessian"], default="ggn")
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--train-samples", type=int, default=1000)
-    parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    args, device = parse_example_arguments(parser, argv)
 
     generator = torch.Generator().manual_seed(args.seed)
     x, y = blobs(args.train_samples + args.test_samples, args.classes, generator)

@@ -16,7 +16,6 @@ negative entries (OBD's model assumes a minimum) and the GGN diagonal is never n
 Writes OUT/obd_pruning.json with the accuracies and losses.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from synthetic import accuracy, cifar_like, small_cnn
+from synthetic import accuracy, cifar_like, example_parser, parse_example_arguments, small_cnn
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
 
 
@@ -48,19 +47,12 @@ def pruned_copy_state(model, scores, sparsity, per_layer):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = example_parser(__doc__, train_samples=2048, test_samples=512)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--train-samples", type=int, default=2048)
-    parser.add_argument("--test-samples", type=int, default=512)
     parser.add_argument("--scope", choices=["layer", "global"], default="layer",
                         help="rank within each weight tensor (default) or across all of them")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    args, device = parse_example_arguments(parser, argv)
 
     inputs, labels = cifar_like(args.train_samples + args.test_samples, generator=torch.Generator().manual_seed(args.seed))
     inputs, labels = inputs.to(device), labels.to(device)

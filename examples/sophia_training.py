@@ -17,7 +17,6 @@ Writes OUT/sophia_training.json (loss curves, final loss and accuracy, seconds) 
 installed, OUT/sophia_training.png with the loss curves.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from synthetic import TinyTransformer, accuracy, cifar_like, small_cnn, token_majority
+from synthetic import (TinyTransformer, accuracy, cifar_like, example_parser, parse_example_arguments, small_cnn,
+                       token_majority)
 from torch_secorder import (model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal,
                             model_hessian_diagonal_estimate)
 from torch_secorder.optim import SophiaDiagonal
@@ -115,20 +115,13 @@ def plot(results, args, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = example_parser(__doc__, train_samples=2048, test_samples=512)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cnn", "transformer"])
     parser.add_argument("--curvature", choices=["ggn", "hessian", "fisher", "hutchinson"], default="ggn")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--update-every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-samples", type=int, default=2048)
-    parser.add_argument("--test-samples", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    args, device = parse_example_arguments(parser, argv)
 
     results = {}
     for task in args.tasks:

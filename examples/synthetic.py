@@ -1,11 +1,33 @@
-"""Deterministic data and models shared by the examples: CIFAR-size images, token sequences, a small CNN
-and a small transformer classifier written as people write them (a class with its own forward)."""
+"""What the examples share: their common command-line options, deterministic data (CIFAR-size images, token
+sequences) and models (a small CNN, a small transformer classifier written as people write them: a class with
+its own forward)."""
 
+import argparse
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def example_parser(doc, train_samples, test_samples):
+    """An ArgumentParser with the options every example has; add yours, then call parse_example_arguments."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--train-samples", type=int, default=train_samples)
+    parser.add_argument("--test-samples", type=int, default=test_samples)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
+                        help="where the results (JSON, PNG) go (default examples/output)")
+    return parser
+
+
+def parse_example_arguments(parser, argv):
+    """(arguments, torch.device); the output folder exists afterwards."""
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    return args, torch.device(args.device)
 
 
 def cifar_like(samples, classes=10, generator=None, noise=1.5, label_noise=0.1):

@@ -266,6 +266,43 @@ class Attention(nn.Module):
         return self.head((x + self.proj(y)).mean(1))
 
 
+class IteratedAttention(Attention):
+    """The same attention with q, k, v taken by iterating over the pieces, as many code bases write it:
+    map over chunk (lucidrains style), a generator expression, or a list comprehension over split(sizes)."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, t, c = x.shape
+        qkv = self.qkv(self.norm(x))
+
+        def heads(piece):
+            return piece.reshape(n, t, self.heads, -1).transpose(1, 2)
+
+        if self.style == "map":
+            q, k, v = map(heads, qkv.chunk(3, dim=-1))
+        elif self.style == "generator":
+            q, k, v = (heads(piece) for piece in torch.chunk(qkv, 3, -1))
+        else:
+            q, k, v = [heads(piece) for piece in qkv.split([c, c, c], dim=2)]
+        weights = F.softmax((q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1)), dim=-1)
+        return self.head((x + self.proj((weights @ v).transpose(1, 2).reshape(n, t, c))).mean(1))
+
+
+class SumsChunks(nn.Module):
+    """Iterates over chunk(3) of 4 features: torch returns 2 pieces of 2, not 3."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, features), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.b(sum(torch.tanh(piece) for piece in self.a(x).chunk(3, dim=-1)))
+
+
 class EncoderClassifier(nn.Module):
     def __init__(self):
         super().__init__()
@@ -280,6 +317,18 @@ class EncoderClassifier(nn.Module):
 def test_hand_written_attention_through_the_engine():
     torch.manual_seed(0)
     exact(Attention(), vectors(4, 3))
+
+
+@pytest.mark.parametrize("style", ["map", "generator", "list"])
+def test_attention_whose_pieces_are_iterated_through_the_engine(style):
+    torch.manual_seed(0)
+    exact(IteratedAttention(style), vectors(4, 3))
+
+
+def test_iterating_over_fewer_chunks_than_asked_steps_aside():
+    torch.manual_seed(0)
+    exact(SumsChunks(6), vectors(6))  # 3 pieces of 2: as the trace takes them
+    steps_aside(SumsChunks(4), vectors(6), "a forward the trace does not reproduce (IndexError")
 
 
 @pytest.mark.parametrize("model", [EncoderClassifier, lambda: nn.MultiheadAttention(4, 2, batch_first=True)],

@@ -65,6 +65,29 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, module, qualified_name):
         return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
 
+    def iter(self, proxy):
+        """fx follows `q, k, v = x.chunk(3, -1)` but not other iteration (map(f, x.chunk(3, -1)), a generator
+        expression): the pieces of chunk(n) and of split([sizes]) are taken as n / len(sizes). A tensor too
+        short for n chunks makes chunk return fewer; then the traced graph fails its check against the model's
+        own forward (validate), and the engine steps aside."""
+        count = _piece_count(proxy.node)
+        if count is None:
+            return super().iter(proxy)
+        return iter([proxy[index] for index in range(count)])
+
+
+def _piece_count(node):
+    """How many tensors a chunk / split call returns, when its arguments say so without the input's shape."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    arguments = list(node.args[1:2]) or [node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections",
+                                                                                     node.kwargs.get("split_size")))]
+    pieces = arguments[0]
+    if name == "chunk":
+        return pieces if isinstance(pieces, int) and pieces > 0 else None
+    return len(pieces) if isinstance(pieces, (list, tuple)) else None  # sizes (maybe traced): one piece each
+
 
 def _short(error):
     text = str(error).strip().splitlines()
@@ -185,6 +208,8 @@ def validate(plan, model, inputs):
         expected = model(inputs)
         try:
             traced = forward(plan, model, inputs)[plan.nodes[plan.output].name]
+        except (IndexError, ValueError) as error:  # e.g. fewer chunks than the trace took (_Tracer.iter)
+            raise Unsupported(f"a forward the trace does not reproduce ({_short(error)})") from None
         finally:
             release(plan)
     if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax

@@ -95,3 +95,35 @@ def test_it_trains_a_classifier(curvature):
         optimizer.step()
     last = F.cross_entropy(model(x), y).item()
     assert last < 0.5 * first, (first, last)
+
+
+def test_a_checkpoint_resumes_the_same_trajectory():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        return model, SophiaDiagonal(model.parameters(), lr=0.05, update_every=3)
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, dtype=D, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+               for _ in range(8)]
+
+    def train(model, optimizer, steps):
+        for x, y in steps:
+            if optimizer.curvature_due():
+                optimizer.update_curvature(model_ggn_diagonal(model, F.cross_entropy, x, y))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    straight, straight_optimizer = build()
+    train(straight, straight_optimizer, batches)
+    first, first_optimizer = build()
+    train(first, first_optimizer, batches[:4])
+    checkpoint = (first.state_dict(), first_optimizer.state_dict())
+    resumed, resumed_optimizer = build()
+    resumed.load_state_dict(checkpoint[0])
+    resumed_optimizer.load_state_dict(checkpoint[1])
+    assert resumed_optimizer.steps == 4 and not resumed_optimizer.curvature_due()
+    train(resumed, resumed_optimizer, batches[4:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -37,6 +37,16 @@ class SophiaDiagonal(torch.optim.Optimizer):
         self.update_every = update_every
         self.steps = 0
 
+    def state_dict(self):
+        state = super().state_dict()
+        state["steps"] = self.steps  # when the next curvature refresh is due survives a checkpoint
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.steps = state_dict.pop("steps", 0)
+        super().load_state_dict(state_dict)
+
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
 

@@ -191,7 +191,11 @@ def measure_in_child(name, method, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated parts of workload names to run")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="measure (both libraries) with glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_ and "
+                             "MALLOC_TRIM_THRESHOLD_ at 4 GiB) instead of unmapping it and faulting fresh pages in; "
+                             "results go to curvatures_<device>_retained.*")
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -201,9 +205,11 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.device)))
         return
     methods = METHODS if not args.methods else args.methods.split(",")
+    if args.retain_freed_memory:  # read by glibc when each measuring child process starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_TRIM_THRESHOLD_"] = str(4 << 30)
     rows = []
     for name in WORKLOADS:
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
         measured = {method: [] for method in methods}
         for round_index in range(args.rounds):
@@ -231,8 +237,10 @@ def write_results(rows, args, methods):
                       "(workload, method); methods slower than 5 s: one round, one timed run",
             "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
                       "CUDA: max_memory_allocated)",
+            "allocator": ("glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB)"
+                          if args.retain_freed_memory else "default"),
             "ours": OURS, "theirs": {key: value[0] for key, value in THEIRS.items()}}
-    tag = "cpu" if args.device == "cpu" else "cuda"
+    tag = ("cpu" if args.device == "cpu" else "cuda") + ("_retained" if args.retain_freed_memory else "")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"curvatures_{tag}.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)

@@ -24,7 +24,7 @@ try:
     from laplace import Laplace
 except ImportError:
     sys.exit("this example needs laplace-torch: pip install 'torch-secorder[laplace]'")
-from synthetic import example_parser, parse_example_arguments
+from synthetic import example_parser, parse_example_arguments, positive_int
 from torch_secorder.integrations.laplace import SecorderGGN, SecorderHessian
 
 
@@ -57,8 +57,8 @@ def summary(probabilities, labels, far_probabilities):
 def main(argv=None):
     parser = example_parser(__doc__, train_samples=1000, test_samples=1000)
     parser.add_argument("--backend", choices=["ggn", "hessian"], default="ggn")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--classes", type=positive_int, default=4)
+    parser.add_argument("--epochs", type=positive_int, default=100)
     args, device = parse_example_arguments(parser, argv)
 
     generator = torch.Generator().manual_seed(args.seed)

@@ -5,9 +5,9 @@
 
 Trains the small CNN of sophia_training.py on the CIFAR-size synthetic images, computes the exact Hessian
 diagonal and the exact GGN diagonal of the training loss at the trained weights, and prunes the weights
-(biases are kept) with the lowest saliency 0.5 * H_ii * w_i^2 across all layers, at several sparsities,
-against pruning by magnitude |w_i|. No fine-tuning after pruning, so the numbers show the ranking alone.
-Pruning ranks the weights within each weight tensor (--scope global: across all of them). OBD's quadratic
+(biases are kept) with the lowest saliency 0.5 * H_ii * w_i^2 in each weight tensor, at several
+sparsities, against pruning by magnitude |w_i|. No fine-tuning after pruning, so the numbers show the ranking alone.
+--scope global ranks across all weight tensors instead. OBD's quadratic
 model holds for small changes: it beats magnitude pruning at moderate sparsity and can lose to it when most
 weights go. For this ReLU network the Hessian and GGN diagonals coincide (the network's second derivatives vanish
 almost everywhere, which the example checks); with smooth activations they differ, the Hessian may have
@@ -16,6 +16,7 @@ negative entries (OBD's model assumes a minimum) and the GGN diagonal is never n
 Writes OUT/obd_pruning.json with the accuracies and losses.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -24,8 +25,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from synthetic import accuracy, cifar_like, example_parser, parse_example_arguments, small_cnn
+from synthetic import (accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
+                       small_cnn)
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
+
+
+def fraction(text):
+    """argparse type: the fraction of weights to remove, in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def pruned_copy_state(model, scores, sparsity, per_layer):
@@ -48,13 +61,14 @@ def pruned_copy_state(model, scores, sparsity, per_layer):
 
 def main(argv=None):
     parser = example_parser(__doc__, train_samples=2048, test_samples=512)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--sparsities", type=fraction, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--steps", type=positive_int, default=400)
     parser.add_argument("--scope", choices=["layer", "global"], default="layer",
                         help="rank within each weight tensor (default) or across all of them")
     args, device = parse_example_arguments(parser, argv)
 
-    inputs, labels = cifar_like(args.train_samples + args.test_samples, generator=torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs, labels = cifar_like(args.train_samples + args.test_samples, generator=generator)
     inputs, labels = inputs.to(device), labels.to(device)
     train_x, test_x = inputs[:args.train_samples], inputs[args.train_samples:]
     train_y, test_y = labels[:args.train_samples], labels[args.train_samples:]
@@ -112,7 +126,8 @@ def main(argv=None):
               f"{row['magnitude']['train_loss']:>21.3f} {row['obd_hessian']['train_loss']:>14.3f} "
               f"{row['obd_ggn']['train_loss']:>10.3f}")
     with open(os.path.join(args.out, "obd_pruning.json"), "w") as f:
-        json.dump(dict(arguments=vars(args), dense=dense, rows=rows, negative_hessian_entries=negative, hessian_vs_ggn=hessian_vs_ggn,
+        json.dump(dict(arguments=vars(args), dense=dense, rows=rows, negative_hessian_entries=negative,
+                       hessian_vs_ggn=hessian_vs_ggn,
                        entries=total, hessian_seconds=hessian_seconds, ggn_seconds=ggn_seconds), f)
     return 0
 

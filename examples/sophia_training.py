@@ -25,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from synthetic import (TinyTransformer, accuracy, cifar_like, example_parser, parse_example_arguments, small_cnn,
-                       token_majority)
+from synthetic import (TinyTransformer, accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
+                       small_cnn, token_majority)
 from torch_secorder import (model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal,
                             model_hessian_diagonal_estimate)
 from torch_secorder.optim import SophiaDiagonal
@@ -118,9 +118,9 @@ def main(argv=None):
     parser = example_parser(__doc__, train_samples=2048, test_samples=512)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cnn", "transformer"])
     parser.add_argument("--curvature", choices=["ggn", "hessian", "fisher", "hutchinson"], default="ggn")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--update-every", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--update-every", type=positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     args, device = parse_example_arguments(parser, argv)
 
     results = {}

@@ -11,11 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def positive_int(text):
+    """argparse type: a whole number >= 1, or a usage error that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def example_parser(doc, train_samples, test_samples):
     """An ArgumentParser with the options every example has; add yours, then call parse_example_arguments."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--train-samples", type=int, default=train_samples)
-    parser.add_argument("--test-samples", type=int, default=test_samples)
+    parser.add_argument("--train-samples", type=positive_int, default=train_samples)
+    parser.add_argument("--test-samples", type=positive_int, default=test_samples)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),

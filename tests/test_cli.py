@@ -59,6 +59,17 @@ def test_plot_saves_a_picture_of_the_diagonal_and_the_timings(tmp_path, capsys):
     assert f"picture: {path}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("path, message", [("missing_folder/x.png", "does not exist"),
+                                           ("report.xyz", "the suffix must name a picture format")])
+def test_a_plot_path_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_path, capsys, path, message):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--plot", str(tmp_path / path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert message in err.err and err.out == ""
+
+
 def test_plot_without_matplotlib_is_a_usage_error_before_any_work(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(SystemExit) as exit_info:

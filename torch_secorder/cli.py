@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import __version__, _extension
 from .core.dispatch import explain_method
 from .core.hessian_diagonal import model_hessian_diagonal
-from .plot import plot_report, require_matplotlib
+from .plot import plot_path_problem, plot_report
 from .progress import progress_bar
 from .testing import loop_hessian_diagonal
 
@@ -43,9 +43,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.plot:
         try:
-            require_matplotlib()
+            problem = plot_path_problem(args.plot)
         except ImportError as error:
-            parser.error(str(error))
+            problem = str(error)
+        if problem:
+            parser.error(problem)  # before any work, not after it
     return args
 
 

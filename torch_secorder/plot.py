@@ -1,5 +1,7 @@
 """The main job's --plot picture: the diagonal per parameter tensor and each method's time (matplotlib)."""
 
+import os
+
 
 def require_matplotlib():
     """matplotlib's pyplot with a file-only backend, or an ImportError that says how to get it."""
@@ -10,6 +12,21 @@ def require_matplotlib():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def plot_path_problem(path):
+    """Why the picture could not be saved at path (None if it can): a missing folder, a format matplotlib
+    does not write. Raises ImportError without matplotlib."""
+    plt = require_matplotlib()
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--plot {path}: the folder {folder} does not exist"
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if suffix not in formats:
+        return f"--plot {path}: the suffix must name a picture format ({', '.join(sorted(formats))})"
+    return None
 
 
 def plot_report(path, names, diagonals, seconds, gradient_seconds, title):

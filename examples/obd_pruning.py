@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from synthetic import (accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
-                       small_cnn)
+                       small_cnn, train_and_test)
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
 
 
@@ -67,11 +67,7 @@ def main(argv=None):
                         help="rank within each weight tensor (default) or across all of them")
     args, device = parse_example_arguments(parser, argv)
 
-    generator = torch.Generator().manual_seed(args.seed)
-    inputs, labels = cifar_like(args.train_samples + args.test_samples, generator=generator)
-    inputs, labels = inputs.to(device), labels.to(device)
-    train_x, test_x = inputs[:args.train_samples], inputs[args.train_samples:]
-    train_y, test_y = labels[:args.train_samples], labels[args.train_samples:]
+    train_x, train_y, test_x, test_y = train_and_test(cifar_like, args, device)
     torch.manual_seed(args.seed)
     model = small_cnn().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from synthetic import (TinyTransformer, accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
-                       small_cnn, token_majority)
+                       small_cnn, token_majority, train_and_test)
 from torch_secorder import (model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal,
                             model_hessian_diagonal_estimate)
 from torch_secorder.optim import SophiaDiagonal
@@ -50,11 +50,7 @@ def curvature_function(kind, generator):
 
 def train(task, optimizer_name, args, device):
     make_data, make_model, adam_lr, sophia_lr = TASKS[task]
-    data_generator = torch.Generator().manual_seed(args.seed)
-    inputs, labels = make_data(args.train_samples + args.test_samples, generator=data_generator)
-    inputs, labels = inputs.to(device), labels.to(device)
-    train_x, test_x = inputs[:args.train_samples], inputs[args.train_samples:]
-    train_y, test_y = labels[:args.train_samples], labels[args.train_samples:]
+    train_x, train_y, test_x, test_y = train_and_test(make_data, args, device)
     torch.manual_seed(args.seed)
     model = make_model().to(device)
     if optimizer_name == "adam":

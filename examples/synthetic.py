@@ -41,6 +41,15 @@ def parse_example_arguments(parser, argv):
     return args, torch.device(args.device)
 
 
+def train_and_test(make_data, args, device):
+    """(train_x, train_y, test_x, test_y) from make_data(samples, generator=...), seeded by args.seed."""
+    inputs, labels = make_data(args.train_samples + args.test_samples,
+                               generator=torch.Generator().manual_seed(args.seed))
+    inputs, labels = inputs.to(device), labels.to(device)
+    cut = args.train_samples
+    return inputs[:cut], labels[:cut], inputs[cut:], labels[cut:]
+
+
 def cifar_like(samples, classes=10, generator=None, noise=1.5, label_noise=0.1):
     """3x32x32 images: one smooth random template per class (fixed by the generator's first draws),
     shifted by up to 4 pixels (a CNN has to learn translation-robust features), with pixel noise and

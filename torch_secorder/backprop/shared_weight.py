@@ -183,13 +183,12 @@ def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False, 
 def _selected_per_sample(columns, signs, indices, inputs, max_elements):
     """sum_v signs (sum_q S[n, v, o, q] inputs[n, k, indices[n, o, q]])^2 -> (N, O, K)."""
     samples, width, out_channels, selected = columns.shape
-    features = inputs.shape[1]
+    features, positions = inputs.shape[1:3]
     step = max(1, max_elements // max(1, out_channels * features * (selected + width)))
     parts = []
     for start in range(0, samples, step):
         stop = min(samples, start + step)
         count = stop - start
-        positions = inputs.shape[2]
         rows = inputs[start:stop].transpose(1, 2).reshape(count * positions, features)  # whole rows are picked
         offsets = torch.arange(count, device=rows.device).unsqueeze(1) * positions
         picked = rows.index_select(0, (indices[start:stop].reshape(count, -1) + offsets).reshape(-1))

@@ -116,7 +116,7 @@ def _first_time(model, loss_fn, reason):
 
 def _batch_size(input_tuple, targets):
     for tensor in (*validation.tensor_leaves(input_tuple), targets):
-        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+        if tensor.dim() > 0:
             return tensor.shape[0]
     return 1
 

@@ -125,8 +125,8 @@ def tensor_leaves(value):
 
 
 def check_model_arguments(model, loss_fn, inputs, targets):
-    """Returns inputs as a tuple of positional model arguments (a dict's values: see model_call); each may be a
-    tensor or any nested tuple / list / dict of tensors and other values the model's forward takes."""
+    """Checks the model call's arguments: inputs a tensor, a tuple / list of positional model arguments or a dict
+    (see model_call), each a tensor or any nested tuple / list / dict / mapping of tensors and other values."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -139,14 +139,15 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     def input_name(index):
         return f"inputs[{names[index]!r}]" if keyed else f"inputs[{index}]" if several else "inputs"
 
-    for index, value in enumerate(input_tuple):
-        if not isinstance(value, torch.Tensor) and not tensor_leaves(value):
+    tensors_of = [tensor_leaves(value) for value in input_tuple]  # one walk per argument
+    for index, (value, tensors) in enumerate(zip(input_tuple, tensors_of)):
+        if not tensors:
             raise TypeError(f"{input_name(index)} must be a tensor (or a structure of tensors), "
                             f"got {type(value).__name__}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
 
-    leaves = [leaf for value in input_tuple for leaf in tensor_leaves(value)]
+    leaves = [leaf for tensors in tensors_of for leaf in tensors]
     first = leaves[0] if leaves else None
     if first is not None and first.dim() > 0 and targets.dim() > 0 and first.shape[0] != targets.shape[0]:
         raise ValueError(
@@ -158,8 +159,8 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     model_devices = {p.device for p in params}
     if len(model_devices) == 1:
         (model_device,) = model_devices
-        for index, value in enumerate(input_tuple):
-            for tensor in tensor_leaves(value):
+        for index, tensors in enumerate(tensors_of):
+            for tensor in tensors:
                 if tensor.device != model_device:
                     raise ValueError(
                         f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")
@@ -171,7 +172,6 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     if model_dtype is not None and input_dtype is not None and input_dtype != model_dtype:
         raise ValueError(f"inputs has dtype {input_dtype} but the model's parameters have dtype {model_dtype}")
     # targets of another floating dtype are the loss function's business: F.mse_loss and friends promote them
-    return input_tuple
 
 
 def check_progress(progress):

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..memory import uses_block_cache
 from ..backprop.origins import CurvatureRequest
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET
@@ -17,6 +18,7 @@ __all__ = ["model_ggn_diagonal", "model_fisher_diagonal"]
 FISHER_KINDS = ("mc", "empirical")
 
 
+@uses_block_cache
 def model_ggn_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -50,6 +52,7 @@ def model_ggn_diagonal(
                           return_loss=return_loss, flat=flat, all_reduce=all_reduce)
 
 
+@uses_block_cache
 def model_fisher_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

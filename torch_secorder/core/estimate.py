@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..memory import uses_block_cache
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
 from .generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
@@ -48,6 +49,7 @@ class DiagonalEstimate(tuple):
         return f"DiagonalEstimate(probes={self.probes}, relative_error={self.relative_error:.3g})"
 
 
+@uses_block_cache
 def hessian_diagonal_estimate(
     func: Callable[[], Tensor],
     params: List[Tensor],
@@ -78,6 +80,7 @@ def hessian_diagonal_estimate(
         return _estimate(func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget, "func")
 
 
+@uses_block_cache
 def model_hessian_diagonal_estimate(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

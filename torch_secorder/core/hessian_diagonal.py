@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..memory import uses_block_cache
 from ..backprop.origins import CurvatureRequest
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET
@@ -15,6 +16,7 @@ from .model_curvature import model_diagonal
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 
 
+@uses_block_cache
 def hessian_diagonal(
     func: Callable[[], Tensor],
     params: List[Tensor],
@@ -63,6 +65,7 @@ def hessian_diagonal(
         )
 
 
+@uses_block_cache
 def model_hessian_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -20,8 +20,11 @@ TORCH_LIBRARY(torch_secorder, m) {
   m.def("affine_weight_diagonal(Tensor factors, Tensor? signs, Tensor inputs) -> Tensor");
   m.def("channel_weight_diagonal(Tensor factors, Tensor? signs, Tensor values) -> Tensor");
   // The same when the factors live on max-pooling selections: output channel o of sample n uses only
-  // positions indices[n, o, :]. factors (N, V, O, Q), indices (N, O, Q) int64, inputs (N, K, P) -> (O, K).
-  m.def("selected_weight_diagonal(Tensor factors, Tensor? signs, Tensor indices, Tensor inputs) -> Tensor");
+  // positions indices[n, o, :]. factors (N, V, O, Q), indices (N, O, Q) int64, inputs (N, K, P) -> (O, K),
+  // or (N, O, K) without the sum over samples when per_sample.
+  m.def(
+      "selected_weight_diagonal(Tensor factors, Tensor? signs, Tensor indices, Tensor inputs, bool per_sample=False) "
+      "-> Tensor");
 
   // Per-sample Hessians of losses with respect to the model output (loss_curvature.cpp).
   // *_diag has the shape of `input`; *_sqrt is (N, K, K) with K = input[0].numel().

@@ -88,22 +88,25 @@ def test_opcheck(device, name, with_signs):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130)])
 @pytest.mark.parametrize("with_signs", [False, True])
-def test_selected_weight_diagonal(device, dtype, shape, with_signs):
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_selected_weight_diagonal(device, dtype, shape, with_signs, per_sample):
     samples, columns, outs, selected, ins, positions = shape
     generator = torch.Generator().manual_seed(sum(shape))
     factors = torch.randn(samples, columns, outs, selected, generator=generator, dtype=dtype).to(device)
     indices = torch.randint(0, positions, (samples, outs, selected), generator=generator).to(device)
     inputs = torch.randn(samples, positions, ins, generator=generator, dtype=dtype).transpose(1, 2).to(device)
     signs = signs_like(samples, columns, dtype, device, 5) if with_signs else None
-    result = torch.ops.torch_secorder.selected_weight_diagonal(factors, signs, indices, inputs)
+    result = torch.ops.torch_secorder.selected_weight_diagonal(factors, signs, indices, inputs, per_sample)
     # definition: scatter the selected values to full positions, then the dense formula
     full = torch.zeros(samples, columns, outs, positions, dtype=dtype, device=device)
     full.scatter_add_(3, indices.unsqueeze(1).expand(-1, columns, -1, -1), factors)
     weights = torch.ones(samples, columns, dtype=dtype, device=device) if signs is None else signs
     products = torch.einsum("nvop,nkp->nvok", full, inputs)
-    expected = torch.einsum("nv,nvok->ok", weights, products * products)
+    expected = torch.einsum(f"nv,nvok->{'nok' if per_sample else 'ok'}", weights, products * products)
+    assert result.shape == expected.shape
     assert relative_error(result, expected) < TOL[dtype]
-    assert relative_error(result, reference_ops.selected_weight_diagonal(factors, signs, indices, inputs)) < TOL[dtype]
+    reference = reference_ops.selected_weight_diagonal(factors, signs, indices, inputs, per_sample)
+    assert relative_error(result, reference) < TOL[dtype]
 
 
 def test_selected_weight_diagonal_checks_indices():
@@ -122,6 +125,7 @@ def test_opcheck_selected(device, with_signs):
             torch.randint(0, 8, (3, 2, 5), generator=generator).to(device),
             torch.randn(3, 6, 8, generator=generator, dtype=torch.float64).to(device))
     torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args)
+    torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args + (True,))
 
 
 @pytest.mark.parametrize("op", ["affine", "selected"])

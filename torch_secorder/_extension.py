@@ -126,8 +126,9 @@ def _register_fake_kernels():
     torch.library.register_fake("torch_secorder::factor_diagonal")(factor_diagonal)
     torch.library.register_fake("torch_secorder::affine_weight_diagonal")(affine_weight_diagonal)
 
-    def selected_weight_diagonal(factors, signs, indices, inputs):
-        return factors.new_empty((factors.shape[2], inputs.shape[1]))
+    def selected_weight_diagonal(factors, signs, indices, inputs, per_sample=False):
+        leading = (factors.shape[0],) if per_sample else ()
+        return factors.new_empty((*leading, factors.shape[2], inputs.shape[1]))
 
     torch.library.register_fake("torch_secorder::selected_weight_diagonal")(selected_weight_diagonal)
 

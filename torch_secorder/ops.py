@@ -167,10 +167,11 @@ def affine_weight_diagonal(factors, signs, inputs):
     return _run("affine_weight_diagonal", factors, signs, inputs)
 
 
-def selected_weight_diagonal(factors, signs, indices, inputs):
+def selected_weight_diagonal(factors, signs, indices, inputs, per_sample=False):
     """affine_weight_diagonal for factors on max-pooling selections: output channel o of sample n
-    uses only positions indices[n, o]; factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P) -> (O, K)."""
-    return _run("selected_weight_diagonal", factors, signs, indices, inputs)
+    uses only positions indices[n, o]; factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P) -> (O, K),
+    or (N, O, K) without the sum over samples when per_sample."""
+    return _run("selected_weight_diagonal", factors, signs, indices, inputs, per_sample)
 
 
 def channel_weight_diagonal(factors, signs, values):

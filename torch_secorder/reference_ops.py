@@ -139,13 +139,15 @@ def affine_weight_diagonal(factors, signs, inputs, samples_per_chunk=8):
     return total
 
 
-def selected_weight_diagonal(factors, signs, indices, inputs, samples_per_chunk=8):
+def selected_weight_diagonal(factors, signs, indices, inputs, per_sample=False, samples_per_chunk=8):
     """affine_weight_diagonal where output channel o of sample n uses only positions indices[n, o]:
-    sum_n sum_v signs[n, v] (sum_q factors[n, v, o, q] inputs[n, k, indices[n, o, q]])^2, (O, K).
+    sum_n sum_v signs[n, v] (sum_q factors[n, v, o, q] inputs[n, k, indices[n, o, q]])^2, (O, K);
+    (N, O, K) without the sum over n when per_sample.
 
     factors (N, V, O, Q), indices (N, O, Q), inputs (N, K, P).
     """
     samples, _, out_channels, selected = factors.shape
+    parts = []
     total = factors.new_zeros(out_channels, inputs.shape[1])
     for start in range(0, samples, samples_per_chunk):
         stop = min(samples, start + samples_per_chunk)
@@ -156,7 +158,12 @@ def selected_weight_diagonal(factors, signs, indices, inputs, samples_per_chunk=
         squared = products * products
         if signs is not None:
             squared = squared * signs[start:stop, :, None, None]
-        total = total + squared.sum(dim=(0, 1))
+        if per_sample:
+            parts.append(squared.sum(1))
+        else:
+            total = total + squared.sum(dim=(0, 1))
+    if per_sample:
+        return torch.cat(parts) if parts else factors.new_zeros(0, out_channels, inputs.shape[1])
     return total
 
 

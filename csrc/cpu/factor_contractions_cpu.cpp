@@ -87,9 +87,10 @@ at::Tensor affine_weight_diagonal_cpu(const at::Tensor& factors, const c10::opti
 }
 
 // Per sample: gather the selected input rows of every output channel into (O, Q, K), one batched
-// product (O, V, Q) @ (O, Q, K), squares accumulated per thread.
+// product (O, V, Q) @ (O, Q, K), squares accumulated per thread (or into the sample's own (O, K) block
+// when per_sample).
 at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
-                                        const at::Tensor& indices, const at::Tensor& inputs) {
+                                        const at::Tensor& indices, const at::Tensor& inputs, bool per_sample) {
   check_selected_weight_diagonal_args(factors, signs, indices, inputs);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto idx = indices.contiguous();
@@ -99,18 +100,21 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
   const int64_t samples = factors.size(0), columns = factors.size(1), outs = factors.size(2);
   const int64_t selected = factors.size(3), positions = rows.size(1), ins = rows.size(2);
   const int threads = at::get_num_threads();
-  auto partial = at::zeros({threads, outs, ins}, factors.options());
-  if (samples == 0 || columns == 0 || outs == 0 || ins == 0 || selected == 0) return partial.sum(0);
+  auto partial = per_sample ? at::zeros({samples, outs, ins}, factors.options())
+                            : at::zeros({threads, outs, ins}, factors.options());
+  const auto finish = [&] { return per_sample ? partial : partial.sum(0); };
+  if (samples == 0 || columns == 0 || outs == 0 || ins == 0 || selected == 0) return finish();
   AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "selected_weight_diagonal_cpu", [&] {
     const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     const scalar_t* rp = rows.const_data_ptr<scalar_t>();
     scalar_t* partial_base = partial.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * outs * ins;
+      scalar_t* thread_acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * outs * ins;
       auto gathered = at::empty({outs, selected, ins}, factors.options());
       scalar_t* gathered_p = gathered.mutable_data_ptr<scalar_t>();
       for (int64_t n = begin; n < end; ++n) {
+        scalar_t* acc = per_sample ? partial_base + n * outs * ins : thread_acc;
         const int64_t* sample_idx = ip + n * outs * selected;
         const scalar_t* sample_rows = rp + n * positions * ins;
         for (int64_t r = 0; r < outs * selected; ++r) {
@@ -134,7 +138,7 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
       }
     });
   });
-  return partial.sum(0);
+  return finish();
 }
 
 // sum_n sum_v sign (sum_p factors[n, v, c, p] values[n, c, p])^2 per channel c: the diagonal of a

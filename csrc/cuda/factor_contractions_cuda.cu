@@ -88,12 +88,12 @@ __global__ void affine_weight_diagonal_kernel(const scalar_t* factors, FactorStr
 
 // One thread per (o, k) and a share of the (n, v) pairs along blockIdx.y; the selected input
 // positions are read through the index (checked on the device, as the CPU kernel checks them),
-// partial sums meet in atomicAdd.
+// partial sums meet in atomicAdd: one per thread, or per pair into out[n] when per_sample.
 template <typename scalar_t>
 __global__ void selected_weight_diagonal_kernel(const scalar_t* factors, FactorStrides fs, const scalar_t* signs,
                                                 const int64_t* indices, const scalar_t* inputs, InputStrides is,
                                                 scalar_t* out, int64_t samples, int64_t columns, int64_t outs,
-                                                int64_t selected, int64_t ins, int64_t positions) {
+                                                int64_t selected, int64_t ins, int64_t positions, bool per_sample) {
   const int64_t entry = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (entry >= outs * ins) return;
   const int64_t o = entry / ins, k = entry % ins;
@@ -109,9 +109,14 @@ __global__ void selected_weight_diagonal_kernel(const scalar_t* factors, FactorS
       CUDA_KERNEL_ASSERT(position >= 0 && position < positions);
       product += column[q * fs.position] * input_row[position * is.position];
     }
-    accumulated += (signs ? signs[pair] : scalar_t(1)) * product * product;
+    const scalar_t square = (signs ? signs[pair] : scalar_t(1)) * product * product;
+    if (per_sample) {
+      atomicAdd(out + n * outs * ins + entry, square);
+    } else {
+      accumulated += square;
+    }
   }
-  atomicAdd(out + entry, accumulated);
+  if (!per_sample) atomicAdd(out + entry, accumulated);
 }
 
 // One block per channel: its threads share the (n, v) pairs, each a dot product over the positions,
@@ -190,7 +195,7 @@ at::Tensor affine_weight_diagonal_cuda(const at::Tensor& factors, const c10::opt
 }
 
 at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::optional<at::Tensor>& signs,
-                                         const at::Tensor& indices, const at::Tensor& inputs) {
+                                         const at::Tensor& indices, const at::Tensor& inputs, bool per_sample) {
   check_selected_weight_diagonal_args(factors, signs, indices, inputs);
   at::globalContext().alertNotDeterministic("selected_weight_diagonal_cuda");  // float atomics, as above
   const c10::cuda::CUDAGuard guard(factors.device());
@@ -201,7 +206,7 @@ at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::o
   const auto g = has_signs ? signs->contiguous() : at::Tensor();
   const int64_t samples = s.size(0), columns = s.size(1), outs = s.size(2), selected = s.size(3);
   const int64_t ins = x.size(1), positions = x.size(2);
-  auto out = at::zeros({outs, ins}, s.options());
+  auto out = per_sample ? at::zeros({samples, outs, ins}, s.options()) : at::zeros({outs, ins}, s.options());
   if (out.numel() == 0 || samples * columns == 0) return out;
   const int64_t blocks = (outs * ins + kThreads - 1) / kThreads;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({samples * columns, 65535, (4096 + blocks - 1) / blocks}));
@@ -210,7 +215,7 @@ at::Tensor selected_weight_diagonal_cuda(const at::Tensor& factors, const c10::o
     selected_weight_diagonal_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         s.const_data_ptr<scalar_t>(), factor_strides(s), has_signs ? g.const_data_ptr<scalar_t>() : nullptr,
         idx.const_data_ptr<int64_t>(), x.const_data_ptr<scalar_t>(), input_strides(x),
-        out.mutable_data_ptr<scalar_t>(), samples, columns, outs, selected, ins, positions);
+        out.mutable_data_ptr<scalar_t>(), samples, columns, outs, selected, ins, positions, per_sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

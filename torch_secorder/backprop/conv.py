@@ -1,7 +1,5 @@
 """nn.Conv1d/2d/3d: stride, padding (numbers or 'same'), dilation, groups; zero padding mode."""
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,8 +76,7 @@ class ConvRule(Rule):
         positions = z[0].numel() // out_channels
         results = []
         leading = (samples,) if per_sample else ()
-        if curvature.selection is not None and module.groups == 1 and (
-                not per_sample or _gather_selected(curvature, module, positions)):  # factors still on selections
+        if curvature.selection is not None and module.groups == 1:  # factors still on selections
             if record.wants(module.weight):
                 diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels, per_sample)
                 results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
@@ -128,11 +125,3 @@ class ConvRule(Rule):
         for columns, signs in curvature.signed_factor_chunks(context.max_columns):
             folded, unfold_back = fold_columns(columns)
             yield Curvature(x.shape[1:], unfold_back(transpose(folded.reshape(-1, *record.output.shape[1:]))), signs)
-
-
-def _gather_selected(curvature, module, positions):
-    """Per sample, the selected inputs are gathered per output channel (O Q K values per sample) or the columns
-    scattered back to every position (V O P): whichever is smaller."""
-    selected = curvature.compact_factors.shape[2] // module.out_channels
-    features = module.in_channels * math.prod(module.kernel_size)
-    return selected * features < curvature.width * positions

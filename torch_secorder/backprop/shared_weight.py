@@ -161,44 +161,20 @@ def channelwise_diagonal(curvature, values, positions_first=False, per_sample=Fa
     return total
 
 
-def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False, max_elements=1 << 24):
+def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False):
     """shared_weight_diagonal for factors kept on max-pooling selections (Curvature.selection):
     only the selected positions of each output channel take part, so the products shrink by the
     pooling factor and the pooled columns are never scattered back to full size. (N, O, K) when
-    per_sample: the inputs at each channel's selected positions gathered, in sample chunks."""
+    per_sample."""
     indices, _ = curvature.selection
     compact = curvature.compact_factors
     samples, width = compact.shape[:2]
     columns = compact.reshape(samples, width, out_channels, -1)  # (N, V, O, Q)
-    if per_sample:
-        total = _selected_per_sample(columns, curvature.signs, indices, inputs, max_elements)
-    else:
-        total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs)
+    total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs, per_sample)
     if curvature.diag is not None:
         total = total + torch.einsum(f"nop,nkp->{'nok' if per_sample else 'ok'}",
                                      curvature.diag.reshape(samples, out_channels, -1), inputs * inputs)
     return total
-
-
-def _selected_per_sample(columns, signs, indices, inputs, max_elements):
-    """sum_v signs (sum_q S[n, v, o, q] inputs[n, k, indices[n, o, q]])^2 -> (N, O, K)."""
-    samples, width, out_channels, selected = columns.shape
-    features, positions = inputs.shape[1:3]
-    step = max(1, max_elements // max(1, out_channels * features * (selected + width)))
-    parts = []
-    for start in range(0, samples, step):
-        stop = min(samples, start + step)
-        count = stop - start
-        rows = inputs[start:stop].transpose(1, 2).reshape(count * positions, features)  # whole rows are picked
-        offsets = torch.arange(count, device=rows.device).unsqueeze(1) * positions
-        picked = rows.index_select(0, (indices[start:stop].reshape(count, -1) + offsets).reshape(-1))
-        gathered = picked.reshape(count, out_channels, selected, features)
-        projected = columns[start:stop].transpose(1, 2) @ gathered  # (n, O, V, K)
-        squared = projected * projected
-        if signs is not None:
-            squared = squared * signs[start:stop].reshape(count, 1, width, 1)
-        parts.append(squared.sum(2))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def selected_bias_diagonal(curvature, out_channels, per_sample=False):

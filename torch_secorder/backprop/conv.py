@@ -30,6 +30,43 @@ def unfold(module, x):
     return patches.reshape(x.shape[0], channels * taps, -1)
 
 
+def tap_major_patches(module, x):
+    """Input patches (N, P, taps, C): what each output position reads through each kernel tap, channels
+    innermost. One strided copy of the padded input in channels-last layout: on CPU 3-25x cheaper than
+    F.unfold's (N, C taps, P) plus the (N, P, K) copy the weight kernels read (measured on the benchmark CNN)."""
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    pads = _padding(module, kernel, dilation)
+    flat_pads = [side for pair in reversed(pads) for side in pair]  # F.pad lists the last dimension first
+    padded = F.pad(x, flat_pads) if any(flat_pads) else x
+    padded = padded.movedim(1, -1).contiguous()  # (N, *spatial, C)
+    spatial = padded.shape[1:-1]
+    out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, stride, dilation)]
+    steps = padded.stride()[1:-1]
+    position_strides = [step * s for step, s in zip(steps, stride)]
+    tap_strides = [step * d for step, d in zip(steps, dilation)]
+    windows = padded.as_strided((x.shape[0], *out_sizes, *kernel, x.shape[1]),
+                                (padded.stride(0), *position_strides, *tap_strides, 1))
+    taps = 1
+    for size in kernel:
+        taps *= size
+    return windows.reshape(x.shape[0], -1, taps, x.shape[1])
+
+
+def _padding(module, kernel, dilation):
+    """(before, after) zeros per spatial dimension, as the module pads ('same' puts the odd one after)."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _weight_order(diagonal, taps, channels):
+    """(..., O, taps * C) tap-major columns -> (..., O, C * taps), the flattened weight's order."""
+    return diagonal.unflatten(-1, (taps, channels)).transpose(-1, -2).flatten(-2)
+
+
 def _group_curvature(curvature, out_channels, positions, start, stop):
     """The curvature restricted to output channels [start, stop)."""
     if start == 0 and stop == out_channels:
@@ -78,21 +115,27 @@ class ConvRule(Rule):
         leading = (samples,) if per_sample else ()
         if curvature.selection is not None and module.groups == 1:  # factors still on selections
             if record.wants(module.weight):
-                diag = selected_weight_diagonal(curvature, unfold(module, x), out_channels, per_sample)
+                patches = tap_major_patches(module, x)
+                taps, channels = patches.shape[2:]
+                inputs = patches.flatten(2).transpose(1, 2)  # (N, taps C, P), a view
+                diag = selected_weight_diagonal(curvature, inputs, out_channels, per_sample)
+                diag = _weight_order(diag, taps, channels)
                 results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
             if record.wants(module.bias):
                 results.append((module.bias, selected_bias_diagonal(curvature, out_channels, per_sample)))
             return results
         if record.wants(module.weight):
-            patches = unfold(module, x)  # (N, C K, P)
+            patches = tap_major_patches(module, x)
             groups = module.groups
-            per_group_in = patches.shape[1] // groups
+            taps, per_group_in = patches.shape[2], patches.shape[3] // groups
             per_group_out = out_channels // groups
             blocks = []
             for g in range(groups):
                 part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
-                blocks.append(shared_weight_diagonal(part, patches[:, g * per_group_in:(g + 1) * per_group_in],
-                                                     per_group_out, positions_first=False, per_sample=per_sample))
+                inputs = patches[..., g * per_group_in:(g + 1) * per_group_in].flatten(2).transpose(1, 2)
+                block = shared_weight_diagonal(part, inputs, per_group_out, positions_first=False,
+                                               per_sample=per_sample)
+                blocks.append(_weight_order(block, taps, per_group_in))
             results.append((module.weight, torch.cat(blocks, len(leading)).reshape(*leading, *module.weight.shape)))
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)

@@ -238,7 +238,8 @@ def write_results(rows, args, methods):
             "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
                       "CUDA: max_memory_allocated)",
             "allocator": ("glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB)"
-                          if args.retain_freed_memory else "default"),
+                          if args.retain_freed_memory else "glibc defaults")
+                         + "; ours with its CPU block cache on (the default, torch_secorder.memory)",
             "ours": OURS, "theirs": {key: value[0] for key, value in THEIRS.items()}}
     tag = ("cpu" if args.device == "cpu" else "cuda") + ("_retained" if args.retain_freed_memory else "")
     os.makedirs(args.out, exist_ok=True)

@@ -86,7 +86,8 @@ def test_opcheck(device, name, with_signs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130),
+                                   (6, 1, 5, 12, 19, 40)])  # one column: the in-place row sums
 @pytest.mark.parametrize("with_signs", [False, True])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_selected_weight_diagonal(device, dtype, shape, with_signs, per_sample):
@@ -129,10 +130,11 @@ def test_opcheck_selected(device, with_signs):
 
 
 @pytest.mark.parametrize("op", ["affine", "selected"])
-def test_strided_factors_and_inputs_need_no_copy(device, op):
+@pytest.mark.parametrize("columns", [1, 4])
+def test_strided_factors_and_inputs_need_no_copy(device, op, columns):
     """(V, N, O, P) storage seen as (N, V, O, P), as a convolution transpose leaves it, and inputs read with gaps."""
     generator = torch.Generator().manual_seed(11)
-    samples, columns, outs, positions, ins = 3, 4, 5, 12, 6
+    samples, outs, positions, ins = 3, 5, 12, 6
     factors = torch.randn(columns, samples, outs, 2 * positions, generator=generator, dtype=torch.float64)
     factors = factors.transpose(0, 1)[..., ::2].to(device)
     inputs = torch.randn(samples, 2 * ins, positions, generator=generator, dtype=torch.float64)[:, ::2].to(device)

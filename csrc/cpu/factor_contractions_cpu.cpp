@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../common/factor_checks.h"
 
@@ -15,6 +16,8 @@ namespace {
 
 // Columns of one sample per product: bounds the (columns * O * K) scratch.
 constexpr int64_t kScratchElements = 1 << 20;
+// Up to this many columns per sample selected_weight_diagonal sums rows in place instead of gathering.
+constexpr int64_t kFewColumns = 1;
 
 at::Tensor factor_diagonal_cpu(const at::Tensor& factors, const c10::optional<at::Tensor>& signs) {
   check_factor_diagonal_args(factors, signs);
@@ -103,6 +106,10 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
   auto partial = per_sample ? at::zeros({samples, outs, ins}, factors.options())
                             : at::zeros({threads, outs, ins}, factors.options());
   const auto finish = [&] { return per_sample ? partial : partial.sum(0); };
+  // One column per sample (a Monte-Carlo draw, an empirical gradient): the selected rows are summed where
+  // they lie. Measured on the benchmark CNN's shapes (N = 32): 561 -> 419 us and 362 -> 332 us at one
+  // column, but 1.06 -> 1.54 ms at four: from two columns on, the gather and one GEMM per sample win.
+  const bool few_columns = columns <= kFewColumns;
   if (samples == 0 || columns == 0 || outs == 0 || ins == 0 || selected == 0) return finish();
   AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "selected_weight_diagonal_cpu", [&] {
     const scalar_t* gp = has_signs ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -111,8 +118,9 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
     scalar_t* partial_base = partial.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
       scalar_t* thread_acc = partial_base + static_cast<int64_t>(at::get_thread_num()) * outs * ins;
-      auto gathered = at::empty({outs, selected, ins}, factors.options());
+      auto gathered = at::empty({few_columns ? 0 : outs, selected, ins}, factors.options());
       scalar_t* gathered_p = gathered.mutable_data_ptr<scalar_t>();
+      std::vector<scalar_t> projection(few_columns ? ins : 0);
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* acc = per_sample ? partial_base + n * outs * ins : thread_acc;
         const int64_t* sample_idx = ip + n * outs * selected;
@@ -121,7 +129,28 @@ at::Tensor selected_weight_diagonal_cpu(const at::Tensor& factors, const c10::op
           const int64_t position = sample_idx[r];
           TORCH_CHECK(position >= 0 && position < positions, "selected_weight_diagonal: index ", position,
                       " out of range for ", positions, " positions");
-          std::copy(sample_rows + position * ins, sample_rows + (position + 1) * ins, gathered_p + r * ins);
+          if (!few_columns)
+            std::copy(sample_rows + position * ins, sample_rows + (position + 1) * ins, gathered_p + r * ins);
+        }
+        if (few_columns) {  // each projection row as a sum of the selected input rows, read in place
+          scalar_t* __restrict__ row = projection.data();
+          for (int64_t v = 0; v < columns; ++v) {
+            const scalar_t sign = has_signs ? gp[n * columns + v] : scalar_t(1);
+            const at::Tensor column = factors[n][v];  // (O, Q), any strides
+            const int64_t o_stride = column.stride(0), q_stride = column.stride(1);
+            const scalar_t* fp = column.const_data_ptr<scalar_t>();
+            for (int64_t o = 0; o < outs; ++o) {
+              std::fill(row, row + ins, scalar_t(0));
+              for (int64_t q = 0; q < selected; ++q) {
+                const scalar_t weight = fp[o * o_stride + q * q_stride];
+                const scalar_t* __restrict__ input_row = sample_rows + sample_idx[o * selected + q] * ins;
+                for (int64_t k = 0; k < ins; ++k) row[k] += weight * input_row[k];
+              }
+              scalar_t* __restrict__ out_row = acc + o * ins;
+              for (int64_t k = 0; k < ins; ++k) out_row[k] += sign * row[k] * row[k];
+            }
+          }
+          continue;
         }
         // (O, V, Q) @ (O, Q, K) -> (O, V, K)
         const at::Tensor products = at::bmm(factors[n].permute({1, 0, 2}), gathered);

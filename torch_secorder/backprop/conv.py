@@ -36,9 +36,14 @@ def tap_major_patches(module, x):
     F.unfold's (N, C taps, P) plus the (N, P, K) copy the weight kernels read (measured on the benchmark CNN)."""
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     pads = _padding(module, kernel, dilation)
-    flat_pads = [side for pair in reversed(pads) for side in pair]  # F.pad lists the last dimension first
-    padded = F.pad(x, flat_pads) if any(flat_pads) else x
-    padded = padded.movedim(1, -1).contiguous()  # (N, *spatial, C)
+    channels_last = x.movedim(1, -1)  # (N, *spatial, C), a view
+    if any(before or after for before, after in pads):  # zeros around, the input copied in once
+        spatial = [size + before + after for size, (before, after) in zip(x.shape[2:], pads)]
+        padded = x.new_zeros(x.shape[0], *spatial, x.shape[1])
+        padded[(slice(None), *[slice(before, before + size) for size, (before, _) in zip(x.shape[2:], pads)])] = \
+            channels_last
+    else:
+        padded = channels_last.contiguous()
     spatial = padded.shape[1:-1]
     out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, stride, dilation)]
     steps = padded.stride()[1:-1]

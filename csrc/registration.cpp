@@ -6,8 +6,11 @@ TORCH_LIBRARY(torch_secorder, m) {
   // Backend kernels (csrc/cpu, csrc/cuda).
   // scale[n] * (diag(p_n) - p_n p_n^T) with p_n = softmax(logits[n]): its diagonal (N, C) ...
   m.def("softmax_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
-  // ... and a square-root factor S (N, C, C) with S[n] S[n]^T equal to it.
+  // ... and a square-root factor S (N, C, C) with S[n] S[n]^T equal to it ...
   m.def("softmax_hessian_sqrt(Tensor logits, Tensor scale) -> Tensor");
+  // ... and its rank: C - 1 columns (N, C - 1, C) whose outer products sum to it (Householder, see
+  // common/curvature_math.h); scale >= 0.
+  m.def("softmax_hessian_columns(Tensor logits, Tensor scale) -> Tensor");
   // scale * sigmoid(logits) * (1 - sigmoid(logits)), elementwise.
   m.def("sigmoid_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
 

@@ -133,9 +133,29 @@ def test_mse(device, dtype, reduction, shape):
 def test_softmax_kernels_large_and_odd(device, dtype, rows, classes, contiguous):
     logits = odd_logits(rows, classes, dtype, device, contiguous, seed=rows + classes)
     scale = torch.rand(rows, dtype=dtype).to(device)
-    for name in ("softmax_hessian_diag", "softmax_hessian_sqrt"):
+    for name in ("softmax_hessian_diag", "softmax_hessian_sqrt", "softmax_hessian_columns"):
         compiled = getattr(torch.ops.torch_secorder, name)(logits, scale)
         assert relative_error(compiled, getattr(reference_ops, name)(logits, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows, classes", [(1, 1), (4, 2), (9, 10), (3, 300)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_softmax_hessian_columns_span_the_hessian(device, dtype, rows, classes, ties):
+    """C - 1 columns whose outer products sum to scale (diag(p) - p p^T), also when classes tie for the top
+    (the kernels and the reference all take the first) and with a zero scale."""
+    logits = odd_logits(rows, classes, dtype, device, True, seed=rows * classes)
+    if ties:
+        logits[:, : min(2, classes)] = logits.max() + 1.0
+    scale = torch.rand(rows, dtype=dtype).to(device)
+    scale[0] = 0.0
+    columns = torch.ops.torch_secorder.softmax_hessian_columns(logits, scale)
+    assert columns.shape == (rows, classes - 1, classes)
+    p = torch.softmax(logits.double(), 1)
+    expected = scale.double()[:, None, None] * (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1))
+    product = columns.double().transpose(1, 2) @ columns.double()
+    assert (product - expected).abs().max() < (1e-12 if dtype == torch.float64 else 1e-6)
+    assert relative_error(columns, reference_ops.softmax_hessian_columns(logits, scale)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -156,6 +176,7 @@ def test_empty_batch(device):
     scale = torch.zeros(0, dtype=torch.float64, device=device)
     assert torch.ops.torch_secorder.softmax_hessian_sqrt(logits, scale).shape == (0, 4, 4)
     assert torch.ops.torch_secorder.softmax_hessian_diag(logits, scale).shape == (0, 4)
+    assert torch.ops.torch_secorder.softmax_hessian_columns(logits, scale).shape == (0, 3, 4)
 
 
 def test_python_face_uses_reference_when_a_graph_is_needed():
@@ -203,6 +224,7 @@ def opcheck_samples(device):
     return [
         ("softmax_hessian_diag", (x, scale)),
         ("softmax_hessian_sqrt", (x, scale)),
+        ("softmax_hessian_columns", (x, scale)),
         ("sigmoid_hessian_diag", (x, torch.rand_like(x))),
         ("mse_loss_hessian_diag", (x, "mean")),
         ("mse_loss_hessian_sqrt", (x, "sum")),
@@ -213,7 +235,7 @@ def opcheck_samples(device):
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(device, index):
     name, args = opcheck_samples(device)[index]
     torch.library.opcheck(getattr(torch.ops.torch_secorder, name).default, args)

@@ -117,6 +117,12 @@ def _register_fake_kernels():
     torch.library.register_fake("torch_secorder::sigmoid_hessian_diag")(same_shape)
     torch.library.register_fake("torch_secorder::softmax_hessian_sqrt")(sqrt_factor)
 
+    def householder_columns(logits, scale):
+        rows, classes = logits.shape
+        return logits.new_empty((rows, max(classes - 1, 0), classes))
+
+    torch.library.register_fake("torch_secorder::softmax_hessian_columns")(householder_columns)
+
     def factor_diagonal(factors, signs=None):
         return factors.new_empty((factors.shape[0], factors.shape[2]))
 

@@ -41,6 +41,7 @@ def references_only():
 # The backend kernel each op relies on; ops missing here are plain ATen compositions that run anywhere.
 _BACKEND_KERNEL = {
     "softmax_hessian_diag": "softmax_hessian_diag", "softmax_hessian_sqrt": "softmax_hessian_sqrt",
+    "softmax_hessian_columns": "softmax_hessian_columns",
     "sigmoid_hessian_diag": "sigmoid_hessian_diag",
     "cross_entropy_hessian_diag": "softmax_hessian_diag", "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
     "bce_with_logits_hessian_diag": "sigmoid_hessian_diag", "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
@@ -106,6 +107,12 @@ def softmax_hessian_diag(logits, scale):
 def softmax_hessian_sqrt(logits, scale):
     """Factor S (N, C, C) with S[n] S[n]^T = scale[n] * (diag(p) - p p^T)."""
     return _run("softmax_hessian_sqrt", logits, scale)
+
+
+def softmax_hessian_columns(logits, scale):
+    """The Hessian's rank in columns: (N, C - 1, C) whose outer products sum to scale[n] * (diag(p) - p p^T);
+    one column fewer to pull through a model than softmax_hessian_sqrt. scale >= 0."""
+    return _run("softmax_hessian_columns", logits, scale)
 
 
 def sigmoid_hessian_diag(logits, scale):

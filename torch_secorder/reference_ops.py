@@ -37,6 +37,29 @@ def softmax_hessian_sqrt(logits, scale):
     return scale.sqrt()[:, None, None] * factor
 
 
+def softmax_hessian_columns(logits, scale):
+    """C - 1 columns per sample whose outer products sum to scale * (diag(p) - p p^T), p = softmax(logits):
+    the rank of that Hessian, one column fewer to pull through the whole model than a square root.
+
+    With q = sqrt(p), diag(p) - p p^T = diag(q) (I - q q^T) diag(q), and I - q q^T is the sum of u u^T over
+    the columns u of the Householder reflection H = I - w w^T / (1 + q_k), w = q + e_k, other than column
+    k (H maps q to -e_k; k = the most likely class keeps 1 + q_k >= 1). logits (N, C), scale (N,) >= 0
+    -> (N, C - 1, C)."""
+    samples, classes = logits.shape
+    q = torch.softmax(logits, dim=1).sqrt()
+    if classes == 1:
+        return logits.new_zeros(samples, 0, 1)
+    top = q.argmax(dim=1)
+    w = q.clone()
+    w[torch.arange(samples, device=q.device), top] += 1
+    denominator = 1 + q.gather(1, top.unsqueeze(1))  # (N, 1)
+    reflection = torch.eye(classes, dtype=q.dtype, device=q.device) - w.unsqueeze(2) * (w / denominator).unsqueeze(1)
+    keep = torch.ones(samples, classes, dtype=torch.bool, device=q.device)
+    keep[torch.arange(samples, device=q.device), top] = False
+    basis = reflection.transpose(1, 2)[keep].reshape(samples, classes - 1, classes)  # rows: H's columns j != k
+    return basis * (q * scale.sqrt().unsqueeze(1)).unsqueeze(1)
+
+
 def sigmoid_hessian_diag(logits, scale):
     # sigmoid(x) * sigmoid(-x) keeps its digits where 1 - sigmoid(x) would not.
     return scale * torch.sigmoid(logits) * torch.sigmoid(-logits)

@@ -31,6 +31,17 @@ TS_HOST_DEVICE acc_t softmax_hessian_sqrt_entry(acc_t p_i, acc_t p_j, bool same_
   return root_scale * std::sqrt(p_j) * ((same_class ? acc_t(1) : acc_t(0)) - p_i);
 }
 
+// Entry (r, i) of the C - 1 columns whose outer products sum to scale * (diag(p) - p p^T). With q = sqrt(p),
+// diag(p) - p p^T = diag(q) (I - q q^T) diag(q), and I - q q^T is the sum of u u^T over the columns u of the
+// Householder reflection H = I - w w^T / (1 + q_k), w = q + e_k, other than column k (H maps q to -e_k; k, the
+// most likely class, keeps 1 + q_k >= 1). Column r is H's column j = r + (r >= k), times q_i sqrt(scale).
+template <typename acc_t>
+TS_HOST_DEVICE acc_t softmax_hessian_column_entry(acc_t q_i, acc_t q_j, acc_t q_top, bool i_is_top, bool same_class,
+                                                  acc_t root_scale) {
+  const acc_t w_i = q_i + (i_is_top ? acc_t(1) : acc_t(0));  // w_j = q_j: column j is never the top class
+  return ((same_class ? acc_t(1) : acc_t(0)) - w_i * q_j / (acc_t(1) + q_top)) * q_i * root_scale;
+}
+
 // scale * sigmoid(x) * (1 - sigmoid(x)), written as e / (1 + e)^2 with
 // e = exp(-|x|) so that it neither overflows nor loses digits for large |x|.
 template <typename acc_t>

@@ -92,6 +92,42 @@ at::Tensor softmax_hessian_sqrt_cpu(const at::Tensor& logits, const at::Tensor& 
   return out;
 }
 
+at::Tensor softmax_hessian_columns_cpu(const at::Tensor& logits, const at::Tensor& scale) {
+  check_softmax_kernel_args("softmax_hessian_columns", logits, scale);
+  const auto x = logits.contiguous();
+  const auto s = scale.contiguous();
+  const int64_t rows = x.size(0), classes = x.size(1), width = std::max<int64_t>(classes - 1, 0);
+  auto out = at::empty({rows, width, classes}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_hessian_columns_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (classes * classes));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> roots(classes);
+      for (int64_t n = begin; n < end; ++n) {
+        softmax_row(xp + n * classes, classes, roots.data());
+        int64_t top = 0;
+        for (int64_t c = 0; c < classes; ++c) {
+          roots[c] = std::sqrt(roots[c]);
+          if (roots[c] > roots[top]) top = c;
+        }
+        const acc_t root_scale = std::sqrt(static_cast<acc_t>(sp[n]));
+        scalar_t* out_sample = op + n * width * classes;
+        for (int64_t r = 0; r < width; ++r) {
+          const int64_t j = r + (r >= top ? 1 : 0);
+          for (int64_t i = 0; i < classes; ++i)
+            out_sample[r * classes + i] =
+                softmax_hessian_column_entry(roots[i], roots[j], roots[top], i == top, i == j, root_scale);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor sigmoid_hessian_diag_cpu(const at::Tensor& logits, const at::Tensor& scale) {
   check_elementwise_kernel_args("sigmoid_hessian_diag", logits, scale);
   const auto x = logits.contiguous();
@@ -114,6 +150,7 @@ at::Tensor sigmoid_hessian_diag_cpu(const at::Tensor& logits, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(torch_secorder, CPU, m) {
   m.impl("softmax_hessian_diag", &softmax_hessian_diag_cpu);
+  m.impl("softmax_hessian_columns", &softmax_hessian_columns_cpu);
   m.impl("softmax_hessian_sqrt", &softmax_hessian_sqrt_cpu);
   m.impl("sigmoid_hessian_diag", &sigmoid_hessian_diag_cpu);
 }

@@ -95,6 +95,39 @@ __global__ void softmax_hessian_sqrt_kernel(const scalar_t* logits, RowLayout la
   }
 }
 
+// One warp per (sample, tile of the (C - 1) x C columns), as above; the top class is the first that reaches
+// the row maximum (the CPU kernel's choice), found by a warp-wide minimum over class indices.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_hessian_columns_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
+                                               int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes,
+                                               int64_t tiles, int64_t tile_entries) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (item >= rows * tiles) return;
+  const int64_t n = item / tiles, tile = item % tiles;
+  const scalar_t* row = logits + n * layout.row_stride;
+  acc_t row_max, inv_sum;
+  warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
+  long long first = classes;
+  for (int64_t c = lane; c < classes && first == classes; c += kWarp)
+    if (static_cast<acc_t>(row[c * layout.column_stride]) == row_max) first = c;
+  const long long found = -warp_reduce<long long, true>(-first);
+  const int64_t top = found < classes ? found : 0;  // NaN logits match nothing: their columns are NaN anyway
+  const auto root = [&](int64_t c) {
+    return sqrt(softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum));
+  };
+  const acc_t q_top = root(top);
+  const acc_t root_scale = sqrt(static_cast<acc_t>(scale[n * scale_stride]));
+  const int64_t entries = (classes - 1) * classes;
+  const int64_t stop = min(entries, (tile + 1) * tile_entries);
+  scalar_t* out_sample = out + n * entries;
+  for (int64_t e = tile * tile_entries + lane; e < stop; e += kWarp) {
+    const int64_t r = e / classes, i = e % classes;
+    const int64_t j = r + (r >= top ? 1 : 0);
+    out_sample[e] = softmax_hessian_column_entry(root(i), root(j), q_top, i == top, i == j, root_scale);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void sigmoid_hessian_diag_kernel(const scalar_t* logits, const scalar_t* scale, scalar_t* out,
                                             int64_t numel) {
@@ -144,6 +177,26 @@ at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor&
   return out;
 }
 
+at::Tensor softmax_hessian_columns_cuda(const at::Tensor& logits, const at::Tensor& scale) {
+  check_softmax_kernel_args("softmax_hessian_columns", logits, scale);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), classes = logits.size(1), width = std::max<int64_t>(classes - 1, 0);
+  auto out = at::empty({rows, width, classes}, logits.options());
+  if (out.numel() == 0) return out;
+  const int64_t tile_entries = std::max<int64_t>(8 * kWarp, (4 * classes + kWarp - 1) / kWarp * kWarp);
+  const int64_t tiles = (width * classes + tile_entries - 1) / tile_entries;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_hessian_columns_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    softmax_hessian_columns_kernel<scalar_t, acc_t><<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
+        scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes, tiles,
+        tile_entries);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 at::Tensor sigmoid_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor& scale) {
   check_elementwise_kernel_args("sigmoid_hessian_diag", logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -169,6 +222,7 @@ at::Tensor sigmoid_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor&
 TORCH_LIBRARY_IMPL(torch_secorder, CUDA, m) {
   m.impl("softmax_hessian_diag", &softmax_hessian_diag_cuda);
   m.impl("softmax_hessian_sqrt", &softmax_hessian_sqrt_cuda);
+  m.impl("softmax_hessian_columns", &softmax_hessian_columns_cuda);
   m.impl("sigmoid_hessian_diag", &sigmoid_hessian_diag_cuda);
 }
 

@@ -91,29 +91,6 @@ def output_curvature(spec, output, targets, *, diagonal_only=False, max_columns=
     return _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns)
 
 
-def softmax_hessian_columns(logits, scale):
-    """C - 1 columns per sample whose outer products sum to scale * (diag(p) - p p^T), p = softmax(logits):
-    the rank of that Hessian, one column fewer to pull through the whole model than a square root.
-
-    With q = sqrt(p), diag(p) - p p^T = diag(q) (I - q q^T) diag(q), and I - q q^T is the sum of u u^T over
-    the columns u of the Householder reflection H = I - w w^T / (1 + q_k), w = q + e_k, other than column
-    k (H maps q to -e_k; k = the most likely class keeps 1 + q_k >= 1). logits (N, C), scale (N,) >= 0
-    -> (N, C - 1, C)."""
-    samples, classes = logits.shape
-    q = torch.softmax(logits, dim=1).sqrt()
-    if classes == 1:
-        return logits.new_zeros(samples, 0, 1)
-    top = q.argmax(dim=1)
-    w = q.clone()
-    w[torch.arange(samples, device=q.device), top] += 1
-    denominator = 1 + q.gather(1, top.unsqueeze(1))  # (N, 1)
-    reflection = torch.eye(classes, dtype=q.dtype, device=q.device) - w.unsqueeze(2) * (w / denominator).unsqueeze(1)
-    keep = torch.ones(samples, classes, dtype=torch.bool, device=q.device)
-    keep[torch.arange(samples, device=q.device), top] = False
-    basis = reflection.transpose(1, 2)[keep].reshape(samples, classes - 1, classes)  # rows: H's columns j != k
-    return basis * (q * scale.sqrt().unsqueeze(1)).unsqueeze(1)
-
-
 def class_rows(output, targets):
     """(N, C, d1, ...) outputs as (N P, C) rows, one per sample and position, with their targets (indices
     (N P,) or probabilities (N P, C)) and P; (N, C) outputs are their own rows (P = 1)."""
@@ -143,7 +120,7 @@ def _positions_cross_entropy_curvature(spec, output, targets, diagonal_only, mem
         raise Unsupported(f"{spec.kind} over {positions} positions per sample: its per-sample factor "
                           f"({size / 2**20:.0f} MiB) exceeds memory_budget")
     negative = bool((scale < 0).any())
-    root = softmax_hessian_columns(rows, scale.abs() if negative else scale)  # (N P, C - 1, C)
+    root = ops.softmax_hessian_columns(rows, scale.abs() if negative else scale)  # (N P, C - 1, C)
     width = root.shape[1]
     columns = root.reshape(samples, positions, width, classes)  # [n, p, column, class]
     # column (p, v) of sample n holds column v of position p at features (c, p), zeros elsewhere
@@ -171,7 +148,7 @@ def _cross_entropy_curvature(spec, output, targets, diagonal_only, max_columns):
     signs = torch.sign(scale) if may_be_negative and bool((scale < 0).any()) else None
     classes = output.shape[1]
     if max_columns is None or classes - 1 <= max_columns:
-        columns = softmax_hessian_columns(output, scale if signs is None else scale.abs())
+        columns = ops.softmax_hessian_columns(output, scale if signs is None else scale.abs())
         expanded = None if signs is None else signs.unsqueeze(1).expand(-1, columns.shape[1])
         return Curvature(feature_shape, factors=columns, signs=expanded)
     probabilities = torch.softmax(output, dim=1)

@@ -102,6 +102,17 @@ def _bernoulli_columns(spec, output, targets, draws, generator):
     return (probability - sampled) * (weight.reshape(samples, 1, features) / draws).sqrt()
 
 
+def _draw_classes(probabilities, draws, generator):
+    """`draws` classes per row from its probabilities (rows, C) -> (rows, draws), by inverse CDF: one uniform
+    number per draw, scaled to the row's own total so that rounding never reaches past the last class, and
+    the first class whose cumulative sum exceeds it (a class of probability 0 is never drawn). A fifth of
+    torch.multinomial's time on a batch of 128 rows (6 vs 32 us)."""
+    cumulative = probabilities.cumsum(dim=1)
+    uniform = torch.rand(probabilities.shape[0], draws, dtype=probabilities.dtype, device=probabilities.device,
+                         generator=generator)
+    return torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+
+
 def _categorical_columns(spec, output, targets, draws, generator):
     """y ~ softmax(f) per sample (per position on (N, C, d1, ...) outputs): columns sqrt(s / M) (p - e_y), with
     s the loss's own per-sample Hessian scale (reduction, class weight of the target, ignore_index)."""
@@ -110,16 +121,18 @@ def _categorical_columns(spec, output, targets, draws, generator):
     rows, row_targets, positions = class_rows(output, targets)
     scale = ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
                                            options.get("label_smoothing", 0.0), options["reduction"])
-    if bool((scale < 0).any()):
+    # without class weights, class-index targets give scales >= 0 by construction: no check (and no sync)
+    if (options["weight"] is not None or row_targets.is_floating_point()) and bool((scale < 0).any()):
         raise ValueError("model_fisher_diagonal(kind='mc'): the loss has negative class weights or target "
                          "probabilities (no likelihood to sample)")
     probabilities = torch.softmax(rows, dim=1)
     if rows.shape[0] == 0:
         return output.new_zeros(samples, draws, classes * positions)
-    drawn = torch.multinomial(probabilities, draws, replacement=True, generator=generator)  # (N P, M)
-    columns = probabilities.unsqueeze(1).repeat(1, draws, 1)
-    columns.scatter_add_(2, drawn.unsqueeze(2), torch.full_like(columns[:, :, :1], -1.0))
-    columns = columns * (scale / draws).sqrt().reshape(-1, 1, 1)
+    drawn = _draw_classes(probabilities, draws, generator)  # (N P, M)
+    root = (scale / draws).sqrt().unsqueeze(1)  # (N P, 1)
+    weighted = (probabilities * root).unsqueeze(1)  # (N P, 1, C), a fresh tensor
+    columns = weighted.expand(-1, draws, -1).clone() if draws > 1 else weighted
+    columns.scatter_add_(2, drawn.unsqueeze(2), (-root).unsqueeze(2).expand(-1, draws, 1))
     # (N, P, M, C) -> (N, M, C, P): one column per draw over every position (positions are drawn independently,
     # so the cross terms between positions average to zero)
     return columns.reshape(samples, positions, draws, classes).permute(0, 2, 3, 1).reshape(samples, draws,

@@ -156,19 +156,23 @@ at::Tensor softmax_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor&
   return out;
 }
 
-at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor& scale) {
-  check_softmax_kernel_args("softmax_hessian_sqrt", logits, scale);
+// The two factor ops share their launch: one warp per (sample, tile of the (N, width, C) output).
+at::Tensor softmax_factor_cuda(const char* op, const at::Tensor& logits, const at::Tensor& scale, bool householder) {
+  check_softmax_kernel_args(op, logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), classes = logits.size(1);
-  auto out = at::empty({rows, classes, classes}, logits.options());
+  const int64_t width = householder ? std::max<int64_t>(classes - 1, 0) : classes;
+  auto out = at::empty({rows, width, classes}, logits.options());
   if (out.numel() == 0) return out;
   // A tile writes at least 4 C entries, so re-reading the row for its statistics stays a small share.
   const int64_t tile_entries = std::max<int64_t>(8 * kWarp, (4 * classes + kWarp - 1) / kWarp * kWarp);
-  const int64_t tiles = (classes * classes + tile_entries - 1) / tile_entries;
+  const int64_t tiles = (width * classes + tile_entries - 1) / tile_entries;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_hessian_sqrt_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_factor_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    softmax_hessian_sqrt_kernel<scalar_t, acc_t><<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
+    const auto kernel = householder ? softmax_hessian_columns_kernel<scalar_t, acc_t>
+                                    : softmax_hessian_sqrt_kernel<scalar_t, acc_t>;
+    kernel<<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
         scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes, tiles,
         tile_entries);
@@ -177,24 +181,12 @@ at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor&
   return out;
 }
 
+at::Tensor softmax_hessian_sqrt_cuda(const at::Tensor& logits, const at::Tensor& scale) {
+  return softmax_factor_cuda("softmax_hessian_sqrt", logits, scale, /*householder=*/false);
+}
+
 at::Tensor softmax_hessian_columns_cuda(const at::Tensor& logits, const at::Tensor& scale) {
-  check_softmax_kernel_args("softmax_hessian_columns", logits, scale);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t rows = logits.size(0), classes = logits.size(1), width = std::max<int64_t>(classes - 1, 0);
-  auto out = at::empty({rows, width, classes}, logits.options());
-  if (out.numel() == 0) return out;
-  const int64_t tile_entries = std::max<int64_t>(8 * kWarp, (4 * classes + kWarp - 1) / kWarp * kWarp);
-  const int64_t tiles = (width * classes + tile_entries - 1) / tile_entries;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_hessian_columns_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    softmax_hessian_columns_kernel<scalar_t, acc_t><<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
-        scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes, tiles,
-        tile_entries);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  return softmax_factor_cuda("softmax_hessian_columns", logits, scale, /*householder=*/true);
 }
 
 at::Tensor sigmoid_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor& scale) {

@@ -157,3 +157,36 @@ def test_concurrent_calls_from_two_threads_give_the_single_threaded_numbers():
 def test_a_bad_limit_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="limit must be a number of bytes"):
         memory.set_cache_limit(bad)
+
+
+OUT_OF_MEMORY_SCRIPT = """
+import resource, torch, torch.nn as nn
+import torch_secorder as ts
+from torch_secorder import memory
+torch.manual_seed(0)
+x = torch.randn(40, 2048)
+big, small = nn.Linear(2048, 1024), nn.Linear(2048, 400)  # per-sample weight diagonals: 320 MiB, 125 MiB
+# two results alive at once, then dropped: 640 MiB free, kept (the live peak was as high)
+kept = [ts.model_ggn_diagonal(big, nn.MSELoss(), x, torch.zeros(40, 1024), per_sample=True, method="backprop")
+        for _ in range(2)]
+del kept
+free_before = memory.cache_info()["free_bytes"]
+with open("/proc/self/status") as status:
+    size = [int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize")][0]
+# 125 MiB no longer fits, and the free 320 MiB blocks are too large for it to take (at most twice its size)
+resource.setrlimit(resource.RLIMIT_AS, (size + (100 << 20), resource.RLIM_INFINITY))
+per_sample = ts.model_ggn_diagonal(small, nn.MSELoss(), x, torch.zeros(40, 400), per_sample=True, method="backprop")
+summed = ts.model_ggn_diagonal(small, nn.MSELoss(), x, torch.zeros(40, 400), method="backprop")
+print(free_before, memory.cache_info()["free_bytes"], float((per_sample[0].sum(0) - summed[0]).abs().max()))
+"""
+
+
+def test_when_the_system_refuses_memory_the_free_blocks_are_handed_back_first():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    free_before, free_after, difference = result.stdout.split()
+    assert int(free_before) >= 600 * MIB and int(free_after) == 0
+    assert float(difference) < 1e-6

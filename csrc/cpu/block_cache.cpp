@@ -53,11 +53,7 @@ class BlockCache final : public c10::Allocator {
     if (scope_depth == 0 || nbytes < kSmallestBlock) return wrapped_->allocate(nbytes);
     const size_t bytes = size_class(nbytes);
     void* data = take(bytes);
-    if (data == nullptr) {
-      data = c10::alloc_cpu(bytes);
-      std::lock_guard<std::mutex> lock(mutex_);
-      sizes_[data] = bytes;
-    }
+    if (data == nullptr) data = make(bytes);
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -92,13 +88,9 @@ class BlockCache final : public c10::Allocator {
   }
 
   void empty() {
-    std::vector<void*> to_free;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      evict_until(0, to_free);
-      live_peak_ = live_;
-    }
-    for (void* block : to_free) c10::free_cpu(block);
+    empty_free_blocks();
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_peak_ = live_;
   }
 
   void set_limit(int64_t limit) {
@@ -121,7 +113,37 @@ class BlockCache final : public c10::Allocator {
   static void release(void* data);
 
  private:
-  // A free block of exactly `bytes`, or nullptr after making room for a new one.
+  // A new block of `bytes` (counted live by take); when the system refuses, the free blocks are handed back
+  // and it is asked once more.
+  void* make(size_t bytes) {
+    void* data = nullptr;
+    try {
+      data = c10::alloc_cpu(bytes);
+    } catch (const c10::Error&) {
+      empty_free_blocks();
+      try {
+        data = c10::alloc_cpu(bytes);
+      } catch (const c10::Error&) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        live_ -= bytes;
+        throw;
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[data] = bytes;
+    return data;
+  }
+
+  void empty_free_blocks() {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      evict_until(0, to_free);
+    }
+    for (void* block : to_free) c10::free_cpu(block);
+  }
+
+  // A free block of `bytes` to twice that (counted live), or nullptr after making room for a new one.
   void* take(size_t bytes) {
     std::vector<void*> to_free;
     void* data = nullptr;

@@ -7,11 +7,12 @@ compiled module's block_cache.cpp); all other allocations, and all outside those
 
 Bounds: the cache never holds more free memory than ``limit`` bytes (default 1 GiB; 0 turns it off), and
 free plus live cached memory never exceeds 3/2 of the most it ever had live at once (a request may take a
-free block up to twice its size; a miss first releases free blocks). Between calls the free blocks stay reserved to this process: ``empty_cache()`` hands
-them back. Without the compiled module these functions do nothing.
+free block up to twice its size; a miss first releases free blocks; when the system refuses a new block,
+the free ones are handed back first). Between calls the free blocks stay reserved to this process:
+``empty_cache()`` hands them back. Without the compiled module these functions do nothing.
 """
 
-import functools
+import contextlib
 
 import torch
 
@@ -42,17 +43,15 @@ def cache_info() -> dict:
     return dict(zip(names, values), available=available)
 
 
-def uses_block_cache(function):
-    """Runs `function` with the block cache serving this thread's large CPU allocations."""
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        if not _extension.load():
-            return function(*args, **kwargs)
-        torch.ops.torch_secorder.block_cache_enter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            torch.ops.torch_secorder.block_cache_leave()
-
-    return wrapper
+@contextlib.contextmanager
+def block_cache_scope():
+    """Within this block the cache serves this thread's large CPU allocations (the public functions enter it
+    with `with`, not a decorator, so that their warnings still point at the caller's line)."""
+    if not _extension.load():
+        yield
+        return
+    torch.ops.torch_secorder.block_cache_enter()
+    try:
+        yield
+    finally:
+        torch.ops.torch_secorder.block_cache_leave()

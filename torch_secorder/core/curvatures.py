@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..memory import uses_block_cache
 from ..backprop.origins import CurvatureRequest
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET
@@ -18,7 +17,6 @@ __all__ = ["model_ggn_diagonal", "model_fisher_diagonal"]
 FISHER_KINDS = ("mc", "empirical")
 
 
-@uses_block_cache
 def model_ggn_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -52,7 +50,6 @@ def model_ggn_diagonal(
                           return_loss=return_loss, flat=flat, all_reduce=all_reduce)
 
 
-@uses_block_cache
 def model_fisher_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..memory import uses_block_cache
+from ..memory import block_cache_scope
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
 from .generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
@@ -49,7 +49,6 @@ class DiagonalEstimate(tuple):
         return f"DiagonalEstimate(probes={self.probes}, relative_error={self.relative_error:.3g})"
 
 
-@uses_block_cache
 def hessian_diagonal_estimate(
     func: Callable[[], Tensor],
     params: List[Tensor],
@@ -76,11 +75,10 @@ def hessian_diagonal_estimate(
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
     with torch.inference_mode(False), torch.enable_grad(), inference_tensors_explained("func"), \
-            attention_twice_differentiable():
+            attention_twice_differentiable(), block_cache_scope():
         return _estimate(func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget, "func")
 
 
-@uses_block_cache
 def model_hessian_diagonal_estimate(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -103,7 +101,7 @@ def model_hessian_diagonal_estimate(
     params = list(model.parameters())
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), block_cache_scope():
         called, input_tuple = validation.model_call(model, normal_inputs(inputs))
         targets = normal_tensor(targets)
 
@@ -181,7 +179,7 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
             reached = _relative_error(mean, error)
             if reached > target:
                 warnings.warn(f"torch_secorder: {drawn} probes (the cap, n_probes) reached a relative standard error "
-                              f"of {reached:.3g}, not target_rel_error={target}", RuntimeWarning, stacklevel=4)
+                              f"of {reached:.3g}, not target_rel_error={target}", RuntimeWarning, stacklevel=3)
     else:
         drawn = probes or 2
     mean, error = _moments(sums, squares, max(drawn, 2), params)

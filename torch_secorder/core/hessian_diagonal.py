@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..memory import uses_block_cache
+from ..memory import block_cache_scope
 from ..backprop.origins import CurvatureRequest
 from . import validation
 from .batched_hvp import DEFAULT_MEMORY_BUDGET
@@ -16,7 +16,6 @@ from .model_curvature import model_diagonal
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 
 
-@uses_block_cache
 def hessian_diagonal(
     func: Callable[[], Tensor],
     params: List[Tensor],
@@ -58,14 +57,13 @@ def hessian_diagonal(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable returning the loss, got {type(func).__name__}")
-    with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
+    with torch.inference_mode(False), block_cache_scope():  # inference_mode switches autograd off: run outside it
         return generic_hessian_diagonal(
             func, params, v, create_graph, strict, "func",
             method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
         )
 
 
-@uses_block_cache
 def model_hessian_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -10,6 +10,7 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
+from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
 from .generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
                       normal_tensor)
@@ -41,29 +42,30 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             raise ValueError(f"{api}: loss_fn is not supported: {spec}; the {_NAMES[request.kind]} needs the "
                              "loss's curvature in the model output, known for MSE, cross-entropy, "
                              "BCE-with-logits and NLL")
-    losses = []
-    request = dataclasses.replace(request, record_loss=losses.append)
-    with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
-        # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
-        called, input_tuple = validation.model_call(model, normal_inputs(inputs))
-        targets = normal_tensor(targets)
-        diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
-                              method, chunk_size, memory_budget, progress)
-    if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes use pseudo-losses: one forward more
-        with torch.no_grad(), buffers_restored(model):
-            losses.append(loss_fn(called(*input_tuple), targets))
-    if all_reduce:
-        reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
-                                               distributed.local_normaliser(loss_fn, targets))
-        diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
-    if flat:
-        trainable = [d for d, p in zip(diagonals, model.parameters()) if p.requires_grad]
-        start = 1 if request.per_sample else 0
-        diagonals = (torch.cat([d.flatten(start) for d in trainable], dim=start) if trainable
-                     else next(model.parameters(), torch.zeros(0)).new_zeros(0))
-    if not return_loss:
-        return diagonals
-    return losses[0].detach().reshape(()), diagonals
+    with block_cache_scope():  # a `with`, not a decorator: warnings keep pointing at the caller
+        losses = []
+        request = dataclasses.replace(request, record_loss=losses.append)
+        with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
+            # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
+            called, input_tuple = validation.model_call(model, normal_inputs(inputs))
+            targets = normal_tensor(targets)
+            diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
+                                  method, chunk_size, memory_budget, progress)
+        if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
+            with torch.no_grad(), buffers_restored(model):
+                losses.append(loss_fn(called(*input_tuple), targets))
+        if all_reduce:
+            reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
+                                                   distributed.local_normaliser(loss_fn, targets))
+            diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
+        if flat:
+            trainable = [d for d, p in zip(diagonals, model.parameters()) if p.requires_grad]
+            start = 1 if request.per_sample else 0
+            diagonals = (torch.cat([d.flatten(start) for d in trainable], dim=start) if trainable
+                         else next(model.parameters(), torch.zeros(0)).new_zeros(0))
+        if not return_loss:
+            return diagonals
+        return losses[0].detach().reshape(()), diagonals
 
 
 def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,

@@ -70,12 +70,14 @@ __global__ void softmax_hessian_diag_kernel(const scalar_t* logits, RowLayout la
   }
 }
 
-// One warp per (sample, tile of the C x C factor): the warp computes its sample's softmax statistics
-// (C reads, from cache after the first tile) and writes `tile_entries` consecutive entries.
-template <typename scalar_t, typename acc_t>
-__global__ void softmax_hessian_sqrt_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
-                                            int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes,
-                                            int64_t tiles, int64_t tile_entries) {
+// One warp per (sample, tile of a factor): the warp computes its sample's softmax statistics (C reads, from
+// cache after the first tile) and writes `tile_entries` consecutive entries of the C x C square root or, with
+// kHouseholder, of the (C - 1) x C columns, whose top class is the first that reaches the row maximum (the
+// CPU kernel's choice), found by a warp-wide minimum over class indices.
+template <typename scalar_t, typename acc_t, bool kHouseholder>
+__global__ void softmax_factor_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
+                                      int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes,
+                                      int64_t tiles, int64_t tile_entries) {
   const int64_t item = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (item >= rows * tiles) return;
@@ -83,48 +85,31 @@ __global__ void softmax_hessian_sqrt_kernel(const scalar_t* logits, RowLayout la
   const scalar_t* row = logits + n * layout.row_stride;
   acc_t row_max, inv_sum;
   warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
-  const acc_t root_scale = sqrt(static_cast<acc_t>(scale[n * scale_stride]));
-  const int64_t entries = classes * classes;
-  const int64_t stop = min(entries, (tile + 1) * tile_entries);
-  scalar_t* out_sample = out + n * entries;
-  for (int64_t e = tile * tile_entries + lane; e < stop; e += kWarp) {
-    const int64_t i = e / classes, j = e % classes;
-    const acc_t p_i = softmax_probability(static_cast<acc_t>(row[i * layout.column_stride]), row_max, inv_sum);
-    const acc_t p_j = softmax_probability(static_cast<acc_t>(row[j * layout.column_stride]), row_max, inv_sum);
-    out_sample[e] = softmax_hessian_sqrt_entry(p_i, p_j, i == j, root_scale);
-  }
-}
-
-// One warp per (sample, tile of the (C - 1) x C columns), as above; the top class is the first that reaches
-// the row maximum (the CPU kernel's choice), found by a warp-wide minimum over class indices.
-template <typename scalar_t, typename acc_t>
-__global__ void softmax_hessian_columns_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
-                                               int64_t scale_stride, scalar_t* out, int64_t rows, int64_t classes,
-                                               int64_t tiles, int64_t tile_entries) {
-  const int64_t item = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (item >= rows * tiles) return;
-  const int64_t n = item / tiles, tile = item % tiles;
-  const scalar_t* row = logits + n * layout.row_stride;
-  acc_t row_max, inv_sum;
-  warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
-  long long first = classes;
-  for (int64_t c = lane; c < classes && first == classes; c += kWarp)
-    if (static_cast<acc_t>(row[c * layout.column_stride]) == row_max) first = c;
-  const long long found = -warp_reduce<long long, true>(-first);
-  const int64_t top = found < classes ? found : 0;  // NaN logits match nothing: their columns are NaN anyway
-  const auto root = [&](int64_t c) {
-    return sqrt(softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum));
+  const auto probability = [&](int64_t c) {
+    return softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum);
   };
-  const acc_t q_top = root(top);
   const acc_t root_scale = sqrt(static_cast<acc_t>(scale[n * scale_stride]));
-  const int64_t entries = (classes - 1) * classes;
+  int64_t top = 0;
+  if constexpr (kHouseholder) {
+    long long first = classes;
+    for (int64_t c = lane; c < classes && first == classes; c += kWarp)
+      if (static_cast<acc_t>(row[c * layout.column_stride]) == row_max) first = c;
+    const long long found = -warp_reduce<long long, true>(-first);
+    top = found < classes ? found : 0;  // NaN logits match nothing: their columns are NaN anyway
+  }
+  const acc_t q_top = kHouseholder ? sqrt(probability(top)) : acc_t(0);
+  const int64_t entries = (kHouseholder ? classes - 1 : classes) * classes;
   const int64_t stop = min(entries, (tile + 1) * tile_entries);
   scalar_t* out_sample = out + n * entries;
   for (int64_t e = tile * tile_entries + lane; e < stop; e += kWarp) {
-    const int64_t r = e / classes, i = e % classes;
-    const int64_t j = r + (r >= top ? 1 : 0);
-    out_sample[e] = softmax_hessian_column_entry(root(i), root(j), q_top, i == top, i == j, root_scale);
+    const int64_t r = e / classes, c = e % classes;  // row of the factor, class
+    if constexpr (kHouseholder) {
+      const int64_t j = r + (r >= top ? 1 : 0);
+      out_sample[e] = softmax_hessian_column_entry(sqrt(probability(c)), sqrt(probability(j)), q_top, c == top,
+                                                   c == j, root_scale);
+    } else {
+      out_sample[e] = softmax_hessian_sqrt_entry(probability(r), probability(c), r == c, root_scale);
+    }
   }
 }
 
@@ -170,8 +155,8 @@ at::Tensor softmax_factor_cuda(const char* op, const at::Tensor& logits, const a
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_factor_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    const auto kernel = householder ? softmax_hessian_columns_kernel<scalar_t, acc_t>
-                                    : softmax_hessian_sqrt_kernel<scalar_t, acc_t>;
+    const auto kernel = householder ? softmax_factor_kernel<scalar_t, acc_t, true>
+                                    : softmax_factor_kernel<scalar_t, acc_t, false>;
     kernel<<<blocks_for_warps(rows * tiles), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
         scale.const_data_ptr<scalar_t>(), scale.stride(0), out.mutable_data_ptr<scalar_t>(), rows, classes, tiles,

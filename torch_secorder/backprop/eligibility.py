@@ -21,6 +21,19 @@ _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forwa
 _OWN_TENSORS = ("weight", "bias")
 
 
+class ModuleNames:
+    """id(module) -> qualified name in `model`, built on first use: only refusals read names, so the common,
+    supported call does not walk the model for them."""
+
+    def __init__(self, model):
+        self._model, self._names = model, None
+
+    def get(self, key, default=None):
+        if self._names is None:
+            self._names = {id(module): name for name, module in self._model.named_modules()}
+        return self._names.get(key, default)
+
+
 def describe_module(module, names=None):
     """How refusals name a module: its qualified name in the model (names: id -> name) and its class."""
     name = (names or {}).get(id(module)) or type(module).__name__

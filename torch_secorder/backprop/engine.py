@@ -57,7 +57,7 @@ def check_supported(model, loss_fn):
     spec = recognise(loss_fn)
     if isinstance(spec, str):
         raise Unsupported(spec)
-    names = {id(module): name for name, module in model.named_modules()}
+    names = eligibility.ModuleNames(model)
     layers = None
     try:
         layers = flatten_chain(model, names)
@@ -131,11 +131,11 @@ def _chain_plan(layers, spec, names):
     seen_modules, seen_params = set(), set()
     for module in layers:
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
-        shared = id(module) in seen_modules or any(id(p) in seen_params for p in module.parameters())
-        if shared:
+        own = [id(p) for p in module.parameters()]
+        if id(module) in seen_modules or any(p in seen_params for p in own):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain")
         seen_modules.add(id(module))
-        seen_params.update(id(p) for p in module.parameters())
+        seen_params.update(own)
         base = registered_base(module)
         if base is None:
             raise Unsupported(eligibility.describe_module(module, names))

@@ -88,19 +88,17 @@ class BlockCache final : public c10::Allocator {
   }
 
   void empty() {
-    empty_free_blocks();
+    release_free_blocks(0);
     std::lock_guard<std::mutex> lock(mutex_);
     live_peak_ = live_;
   }
 
   void set_limit(int64_t limit) {
-    std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = limit;
-      evict_until(static_cast<size_t>(limit), to_free);
     }
-    for (void* block : to_free) c10::free_cpu(block);
+    release_free_blocks(static_cast<size_t>(limit));
   }
 
   // [free bytes, live bytes, live peak, limit, hits, misses]
@@ -120,7 +118,7 @@ class BlockCache final : public c10::Allocator {
     try {
       data = c10::alloc_cpu(bytes);
     } catch (const c10::Error&) {
-      empty_free_blocks();
+      release_free_blocks(0);
       try {
         data = c10::alloc_cpu(bytes);
       } catch (const c10::Error&) {
@@ -134,11 +132,12 @@ class BlockCache final : public c10::Allocator {
     return data;
   }
 
-  void empty_free_blocks() {
+  // Hands free blocks back to the system, largest first, until at most `keep` free bytes remain.
+  void release_free_blocks(size_t keep) {
     std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      evict_until(0, to_free);
+      evict_until(keep, to_free);
     }
     for (void* block : to_free) c10::free_cpu(block);
   }
@@ -196,21 +195,19 @@ std::once_flag installed;
 
 void BlockCache::release(void* data) { cache->give_back(data); }
 
-// Wraps torch's CPU allocator once; false when it cannot be wrapped (no raw deleter to forward to).
-bool install() {
+// Wraps torch's CPU allocator once (not when it has no raw deleter to forward to).
+void install() {
   std::call_once(installed, [] {
     c10::Allocator* current = c10::GetCPUAllocator();
     if (current->raw_deleter() == nullptr) return;
     cache = new BlockCache(current);
     c10::SetCPUAllocator(cache, /*priority=*/0);
   });
-  return cache != nullptr && c10::GetCPUAllocator() == cache;
 }
 
-bool block_cache_enter() {
-  const bool active = install();
+void block_cache_enter() {
+  install();
   ++scope_depth;
-  return active;
 }
 
 void block_cache_leave() { scope_depth = std::max<int64_t>(scope_depth - 1, 0); }
@@ -234,7 +231,7 @@ std::vector<int64_t> block_cache_info() {
 
 // No tensor arguments, so no backend dispatch: the kernels are registered with the schemas.
 TORCH_LIBRARY_FRAGMENT(torch_secorder, m) {
-  m.def("block_cache_enter() -> bool", &block_cache_enter);
+  m.def("block_cache_enter() -> ()", &block_cache_enter);
   m.def("block_cache_leave() -> ()", &block_cache_leave);
   m.def("block_cache_empty() -> ()", &block_cache_empty);
   m.def("block_cache_set_limit(int limit) -> ()", &block_cache_set_limit);

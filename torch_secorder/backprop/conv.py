@@ -1,5 +1,7 @@
 """nn.Conv1d/2d/3d: stride, padding (numbers or 'same'), dilation, groups; zero padding mode."""
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,17 +46,14 @@ def tap_major_patches(module, x):
             channels_last
     else:
         padded = channels_last.contiguous()
-    spatial = padded.shape[1:-1]
-    out_sizes = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, stride, dilation)]
+    out_sizes = [(size - d * (k - 1) - 1) // s + 1
+                 for size, k, s, d in zip(padded.shape[1:-1], kernel, stride, dilation)]
     steps = padded.stride()[1:-1]
     position_strides = [step * s for step, s in zip(steps, stride)]
     tap_strides = [step * d for step, d in zip(steps, dilation)]
     windows = padded.as_strided((x.shape[0], *out_sizes, *kernel, x.shape[1]),
                                 (padded.stride(0), *position_strides, *tap_strides, 1))
-    taps = 1
-    for size in kernel:
-        taps *= size
-    return windows.reshape(x.shape[0], -1, taps, x.shape[1])
+    return windows.reshape(x.shape[0], math.prod(out_sizes), math.prod(kernel), x.shape[1])
 
 
 def _padding(module, kernel, dilation):

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from .curvature import Curvature, concat_factors, factor_diagonal
+from .gemm import mm
 from .registry import Rule, register
 from .shared_weight import fold_columns, linear_transpose_columns, shared_weight_diagonal
 
@@ -11,7 +12,7 @@ from .shared_weight import fold_columns, linear_transpose_columns, shared_weight
 def right_multiply(columns, weight):
     """columns (N, V, out) @ weight (out, in) as one 2-D product (a batched broadcast matmul is slower)."""
     folded, unfold_back = fold_columns(columns)
-    return unfold_back(folded @ weight)
+    return unfold_back(mm(folded, weight))
 
 
 @register(nn.Linear)
@@ -34,7 +35,7 @@ class LinearRule(Rule):
         if curvature.factors is not None:
             total = factor_diagonal(right_multiply(curvature.factors, weight), curvature.signs)
         if curvature.diag is not None:
-            part = curvature.diag @ (weight * weight)
+            part = mm(curvature.diag, weight * weight)
             total = part if total is None else total + part
         return total
 
@@ -48,7 +49,7 @@ class LinearRule(Rule):
             if record.wants(module.weight):
                 squares = x * x
                 results.append((module.weight, h.unsqueeze(2) * squares.unsqueeze(1) if per_sample
-                                else h.transpose(0, 1) @ squares))
+                                else mm(h.transpose(0, 1), squares)))
             if record.wants(module.bias):
                 results.append((module.bias, h if per_sample else h.sum(0)))
             return results

@@ -10,24 +10,26 @@ from .shared_weight import channelwise_diagonal
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
 
 
-def _closed_form(module, x, y):
-    """(f'(x), f''(x)) for the common activations, from the input x and output y; None if not known here."""
+def _closed_form(module, x, y, want_second):
+    """(f'(x), f''(x) or None) for the common activations, from the input x and output y; None if not known
+    here. want_second=False: f'' is not needed (the GGN has no residual) and comes back None."""
     if isinstance(module, nn.ReLU):
         return (x > 0).to(x.dtype), None
     if isinstance(module, nn.LeakyReLU):
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, module.negative_slope)), None
     if isinstance(module, nn.Tanh):
         first = 1 - y * y
-        return first, -2 * y * first
+        return first, (-2 * y * first if want_second else None)
     if isinstance(module, nn.Sigmoid):
         first = y * (1 - y)
-        return first, first * (1 - 2 * y)
+        return first, (first * (1 - 2 * y) if want_second else None)
     return None
 
 
-def elementwise_derivatives(module, x, y, create_graph):
-    """f'(x) and f''(x) of an elementwise module: closed forms where known, else by autograd (exact either way)."""
-    known = _closed_form(module, x, y)
+def elementwise_derivatives(module, x, y, create_graph, want_second=True):
+    """f'(x) and f''(x) of an elementwise module: closed forms where known, else by autograd (exact either way).
+    want_second=False: f'' is not needed and comes back None."""
+    known = _closed_form(module, x, y, want_second)
     if known is not None:
         return known
     with torch.enable_grad():
@@ -35,7 +37,7 @@ def elementwise_derivatives(module, x, y, create_graph):
         out = module(inp.clone() if getattr(module, "inplace", False) else inp)
         (first,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
         second = None
-        if first.requires_grad and not isinstance(module, PIECEWISE_LINEAR):
+        if want_second and first.requires_grad and not isinstance(module, PIECEWISE_LINEAR):
             (second,) = torch.autograd.grad(first.sum(), inp, create_graph=create_graph, allow_unused=True)
     if not create_graph:
         first = first.detach()
@@ -54,9 +56,11 @@ class ElementwiseRule(Rule):
 
     def propagate(self, record, curvature, context):
         samples = record.input.shape[0]
-        first, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled())
+        # the residual goes with the primary piece only (the GGN has none anywhere)
+        first, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled(),
+                                                want_second=curvature.primary)
         result = curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
-        if second is not None and curvature.primary:  # the residual goes with the primary piece only
+        if second is not None and curvature.primary:
             result = result.plus_residual((record.output_grad * second).reshape(samples, -1))
         yield result
 

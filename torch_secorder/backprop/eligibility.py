@@ -40,6 +40,14 @@ def describe_module(module, names=None):
     return f"module {name!r} ({type(module).__name__})"
 
 
+def module_parameters(module):
+    """module.parameters(), each once, in order: for a module without children straight from its own table
+    (nn.Module's generator walk costs more than the rest of a small model's dispatch checks)."""
+    if module._modules:
+        return list(module.parameters())
+    return list({id(p): p for p in module._parameters.values() if p is not None}.values())
+
+
 def _hook_name(hook):
     return getattr(hook, "__qualname__", None) or type(hook).__name__
 

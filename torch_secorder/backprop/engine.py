@@ -131,7 +131,7 @@ def _chain_plan(layers, spec, names):
     seen_modules, seen_params = set(), set()
     for module in layers:
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
-        own = [id(p) for p in module.parameters()]
+        own = [id(p) for p in eligibility.module_parameters(module)]
         if id(module) in seen_modules or any(p in seen_params for p in own):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain")
         seen_modules.add(id(module))
@@ -200,7 +200,8 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
                 record.output_grad = record.output_grad.detach()
 
     wanted_params = {id(p) for p in params if p.requires_grad}
-    owners = [i for i, module in enumerate(layers) if any(id(p) in wanted_params for p in module.parameters())]
+    owners = [i for i, module in enumerate(layers)
+              if any(id(p) in wanted_params for p in eligibility.module_parameters(module))]
     if not owners:
         return diagonals.result()
     for record in records:

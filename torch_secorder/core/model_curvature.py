@@ -27,14 +27,14 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
     (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
     holding a shard of the batch, the diagonal (and loss) of the global batch's loss on every rank."""
-    validation.check_model_arguments(model, loss_fn, inputs, targets)
+    params = validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_flag(return_loss, "return_loss")
     validation.check_flag(flat, "flat")
     distributed.check_all_reduce(all_reduce, request.per_sample)
     validation.check_method(method)
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
-    validation.check_not_inference_tensors(model)
+    validation.check_not_inference_tensors(model, params)
     spec = None
     if request.kind != "hessian":
         spec = recognise(loss_fn)
@@ -50,7 +50,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             targets = normal_tensor(targets)
             diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
-                                  method, chunk_size, memory_budget, progress)
+                                  method, chunk_size, memory_budget, progress, params)
         if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
             with torch.no_grad(), buffers_restored(model):
                 losses.append(loss_fn(called(*input_tuple), targets))
@@ -59,7 +59,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                                                    distributed.local_normaliser(loss_fn, targets))
             diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
         if flat:
-            trainable = [d for d, p in zip(diagonals, model.parameters()) if p.requires_grad]
+            trainable = [d for d, p in zip(diagonals, params) if p.requires_grad]
             start = 1 if request.per_sample else 0
             diagonals = (torch.cat([d.flatten(start) for d in trainable], dim=start) if trainable
                          else next(model.parameters(), torch.zeros(0)).new_zeros(0))
@@ -69,9 +69,9 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
 
 
 def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,
-              chunk_size, memory_budget, progress):
-    """model: the module to call with input_tuple (user_model itself, or its keyword wrapper for dict inputs)."""
-    params = list(model.parameters())
+              chunk_size, memory_budget, progress, params):
+    """model: the module to call with input_tuple (user_model itself, or its keyword wrapper for dict inputs,
+    whose parameters are user_model's, listed in params)."""
     if method != "autograd":
         chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
         if reason is None:

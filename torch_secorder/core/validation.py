@@ -126,7 +126,8 @@ def tensor_leaves(value):
 
 def check_model_arguments(model, loss_fn, inputs, targets):
     """Checks the model call's arguments: inputs a tensor, a tuple / list of positional model arguments or a dict
-    (see model_call), each a tensor or any nested tuple / list / dict / mapping of tensors and other values."""
+    (see model_call), each a tensor or any nested tuple / list / dict / mapping of tensors and other values.
+    Returns list(model.parameters()), which the checks walk the model for anyway."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -172,6 +173,7 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     if model_dtype is not None and input_dtype is not None and input_dtype != model_dtype:
         raise ValueError(f"inputs has dtype {input_dtype} but the model's parameters have dtype {model_dtype}")
     # targets of another floating dtype are the loss function's business: F.mse_loss and friends promote them
+    return params
 
 
 def check_progress(progress):
@@ -179,8 +181,12 @@ def check_progress(progress):
         raise TypeError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
 
 
-def check_not_inference_tensors(model):
-    """Parameters or buffers created under torch.inference_mode can never take part in autograd."""
+def check_not_inference_tensors(model, params=None):
+    """Parameters or buffers created under torch.inference_mode can never take part in autograd.
+    params: list(model.parameters()) where the caller has it already (names are looked up only on failure)."""
+    params = model.parameters() if params is None else params
+    if not any(tensor.is_inference() for tensors in (params, model.buffers()) for tensor in tensors):
+        return
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             if tensor.is_inference():

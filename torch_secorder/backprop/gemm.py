@@ -1,14 +1,15 @@
-"""The engine's 2-D matrix products, on AMD CPUs through oneDNN.
+"""The engine's 2-D matrix products: torch.mm, or oneDNN on request (TORCH_SECORDER_CPU_GEMM=onednn).
 
 torch.mm on the CPU calls MKL, which takes its AVX2 code path on CPUs that are not Intel's: on the
 2-core AMD Zen 5 machine of benchmarks/results it ran float32 GEMMs at 218 GFLOP/s (2048^3) where
-oneDNN, also inside torch, ran 476; on the engine's shapes (640 x 256 x 256: 387 -> 180 us) about
-twice as fast too. Same float32 arithmetic, another summation order. Everywhere else (Intel CPUs,
-float64, CUDA, small products, anything autograd must differentiate, torch.backends.mkldnn.enabled
-switched off) it is torch.mm.
-
-TORCH_SECORDER_CPU_GEMM=onednn or =torch in the environment forces one or the other for float32 CPU
-products (read once, at the first product).
+oneDNN, also inside torch, ran 476; on the engine's shapes (640 x 256 x 256) 387 -> 180 us. Same
+float32 arithmetic, another summation order. It is not the default: oneDNN's first use in a process
+costs 5-7 MiB for good (its JIT kernels), which on small models is more than a call's own memory
+(measured: the sigmoid MLP's Monte-Carlo Fisher then peaked above BackPACK's), and the speed-up is
+MKL's AVX2 path on AMD CPUs only (Intel CPUs not measured). Where it is asked for, it serves float32
+CPU products of at least MIN_MULTIPLY_ADDS that autograd need not differentiate, while
+torch.backends.mkldnn.enabled; everything else is torch.mm. The setting is read once, at the first
+product.
 """
 
 import os
@@ -17,7 +18,7 @@ import torch
 
 MIN_MULTIPLY_ADDS = 1 << 20  # below this the oneDNN call's fixed cost (~15 us) outweighs its speed
 
-_onednn = None  # decided at the first product: whether float32 CPU products go through oneDNN
+_onednn = None  # read at the first product: whether float32 CPU products go through oneDNN
 
 
 def mm(a, b):
@@ -39,21 +40,7 @@ def _use_onednn():
 
 
 def _decide(setting):
-    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     if setting not in ("", "onednn", "torch"):
         raise ValueError(f"TORCH_SECORDER_CPU_GEMM must be 'onednn' or 'torch', got {setting!r}")
-    if setting:
-        return setting == "onednn" and available
-    return available and torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
-
-
-def cpu_vendor():
-    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...) where Linux says it, else ''."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return (setting == "onednn" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

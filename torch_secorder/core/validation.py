@@ -115,6 +115,8 @@ def model_call(model, inputs):
 def tensor_leaves(value):
     """The tensors in a nested input structure: pytree's containers and any Mapping (UserDict, Hugging Face's
     BatchEncoding), whose values pytree would not look into."""
+    if isinstance(value, torch.Tensor):  # the common call, without pytree's walk
+        return [value]
     found = []
     for leaf in torch.utils._pytree.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):

@@ -11,6 +11,9 @@ TORCH_LIBRARY(torch_secorder, m) {
   // ... and its rank: C - 1 columns (N, C - 1, C) whose outer products sum to it (Householder, see
   // common/curvature_math.h); scale >= 0.
   m.def("softmax_hessian_columns(Tensor logits, Tensor scale) -> Tensor");
+  // ... and Monte-Carlo columns of it: per draw m a class y ~ softmax(logits[n]) by inverse CDF of
+  // uniforms[n, m], column sqrt(scale[n] / M) (p_n - e_y) -> (N, M, C); their outer products average to it.
+  m.def("softmax_sampled_columns(Tensor logits, Tensor scale, Tensor uniforms) -> Tensor");
   // scale * sigmoid(logits) * (1 - sigmoid(logits)), elementwise.
   m.def("sigmoid_hessian_diag(Tensor logits, Tensor scale) -> Tensor");
 

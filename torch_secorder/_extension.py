@@ -123,6 +123,11 @@ def _register_fake_kernels():
 
     torch.library.register_fake("torch_secorder::softmax_hessian_columns")(householder_columns)
 
+    def sampled_columns(logits, scale, uniforms):
+        return logits.new_empty((logits.shape[0], uniforms.shape[1], logits.shape[1]))
+
+    torch.library.register_fake("torch_secorder::softmax_sampled_columns")(sampled_columns)
+
     def factor_diagonal(factors, signs=None):
         return factors.new_empty((factors.shape[0], factors.shape[2]))
 

@@ -41,7 +41,7 @@ def references_only():
 # The backend kernel each op relies on; ops missing here are plain ATen compositions that run anywhere.
 _BACKEND_KERNEL = {
     "softmax_hessian_diag": "softmax_hessian_diag", "softmax_hessian_sqrt": "softmax_hessian_sqrt",
-    "softmax_hessian_columns": "softmax_hessian_columns",
+    "softmax_hessian_columns": "softmax_hessian_columns", "softmax_sampled_columns": "softmax_sampled_columns",
     "sigmoid_hessian_diag": "sigmoid_hessian_diag",
     "cross_entropy_hessian_diag": "softmax_hessian_diag", "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
     "bce_with_logits_hessian_diag": "sigmoid_hessian_diag", "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
@@ -113,6 +113,13 @@ def softmax_hessian_columns(logits, scale):
     """The Hessian's rank in columns: (N, C - 1, C) whose outer products sum to scale[n] * (diag(p) - p p^T);
     one column fewer to pull through a model than softmax_hessian_sqrt. scale >= 0."""
     return _run("softmax_hessian_columns", logits, scale)
+
+
+def softmax_sampled_columns(logits, scale, uniforms):
+    """Monte-Carlo columns of scale[n] * (diag(p) - p p^T): per draw m the class y that uniforms[n, m] picks from
+    softmax(logits[n]) by inverse CDF, and the column sqrt(scale[n] / M) (p - e_y). logits (N, C), scale (N,) >= 0,
+    uniforms (N, M) in [0, 1) -> (N, M, C); the columns' outer products average to the Hessian over draws."""
+    return _run("softmax_sampled_columns", logits, scale, uniforms)
 
 
 def sigmoid_hessian_diag(logits, scale):

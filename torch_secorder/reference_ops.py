@@ -60,6 +60,20 @@ def softmax_hessian_columns(logits, scale):
     return basis * (q * scale.sqrt().unsqueeze(1)).unsqueeze(1)
 
 
+def softmax_sampled_columns(logits, scale, uniforms):
+    """Per draw m the class y that uniforms[n, m] picks from p = softmax(logits[n]) by inverse CDF (the first class
+    whose cumulative probability exceeds u times the row's total, so rounding never reaches past the last class
+    nor onto a class of probability 0), and the column sqrt(scale[n] / M) (p - e_y): (N, M, C)."""
+    draws = uniforms.shape[1]
+    probabilities = torch.softmax(logits, dim=1)
+    cumulative = probabilities.cumsum(dim=1)
+    drawn = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:], right=True)  # (N, M)
+    root = (scale / draws).sqrt().reshape(-1, 1, 1)
+    columns = (probabilities * root[:, 0]).unsqueeze(1).expand(-1, draws, -1).clone()
+    columns.scatter_add_(2, drawn.unsqueeze(2), (-root).expand(-1, draws, 1))
+    return columns
+
+
 def sigmoid_hessian_diag(logits, scale):
     # sigmoid(x) * sigmoid(-x) keeps its digits where 1 - sigmoid(x) would not.
     return scale * torch.sigmoid(logits) * torch.sigmoid(-logits)

@@ -24,6 +24,17 @@ inline void check_softmax_kernel_args(const char* op, const at::Tensor& logits, 
   check_logits_and_scale(op, logits, scale);
 }
 
+// logits (N, C), a per-sample scale (N,) and uniform numbers (N, M), one per draw.
+inline void check_sampled_columns_args(const char* op, const at::Tensor& logits, const at::Tensor& scale,
+                                       const at::Tensor& uniforms) {
+  check_softmax_kernel_args(op, logits, scale);
+  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == logits.size(0), op, ": uniforms must have shape (N, M) ",
+              "with N = ", logits.size(0), ", got ", uniforms.sizes());
+  TORCH_CHECK(uniforms.scalar_type() == logits.scalar_type() && uniforms.device() == logits.device(), op,
+              ": uniforms must have the dtype and device of logits (", logits.scalar_type(), ", ", logits.device(),
+              "), got ", uniforms.scalar_type(), ", ", uniforms.device());
+}
+
 // logits of any shape and a scale of the same shape.
 inline void check_elementwise_kernel_args(const char* op, const at::Tensor& logits, const at::Tensor& scale) {
   TORCH_CHECK(scale.sizes() == logits.sizes(), op, ": scale must have the shape of logits ", logits.sizes(),

@@ -128,6 +128,44 @@ at::Tensor softmax_hessian_columns_cpu(const at::Tensor& logits, const at::Tenso
   return out;
 }
 
+at::Tensor softmax_sampled_columns_cpu(const at::Tensor& logits, const at::Tensor& scale, const at::Tensor& uniforms) {
+  check_sampled_columns_args("softmax_sampled_columns", logits, scale, uniforms);
+  const auto x = logits.contiguous();
+  const auto s = scale.contiguous();
+  const auto u = uniforms.contiguous();
+  const int64_t rows = x.size(0), classes = x.size(1), draws = u.size(1);
+  auto out = at::empty({rows, draws, classes}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_sampled_columns_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (classes * (draws + 2)));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* row = xp + n * classes;
+        acc_t row_max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+        for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<acc_t>(row[c]));
+        for (int64_t c = 0; c < classes; ++c) sum += std::exp(static_cast<acc_t>(row[c]) - row_max);
+        const acc_t inv_sum = acc_t(1) / sum;
+        const acc_t total = softmax_total(row, classes, 1, row_max, inv_sum);
+        const acc_t root = std::sqrt(static_cast<acc_t>(sp[n]) / static_cast<acc_t>(draws));
+        for (int64_t m = 0; m < draws; ++m) {
+          const int64_t drawn = softmax_drawn_class(row, classes, 1, row_max, inv_sum, total,
+                                                    static_cast<acc_t>(up[n * draws + m]));
+          scalar_t* column = op + (n * draws + m) * classes;
+          for (int64_t c = 0; c < classes; ++c)
+            column[c] = sampled_column_entry(softmax_probability(static_cast<acc_t>(row[c]), row_max, inv_sum),
+                                             c == drawn, root);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor sigmoid_hessian_diag_cpu(const at::Tensor& logits, const at::Tensor& scale) {
   check_elementwise_kernel_args("sigmoid_hessian_diag", logits, scale);
   const auto x = logits.contiguous();
@@ -152,6 +190,7 @@ TORCH_LIBRARY_IMPL(torch_secorder, CPU, m) {
   m.impl("softmax_hessian_diag", &softmax_hessian_diag_cpu);
   m.impl("softmax_hessian_columns", &softmax_hessian_columns_cpu);
   m.impl("softmax_hessian_sqrt", &softmax_hessian_sqrt_cpu);
+  m.impl("softmax_sampled_columns", &softmax_sampled_columns_cpu);
   m.impl("sigmoid_hessian_diag", &sigmoid_hessian_diag_cpu);
 }
 

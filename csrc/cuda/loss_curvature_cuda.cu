@@ -113,6 +113,34 @@ __global__ void softmax_factor_kernel(const scalar_t* logits, RowLayout layout, 
   }
 }
 
+// One warp per sample: the warp's softmax statistics, then per draw lane 0 walks the cumulative sum to the
+// drawn class (softmax_drawn_class, the CPU kernel's walk) and the lanes write the column.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_sampled_columns_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
+                                               int64_t scale_stride, const scalar_t* uniforms, RowLayout uniform_layout,
+                                               scalar_t* out, int64_t rows, int64_t classes, int64_t draws) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (n >= rows) return;
+  const scalar_t* row = logits + n * layout.row_stride;
+  acc_t row_max, inv_sum;
+  warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
+  const acc_t total = lane == 0 ? softmax_total(row, classes, layout.column_stride, row_max, inv_sum) : acc_t(0);
+  const acc_t root = sqrt(static_cast<acc_t>(scale[n * scale_stride]) / static_cast<acc_t>(draws));
+  for (int64_t m = 0; m < draws; ++m) {
+    long long drawn = 0;
+    if (lane == 0) {
+      const acc_t u = uniforms[n * uniform_layout.row_stride + m * uniform_layout.column_stride];
+      drawn = softmax_drawn_class(row, classes, layout.column_stride, row_max, inv_sum, total, u);
+    }
+    drawn = __shfl_sync(kFullMask, drawn, 0);
+    scalar_t* column = out + (n * draws + m) * classes;
+    for (int64_t c = lane; c < classes; c += kWarp)
+      column[c] = sampled_column_entry(
+          softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum), c == drawn, root);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void sigmoid_hessian_diag_kernel(const scalar_t* logits, const scalar_t* scale, scalar_t* out,
                                             int64_t numel) {
@@ -174,6 +202,24 @@ at::Tensor softmax_hessian_columns_cuda(const at::Tensor& logits, const at::Tens
   return softmax_factor_cuda("softmax_hessian_columns", logits, scale, /*householder=*/true);
 }
 
+at::Tensor softmax_sampled_columns_cuda(const at::Tensor& logits, const at::Tensor& scale, const at::Tensor& uniforms) {
+  check_sampled_columns_args("softmax_sampled_columns", logits, scale, uniforms);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0), classes = logits.size(1), draws = uniforms.size(1);
+  auto out = at::empty({rows, draws, classes}, logits.options());
+  if (out.numel() == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_sampled_columns_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    softmax_sampled_columns_kernel<scalar_t, acc_t><<<blocks_for_warps(rows), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), RowLayout{logits.stride(0), logits.stride(1)},
+        scale.const_data_ptr<scalar_t>(), scale.stride(0), uniforms.const_data_ptr<scalar_t>(),
+        RowLayout{uniforms.stride(0), uniforms.stride(1)}, out.mutable_data_ptr<scalar_t>(), rows, classes, draws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 at::Tensor sigmoid_hessian_diag_cuda(const at::Tensor& logits, const at::Tensor& scale) {
   check_elementwise_kernel_args("sigmoid_hessian_diag", logits, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -200,6 +246,7 @@ TORCH_LIBRARY_IMPL(torch_secorder, CUDA, m) {
   m.impl("softmax_hessian_diag", &softmax_hessian_diag_cuda);
   m.impl("softmax_hessian_sqrt", &softmax_hessian_sqrt_cuda);
   m.impl("softmax_hessian_columns", &softmax_hessian_columns_cuda);
+  m.impl("softmax_sampled_columns", &softmax_sampled_columns_cuda);
   m.impl("sigmoid_hessian_diag", &sigmoid_hessian_diag_cuda);
 }
 

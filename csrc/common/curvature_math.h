@@ -43,27 +43,25 @@ TS_HOST_DEVICE acc_t softmax_hessian_column_entry(acc_t q_i, acc_t q_j, acc_t q_
   return ((same_class ? acc_t(1) : acc_t(0)) - w_i * q_j / (acc_t(1) + q_top)) * q_i * root_scale;
 }
 
-// Sum of a row's softmax probabilities (about 1), accumulated in class order as softmax_drawn_class does, so
-// that a uniform number below 1 always finds its class.
+// Sum of a row's stored probabilities (about 1), accumulated in class order as inverse_cdf_class walks them,
+// so that a uniform number below 1 always finds its class.
 template <typename scalar_t, typename acc_t>
-TS_HOST_DEVICE acc_t softmax_total(const scalar_t* row, int64_t classes, int64_t stride, acc_t row_max,
-                                   acc_t inv_sum) {
+TS_HOST_DEVICE acc_t probability_total(const scalar_t* probs, int64_t classes) {
   acc_t total = 0;
-  for (int64_t c = 0; c < classes; ++c) total += softmax_probability(static_cast<acc_t>(row[c * stride]), row_max, inv_sum);
+  for (int64_t c = 0; c < classes; ++c) total += static_cast<acc_t>(probs[c]);
   return total;
 }
 
-// The class a uniform number u in [0, 1) draws from a row's softmax by inverse CDF: the first class whose
-// cumulative probability exceeds u * total. A class of probability 0 never adds to the sum, so it is never the
-// first to exceed; the fallback (the last class of positive probability) is for rounding that cannot happen.
+// The class a uniform number u in [0, 1) draws from a row's stored probabilities by inverse CDF: the first class
+// whose cumulative probability exceeds u * total. A class of probability 0 never adds to the sum, so it is never
+// the first to exceed; the fallback (the last class of positive probability) is for rounding that cannot happen.
 template <typename scalar_t, typename acc_t>
-TS_HOST_DEVICE int64_t softmax_drawn_class(const scalar_t* row, int64_t classes, int64_t stride, acc_t row_max,
-                                           acc_t inv_sum, acc_t total, acc_t u) {
+TS_HOST_DEVICE int64_t inverse_cdf_class(const scalar_t* probs, int64_t classes, acc_t total, acc_t u) {
   const acc_t threshold = u * total;
   acc_t cumulative = 0;
   int64_t last_positive = 0;
   for (int64_t c = 0; c < classes; ++c) {
-    const acc_t p = softmax_probability(static_cast<acc_t>(row[c * stride]), row_max, inv_sum);
+    const acc_t p = static_cast<acc_t>(probs[c]);
     cumulative += p;
     if (p > acc_t(0)) last_positive = c;
     if (cumulative > threshold) return c;

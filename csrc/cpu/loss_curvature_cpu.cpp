@@ -144,21 +144,18 @@ at::Tensor softmax_sampled_columns_cpu(const at::Tensor& logits, const at::Tenso
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (classes * (draws + 2)));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> exact(classes);
+      std::vector<scalar_t> probs(classes);  // stored as the CUDA kernel and the reference store them
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* row = xp + n * classes;
-        acc_t row_max = -std::numeric_limits<acc_t>::infinity(), sum = 0;
-        for (int64_t c = 0; c < classes; ++c) row_max = std::max(row_max, static_cast<acc_t>(row[c]));
-        for (int64_t c = 0; c < classes; ++c) sum += std::exp(static_cast<acc_t>(row[c]) - row_max);
-        const acc_t inv_sum = acc_t(1) / sum;
-        const acc_t total = softmax_total(row, classes, 1, row_max, inv_sum);
+        softmax_row(xp + n * classes, classes, exact.data());
+        for (int64_t c = 0; c < classes; ++c) probs[c] = static_cast<scalar_t>(exact[c]);
+        const acc_t total = probability_total<scalar_t, acc_t>(probs.data(), classes);
         const acc_t root = std::sqrt(static_cast<acc_t>(sp[n]) / static_cast<acc_t>(draws));
         for (int64_t m = 0; m < draws; ++m) {
-          const int64_t drawn = softmax_drawn_class(row, classes, 1, row_max, inv_sum, total,
-                                                    static_cast<acc_t>(up[n * draws + m]));
+          const int64_t drawn = inverse_cdf_class(probs.data(), classes, total, static_cast<acc_t>(up[n * draws + m]));
           scalar_t* column = op + (n * draws + m) * classes;
           for (int64_t c = 0; c < classes; ++c)
-            column[c] = sampled_column_entry(softmax_probability(static_cast<acc_t>(row[c]), row_max, inv_sum),
-                                             c == drawn, root);
+            column[c] = sampled_column_entry(static_cast<acc_t>(probs[c]), c == drawn, root);
         }
       }
     });

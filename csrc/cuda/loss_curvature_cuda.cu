@@ -113,8 +113,9 @@ __global__ void softmax_factor_kernel(const scalar_t* logits, RowLayout layout, 
   }
 }
 
-// One warp per sample: the warp's softmax statistics, then per draw lane 0 walks the cumulative sum to the
-// drawn class (softmax_drawn_class, the CPU kernel's walk) and the lanes write the column.
+// One warp per sample: the lanes store the row's probabilities in its first column, lane 0 walks their
+// cumulative sum to each draw's class (inverse_cdf_class, the CPU kernel's walk) and the lanes write the
+// columns, the last draw first, so that the first column still holds the probabilities until it is written.
 template <typename scalar_t, typename acc_t>
 __global__ void softmax_sampled_columns_kernel(const scalar_t* logits, RowLayout layout, const scalar_t* scale,
                                                int64_t scale_stride, const scalar_t* uniforms, RowLayout uniform_layout,
@@ -125,19 +126,22 @@ __global__ void softmax_sampled_columns_kernel(const scalar_t* logits, RowLayout
   const scalar_t* row = logits + n * layout.row_stride;
   acc_t row_max, inv_sum;
   warp_softmax_stats(row, classes, layout.column_stride, lane, row_max, inv_sum);
-  const acc_t total = lane == 0 ? softmax_total(row, classes, layout.column_stride, row_max, inv_sum) : acc_t(0);
+  scalar_t* probs = out + n * draws * classes;  // the first column, for now
+  for (int64_t c = lane; c < classes; c += kWarp)
+    probs[c] = softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum);
+  __syncwarp();
+  const acc_t total = lane == 0 ? probability_total<scalar_t, acc_t>(probs, classes) : acc_t(0);
   const acc_t root = sqrt(static_cast<acc_t>(scale[n * scale_stride]) / static_cast<acc_t>(draws));
-  for (int64_t m = 0; m < draws; ++m) {
+  for (int64_t m = draws - 1; m >= 0; --m) {
     long long drawn = 0;
     if (lane == 0) {
       const acc_t u = uniforms[n * uniform_layout.row_stride + m * uniform_layout.column_stride];
-      drawn = softmax_drawn_class(row, classes, layout.column_stride, row_max, inv_sum, total, u);
+      drawn = inverse_cdf_class(probs, classes, total, u);
     }
     drawn = __shfl_sync(kFullMask, drawn, 0);
-    scalar_t* column = out + (n * draws + m) * classes;
-    for (int64_t c = lane; c < classes; c += kWarp)
-      column[c] = sampled_column_entry(
-          softmax_probability(static_cast<acc_t>(row[c * layout.column_stride]), row_max, inv_sum), c == drawn, root);
+    scalar_t* column = probs + m * classes;
+    for (int64_t c = lane; c < classes; c += kWarp)  // each lane reads and writes only its own classes
+      column[c] = sampled_column_entry(static_cast<acc_t>(probs[c]), c == drawn, root);
   }
 }
 

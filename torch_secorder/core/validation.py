@@ -183,10 +183,9 @@ def check_progress(progress):
         raise TypeError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
 
 
-def check_not_inference_tensors(model, params=None):
+def check_not_inference_tensors(model, params):
     """Parameters or buffers created under torch.inference_mode can never take part in autograd.
-    params: list(model.parameters()) where the caller has it already (names are looked up only on failure)."""
-    params = model.parameters() if params is None else params
+    params: list(model.parameters()), as check_model_arguments returns it (names are looked up only on failure)."""
     if not any(tensor.is_inference() for tensors in (params, model.buffers()) for tensor in tensors):
         return
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):

@@ -5,6 +5,8 @@ backward gives dloss/doutput where residual terms need it, then the curvature
 goes from the loss down, each rule adding its parameters' exact diagonals.
 """
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -94,7 +96,8 @@ def _strip_log_softmax(plan):
     # the class axis is 1; dim=-1 is that axis only on (N, C) outputs, which the loss checks per call
     if not plain or dim not in (1, -1) or len(node.inputs) != 1:
         raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
-    plan.variants["nll"] = graph.GraphPlan(plan.nodes[:plan.output], node.inputs[0], plan.names, log_softmax_dim=dim)
+    plan.variants["nll"] = dataclasses.replace(plan, nodes=plan.nodes[:plan.output], output=node.inputs[0],
+                                               log_softmax_dim=dim, variants={}, validated=False)
     return plan.variants["nll"]
 
 
@@ -118,13 +121,11 @@ def curved_nodes(chain, inputs=None):
 
 
 def _graph_widths(chain, inputs):
-    try:
-        with torch.no_grad():
-            values = graph.forward(chain.plan, chain.model, inputs)
-    finally:
-        graph.release(chain.plan)
+    plan = chain.plan.for_call()
+    with torch.no_grad():
+        values = graph.forward(plan, chain.model, inputs)
     return {node.name: sum(values[name][0].numel() for name in node.input_names)
-            for node in chain.plan.nodes[:chain.plan.output + 1] if node.activation and node.inputs}
+            for node in plan.nodes[:plan.output + 1] if node.activation and node.inputs}
 
 
 def _chain_plan(layers, spec, names):
@@ -155,7 +156,7 @@ def backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, *, create
     if isinstance(chain, GraphSupport):
         if create_graph:
             raise Unsupported("create_graph=True on a traced graph (only chains of modules)")
-        return graph_hessian_diagonal(chain.plan, chain.spec, chain.model, loss_fn, inputs, targets, params,
+        return graph_hessian_diagonal(chain.plan.for_call(), chain.spec, chain.model, loss_fn, inputs, targets, params,
                                       memory_budget=memory_budget, request=request)
     layers, spec = chain
     rules = [rule_for(module) for module in layers]

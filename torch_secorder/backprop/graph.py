@@ -7,13 +7,16 @@ parameters' diagonals. What cannot be traced, or a node without an exact treatme
 Unsupported naming it.
 """
 
+import dataclasses
 import inspect
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from . import eligibility, graph_ops
 from .errors import Unsupported
@@ -29,7 +32,7 @@ class GraphNode:
     params: List[str] = field(default_factory=list)  # qualified names of the parameters it uses directly
     activation: bool = False  # depends on the model input (carries columns)
     input_names: List[str] = field(default_factory=list)  # the fx names of `inputs`
-    # filled in by each forward pass of the engine
+    # filled in by each forward pass of the engine, on the call's own copy of the node (GraphPlan.for_call)
     values: Optional[dict] = None
     value_shape: Optional[tuple] = None
     output_grad: Optional[torch.Tensor] = None
@@ -45,6 +48,20 @@ class GraphPlan:
     validated: bool = False  # the trace reproduced the model's own forward once (validate)
     log_softmax_dim: Optional[int] = None  # set when the model's final LogSoftmax is left to the NLL loss
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
+    constants: dict = field(default_factory=dict)  # tensors the trace met outside the model (get_attr targets)
+    source: Optional["GraphPlan"] = None  # for a call's copy: the cached plan it was made from
+    graph: Optional[fx.Graph] = None  # the trace it was built from (a later trace is compared with it)
+
+    def for_call(self):
+        """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
+        so nothing of a call may live on it."""
+        nodes = [dataclasses.replace(node, values=None, value_shape=None, output_grad=None, record=None,
+                                     batch_checked=None) for node in self.nodes]
+        return dataclasses.replace(self, nodes=nodes, source=self.source or self)
+
+    def root(self, model):
+        """What the plan's get_attr targets are read from: the model, plus the trace's own constants."""
+        return _Root(model, self.constants) if self.constants else model
 
     def is_chain(self):
         """True when every activation node is a module rule reading the one before it: the chain engine's case."""
@@ -59,8 +76,36 @@ class GraphPlan:
         return all(len(n.fx_node.users) <= 1 for n in activations)
 
 
+class _Root:
+    """The model's attributes, plus the tensor constants a trace found outside it (a global tensor, a tensor made in
+    forward): torch.fx would store those on the user's model as _tensor_constant0, ...; the plan keeps them."""
+
+    def __init__(self, model, constants):
+        self.__dict__.update(_model=model, _constants=constants)
+
+    def __getattr__(self, name):
+        constants = self.__dict__["_constants"]
+        return constants[name] if name in constants else getattr(self.__dict__["_model"], name)
+
+
 class _Tracer(fx.Tracer):
     """Keeps modules with an exact rule (and torch.nn's own modules) as leaves, traces through the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.constants, self._constant_names = {}, {}
+
+    def create_arg(self, a):
+        """A tensor that is neither a parameter nor a buffer of the model becomes a constant of the trace, not an
+        attribute set on the model (what fx.Tracer does)."""
+        if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and self.tensor_attrs.get(a) is None
+                and not any(a is buffer for buffer in self.root.buffers())):
+            name = self._constant_names.get(id(a))
+            if name is None:
+                name = self._constant_names[id(a)] = f"_secorder_constant{len(self.constants)}"
+                self.constants[name] = a
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def is_leaf_module(self, module, qualified_name):
         return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
@@ -96,16 +141,17 @@ def _short(error):
 
 
 def trace(model):
-    """The traced graph; keyword arguments with defaults (forward(self, x, mask=None)) are fixed to them, as
-    model(inputs) calls it: control flow on them is resolved at trace time."""
+    """(traced graph, its tensor constants); keyword arguments with defaults (forward(self, x, mask=None)) are
+    fixed to them, as model(inputs) calls it: control flow on them is resolved at trace time."""
     try:
         signature = inspect.signature(model.forward)
         defaults = {name: parameter.default for name, parameter in list(signature.parameters.items())[1:]
                     if parameter.default is not inspect.Parameter.empty}
     except (TypeError, ValueError):
         defaults = {}
+    tracer = _Tracer()
     try:
-        return _Tracer().trace(model, concrete_args=defaults or None)
+        return tracer.trace(model, concrete_args=defaults or None), tracer.constants
     except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
 
@@ -122,10 +168,12 @@ def check_modules(model, names):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 
-def build_plan(model):
+def build_plan(model, traced=None):
+    """The GraphPlan of model from traced = trace(model) (traced now when not given)."""
     names = {id(module): name for name, module in model.named_modules()}
     check_modules(model, names)
-    graph = trace(model)
+    graph, constants = traced if traced is not None else trace(model)
+    root = _Root(model, constants) if constants else model
     modules = dict(model.named_modules())
     nodes, index_of = [], {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default
@@ -139,7 +187,7 @@ def build_plan(model):
                 raise Unsupported("a forward that does not return one tensor")
             output = index_of[result]
             continue
-        op, params = graph_ops.make_op(fx_node, model, modules, names)
+        op, params = graph_ops.make_op(fx_node, root, modules, names)
         node = GraphNode(fx_node.name, op, fx_node, params=params)
         inputs = [index_of[arg] for arg in op.activation_args(fx_node) if arg in index_of]
         node.activation = op.is_input or (fx_node.op != "get_attr" and any(
@@ -158,16 +206,19 @@ def build_plan(model):
             # below would see a constant and give the parameter no curvature
             raise Unsupported(f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
                               f"{node.op.describe(node)} before use (only direct uses have exact rules)")
-    return GraphPlan(nodes, output, names)
+    return GraphPlan(nodes, output, names, constants=constants, graph=graph)
 
 
 # ---------------------------------------------------------------- cache
-_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, plan or the Unsupported it raised)
+# A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
+# forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
+# anything different traces to another graph (other ops, constants or control flow) and gets a new plan.
+_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, plan or the Unsupported its graph raised)
 
 
 def _fingerprint(model):
-    """What the trace depends on besides code: modules, their train mode, parameters, hooks and plain
-    Python attributes (flags a forward may branch on). A change to any of them traces again."""
+    """What a plan depends on besides the traced graph: modules, their train mode and plain attributes, parameters,
+    buffers and hooks (the rules check them when a plan is built)."""
     parts = [len(eligibility.global_hooks())]
     for name, module in model.named_modules():
         plain = tuple(sorted((key, value) for key, value in vars(module).items()
@@ -183,35 +234,70 @@ def _fingerprint(model):
 
 
 def plan_for(model):
-    """The cached GraphPlan of model, traced again when anything it depends on changed."""
+    """The GraphPlan of model as its forward reads now: traced on every call, the cached plan reused when the
+    trace is the same graph and nothing else it depends on changed."""
     fingerprint = _fingerprint(model)
+    check_modules(model, eligibility.ModuleNames(model))
+    traced = trace(model)
     cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        if isinstance(cached[1], Unsupported):
-            raise cached[1]
-        return cached[1]
+    if cached is not None and cached[0] == fingerprint and same_trace(cached[1], traced):
+        if isinstance(cached[2], Unsupported):
+            raise cached[2]
+        return cached[2]
     try:
-        plan = build_plan(model)
+        plan = build_plan(model, traced)
     except Unsupported as error:
-        _CACHE[model] = (fingerprint, error)
+        _CACHE[model] = (fingerprint, traced, error)
         raise
-    _CACHE[model] = (fingerprint, plan)
+    _CACHE[model] = (fingerprint, traced, plan)
     return plan
 
 
+def same_trace(first, second):
+    """True when two traces (graph, constants) compute the same: the same ops on the same arguments, Python
+    constants equal, every other object (functions, tensor constants) the very same one."""
+    (graph_a, constants_a), (graph_b, constants_b) = first, second
+    if constants_a.keys() != constants_b.keys() or any(constants_a[k] is not constants_b[k] for k in constants_a):
+        return False
+    nodes_a, nodes_b = list(graph_a.nodes), list(graph_b.nodes)
+    return len(nodes_a) == len(nodes_b) and all(
+        a.op == b.op and a.name == b.name and _same_value(a.target, b.target) and _same_value(a.args, b.args)
+        and _same_value(a.kwargs, b.kwargs) for a, b in zip(nodes_a, nodes_b))
+
+
+_PLAIN = (bool, int, float, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout,
+          torch.memory_format)
+
+
+def _same_value(a, b):
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _PLAIN):
+        return a == b or (a != a and b != b)  # NaN: the same constant
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, slice):
+        return _same_value((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+    return a is b
+
+
 def validate(plan, model, inputs):
-    """Once per plan: the traced graph must give what model(inputs) gives. What a trace cannot see (an in-place
-    change of a tensor another path still reads, randomness, Python state read in the forward) shows here."""
-    if plan.validated:
+    """Once per cached plan: the traced graph must give what model(inputs) gives. What a trace cannot see (an
+    in-place change of a tensor another path still reads, randomness) shows here."""
+    shared = plan.source or plan
+    if shared.validated:
         return
+    call = shared.for_call()
     with torch.no_grad():
         expected = model(inputs)
         try:
-            traced = forward(plan, model, inputs)[plan.nodes[plan.output].name]
+            traced = forward(call, model, inputs)[call.nodes[call.output].name]
         except (IndexError, ValueError) as error:  # e.g. fewer chunks than the trace took (_Tracer.iter)
             raise Unsupported(f"a forward the trace does not reproduce ({_short(error)})") from None
-        finally:
-            release(plan)
     if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax
         traced = torch.log_softmax(traced, dim=plan.log_softmax_dim)
     same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype
@@ -220,24 +306,20 @@ def validate(plan, model, inputs):
     if not same:
         raise Unsupported("a forward the trace does not reproduce (in-place changes of tensors read elsewhere, "
                           "randomness or Python state the trace cannot see)")
-    plan.validated = True
+    shared.validated = True
 
 
 def forward(plan, model, inputs):
-    """Evaluates the plan up to its output: {node name: value}. The nodes keep what their ops recorded for
-    the backward sweep (records, the values they read) until release(plan)."""
+    """Evaluates the plan (a call's copy: GraphPlan.for_call) up to its output: {node name: value}. The nodes keep
+    what their ops recorded for the backward sweep (records, the values they read)."""
+    assert plan.source is not None, "a cached plan is shared between calls: evaluate a copy (for_call)"
     values = {}
+    root = plan.root(model)
     for node in plan.nodes[:plan.output + 1]:
-        value = inputs if node.op.is_input else node.op.evaluate(node, values, model)
+        value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
         values[node.name] = value
         node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
     return values
-
-
-def release(plan):
-    """The plan is cached with the model: it must not keep a call's tensors alive."""
-    for node in plan.nodes:
-        node.values = node.record = node.output_grad = None
 
 
 def chain_modules(plan):

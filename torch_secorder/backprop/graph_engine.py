@@ -25,13 +25,6 @@ from ..core.validation import check_scalar_loss
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
-def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget, request=HESSIAN):
-    try:
-        return _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget, request)
-    finally:
-        graph.release(plan)
-
-
 def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
     """A generic curved node forms its per-sample Hessians densely (N x D x D for D input features per sample),
     not in chunks: refuse before any work when they exceed the memory budget (or 64 MiB, whichever is more:
@@ -47,7 +40,8 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
                               f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)")
 
 
-def _graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, memory_budget, request):
+def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget, request=HESSIAN):
+    """plan: this call's own copy of the cached plan (GraphPlan.for_call): nodes hold the call's values."""
     nodes = plan.nodes[:plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))

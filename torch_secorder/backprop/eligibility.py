@@ -1,7 +1,7 @@
 """Whether what a module runs is exactly what its rule assumes.
 
 A rule describes the registered class's own computation. A subclass or an instance that overrides
-it, a hook (the module's own, or a global one) that may change inputs, outputs or gradients, a
+it, a forward hook (the module's own, or a global one) that may change inputs or outputs, a
 parametrization, or a weight that is not the module's own parameter make the module compute
 something else, so the engine steps aside for it. torch.nn.utils.prune is the one exception:
 weight = weight_orig * mask is exact to differentiate (see pruned_tensors).
@@ -13,10 +13,10 @@ import torch.nn.modules.module as module_globals
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
-_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
-          ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
-_GLOBAL_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook"), ("_global_forward_hooks", "forward hook"),
-                 ("_global_backward_pre_hooks", "backward pre-hook"), ("_global_backward_hooks", "backward hook"))
+# Only hooks that may change what the forward computes rule a module out: backward hooks change gradients, not
+# the loss, and every call of the library runs without them (torch_secorder.gradient_hooks).
+_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+_GLOBAL_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook"), ("_global_forward_hooks", "forward hook"))
 _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forward is called
 _OWN_TENSORS = ("weight", "bias")
 

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..gradient_hooks import tensor_hooks_off
 from . import eligibility, graph_ops
 from .errors import Unsupported
 from .registry import registered_base
@@ -315,10 +316,11 @@ def forward(plan, model, inputs):
     assert plan.source is not None, "a cached plan is shared between calls: evaluate a copy (for_call)"
     values = {}
     root = plan.root(model)
-    for node in plan.nodes[:plan.output + 1]:
-        value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
-        values[node.name] = value
-        node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    with tensor_hooks_off():  # a forward that registers a gradient hook: not part of the loss
+        for node in plan.nodes[:plan.output + 1]:
+            value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
+            values[node.name] = value
+            node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
     return values
 
 

@@ -21,6 +21,7 @@ NLL_TOLERANCE = 1e-3  # |logsumexp| of log-probabilities, in the output's own pr
 
 def generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request, *, create_graph, strict,
                             chunk_size, memory_budget, progress):
+    """model: the forward to call (the model, or a function that calls it)."""
     fisher = None
     if request.kind != "hessian" or request.per_sample:
         with torch.no_grad():  # one forward for what does not change between passes

@@ -10,6 +10,7 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
+from ..gradient_hooks import gradient_hooks_off, tensor_hooks_off
 from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
 from .generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
@@ -49,11 +50,13 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             targets = normal_tensor(targets)
-            diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph, strict,
-                                  method, chunk_size, memory_budget, progress, params)
-        if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
-            with torch.no_grad(), buffers_restored(model):
-                losses.append(loss_fn(called(*input_tuple), targets))
+            # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass
+            with gradient_hooks_off(called):
+                diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph,
+                                      strict, method, chunk_size, memory_budget, progress, params)
+                if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
+                    with torch.no_grad(), buffers_restored(model), tensor_hooks_off():
+                        losses.append(loss_fn(called(*input_tuple), targets))
         if all_reduce:
             reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
                                                    distributed.local_normaliser(loss_fn, targets))
@@ -88,17 +91,23 @@ def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, c
             warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
                           f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
                           RuntimeWarning, stacklevel=4)
+    def forward(*args):
+        with tensor_hooks_off():  # a forward (hook) that registers a gradient hook on an activation
+            return model(*args)
+
     with buffers_restored(model):
         if request.kind == "hessian" and not request.per_sample:
             def loss_func():
-                loss = loss_fn(model(*input_tuple), targets)
+                with tensor_hooks_off():
+                    loss = loss_fn(model(*input_tuple), targets)
+                validation.check_scalar_loss(loss, "loss_fn")
                 request.record_loss(loss.detach())
                 return loss
 
             return generic_hessian_diagonal(loss_func, params, None, create_graph, strict, "loss_fn",
                                             method="autograd", chunk_size=chunk_size,
                                             memory_budget=memory_budget, progress=progress)
-        return generic_model_curvature(model, loss_fn, spec, input_tuple, targets, params, request,
+        return generic_model_curvature(forward, loss_fn, spec, input_tuple, targets, params, request,
                                        create_graph=create_graph, strict=strict, chunk_size=chunk_size,
                                        memory_budget=memory_budget, progress=progress)
 
@@ -147,7 +156,8 @@ def _projection(model, loss_fn, input_tuple, targets, params, repeats=1):
         with buffers_restored(model), torch.enable_grad():
             for _ in range(2):  # the second one warm
                 start = time.perf_counter()
-                loss = loss_fn(model(*input_tuple), targets)
+                with tensor_hooks_off():
+                    loss = loss_fn(model(*input_tuple), targets)
                 if loss.requires_grad:
                     torch.autograd.grad(loss, active, allow_unused=True)
                 if loss.is_cuda:

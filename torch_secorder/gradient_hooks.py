@@ -1,0 +1,90 @@
+"""Gradient hooks are not part of the loss: the library's own forward and backward passes run without them.
+
+A diagonal is that of the loss the forward defines. Hooks that change gradients (a tensor hook on a
+parameter that clips or scales it, a module backward hook that scales grad_input, a gradient-reversal
+hook registered on an activation) would otherwise enter the generic method's Hessian-vector products
+(a hook g -> 2g gives 4x the Hessian) and the engine's first-order gradients, and they would see the
+library's internal gradients as if they were the user's. So, for the length of a call:
+
+- the model's module backward hooks and backward pre-hooks (and the global ones) are set aside;
+- the hooks on the model's parameters are emptied in place (the dict autograd reads) and put back;
+- Tensor.register_hook called during the library's forward passes (a forward hook or a forward that
+  registers one on an activation) registers nothing.
+
+Calls on one model hold that model's lock meanwhile: while a call runs, other threads' forwards and
+backwards through the same model also run without those hooks (documented in the README).
+"""
+
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import torch
+import torch.nn.modules.module as module_globals
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+_GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
+_LOCKS = weakref.WeakKeyDictionary()  # model -> its RLock
+_LOCKS_GUARD = threading.Lock()
+_GLOBALS_LOCK = threading.RLock()
+
+
+def _lock_for(model):
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def gradient_hooks_off(model):
+    """The model's module backward hooks, its parameters' tensor hooks and the global backward hooks set aside
+    for the block (restored after it, whatever happens)."""
+    with _lock_for(model), _global_backward_hooks_off():
+        modules = list(model.modules())
+        saved_modules = [(module, module._backward_hooks, module._backward_pre_hooks) for module in modules]
+        tensors = {id(p): p for module in modules for p in module._parameters.values()
+                   if p is not None and p._backward_hooks}
+        saved_tensors = [(p._backward_hooks, list(p._backward_hooks.items())) for p in tensors.values()]
+        try:
+            for module in modules:
+                module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+            for hooks, _ in saved_tensors:
+                hooks.clear()  # the very dict autograd calls: emptied, not replaced
+            yield
+        finally:
+            for hooks, items in saved_tensors:
+                hooks.update(items)
+            for module, backward, backward_pre in saved_modules:
+                module._backward_hooks, module._backward_pre_hooks = backward, backward_pre
+
+
+@contextmanager
+def _global_backward_hooks_off():
+    if not any(getattr(module_globals, name, None) for name in _GLOBAL_BACKWARD):
+        yield
+        return
+    with _GLOBALS_LOCK:
+        saved = {name: getattr(module_globals, name) for name in _GLOBAL_BACKWARD if hasattr(module_globals, name)}
+        try:
+            for name in saved:
+                setattr(module_globals, name, OrderedDict())
+            yield
+        finally:
+            for name, hooks in saved.items():
+                setattr(module_globals, name, hooks)
+
+
+class _NoTensorHooks(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.register_hook:
+            return RemovableHandle(OrderedDict())  # nothing registered; removing it is a no-op
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_hooks_off():
+    """For a forward pass of the library: Tensor.register_hook inside it registers nothing."""
+    return _NoTensorHooks()

@@ -19,6 +19,7 @@ negative or not yet known the step is at most lr per entry), with decoupled weig
 import torch
 
 from .core.estimate import DiagonalEstimate
+from .core.matching import diagonals_for
 
 
 class SophiaDiagonal(torch.optim.Optimizer):
@@ -47,33 +48,27 @@ class SophiaDiagonal(torch.optim.Optimizer):
         self.steps = state_dict.pop("steps", 0)
         super().load_state_dict(state_dict)
 
-    def _params(self):
-        return [p for group in self.param_groups for p in group["params"]]
-
     def curvature_due(self):
         """True on the steps whose curvature should be refreshed (the first, then every update_every)."""
         return self.steps % self.update_every == 0
 
     @torch.no_grad()
     def update_curvature(self, diagonals):
-        """Folds a curvature diagonal into the EMA: one tensor per parameter of the optimizer, in order (as
-        model_*_diagonal returns them for model.parameters()), one flat vector over all of them, or a
-        DiagonalEstimate (its .diagonal; its standard error is not used)."""
-        params = self._params()
+        """Folds a curvature diagonal into the EMA. diagonals: what model_*_diagonal returns (one tensor per
+        parameter, or flat=True's vector), matched to the optimizer's parameters by identity, whatever the order
+        of the param groups; a dict {parameter: diagonal}; a plain list / flat vector in the optimizer's own
+        order (a flat one over the parameters that require grad); or a DiagonalEstimate (its .diagonal; its
+        standard error is not used). A parameter that requires grad and has no diagonal is an error naming it;
+        frozen ones are skipped."""
         if isinstance(diagonals, DiagonalEstimate):
             diagonals = diagonals.diagonal
-        if isinstance(diagonals, torch.Tensor):
-            diagonals = list(torch.split(diagonals.reshape(-1), [p.numel() for p in params]))
-        diagonals = list(diagonals)
-        if len(diagonals) != len(params):
-            raise ValueError(f"update_curvature needs one diagonal per parameter: got {len(diagonals)} for "
-                             f"{len(params)} parameters")
-        index = 0
+        matched = diagonals_for(diagonals, self.param_groups, "update_curvature")
         for group in self.param_groups:
             beta2 = group["betas"][1]
             for param in group["params"]:
-                diagonal = diagonals[index].reshape(param.shape).to(param.dtype)
-                index += 1
+                if id(param) not in matched:
+                    continue
+                diagonal = matched[id(param)].to(param.dtype)
                 state = self.state[param]
                 if "curvature" not in state:
                     state["curvature"] = diagonal.clone()  # the first estimate as it is, not shrunk towards 0

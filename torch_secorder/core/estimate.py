@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..gradient_hooks import gradient_hooks_off, tensor_hooks_off
 from ..memory import block_cache_scope
 from . import validation
+from .matching import ParameterDiagonals
 from .batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
 from .generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
                       inference_tensors_explained, normal_inputs, normal_tensor)
@@ -105,10 +107,11 @@ def model_hessian_diagonal_estimate(
         targets = normal_tensor(targets)
 
         def loss_func():
-            return loss_fn(called(*input_tuple), targets)
+            with tensor_hooks_off():
+                return loss_fn(called(*input_tuple), targets)
 
         with buffers_restored(model), torch.enable_grad(), inference_tensors_explained("loss_fn"), \
-                attention_twice_differentiable():
+                attention_twice_differentiable(), gradient_hooks_off(called):
             return _estimate(loss_func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget,
                              "loss_fn")
 
@@ -182,7 +185,7 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
     else:
         drawn = probes or 2
     mean, error = _moments(sums, squares, max(drawn, 2), params)
-    return DiagonalEstimate(mean, error, drawn)
+    return DiagonalEstimate(ParameterDiagonals(mean, params), error, drawn)
 
 
 def _batched_hvp(grad_flat, params, vectors):

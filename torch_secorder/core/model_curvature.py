@@ -13,6 +13,7 @@ from ..backprop.losses import recognise
 from ..gradient_hooks import gradient_hooks_off, tensor_hooks_off
 from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
+from .matching import ParameterDiagonals, tag_flat
 from .generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
                       normal_tensor)
 from .generic_curvature import generic_model_curvature
@@ -62,10 +63,13 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                                                    distributed.local_normaliser(loss_fn, targets))
             diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
         if flat:
-            trainable = [d for d, p in zip(diagonals, params) if p.requires_grad]
+            trainable = [(d, p) for d, p in zip(diagonals, params) if p.requires_grad]
             start = 1 if request.per_sample else 0
-            diagonals = (torch.cat([d.flatten(start) for d in trainable], dim=start) if trainable
-                         else next(model.parameters(), torch.zeros(0)).new_zeros(0))
+            diagonals = tag_flat(torch.cat([d.flatten(start) for d, _ in trainable], dim=start) if trainable
+                                 else next(model.parameters(), torch.zeros(0)).new_zeros(0),
+                                 [p for _, p in trainable])
+        else:
+            diagonals = ParameterDiagonals(diagonals, params)  # matched to parameters by identity (optim.py)
         if not return_loss:
             return diagonals
         return losses[0].detach().reshape(()), diagonals

@@ -9,7 +9,7 @@ library's internal gradients as if they were the user's. So, for the length of a
 - the model's module backward hooks and backward pre-hooks (and the global ones) are set aside;
 - the hooks on the model's parameters are emptied in place (the dict autograd reads) and put back;
 - Tensor.register_hook called during the library's forward passes (a forward hook or a forward that
-  registers one on an activation) registers nothing.
+  registers one on an activation) registers nothing (forward_pass.py).
 
 Calls on one model hold that model's lock meanwhile: while a call runs, other threads' forwards and
 backwards through the same model also run without those hooks (documented in the README).
@@ -20,10 +20,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 
-import torch
 import torch.nn.modules.module as module_globals
-from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 _GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
 _LOCKS = weakref.WeakKeyDictionary()  # model -> its RLock
@@ -76,15 +73,3 @@ def _global_backward_hooks_off():
         finally:
             for name, hooks in saved.items():
                 setattr(module_globals, name, hooks)
-
-
-class _NoTensorHooks(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.register_hook:
-            return RemovableHandle(OrderedDict())  # nothing registered; removing it is a no-op
-        return func(*args, **(kwargs or {}))
-
-
-def tensor_hooks_off():
-    """For a forward pass of the library: Tensor.register_hook inside it registers nothing."""
-    return _NoTensorHooks()

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..gradient_hooks import tensor_hooks_off
+from ..forward_pass import library_forward
 from . import eligibility, graph_ops
 from .errors import Unsupported
 from .registry import registered_base
@@ -152,7 +152,8 @@ def trace(model):
         defaults = {}
     tracer = _Tracer()
     try:
-        return tracer.trace(model, concrete_args=defaults or None), tracer.constants
+        with library_forward():  # what the library's forward passes will run (a reentrant checkpoint directly)
+            return tracer.trace(model, concrete_args=defaults or None), tracer.constants
     except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
 
@@ -294,7 +295,8 @@ def validate(plan, model, inputs):
         return
     call = shared.for_call()
     with torch.no_grad():
-        expected = model(inputs)
+        with library_forward():
+            expected = model(inputs)
         try:
             traced = forward(call, model, inputs)[call.nodes[call.output].name]
         except (IndexError, ValueError) as error:  # e.g. fewer chunks than the trace took (_Tracer.iter)
@@ -316,7 +318,7 @@ def forward(plan, model, inputs):
     assert plan.source is not None, "a cached plan is shared between calls: evaluate a copy (for_call)"
     values = {}
     root = plan.root(model)
-    with tensor_hooks_off():  # a forward that registers a gradient hook: not part of the loss
+    with library_forward():  # a forward that registers a gradient hook: not part of the loss
         for node in plan.nodes[:plan.output + 1]:
             value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
             values[node.name] = value

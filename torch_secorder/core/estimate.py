@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..gradient_hooks import gradient_hooks_off, tensor_hooks_off
+from ..forward_pass import library_forward
+from ..gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
 from . import validation
 from .matching import ParameterDiagonals
@@ -107,7 +108,7 @@ def model_hessian_diagonal_estimate(
         targets = normal_tensor(targets)
 
         def loss_func():
-            with tensor_hooks_off():
+            with library_forward():
                 return loss_fn(called(*input_tuple), targets)
 
         with buffers_restored(model), torch.enable_grad(), inference_tensors_explained("loss_fn"), \

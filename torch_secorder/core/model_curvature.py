@@ -10,7 +10,8 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
-from ..gradient_hooks import gradient_hooks_off, tensor_hooks_off
+from ..forward_pass import library_forward
+from ..gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
 from .matching import ParameterDiagonals, tag_flat
@@ -56,7 +57,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                 diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph,
                                       strict, method, chunk_size, memory_budget, progress, params)
                 if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
-                    with torch.no_grad(), buffers_restored(model), tensor_hooks_off():
+                    with torch.no_grad(), buffers_restored(model), library_forward():
                         losses.append(loss_fn(called(*input_tuple), targets))
         if all_reduce:
             reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
@@ -96,13 +97,13 @@ def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, c
                           f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
                           RuntimeWarning, stacklevel=4)
     def forward(*args):
-        with tensor_hooks_off():  # a forward (hook) that registers a gradient hook on an activation
+        with library_forward():  # a forward (hook) that registers a gradient hook on an activation
             return model(*args)
 
     with buffers_restored(model):
         if request.kind == "hessian" and not request.per_sample:
             def loss_func():
-                with tensor_hooks_off():
+                with library_forward():
                     loss = loss_fn(model(*input_tuple), targets)
                 validation.check_scalar_loss(loss, "loss_fn")
                 request.record_loss(loss.detach())
@@ -160,7 +161,7 @@ def _projection(model, loss_fn, input_tuple, targets, params, repeats=1):
         with buffers_restored(model), torch.enable_grad():
             for _ in range(2):  # the second one warm
                 start = time.perf_counter()
-                with tensor_hooks_off():
+                with library_forward():
                     loss = loss_fn(model(*input_tuple), targets)
                 if loss.requires_grad:
                     torch.autograd.grad(loss, active, allow_unused=True)

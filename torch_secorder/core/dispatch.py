@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backprop import Unsupported, check_supported
-from .validation import check_method
+from .validation import check_method, model_to_run, uncompiled
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ def explain_method(model, loss_fn, inputs=None, method="auto"):
     MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules', cost='...')
     """
     check_method(method)
+    model = uncompiled(model) if inputs is None else model_to_run(model, inputs)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
     chain, reason = backprop_plan(model, loss_fn, inputs)

@@ -99,6 +99,7 @@ def model_hessian_diagonal_estimate(
     For models too large for an exact diagonal. Where explain_method says the engine supports the model,
     model_hessian_diagonal is exact and usually costs less than a few dozen probes (README: curvature table).
     """
+    model = validation.model_to_run(model, inputs)
     params = validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_not_inference_tensors(model, params)
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)

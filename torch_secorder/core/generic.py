@@ -19,6 +19,8 @@ def check_strict_requires_grad(params):
 
 
 def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
+    validation.check_flag(create_graph, "create_graph")
+    validation.check_flag(strict, "strict")
     validation.check_method(method, for_model=source == "loss_fn")
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
@@ -44,11 +46,29 @@ def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, m
             create_graph=create_graph, chunk_size=chunk_size,
             graph_bytes=saved_tensor_bytes(loss), memory_budget=memory_budget, progress=progress,
         )
+    check_nan_where_gradient_finite(diagonals, grads, source)
     if v is not None:
         diagonals = [vec * diag for vec, diag in zip(v, diagonals)]
     if not create_graph:
         diagonals = [diag.detach() for diag in diagonals]
     return diagonals
+
+
+def check_nan_where_gradient_finite(diagonals, grads, source):
+    """A batched double backward multiplies the zeros of its unit vectors by whatever the graph holds: an inf in
+    the forward (an input holding inf) makes NaN at entries whose gradient, and exact diagonal, are finite.
+    Never returned as numbers: an error says where."""
+    for index, (diagonal, grad) in enumerate(zip(diagonals, grads)):
+        if grad is None or not diagonal.is_floating_point() or not torch.isnan(diagonal).any():
+            continue
+        bad = int((torch.isnan(diagonal.detach()) & torch.isfinite(grad.detach())).sum())
+        if bad:
+            name = f"params[{index}]" if source == "func" else f"parameter {index} of model.parameters()"
+            raise FloatingPointError(
+                f"the generic method's double backward gave NaN at {bad} entries of {name} (shape "
+                f"{tuple(diagonal.shape)}) where the gradient is finite: non-finite values in the forward (an inf "
+                "in the inputs?) meet the zeros of its unit vectors there; method='backprop' keeps PyTorch's "
+                "pattern where the engine supports the model")
 
 
 def first_order_grads(loss, params):

@@ -30,7 +30,10 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
     (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
     holding a shard of the batch, the diagonal (and loss) of the global batch's loss on every rank."""
+    model = validation.model_to_run(model, inputs)
     params = validation.check_model_arguments(model, loss_fn, inputs, targets)
+    validation.check_flag(create_graph, "create_graph")
+    validation.check_flag(strict, "strict")
     validation.check_flag(return_loss, "return_loss")
     validation.check_flag(flat, "flat")
     distributed.check_all_reduce(all_reduce, request.per_sample)
@@ -59,6 +62,8 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                 if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
                     with torch.no_grad(), buffers_restored(model), library_forward():
                         losses.append(loss_fn(called(*input_tuple), targets))
+        # under torch.autocast the passes compute in the autocast dtype; the result has the parameter's
+        diagonals = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(diagonals, params)]
         if all_reduce:
             reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
                                                    distributed.local_normaliser(loss_fn, targets))

@@ -1,6 +1,7 @@
 """Argument checks of the public API: clear errors that name the argument, raised before any autograd work."""
 
 import collections.abc
+import inspect
 import weakref
 
 import torch
@@ -199,3 +200,55 @@ def check_not_inference_tensors(model, params):
 def check_flag(value, name):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def model_to_run(model, inputs):
+    """The module the library computes with: a torch.compile'd model's original module (the compiled one runs the
+    same forward, but aot_autograd has no double backward), Lazy modules initialised by one forward without
+    gradients (what the model's first call would do), and a first check that `inputs` fits its forward."""
+    model = uncompiled(model)
+    _check_call_fits(model, inputs)
+    if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
+        _materialise(model, inputs)
+    return model
+
+
+def uncompiled(model):
+    """The module inside torch.compile's wrapper (OptimizedModule), found without importing torch._dynamo."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                    torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _check_call_fits(model, inputs):
+    """A tuple or list of inputs is the model's positional arguments: one that its forward cannot take (the whole
+    (x, y) batch passed as inputs) is named here, before any fallback or trace."""
+    if not isinstance(inputs, (tuple, list, dict)) or len(inputs) < 2:
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
+    except TypeError as error:
+        given = f"a dict with keys {list(inputs)}" if isinstance(inputs, dict) else \
+            f"a {type(inputs).__name__} of {len(inputs)}"
+        raise ValueError(f"inputs is {given}, which {type(model).__name__}.forward{signature} cannot take ({error}): "
+                         "a tuple or list is the model's positional arguments (model(*inputs)), a dict its keyword "
+                         "arguments; for a batch (x, y) pass inputs=x, targets=y") from None
+
+
+def _materialise(model, inputs):
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # no running statistics updated by this extra forward
+    try:
+        called, input_tuple = model_call(model, inputs)
+        with torch.no_grad():
+            called(*input_tuple)
+    finally:
+        for module, training in modes:
+            module.train(training)

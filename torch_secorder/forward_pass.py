@@ -7,7 +7,11 @@
   though the loss depends on them; called directly it computes the same values with a graph that reaches
   them. The non-reentrant variant needs nothing: autograd.grad and double backward go through it.
 
-Both apply only to the thread that runs the library's call.
+- Inside a call (same_random_draws), every forward pass starts from the random state the call began with: all
+  passes of a call (the generic method runs several: a reference output, one pass per sample for per-sample
+  diagonals) see the same dropout masks, the ones the model's own next forward would have drawn.
+
+All of these apply only to the thread that runs the library's call.
 """
 
 import threading
@@ -48,10 +52,32 @@ def _install_checkpoint_switch():
 
 
 @contextmanager
+def same_random_draws(devices=()):
+    """For a whole call: each forward pass in it starts from the random state (CPU, and the CUDA devices given)
+    that the call began with."""
+    cuda = [torch.device(device) for device in devices if torch.device(device).type == "cuda"]
+    saved = getattr(_STATE, "random", None)
+    _STATE.random = (torch.get_rng_state(), [(device, torch.cuda.get_rng_state(device)) for device in cuda])
+    try:
+        yield
+    finally:
+        _STATE.random = saved
+
+
+def _replay_random_state():
+    state = getattr(_STATE, "random", None)
+    if state is not None:
+        torch.set_rng_state(state[0])
+        for device, device_state in state[1]:
+            torch.cuda.set_rng_state(device_state, device)
+
+
+@contextmanager
 def library_forward():
     """For a forward pass the library runs (see the module's text)."""
     if _ORIGINAL_APPLY is None:
         _install_checkpoint_switch()
+    _replay_random_state()
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
         with _NoTensorHooks():

@@ -35,7 +35,8 @@ def owners(diagonals):
 
 
 def diagonals_for(diagonals, groups, caller):
-    """{id(param): diagonal} for the parameters of `groups` (an optimizer's param_groups) that require grad.
+    """{id(param): diagonal} for the parameters of `groups` (an optimizer's param_groups) that require grad (frozen
+    ones get none).
 
     diagonals: a list with one tensor per parameter or one flat vector, either from this library (matched by
     identity) or plain (then in the groups' order, the parameters that require grad for a flat vector); or a
@@ -64,12 +65,12 @@ def diagonals_for(diagonals, groups, caller):
     found = {id(param): diagonal for param, diagonal in pairs}
     matched = {}
     for name, param in listed:
+        if not param.requires_grad:
+            continue  # a frozen parameter: no curvature to track
         diagonal = found.get(id(param))
         if diagonal is None:
-            if param.requires_grad:
-                raise ValueError(f"{caller}: no diagonal for {name} (shape {tuple(param.shape)}); the diagonals "
-                                 "cover other parameters")
-            continue  # a frozen parameter: no curvature to track
+            raise ValueError(f"{caller}: no diagonal for {name} (shape {tuple(param.shape)}); the diagonals cover "
+                             "other parameters")
         if diagonal.numel() != param.numel():
             raise ValueError(f"{caller}: the diagonal for {name} has {diagonal.numel()} entries, the parameter "
                              f"{param.numel()} (shape {tuple(param.shape)})")

@@ -10,7 +10,7 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
-from ..forward_pass import library_forward
+from ..forward_pass import library_forward, same_random_draws
 from ..gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
@@ -56,7 +56,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             targets = normal_tensor(targets)
             # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass
-            with gradient_hooks_off(called):
+            with gradient_hooks_off(called), same_random_draws({p.device for p in params}):
                 diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph,
                                       strict, method, chunk_size, memory_budget, progress, params)
                 if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more

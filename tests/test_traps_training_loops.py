@@ -211,6 +211,15 @@ def test_hooks_are_back_and_untouched_after_a_call():
     assert torch.allclose(model.a.weight.grad, 2 * plain.a.weight.grad)
 
 
+def test_hessian_diagonal_of_a_function_ignores_hooks_on_its_params():
+    p = torch.randn(5, dtype=D, requires_grad=True)
+    handle = p.register_hook(lambda grad: grad * 2)
+    assert torch.allclose(hessian_diagonal(lambda: (p ** 3).sum(), [p])[0], 6 * p.detach(), rtol=1e-12)
+    (p ** 2).sum().backward()
+    assert torch.allclose(p.grad, 4 * p.detach())  # the hook is back
+    handle.remove()
+
+
 # ---------------------------------------------------------------- 4. checkpointing
 class Checkpointed(nn.Module):
     def __init__(self, mode, first):

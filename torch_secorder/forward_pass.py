@@ -6,12 +6,14 @@
   the parameters inside it from torch.autograd.grad (their gradients come back None, or PyTorch raises),
   though the loss depends on them; called directly it computes the same values with a graph that reaches
   them. The non-reentrant variant needs nothing: autograd.grad and double backward go through it.
-
 - Inside a call (same_random_draws), every forward pass starts from the random state the call began with: all
   passes of a call (the generic method runs several: a reference output, one pass per sample for per-sample
   diagonals) see the same dropout masks, the ones the model's own next forward would have drawn.
 
-All of these apply only to the thread that runs the library's call.
+The first two are switches installed once, on the first forward pass the library runs, in place of
+Tensor.register_hook and the reentrant checkpoint's CheckpointFunction.apply; they test a per-thread flag, so
+they act only on the thread that runs a library call, only during its forward passes, and cost nothing per
+op (a TorchFunctionMode would add Python to every op of the forward).
 """
 
 import threading
@@ -20,35 +22,39 @@ from contextlib import contextmanager
 
 import torch
 import torch.utils.checkpoint as checkpoint_module
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 _STATE = threading.local()
 _INSTALL_LOCK = threading.Lock()
-_ORIGINAL_APPLY = None
+_ORIGINAL = {}  # what the switches replaced
 
 
-class _NoTensorHooks(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.register_hook:
-            return RemovableHandle(OrderedDict())  # nothing registered; removing it is a no-op
-        return func(*args, **(kwargs or {}))
+def _in_library_forward():
+    return getattr(_STATE, "depth", 0) > 0
 
 
 def _checkpoint_apply(function, preserve_rng_state, *args):
-    """CheckpointFunction.apply as installed: the original outside the library's forward passes."""
-    if getattr(_STATE, "depth", 0):
+    if _in_library_forward():
         return function(*args)
-    return _ORIGINAL_APPLY(function, preserve_rng_state, *args)
+    return _ORIGINAL["checkpoint"](function, preserve_rng_state, *args)
 
 
-def _install_checkpoint_switch():
-    global _ORIGINAL_APPLY
+def _register_hook(self, hook):
+    if _in_library_forward():
+        return RemovableHandle(OrderedDict())  # nothing registered; removing it is a no-op
+    return _ORIGINAL["register_hook"](self, hook)
+
+
+def _install_switches():
     with _INSTALL_LOCK:
+        if _ORIGINAL:
+            return
         function_class = getattr(checkpoint_module, "CheckpointFunction", None)
-        if _ORIGINAL_APPLY is None and function_class is not None:
-            _ORIGINAL_APPLY = function_class.apply
+        if function_class is not None:
+            _ORIGINAL["checkpoint"] = function_class.apply
             function_class.apply = _checkpoint_apply
+        _ORIGINAL["register_hook"] = torch.Tensor.register_hook
+        torch.Tensor.register_hook = _register_hook
 
 
 @contextmanager
@@ -75,12 +81,11 @@ def _replay_random_state():
 @contextmanager
 def library_forward():
     """For a forward pass the library runs (see the module's text)."""
-    if _ORIGINAL_APPLY is None:
-        _install_checkpoint_switch()
+    if not _ORIGINAL:
+        _install_switches()
     _replay_random_state()
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
-        with _NoTensorHooks():
-            yield
+        yield
     finally:
         _STATE.depth -= 1

@@ -43,20 +43,29 @@ def gradient_hooks_off(model):
     with _lock_for(model), _global_backward_hooks_off():
         modules = list(model.modules())
         saved_modules = [(module, module._backward_hooks, module._backward_pre_hooks) for module in modules]
-        tensors = {id(p): p for module in modules for p in module._parameters.values()
-                   if p is not None and p._backward_hooks}
-        saved_tensors = [(p._backward_hooks, list(p._backward_hooks.items())) for p in tensors.values()]
         try:
             for module in modules:
                 module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
-            for hooks, _ in saved_tensors:
-                hooks.clear()  # the very dict autograd calls: emptied, not replaced
-            yield
+            with tensor_hooks_off(p for module in modules for p in module._parameters.values() if p is not None):
+                yield
         finally:
-            for hooks, items in saved_tensors:
-                hooks.update(items)
             for module, backward, backward_pre in saved_modules:
                 module._backward_hooks, module._backward_pre_hooks = backward, backward_pre
+
+
+@contextmanager
+def tensor_hooks_off(tensors):
+    """The tensor hooks of `tensors` (leaf parameters) emptied for the block: the very dicts autograd calls are
+    cleared, not replaced, and refilled after it."""
+    unique = {id(t): t for t in tensors if t._backward_hooks}
+    saved = [(t._backward_hooks, list(t._backward_hooks.items())) for t in unique.values()]
+    try:
+        for hooks, _ in saved:
+            hooks.clear()
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
 
 
 @contextmanager

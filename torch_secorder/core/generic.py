@@ -5,6 +5,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..forward_pass import library_forward
+from ..gradient_hooks import tensor_hooks_off
 from . import validation
 from .batched_hvp import batched_hessian_diagonal, saved_tensor_bytes
 
@@ -29,8 +31,10 @@ def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, m
     if strict:
         check_strict_requires_grad(params)
 
-    with torch.enable_grad(), inference_tensors_explained(source), attention_twice_differentiable():
-        loss = func()
+    with torch.enable_grad(), inference_tensors_explained(source), attention_twice_differentiable(), \
+            tensor_hooks_off(params):  # a hook on a parameter changes its gradient, not the function
+        with library_forward():
+            loss = func()
         validation.check_scalar_loss(loss, source)
         loss = loss.reshape(())
         grads = first_order_grads(loss, params)

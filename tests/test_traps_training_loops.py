@@ -59,12 +59,17 @@ def computed(model, x, y, method, loss_fn=F.cross_entropy, **kwargs):
 
 
 # ---------------------------------------------------------------- 1. threads
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", ["graph", "chain"])
-def test_concurrent_calls_on_one_model_are_exact(kind, method):
+def test_concurrent_calls_on_one_model_are_exact(kind, method, hooked):
     model = built(kind)
     batches = [batch(seed) for seed in range(4)]
     truths = [brute_force(model, F.cross_entropy, x, y) for x, y in batches]
+    if hooked:  # the calls set hooks aside and put them back: one at a time, and the hook is back after all
+        last = model.out if kind == "graph" else model[2]
+        last.weight.register_hook(lambda grad: grad * 2)
+        HOOKS["module backward scale"](model)
     calls = 24 if method != "autograd" else 8
 
     def one(index):
@@ -74,6 +79,8 @@ def test_concurrent_calls_on_one_model_are_exact(kind, method):
     with ThreadPoolExecutor(4) as pool:
         errors = list(pool.map(one, range(calls)))
     assert max(errors) < 1e-10, errors
+    if hooked:
+        assert last.weight._backward_hooks and (model.mid if kind == "graph" else model[1])._backward_hooks
 
 
 # ---------------------------------------------------------------- 2. state read by the forward

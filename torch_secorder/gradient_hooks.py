@@ -11,8 +11,9 @@ library's internal gradients as if they were the user's. So, for the length of a
 - Tensor.register_hook called during the library's forward passes (a forward hook or a forward that
   registers one on an activation) registers nothing (forward_pass.py).
 
-Calls on one model hold that model's lock meanwhile: while a call runs, other threads' forwards and
-backwards through the same model also run without those hooks (documented in the README).
+Calls on a model with such hooks hold that model's lock meanwhile: while one runs, other threads' forwards and
+backwards through the same model also run without those hooks (documented in the README). Calls on a model
+without them change nothing and run side by side.
 """
 
 import threading
@@ -26,22 +27,32 @@ _GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
 _LOCKS = weakref.WeakKeyDictionary()  # model -> its RLock
 _LOCKS_GUARD = threading.Lock()
 _GLOBALS_LOCK = threading.RLock()
+_SETTING_ASIDE = weakref.WeakKeyDictionary()  # model -> how many calls have its hooks set aside now
 
 
-def _lock_for(model):
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
+def _has_gradient_hooks(modules):
+    return any(module._backward_hooks or module._backward_pre_hooks or any(
+        p is not None and p._backward_hooks for p in module._parameters.values()) for module in modules)
 
 
 @contextmanager
 def gradient_hooks_off(model):
     """The model's module backward hooks, its parameters' tensor hooks and the global backward hooks set aside
-    for the block (restored after it, whatever happens)."""
-    with _lock_for(model), _global_backward_hooks_off():
-        modules = list(model.modules())
+    for the block (restored after it, whatever happens). Calls on a model without such hooks take no lock and
+    may run at the same time; the others hold the model's lock."""
+    modules = list(model.modules())
+    with _LOCKS_GUARD:  # one look at both: a call setting hooks aside counts itself before it touches them
+        untouched = _SETTING_ASIDE.get(model, 0) == 0 and not _has_gradient_hooks(modules)
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    if untouched:
+        with _global_backward_hooks_off():
+            yield
+        return
+    with lock, _global_backward_hooks_off():
+        with _LOCKS_GUARD:
+            _SETTING_ASIDE[model] = _SETTING_ASIDE.get(model, 0) + 1
         saved_modules = [(module, module._backward_hooks, module._backward_pre_hooks) for module in modules]
         try:
             for module in modules:
@@ -51,6 +62,8 @@ def gradient_hooks_off(model):
         finally:
             for module, backward, backward_pre in saved_modules:
                 module._backward_hooks, module._backward_pre_hooks = backward, backward_pre
+            with _LOCKS_GUARD:
+                _SETTING_ASIDE[model] -= 1
 
 
 @contextmanager

@@ -9,7 +9,6 @@ Unsupported naming it.
 
 import dataclasses
 import inspect
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -51,7 +50,6 @@ class GraphPlan:
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
     constants: dict = field(default_factory=dict)  # tensors the trace met outside the model (get_attr targets)
     source: Optional["GraphPlan"] = None  # for a call's copy: the cached plan it was made from
-    graph: Optional[fx.Graph] = None  # the trace it was built from (a later trace is compared with it)
 
     def for_call(self):
         """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
@@ -208,14 +206,14 @@ def build_plan(model, traced=None):
             # below would see a constant and give the parameter no curvature
             raise Unsupported(f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
                               f"{node.op.describe(node)} before use (only direct uses have exact rules)")
-    return GraphPlan(nodes, output, names, constants=constants, graph=graph)
+    return GraphPlan(nodes, output, names, constants=constants)
 
 
 # ---------------------------------------------------------------- cache
 # A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
 # forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
 # anything different traces to another graph (other ops, constants or control flow) and gets a new plan.
-_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, plan or the Unsupported its graph raised)
+_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, trace, plan or the Unsupported its graph raised)
 
 
 def _fingerprint(model):
@@ -289,7 +287,7 @@ def _same_value(a, b):
 
 def validate(plan, model, inputs):
     """Once per cached plan: the traced graph must give what model(inputs) gives. What a trace cannot see (an
-    in-place change of a tensor another path still reads, randomness) shows here."""
+    in-place change of a tensor another path still reads) shows here."""
     shared = plan.source or plan
     if shared.validated:
         return

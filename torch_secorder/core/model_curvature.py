@@ -62,7 +62,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
                 if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
                     with torch.no_grad(), buffers_restored(model), library_forward():
                         losses.append(loss_fn(called(*input_tuple), targets))
-        # under torch.autocast the passes compute in the autocast dtype; the result has the parameter's
+        # under torch.autocast the passes compute in the autocast dtype; each result has its parameter's dtype
         diagonals = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(diagonals, params)]
         if all_reduce:
             reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
@@ -102,7 +102,7 @@ def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, c
                           f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
                           RuntimeWarning, stacklevel=4)
     def forward(*args):
-        with library_forward():  # a forward (hook) that registers a gradient hook on an activation
+        with library_forward():  # no hooks registered, reentrant checkpoints direct, the call's random draw
             return model(*args)
 
     with buffers_restored(model):

@@ -83,6 +83,23 @@ def test_concurrent_calls_on_one_model_are_exact(kind, method, hooked):
         assert last.weight._backward_hooks and (model.mid if kind == "graph" else model[1])._backward_hooks
 
 
+def test_traces_never_overlap_another_calls_forward():
+    """torch.fx patches nn.Module.__call__ for every thread while it traces: a generic call's forward in one thread
+    and an engine call's trace in another must not meet (they did: a Proxy reached the loss)."""
+    graph_model, chain_model = built("graph"), built("chain")
+    x, y = batch()
+    truths = {id(m): brute_force(m, F.cross_entropy, x, y) for m in (graph_model, chain_model)}
+    jobs = [(graph_model, "auto"), (graph_model, "autograd"), (chain_model, "autograd"), (graph_model, "backprop")]
+
+    def one(index):
+        model, method = jobs[index % len(jobs)]
+        return relative_error(computed(model, x, y, method), truths[id(model)])
+
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(one, range(96)))
+    assert max(errors) < 1e-10, errors
+
+
 # ---------------------------------------------------------------- 2. state read by the forward
 class ReadsState(nn.Module):
     """A residual forward that reads Python state at each call: a config dict, a namespace, a module global and

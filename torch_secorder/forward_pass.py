@@ -10,6 +10,12 @@
   passes of a call (the generic method runs several: a reference output, one pass per sample for per-sample
   diagonals) see the same dropout masks, the ones the model's own next forward would have drawn.
 
+Tracing (torch.fx) patches nn.Module.__call__ for every thread while it runs, so no forward of a library call
+may run meanwhile: library_call() marks a call (shared, any number of threads), exclusive_trace() waits until no
+call is running its forwards (a thread's own call steps aside while it traces). A model's gradient-hook lock is
+taken before library_call(), never while holding it. Forwards that threads run outside the library's calls are
+not covered: tracing anywhere has that hazard.
+
 The first two are switches installed once, on the first forward pass the library runs, in place of
 Tensor.register_hook and the reentrant checkpoint's CheckpointFunction.apply; they test a per-thread flag, so
 they act only on the thread that runs a library call, only during its forward passes, and cost nothing per
@@ -89,3 +95,52 @@ def library_forward():
         yield
     finally:
         _STATE.depth -= 1
+
+
+class _TraceGate:
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._calls = 0  # library calls running (each counted once, however nested)
+        self._tracing = False
+        self._waiting = 0  # traces waiting: new calls wait behind them
+
+    @contextmanager
+    def call(self):
+        depth = getattr(_STATE, "calls", 0)
+        if depth == 0:
+            with self._condition:
+                while self._tracing or self._waiting:
+                    self._condition.wait()
+                self._calls += 1
+        _STATE.calls = depth + 1
+        try:
+            yield
+        finally:
+            _STATE.calls = depth
+            if depth == 0:
+                with self._condition:
+                    self._calls -= 1
+                    self._condition.notify_all()
+
+    @contextmanager
+    def trace(self):
+        own = getattr(_STATE, "calls", 0) > 0  # this thread's call steps aside: it runs no forward meanwhile
+        with self._condition:
+            self._calls -= own
+            self._waiting += 1
+            while self._tracing or self._calls:
+                self._condition.wait()
+            self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._tracing = False
+                self._calls += own
+                self._condition.notify_all()
+
+
+_GATE = _TraceGate()
+library_call = _GATE.call  # around a whole library call: its forwards never overlap a trace
+exclusive_trace = _GATE.trace  # around a torch.fx trace

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..forward_pass import library_forward
+from ..forward_pass import exclusive_trace, library_forward
 from . import eligibility, graph_ops
 from .errors import Unsupported
 from .registry import registered_base
@@ -59,8 +59,7 @@ class GraphPlan:
         return dataclasses.replace(self, nodes=nodes, source=self.source or self)
 
     def root(self, model):
-        """What the plan's get_attr targets are read from: the model, plus the trace's own constants."""
-        return _Root(model, self.constants) if self.constants else model
+        return _root(model, self.constants)
 
     def is_chain(self):
         """True when every activation node is a module rule reading the one before it: the chain engine's case."""
@@ -73,6 +72,11 @@ class GraphPlan:
             if node.op.binds_tensors:  # F.linear(x, w): its module gets w at each evaluation (graph engine only)
                 return False
         return all(len(n.fx_node.users) <= 1 for n in activations)
+
+
+def _root(model, constants):
+    """What get_attr targets are read from: the model, plus the trace's own constants."""
+    return _Root(model, constants) if constants else model
 
 
 class _Root:
@@ -150,7 +154,9 @@ def trace(model):
         defaults = {}
     tracer = _Tracer()
     try:
-        with library_forward():  # what the library's forward passes will run (a reentrant checkpoint directly)
+        # no other forward may run while fx patches nn.Module.__call__; what the library's forward passes will
+        # run (a reentrant checkpoint directly)
+        with exclusive_trace(), library_forward():
             return tracer.trace(model, concrete_args=defaults or None), tracer.constants
     except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
@@ -168,12 +174,11 @@ def check_modules(model, names):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 
-def build_plan(model, traced=None):
-    """The GraphPlan of model from traced = trace(model) (traced now when not given)."""
+def build_plan(model, traced):
+    """The GraphPlan of model from traced = trace(model); check_modules(model) has passed."""
     names = {id(module): name for name, module in model.named_modules()}
-    check_modules(model, names)
-    graph, constants = traced if traced is not None else trace(model)
-    root = _Root(model, constants) if constants else model
+    graph, constants = traced
+    root = _root(model, constants)
     modules = dict(model.named_modules())
     nodes, index_of = [], {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default

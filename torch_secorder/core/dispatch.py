@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backprop import Unsupported, check_supported
+from ..forward_pass import library_call
 from .validation import check_method, model_to_run, uncompiled
 
 
@@ -26,6 +27,11 @@ def explain_method(model, loss_fn, inputs=None, method="auto"):
     MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules', cost='...')
     """
     check_method(method)
+    with library_call():  # its forwards never overlap a trace in another thread
+        return _explain(model, loss_fn, inputs, method)
+
+
+def _explain(model, loss_fn, inputs, method):
     model = uncompiled(model) if inputs is None else model_to_run(model, inputs)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..forward_pass import library_forward
+from ..forward_pass import library_call, library_forward
 from ..gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
 from . import validation
@@ -78,7 +78,7 @@ def hessian_diagonal_estimate(
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
     with torch.inference_mode(False), torch.enable_grad(), inference_tensors_explained("func"), \
-            attention_twice_differentiable(), block_cache_scope():
+            attention_twice_differentiable(), block_cache_scope(), library_call():
         return _estimate(func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget, "func")
 
 
@@ -113,7 +113,7 @@ def model_hessian_diagonal_estimate(
                 return loss_fn(called(*input_tuple), targets)
 
         with buffers_restored(model), torch.enable_grad(), inference_tensors_explained("loss_fn"), \
-                attention_twice_differentiable(), gradient_hooks_off(called):
+                attention_twice_differentiable(), gradient_hooks_off(called), library_call():
             return _estimate(loss_func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget,
                              "loss_fn")
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..forward_pass import library_call
 from ..memory import block_cache_scope
 from ..backprop.origins import CurvatureRequest
 from . import validation
@@ -57,7 +58,8 @@ def hessian_diagonal(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable returning the loss, got {type(func).__name__}")
-    with torch.inference_mode(False), block_cache_scope():  # inference_mode switches autograd off: run outside it
+    # inference_mode switches autograd off: run outside it; library_call: no trace runs meanwhile
+    with torch.inference_mode(False), block_cache_scope(), library_call():
         return generic_hessian_diagonal(
             func, params, v, create_graph, strict, "func",
             method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,

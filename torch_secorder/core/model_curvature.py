@@ -10,7 +10,7 @@ import torch
 
 from ..backprop import Unsupported, backprop_hessian_diagonal
 from ..backprop.losses import recognise
-from ..forward_pass import library_forward, same_random_draws
+from ..forward_pass import library_call, library_forward, same_random_draws
 from ..gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
 from . import dispatch, distributed, validation
@@ -56,7 +56,7 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             targets = normal_tensor(targets)
             # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass
-            with gradient_hooks_off(called), same_random_draws({p.device for p in params}):
+            with gradient_hooks_off(called), library_call(), same_random_draws({p.device for p in params}):
                 diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph,
                                       strict, method, chunk_size, memory_budget, progress, params)
                 if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
@@ -107,9 +107,8 @@ def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, c
 
     with buffers_restored(model):
         if request.kind == "hessian" and not request.per_sample:
-            def loss_func():
-                with library_forward():
-                    loss = loss_fn(model(*input_tuple), targets)
+            def loss_func():  # generic_hessian_diagonal runs it as a library forward pass
+                loss = loss_fn(model(*input_tuple), targets)
                 validation.check_scalar_loss(loss, "loss_fn")
                 request.record_loss(loss.detach())
                 return loss

@@ -6,6 +6,8 @@ import weakref
 
 import torch
 
+from ..forward_pass import library_call
+
 METHODS = ("auto", "autograd", "backprop")
 
 
@@ -247,7 +249,7 @@ def _materialise(model, inputs):
     model.eval()  # no running statistics updated by this extra forward
     try:
         called, input_tuple = model_call(model, inputs)
-        with torch.no_grad():
+        with torch.no_grad(), library_call():
             called(*input_tuple)
     finally:
         for module, training in modes:

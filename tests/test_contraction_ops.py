@@ -226,7 +226,7 @@ def test_channel_weight_diagonal_names_bad_arguments():
 @pytest.mark.parametrize("with_signs", [False, True])
 def test_weight_diagonal_over_position_pairs_equals_the_kernel(shape, with_signs):
     """The engine expands the square over position pairs when few positions meet many columns: same numbers."""
-    from torch_secorder.backprop.shared_weight import factor_weight_diagonal
+    from torch_secorder.backprop.rules.shared_weight import factor_weight_diagonal
 
     samples, columns, outs, ins, positions = shape
     generator = torch.Generator().manual_seed(sum(shape))

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from conftest import relative_error
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
-from torch_secorder.backprop import gemm
+from torch_secorder.backprop.rules import gemm
 from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

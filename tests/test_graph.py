@@ -630,14 +630,18 @@ def test_the_fallback_warning_projects_the_time_of_a_large_generic_run():
     assert not any("projected" in str(w.message) for w in caught)  # 21 entries: nothing to project
 
 
-def test_the_cached_plan_keeps_no_tensors_of_the_last_call():
-    from torch_secorder.backprop import graph
+def test_a_call_keeps_no_tensors_of_its_own():
+    import gc
+    import weakref
 
     torch.manual_seed(0)
     model = GLU().double()
-    exact(model, vectors(6))
-    plan = graph.plan_for(model)
-    assert all(node.values is None and node.record is None and node.output_grad is None for node in plan.nodes)
+    x = vectors(6)
+    model_hessian_diagonal(model, F.cross_entropy, x, Y5, method="backprop")
+    gone = weakref.ref(x)
+    del x
+    gc.collect()
+    assert gone() is None  # the cached plan holds no value of the call
 
 
 def test_a_replaced_module_is_traced_again():
@@ -703,7 +707,7 @@ def test_channel_diagonal_reads_factors_dense_and_diagonal_parts_alike(positions
     """BatchNorm's (C, P) and LayerNorm's (P, C) feature orders: the same H as factors + diagonal or as a dense
     matrix gives the same per-channel diagonal, equal to its definition."""
     from torch_secorder.backprop.curvature import Curvature
-    from torch_secorder.backprop.shared_weight import channelwise_diagonal
+    from torch_secorder.backprop.rules.shared_weight import channelwise_diagonal
 
     generator = torch.Generator().manual_seed(3)
     samples, channels, positions, width = 3, 4, 5, 6

@@ -18,9 +18,9 @@ from torch.nn.utils import parametrize, prune
 from conftest import relative_error
 from helpers import D, assert_backprop_exact, brute_force, randomise_batch_norm
 from torch_secorder import explain_method, hessian_diagonal, model_hessian_diagonal, ops, reference_ops
-from torch_secorder.backprop import registry
-from torch_secorder.backprop.elementwise import ElementwiseRule
-from torch_secorder.core import batched_hvp
+from torch_secorder.backprop import rules as registry
+from torch_secorder.backprop.rules.elementwise import ElementwiseRule
+from torch_secorder.core import _batched_hvp as batched_hvp
 
 # A module of each registered type and the per-sample shape of its input. A new rule needs a line here
 # (test_every_registered_type_has_an_example fails otherwise), except activations, which get a default.

@@ -1,7 +1,7 @@
 """torch_secorder: exact Hessian diagonals for PyTorch models."""
 
 from . import ops
-from .core.dispatch import MethodChoice, explain_method
+from .core.method_choice import MethodChoice, explain_method
 from .core.curvatures import model_fisher_diagonal, model_ggn_diagonal
 from .core.estimate import DiagonalEstimate, hessian_diagonal_estimate, model_hessian_diagonal_estimate
 from .core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__, _extension
-from .core.dispatch import explain_method
+from .core.method_choice import explain_method
 from .core.hessian_diagonal import model_hessian_diagonal
 from .plot import plot_path_problem, plot_report
 from .progress import progress_bar

@@ -19,7 +19,7 @@ negative or not yet known the step is at most lr per entry), with decoupled weig
 import torch
 
 from .core.estimate import DiagonalEstimate
-from .core.matching import diagonals_for
+from .core._matching import diagonals_for
 
 
 class SophiaDiagonal(torch.optim.Optimizer):

@@ -1,5 +1,9 @@
-"""The exact Hessian-backpropagation engine for chains of known layers (see engine.py)."""
+"""The exact engine (internal: no stable API). plan.py reads a model and loss into an EnginePlan: a chain of
+modules with rules (chain.py) or a traced graph (graph/); engine.py runs it. rules/ holds one rule per layer
+family, curvature.py the per-sample curvature they carry, loss_step.py where the loss meets both engines."""
 
-from .engine import Unsupported, backprop_hessian_diagonal, check_supported, curved_nodes
+from .._errors import Unsupported
+from .engine import run_plan
+from .plan import EnginePlan, curved_nodes, plan_model
 
-__all__ = ["Unsupported", "backprop_hessian_diagonal", "check_supported", "curved_nodes"]
+__all__ = ["EnginePlan", "Unsupported", "curved_nodes", "plan_model", "run_plan"]

@@ -24,6 +24,8 @@ activation instead).
 
 import torch
 
+from .. import ops
+
 
 class Curvature:
     def __init__(self, feature_shape, factors=None, signs=None, diag=None, dense=None, primary=True, selection=None):
@@ -173,8 +175,6 @@ def columns_within(samples, features, itemsize, memory_budget):
 
 def factor_diagonal(factors, signs):
     """sum_v signs[n, v] * factors[n, v, d]^2: (N, D)."""
-    from .. import ops  # the compiled op when it is loaded
-
     return ops.factor_diagonal(factors, signs)
 
 

@@ -9,14 +9,11 @@ weight = weight_orig * mask is exact to differentiate (see pruned_tensors).
 
 import torch
 import torch.nn as nn
-import torch.nn.modules.module as module_globals
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
-# Only hooks that may change what the forward computes rule a module out: backward hooks change gradients, not
-# the loss, and every call of the library runs without them (torch_secorder.gradient_hooks).
-_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
-_GLOBAL_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook"), ("_global_forward_hooks", "forward hook"))
+from .._forward_hooks import hook_reason
+
 _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forward is called
 _OWN_TENSORS = ("weight", "bias")
 
@@ -46,33 +43,6 @@ def module_parameters(module):
     if module._modules:
         return list(module.parameters())
     return list({id(p): p for p in module._parameters.values() if p is not None}.values())
-
-
-def _hook_name(hook):
-    return getattr(hook, "__qualname__", None) or type(hook).__name__
-
-
-def global_hooks():
-    """Every global module hook (torch.nn.modules.module.register_module_*_hook) now registered."""
-    return [hook for attribute, _ in _GLOBAL_HOOKS for hook in (getattr(module_globals, attribute, None) or {}).values()]
-
-
-def global_hook_reason():
-    """Why global module hooks (torch.nn.modules.module.register_module_*_hook) rule the engine out, or None."""
-    for attribute, kind in _GLOBAL_HOOKS:
-        for hook in (getattr(module_globals, attribute, None) or {}).values():
-            return f"a global module {kind} ({_hook_name(hook)})"
-    return None
-
-
-def hook_reason(module):
-    """Why the module's own hooks rule it out, or None; pruning pre-hooks are allowed (see pruned_tensors)."""
-    for attribute, kind in _HOOKS:
-        for hook in (getattr(module, attribute, None) or {}).values():
-            if attribute == "_forward_pre_hooks" and isinstance(hook, BasePruningMethod):
-                continue
-            return f"a {kind} ({_hook_name(hook)})"
-    return None
 
 
 def pruned_tensors(module):

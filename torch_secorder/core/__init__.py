@@ -1,4 +1,4 @@
-from .dispatch import MethodChoice, explain_method
+from .method_choice import MethodChoice, explain_method
 from .curvatures import model_fisher_diagonal, model_ggn_diagonal
 from .estimate import DiagonalEstimate, hessian_diagonal_estimate, model_hessian_diagonal_estimate
 from .hessian_diagonal import hessian_diagonal, model_hessian_diagonal

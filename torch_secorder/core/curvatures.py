@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..backprop.origins import CurvatureRequest
-from . import validation
-from .batched_hvp import DEFAULT_MEMORY_BUDGET
-from .model_curvature import model_diagonal
+from ..losses import CurvatureRequest
+from . import _validation as validation
+from ._batched_hvp import DEFAULT_MEMORY_BUDGET
+from ._model_curvature import model_diagonal
 
 __all__ = ["model_ggn_diagonal", "model_fisher_diagonal"]
 

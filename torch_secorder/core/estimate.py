@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..forward_pass import library_call, library_forward
-from ..gradient_hooks import gradient_hooks_off
+from ..losses import check_scalar_loss
+from .._forward_pass import library_call, library_forward
+from .._gradient_hooks import gradient_hooks_off
 from ..memory import block_cache_scope
-from . import validation
-from .matching import ParameterDiagonals
-from .batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
-from .generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
+from . import _validation as validation
+from ._matching import ParameterDiagonals
+from ._batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
+from ._generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
                       inference_tensors_explained, normal_inputs, normal_tensor)
 
 __all__ = ["DiagonalEstimate", "hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
@@ -139,7 +140,7 @@ def _check_estimate_arguments(n_probes, target_rel_error, generator, params):
 
 def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_budget, source):
     loss = func()
-    validation.check_scalar_loss(loss, source)
+    check_scalar_loss(loss, source)
     loss = loss.reshape(())
     grads = first_order_grads(loss, params)
     # a gradient without a graph: the loss is at most linear in that parameter, whose Hessian rows are zero

@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..forward_pass import library_call
+from .._forward_pass import library_call
 from ..memory import block_cache_scope
-from ..backprop.origins import CurvatureRequest
-from . import validation
-from .batched_hvp import DEFAULT_MEMORY_BUDGET
-from .generic import generic_hessian_diagonal
-from .model_curvature import model_diagonal
+from ..losses import CurvatureRequest
+from . import _validation as validation
+from ._batched_hvp import DEFAULT_MEMORY_BUDGET
+from ._generic import generic_hessian_diagonal
+from ._model_curvature import model_diagonal
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..curvature import diagonal_columns
+
 _RULES = {}
 
 
@@ -54,7 +56,7 @@ class Rule:
 
     def reads_only_diagonal(self, record):
         """True when this module's parameter diagonals need only diag(H) at its output, and so does its
-        propagation unless it is mixing (engine.py combines the two)."""
+        propagation unless it is mixing (chain.py combines the two)."""
         return False
 
     def forward(self, module, x):
@@ -79,7 +81,6 @@ class Rule:
         (the graph engine sweeps each as an origin of its own)."""
         diagonal = self.residual_diagonal(record)
         if diagonal is not None:
-            from .curvature import diagonal_columns
             yield from diagonal_columns(diagonal, max_columns)
 
     # param_diagonals takes per_sample=True and then returns (N, *parameter.shape) per parameter; without it

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..curvature import Curvature
+from .columns import linear_transpose_columns
 from .registry import Rule, register
-from .shared_weight import channelwise_diagonal, linear_transpose_columns
+from .shared_weight import channelwise_diagonal
 
 
 
@@ -61,7 +63,6 @@ class LayerNormRule(Rule):
 
         yield from linear_transpose_columns(function, x, curvature, context.max_columns)
         if curvature.primary:
-            from .curvature import Curvature
             for columns, signs in self.residual_columns(record, context.max_columns):
                 yield Curvature(x.shape[1:], columns, signs)
 

@@ -2,15 +2,18 @@
 
 Columns are per-sample adjoints (N, V, D) of one origin. Every op pulls them through its Jacobian
 one to one (column v stays column v), so columns of one origin that reach a tensor along several
-paths can be added as vectors (graph_engine.py). Four kinds of op:
+paths can be added as vectors (engine.py). The ops, below the base class NodeOp:
 
-- ModuleOp: a module with a rule (registry), or a functional call that is one (F.relu, F.linear,
+- InputOp, ConstantOp, MetaOp: the model input; values computed from parameters or constants only;
+  shapes, dtypes and sizes read from a tensor. None of them carries columns.
+- ModuleOp: a module with a rule (rules/), or a functional call that is one (F.relu, F.linear,
   F.conv2d, F.max_pool2d, torch.flatten, ...) run through a module built once from its arguments.
 - ReshapeOp: view/reshape/flatten that keep the batch axis: the columns are the same numbers.
-- AddOp: sums and differences: the columns go to both operands unchanged (or negated).
 - GenericOp: anything else, through torch.func: a batched vjp pulls the columns, a per-sample vjp
   gives diagonals of parameters it uses directly (only where it is affine in them), and a per-sample
   Hessian of g . f (one batched double backward) gives its residual term where it is not linear.
+  Its kinds: AddOp (sums and differences: the columns go to both operands unchanged or negated),
+  ProductOp (products of two inputs: curved), ItemOp (one item of a TupleOp: split, chunk, unbind).
 """
 
 import operator
@@ -20,18 +23,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import eligibility
-from .curvature import Curvature
-from .errors import Unsupported
-from .registry import LayerRecord, PropagationContext, registered_base, rule_for, sample_param_diagonals
+from .. import eligibility
+from ..curvature import Curvature
+from ..._errors import Unsupported
+from ..rules import LayerRecord, PropagationContext, registered_base, rule_for, sample_param_diagonals
+from ..rules.columns import pull_columns
+from .functional import attribute, module_for_call
+from .residuals import per_sample_hessian_columns
 
 # One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
-
-
-def attribute(root, target):
-    """root's attribute at a dotted path (a get_attr target such as 'layer1.0.weight')."""
-    return operator.attrgetter(target)(root)
 
 
 def _target_name(fx_node):
@@ -294,14 +295,9 @@ class GenericOp(NodeOp):
     # -- columns
     def pull(self, node, columns, signs, positions):
         differentiable = self._differentiable(node)
-        samples, width = columns.shape[:2]
-        with torch.enable_grad():
-            output, vjp_fn = torch.func.vjp(self.function(node, node.values, differentiable),
-                                            *[node.values[name] for name in differentiable])
-        cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
-        pulled = torch.func.vmap(vjp_fn)(cotangents)
-        return [pulled[differentiable.index(node.input_names[p])].reshape(width, samples, -1).transpose(0, 1)
-                for p in positions]
+        pulled = pull_columns(self.function(node, node.values, differentiable),
+                              [node.values[name] for name in differentiable], columns)
+        return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
     def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
         params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
@@ -336,7 +332,6 @@ class GenericOp(NodeOp):
     def residual_columns(self, node, max_columns):
         if self.linear or node.output_grad is None:
             return
-        from .residuals import per_sample_hessian_columns
         differentiable = self._differentiable(node)
         if not differentiable:
             return
@@ -465,8 +460,6 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type", "get_
 
 def make_op(fx_node, root, modules, names):
     """(op, [parameter names it uses directly]) for one traced node."""
-    from .functional import module_for_call  # functional calls that are modules with rules
-
     if fx_node.op == "placeholder":
         return (ConstantOp(), []) if fx_node.args else (InputOp(), [])
     if (fx_node.op == "call_function" and (fx_node.target is len or (

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backprop import Unsupported, check_supported
-from ..forward_pass import library_call
-from .validation import check_method, model_to_run, uncompiled
+from ..backprop import Unsupported, curved_nodes, plan_model
+from .._forward_pass import library_call
+from ._validation import check_method, model_to_run, uncompiled
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ def _explain(model, loss_fn, inputs, method):
     model = uncompiled(model) if inputs is None else model_to_run(model, inputs)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
-    chain, reason = backprop_plan(model, loss_fn, inputs)
+    plan, reason = backprop_plan(model, loss_fn, inputs)
     if reason is None:
         return MethodChoice("backprop", "every module and the loss have exact Hessian-backprop rules",
-                            engine_cost(chain, model, inputs))
+                            engine_cost(plan, model, inputs))
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
 
 
@@ -47,13 +47,10 @@ def generic_cost(model):
     return f"{entries} Hessian-vector products, one per parameter entry, batched; each costs about a gradient or more"
 
 
-def engine_cost(chain, model, inputs=None):
+def engine_cost(plan, model, inputs=None):
     """Origins and their columns: the loss's per-sample curvature, and one origin per curved node (counted
     with a forward pass without gradients when inputs are given)."""
-    from ..backprop import curved_nodes
-
-    spec = getattr(chain, "spec", None) or chain[1]
-    classes = spec.kind in ("cross_entropy", "nll")
+    classes = plan.loss.class_axis
     loss_columns = "C - 1 (classes - 1) columns" if classes else "one column per output feature"
     if isinstance(inputs, (tuple, list)):
         inputs = inputs[0] if len(inputs) == 1 else None
@@ -65,11 +62,11 @@ def engine_cost(chain, model, inputs=None):
             positions = output[0, 0].numel() if output.dim() > 2 else 1
             counted = (output.shape[1] - 1) * positions if classes else output[0].numel()
             loss_columns = f"{counted} columns"
-            curved = curved_nodes(chain, inputs)
+            curved = curved_nodes(plan, inputs)
         except Exception:  # noqa: BLE001  (the call itself will report what is wrong)
             counted = None
     if curved is None:  # no inputs, or a forward that failed: the nodes without their widths
-        curved = curved_nodes(chain)
+        curved = curved_nodes(plan)
     text = f"one forward pass; the loss's {loss_columns} per sample pulled down once through every layer"
     if not curved:
         return text + "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"
@@ -84,7 +81,7 @@ def engine_cost(chain, model, inputs=None):
 
 
 def backprop_plan(model, loss_fn, inputs=None):
-    """(chain, None) with the engine's (layers, loss spec) when it can run, else (None, why not)."""
+    """(the engine's EnginePlan, None) when it can run, else (None, why not)."""
     if isinstance(inputs, (tuple, list)) and len(inputs) != 1:
         return None, f"a model called with {len(inputs)} inputs (only chains of modules with one input)"
     if isinstance(inputs, (tuple, list)):
@@ -95,6 +92,6 @@ def backprop_plan(model, loss_fn, inputs=None):
         # the trace stands a tensor in for the input: a forward that branches on its type would differ
         return None, f"a model input that is a {type(inputs).__name__}, not a tensor (the engine takes one tensor)"
     try:
-        return check_supported(model, loss_fn), None
+        return plan_model(model, loss_fn), None
     except Unsupported as error:
         return None, str(error)

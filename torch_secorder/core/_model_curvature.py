@@ -1,27 +1,57 @@
 """One dispatch for every model-level diagonal (Hessian, GGN, Fisher; summed or per sample): the engine
 where it supports the model, else the generic method, with one warning saying why and what it will cost."""
 
-import dataclasses
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from ..backprop import Unsupported, backprop_hessian_diagonal
-from ..backprop.losses import recognise
-from ..forward_pass import library_call, library_forward, same_random_draws
-from ..gradient_hooks import gradient_hooks_off
+from .._forward_pass import library_call, library_forward, same_random_draws
+from .._gradient_hooks import gradient_hooks_off
+from ..backprop import Unsupported, run_plan
+from ..losses import check_scalar_loss, recognise
 from ..memory import block_cache_scope
-from . import dispatch, distributed, validation
-from .matching import ParameterDiagonals, tag_flat
-from .generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
-                      normal_tensor)
-from .generic_curvature import generic_model_curvature
+from . import _distributed as distributed
+from . import _validation as validation
+from ._generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
+                       normal_tensor)
+from ._generic_curvature import generic_model_curvature
+from ._matching import ParameterDiagonals, tag_flat
+from .method_choice import backprop_plan
 
 PROJECTION_THRESHOLD = 1000  # Hessian-vector products (each about a gradient) beyond which the fallback says how long
 
 _NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_mc": "Monte-Carlo Fisher", "fisher_empirical": "empirical Fisher"}
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How a call computes, as the public functions took it (checked)."""
+
+    create_graph: bool
+    strict: bool
+    method: str
+    chunk_size: Optional[int]
+    memory_budget: int
+    progress: Optional[Callable]
+
+
+@dataclass
+class ModelCall:
+    """What one call runs: `model` is the module to call with `inputs` (the user's model, or its keyword wrapper
+    for dict inputs, whose parameters are user_model's, listed in params); loss is loss_fn recognised (None
+    where only the Hessian is asked for: the generic method needs no loss rule)."""
+
+    user_model: torch.nn.Module
+    model: torch.nn.Module
+    loss_fn: Callable
+    loss: object
+    inputs: tuple
+    targets: torch.Tensor
+    params: list
 
 
 def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_graph, strict, method, chunk_size,
@@ -41,33 +71,33 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     validation.check_chunking(chunk_size, memory_budget)
     validation.check_progress(progress)
     validation.check_not_inference_tensors(model, params)
-    spec = None
+    options = CallOptions(create_graph, strict, method, chunk_size, memory_budget, progress)
+    loss = None
     if request.kind != "hessian":
-        spec = recognise(loss_fn)
-        if isinstance(spec, str):
-            raise ValueError(f"{api}: loss_fn is not supported: {spec}; the {_NAMES[request.kind]} needs the "
+        loss = recognise(loss_fn)
+        if isinstance(loss, str):
+            raise ValueError(f"{api}: loss_fn is not supported: {loss}; the {_NAMES[request.kind]} needs the "
                              "loss's curvature in the model output, known for MSE, cross-entropy, "
                              "BCE-with-logits and NLL")
     with block_cache_scope():  # a `with`, not a decorator: warnings keep pointing at the caller
-        losses = []
-        request = dataclasses.replace(request, record_loss=losses.append)
         with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
             # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
-            targets = normal_tensor(targets)
+            call = ModelCall(model, called, loss_fn, loss, input_tuple, normal_tensor(targets), params)
             # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass
             with gradient_hooks_off(called), library_call(), same_random_draws({p.device for p in params}):
-                diagonals = _dispatch(model, called, loss_fn, input_tuple, targets, spec, request, create_graph,
-                                      strict, method, chunk_size, memory_budget, progress, params)
-                if return_loss and not losses:  # the generic GGN / Fisher / per-sample passes: one forward more
+                loss_value, diagonals = _dispatch(call, request, options)
+                if return_loss and loss_value is None:  # the generic GGN / Fisher / per-sample passes: one more
                     with torch.no_grad(), buffers_restored(model), library_forward():
-                        losses.append(loss_fn(called(*input_tuple), targets))
+                        loss_value = loss_fn(called(*input_tuple), call.targets)
         # under torch.autocast the passes compute in the autocast dtype; each result has its parameter's dtype
         diagonals = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(diagonals, params)]
         if all_reduce:
-            reduced = distributed.reduce_diagonals(list(diagonals) + losses[:1],
-                                                   distributed.local_normaliser(loss_fn, targets))
-            diagonals, losses = reduced[:len(diagonals)], reduced[len(diagonals):]
+            losses = [] if loss_value is None else [loss_value]
+            reduced = distributed.reduce_diagonals(list(diagonals) + losses,
+                                                   distributed.local_normaliser(loss_fn, call.targets))
+            diagonals = reduced[:len(diagonals)]
+            loss_value = reduced[len(diagonals)] if losses else None
         if flat:
             trainable = [(d, p) for d, p in zip(diagonals, params) if p.requires_grad]
             start = 1 if request.per_sample else 0
@@ -78,47 +108,47 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
             diagonals = ParameterDiagonals(diagonals, params)  # matched to parameters by identity (optim.py)
         if not return_loss:
             return diagonals
-        return losses[0].detach().reshape(()), diagonals
+        return loss_value.detach().reshape(()), diagonals
 
 
-def _dispatch(user_model, model, loss_fn, input_tuple, targets, spec, request, create_graph, strict, method,
-              chunk_size, memory_budget, progress, params):
-    """model: the module to call with input_tuple (user_model itself, or its keyword wrapper for dict inputs,
-    whose parameters are user_model's, listed in params)."""
-    if method != "autograd":
-        chain, reason = dispatch.backprop_plan(model, loss_fn, input_tuple)
+def _dispatch(call, request, options):
+    """(the loss the passes computed, or None where they computed none; diagonals)."""
+    if options.method != "autograd":
+        plan, reason = backprop_plan(call.model, call.loss_fn, call.inputs)
         if reason is None:
             try:
-                return _backprop(chain, model, loss_fn, input_tuple[0], targets, params, request, create_graph,
-                                 strict, memory_budget, progress)
+                return _backprop(plan, call, request, options)
             except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
                 reason = str(error)
         reason = f"Hessian backpropagation does not support {reason}"
-        if method == "backprop":
+        if options.method == "backprop":
             raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
-        if _first_time(user_model, loss_fn, reason):
-            repeats = _batch_size(input_tuple, targets) if request.per_sample else 1
+        if _first_time(call.user_model, call.loss_fn, reason):
+            repeats = _batch_size(call.inputs, call.targets) if request.per_sample else 1
             warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
-                          f"{_projection(model, loss_fn, input_tuple, targets, params, repeats)}",
-                          RuntimeWarning, stacklevel=4)
+                          f"{_projection(call, repeats)}", RuntimeWarning, stacklevel=4)
+    model, loss_fn, targets = call.model, call.loss_fn, call.targets
+
     def forward(*args):
         with library_forward():  # no hooks registered, reentrant checkpoints direct, the call's random draw
             return model(*args)
 
     with buffers_restored(model):
         if request.kind == "hessian" and not request.per_sample:
+            losses = []
+
             def loss_func():  # generic_hessian_diagonal runs it as a library forward pass
-                loss = loss_fn(model(*input_tuple), targets)
-                validation.check_scalar_loss(loss, "loss_fn")
-                request.record_loss(loss.detach())
+                loss = loss_fn(model(*call.inputs), targets)
+                check_scalar_loss(loss, "loss_fn")
+                losses.append(loss.detach())
                 return loss
 
-            return generic_hessian_diagonal(loss_func, params, None, create_graph, strict, "loss_fn",
-                                            method="autograd", chunk_size=chunk_size,
-                                            memory_budget=memory_budget, progress=progress)
-        return generic_model_curvature(forward, loss_fn, spec, input_tuple, targets, params, request,
-                                       create_graph=create_graph, strict=strict, chunk_size=chunk_size,
-                                       memory_budget=memory_budget, progress=progress)
+            diagonals = generic_hessian_diagonal(loss_func, call.params, None, options.create_graph, options.strict,
+                                                 "loss_fn", method="autograd", chunk_size=options.chunk_size,
+                                                 memory_budget=options.memory_budget, progress=options.progress)
+            return (losses[0] if losses else None), diagonals
+        return None, generic_model_curvature(forward, loss_fn, call.loss, call.inputs, targets, call.params,
+                                             request, options)
 
 
 _WARNED = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
@@ -141,22 +171,24 @@ def _batch_size(input_tuple, targets):
     return 1
 
 
-def _backprop(chain, model, loss_fn, inputs, targets, params, request, create_graph, strict, memory_budget, progress):
-    if strict:
-        check_strict_requires_grad(params)
-    with buffers_restored(model):
-        diagonals = backprop_hessian_diagonal(chain, loss_fn, inputs, targets, params, create_graph=create_graph,
-                                              memory_budget=memory_budget, request=request)
-    if progress is not None:
-        total = sum(p.numel() for p in params)
-        progress(total, total)
-    return diagonals
+def _backprop(plan, call, request, options):
+    if options.strict:
+        check_strict_requires_grad(call.params)
+    with buffers_restored(call.model):
+        loss, diagonals = run_plan(plan, call.loss_fn, call.inputs[0], call.targets, call.params,
+                                   create_graph=options.create_graph, memory_budget=options.memory_budget,
+                                   request=request)
+    if options.progress is not None:
+        total = sum(p.numel() for p in call.params)
+        options.progress(total, total)
+    return loss.detach(), diagonals
 
 
-def _projection(model, loss_fn, input_tuple, targets, params, repeats=1):
+def _projection(call, repeats=1):
     """'; projected ...' for the fallback warning when the generic method will take more than about 1,000
     gradients: one gradient is timed (a small price next to what follows), else ''. repeats: per-sample
     diagonals take one pass per sample."""
+    model, loss_fn, input_tuple, targets, params = call.model, call.loss_fn, call.inputs, call.targets, call.params
     entries = sum(p.numel() for p in params if p.requires_grad) * repeats
     if entries <= PROJECTION_THRESHOLD:
         return ""

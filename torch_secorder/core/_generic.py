@@ -5,10 +5,11 @@ from contextlib import contextmanager
 
 import torch
 
-from ..forward_pass import library_forward
-from ..gradient_hooks import tensor_hooks_off
-from . import validation
-from .batched_hvp import batched_hessian_diagonal, saved_tensor_bytes
+from ..losses import check_scalar_loss
+from .._forward_pass import library_forward
+from .._gradient_hooks import tensor_hooks_off
+from . import _validation as validation
+from ._batched_hvp import batched_hessian_diagonal, saved_tensor_bytes
 
 
 def check_strict_requires_grad(params):
@@ -35,7 +36,7 @@ def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, m
             tensor_hooks_off(params):  # a hook on a parameter changes its gradient, not the function
         with library_forward():
             loss = func()
-        validation.check_scalar_loss(loss, source)
+        check_scalar_loss(loss, source)
         loss = loss.reshape(())
         grads = first_order_grads(loss, params)
         if strict:

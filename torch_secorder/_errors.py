@@ -1,4 +1,4 @@
-"""The engine's one exception."""
+"""The exception every layer below the public API raises when the exact engine cannot run."""
 
 
 class Unsupported(Exception):

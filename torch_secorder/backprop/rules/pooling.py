@@ -3,9 +3,9 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .curvature import Curvature, scatter_selected
+from ..curvature import Curvature, scatter_selected
 from .registry import Rule, register, registered_base
-from .shared_weight import linear_transpose_columns
+from .columns import linear_transpose_columns
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 

@@ -6,13 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .curvature import Curvature
+from ..curvature import Curvature
 from .registry import Rule, register
-from .shared_weight import (fold_columns, linear_transpose_columns, selected_bias_diagonal,
-                            selected_weight_diagonal, shared_weight_diagonal)
+from .columns import fold_columns, linear_transpose_columns
+from .shared_weight import selected_bias_diagonal, selected_weight_diagonal, shared_weight_diagonal
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CONV_TRANSPOSE = {  # also the forward of ConvTranspose (conv_transpose.py)
+    1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def unfold(module, x):
@@ -166,7 +167,7 @@ class ConvRule(Rule):
         ]
 
         def transpose(batch):  # (B, O, *out_spatial) -> (B, C, *in_spatial)
-            return _CONV_TRANSPOSE[spatial](batch, module.weight, None, module.stride, module.padding,
+            return CONV_TRANSPOSE[spatial](batch, module.weight, None, module.stride, module.padding,
                                             output_padding, module.groups, module.dilation)
 
         for columns, signs in curvature.signed_factor_chunks(context.max_columns):

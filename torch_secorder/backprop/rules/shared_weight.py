@@ -2,8 +2,8 @@
 
 import torch
 
-from .. import ops
-from .curvature import Curvature
+from ... import ops
+from ..curvature import Curvature
 
 
 def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per_sample=False):
@@ -98,31 +98,6 @@ def _per_sample_projections(factors, signs, inputs, max_elements):
             squared = squared * signs[start:stop].reshape(stop - start, width, 1, 1)
         parts.append(squared.sum(1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def fold_columns(columns):
-    """(N, V, D) columns as one batch (B, D) without a copy when possible, and the map back to (N, V, D_in)."""
-    samples, width = columns.shape[:2]
-    if not columns.is_contiguous() and columns.transpose(0, 1).is_contiguous():  # stored (V, N, D)
-        return columns.transpose(0, 1).reshape(width * samples, -1), (
-            lambda result: result.reshape(width, samples, -1).transpose(0, 1))
-    return columns.reshape(samples * width, -1), lambda result: result.reshape(samples, width, -1)
-
-
-def transpose_columns(function, x, columns):
-    """J^T columns for a function that is linear in x (for the given x): columns (N, V, D_out) -> (N, V, D_in)."""
-    samples, width, _ = columns.shape
-    output, vjp_fn = torch.func.vjp(function, x)
-    cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
-    (result,) = torch.func.vmap(vjp_fn)(cotangents)
-    return result.reshape(width, samples, -1).transpose(0, 1)
-
-
-def linear_transpose_columns(function, x, curvature, max_columns):
-    """Curvature at the input of a map that is linear in x: J^T H J, as factor chunks."""
-    feature_shape = x.shape[1:]
-    for columns, signs in curvature.signed_factor_chunks(max_columns):
-        yield Curvature(feature_shape, transpose_columns(function, x, columns), signs)
 
 
 def channelwise_diagonal(curvature, values, positions_first=False, per_sample=False):

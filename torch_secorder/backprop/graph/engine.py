@@ -13,13 +13,11 @@ import functools
 
 import torch
 
-from . import graph, graph_ops
-from .curvature import columns_within
-from .diagonals import Diagonals
-from .errors import Unsupported
-from .losses import unsupported_output_reason
-from .origins import HESSIAN, output_origin
-from ..core.validation import check_scalar_loss
+from ..._errors import Unsupported
+from ..curvature import columns_within
+from ..diagonals import Diagonals
+from ..loss_step import evaluate_loss, output_origin
+from . import node_ops, trace
 
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
@@ -31,7 +29,7 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
     small ones always go), as attention over long sequences would."""
     for index in curved:
         node = nodes[index]
-        if not isinstance(node.op, graph_ops.GenericOp) or node.op.linear:
+        if not isinstance(node.op, node_ops.GenericOp) or node.op.linear:
             continue
         features = sum(node.values[name][0].numel() for name in node.input_names)
         size = samples * features * features * itemsize
@@ -40,8 +38,9 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
                               f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)")
 
 
-def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *, memory_budget, request=HESSIAN):
-    """plan: this call's own copy of the cached plan (GraphPlan.for_call): nodes hold the call's values."""
+def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memory_budget, request):
+    """(loss value, diagonals) as engine.run_plan; plan: this call's own copy of the cached plan
+    (GraphPlan.for_call): its nodes hold the call's values."""
     nodes = plan.nodes[:plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
@@ -51,31 +50,23 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
               and node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
 
     with torch.set_grad_enabled(bool(curved)):
-        values = graph.forward(plan, root, inputs)
+        values = trace.forward(plan, root, inputs)
         output = values[nodes[plan.output].name]
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise Unsupported("a model output that is not a floating-point tensor")
-        if targets.is_floating_point() and targets.dtype != output.dtype:
-            targets = targets.to(output.dtype)  # as the chain engine: the loss of the promoted targets
-        reason = unsupported_output_reason(spec, output, targets)
-        if reason is not None:
-            raise Unsupported(reason)
-        loss = loss_fn(torch.log_softmax(output, dim=1) if spec.kind == "nll" else output, targets)
-        check_scalar_loss(loss, "loss_fn")
-        if request.record_loss is not None:
-            request.record_loss(loss.detach())
+        loss_value, targets = evaluate_loss(loss, loss_fn, output, targets)
         if inputs.shape[0] == 0:
-            return Diagonals(params, [], 0 if request.per_sample else None).result()
+            return loss_value, Diagonals(params, [], 0 if request.per_sample else None).result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
         _check_residual_sizes(nodes, curved, inputs.shape[0], output.element_size(), memory_budget)
         if curved:
-            grads = torch.autograd.grad(loss, [values[nodes[i].name] for i in curved], allow_unused=True)
+            grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in curved], allow_unused=True)
             for index, grad in zip(curved, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
     needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     # after the forward: pruning hooks computed this call's effective weights
-    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, graph_ops.ModuleOp)],
+    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, node_ops.ModuleOp)],
                           inputs.shape[0] if request.per_sample else None)
     wanted = diagonals.wanted
     for name, value in list(values.items()):
@@ -90,7 +81,7 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
         with torch.no_grad():
             samples = output.shape[0]
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
-            curvature = output_origin(request, spec, output.detach(), targets, loss_fn, max_columns=None,
+            curvature = output_origin(request, loss, output.detach(), targets, loss_fn, max_columns=None,
                                       memory_budget=memory_budget)
             sweep = functools.partial(_sweep, needed=needed, wanted=wanted, accumulate=diagonals.add,
                                       per_sample=request.per_sample)
@@ -107,7 +98,7 @@ def graph_hessian_diagonal(plan, spec, root, loss_fn, inputs, targets, params, *
                             births[source] = columns.clone() if source not in births else births[source] + columns
                     if births:
                         sweep(nodes, births, signs)
-    return diagonals.result()
+    return loss_value, diagonals.result()
 
 
 def _differentiable(value):

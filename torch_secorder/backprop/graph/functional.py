@@ -1,12 +1,19 @@
 """Functional calls that are modules with rules: F.relu(x) is nn.ReLU()(x), F.linear(x, w, b) is an nn.Linear
 holding w and b, and so on. The graph engine runs them through the module's rule (fast and exact)."""
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph_ops import attribute
+from ..._errors import Unsupported
+
+
+def attribute(root, target):
+    """root's attribute at a dotted path (a get_attr target such as 'layer1.0.weight')."""
+    return operator.attrgetter(target)(root)
 
 
 def _fixed(make):
@@ -50,7 +57,6 @@ def _flatten(start_dim=0, end_dim=-1):
 
 def _dropout(p=0.5, training=True, inplace=False):
     if training and p > 0:
-        from .errors import Unsupported
         raise Unsupported(f"F.dropout(p={p}) in training mode is random; call model.eval() or use p=0")
     return nn.Dropout(p)
 

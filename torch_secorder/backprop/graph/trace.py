@@ -2,7 +2,7 @@
 
 A model is read from what its forward really calls (custom forward methods, functional calls,
 residual sums, concatenations), never from its module tree. Each traced node becomes a GraphNode
-whose `op` (graph_ops.py) knows how to evaluate it, pull columns through its Jacobian and add its
+whose `op` (node_ops.py) knows how to evaluate it, pull columns through its Jacobian and add its
 parameters' diagonals. What cannot be traced, or a node without an exact treatment, raises
 Unsupported naming it.
 """
@@ -17,16 +17,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..forward_pass import exclusive_trace, library_forward
-from . import eligibility, graph_ops
-from .errors import Unsupported
-from .registry import registered_base
+from ..._forward_pass import exclusive_trace, library_forward
+from ..._forward_hooks import global_hook_reason, global_hooks, hook_reason
+from .. import eligibility
+from . import node_ops
+from ..._errors import Unsupported
+from ..rules.registry import registered_base
 
 
 @dataclass
 class GraphNode:
     name: str
-    op: object  # a graph_ops.NodeOp
+    op: object  # a node_ops.NodeOp
     fx_node: fx.Node
     inputs: List[int] = field(default_factory=list)  # indices of the activation nodes it reads, in op order
     params: List[str] = field(default_factory=list)  # qualified names of the parameters it uses directly
@@ -45,7 +47,7 @@ class GraphPlan:
     nodes: List[GraphNode]
     output: int  # index of the node the model returns
     names: dict  # id(module) -> qualified name
-    validated: bool = False  # the trace reproduced the model's own forward once (validate)
+    validated: bool = False  # the trace reproduced the model's own forward once (check_call)
     log_softmax_dim: Optional[int] = None  # set when the model's final LogSoftmax is left to the NLL loss
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
     constants: dict = field(default_factory=dict)  # tensors the trace met outside the model (get_attr targets)
@@ -67,7 +69,7 @@ class GraphPlan:
         if not activations or self.output != len(self.nodes) - 1 or not activations[0].op.is_input:
             return False
         for previous, node in zip(activations, activations[1:]):
-            if not isinstance(node.op, graph_ops.ModuleOp) or node.inputs != [self.nodes.index(previous)]:
+            if not isinstance(node.op, node_ops.ModuleOp) or node.inputs != [self.nodes.index(previous)]:
                 return False
             if node.op.binds_tensors:  # F.linear(x, w): its module gets w at each evaluation (graph engine only)
                 return False
@@ -117,7 +119,7 @@ class _Tracer(fx.Tracer):
         """fx follows `q, k, v = x.chunk(3, -1)` but not other iteration (map(f, x.chunk(3, -1)), a generator
         expression): the pieces of chunk(n) and of split([sizes]) are taken as n / len(sizes). A tensor too
         short for n chunks makes chunk return fewer; then the traced graph fails its check against the model's
-        own forward (validate), and the engine steps aside."""
+        own forward (check_call), and the engine steps aside."""
         count = _piece_count(proxy.node)
         if count is None:
             return super().iter(proxy)
@@ -165,11 +167,11 @@ def trace(model):
 def check_modules(model, names):
     """Every module must compute what its traced form says: no hooks anywhere, no parametrization, and a
     module with a rule must run that rule's forward (the reasons are those of the chain engine)."""
-    reason = eligibility.global_hook_reason()
+    reason = global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
     for module in model.modules():
-        hooked = eligibility.hook_reason(module)
+        hooked = hook_reason(module)
         if hooked is not None and registered_base(module) is None:
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
@@ -192,15 +194,15 @@ def build_plan(model, traced):
                 raise Unsupported("a forward that does not return one tensor")
             output = index_of[result]
             continue
-        op, params = graph_ops.make_op(fx_node, root, modules, names)
+        op, params = node_ops.make_op(fx_node, root, modules, names)
         node = GraphNode(fx_node.name, op, fx_node, params=params)
         inputs = [index_of[arg] for arg in op.activation_args(fx_node) if arg in index_of]
         node.activation = op.is_input or (fx_node.op != "get_attr" and any(
             nodes[i].activation and nodes[i].op.carries for i in inputs))
         node.inputs = [i for i in inputs if nodes[i].activation and nodes[i].op.carries]
         node.input_names = [nodes[i].name for i in node.inputs]
-        if not node.activation and not isinstance(op, graph_ops.ConstantOp):
-            node.op = graph_ops.ConstantOp()  # computed from parameters or constants only
+        if not node.activation and not isinstance(op, node_ops.ConstantOp):
+            node.op = node_ops.ConstantOp()  # computed from parameters or constants only
         index_of[fx_node] = len(nodes)
         nodes.append(node)
     for node in nodes:
@@ -224,7 +226,7 @@ _CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, trace, plan or th
 def _fingerprint(model):
     """What a plan depends on besides the traced graph: modules, their train mode and plain attributes, parameters,
     buffers and hooks (the rules check them when a plan is built)."""
-    parts = [len(eligibility.global_hooks())]
+    parts = [len(global_hooks())]
     for name, module in model.named_modules():
         plain = tuple(sorted((key, value) for key, value in vars(module).items()
                              if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))))
@@ -290,7 +292,7 @@ def _same_value(a, b):
     return a is b
 
 
-def validate(plan, model, inputs):
+def check_call(plan, model, inputs):
     """Once per cached plan: the traced graph must give what model(inputs) gives. What a trace cannot see (an
     in-place change of a tensor another path still reads) shows here."""
     shared = plan.source or plan

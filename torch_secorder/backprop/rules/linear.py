@@ -3,10 +3,11 @@
 import torch
 import torch.nn as nn
 
-from .curvature import Curvature, concat_factors, factor_diagonal
+from ..curvature import Curvature, concat_factors, factor_diagonal
 from .gemm import mm
 from .registry import Rule, register
-from .shared_weight import fold_columns, linear_transpose_columns, shared_weight_diagonal
+from .columns import fold_columns, linear_transpose_columns
+from .shared_weight import shared_weight_diagonal
 
 
 def right_multiply(columns, weight):

@@ -8,8 +8,7 @@ diagonal is sum_r F_r D_r / sum_r F_r. One all_reduce carries the weighted diago
 
 import torch
 
-from ..backprop.losses import recognise
-from ..backprop.origins import mean_normaliser
+from ..losses import recognise
 
 
 def check_all_reduce(all_reduce, per_sample):
@@ -27,12 +26,12 @@ def local_normaliser(loss_fn, targets):
     """What this rank's loss divides its sum by, or None for reduction='sum'; for a loss we do not know, its
     batch size unless its reduction is 'sum'. (The targets have the output's shape wherever the output's
     shape matters: MSE, BCE, probability targets.)"""
-    spec = recognise(loss_fn)
-    if isinstance(spec, str):
+    loss = recognise(loss_fn)
+    if isinstance(loss, str):
         return None if getattr(loss_fn, "reduction", "mean") == "sum" else float(targets.shape[0])
-    if spec.options["reduction"] == "sum":
+    if loss.options["reduction"] == "sum":
         return None
-    return mean_normaliser(spec, targets, targets)
+    return loss.mean_normaliser(targets, targets)
 
 
 def reduce_diagonals(diagonals, normaliser):

@@ -9,12 +9,12 @@ import types
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import batched_input_reason, unfold
+from .conv import CONV_TRANSPOSE, batched_input_reason, unfold
 from .registry import Rule, register
-from .shared_weight import linear_transpose_columns, shared_weight_diagonal
-from .. import ops
+from ... import ops
+from .columns import linear_transpose_columns
+from .shared_weight import shared_weight_diagonal
 
-_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -59,7 +59,7 @@ class ConvTransposeRule(Rule):
         output_padding = module.output_padding
 
         def function(inp):
-            return _TRANSPOSE[len(module.kernel_size)](inp, module.weight, None, module.stride, module.padding,
+            return CONV_TRANSPOSE[len(module.kernel_size)](inp, module.weight, None, module.stride, module.padding,
                                                        output_padding, module.groups, module.dilation)
 
         yield from linear_transpose_columns(function, record.input, curvature, context.max_columns)

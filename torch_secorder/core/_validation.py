@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from ..forward_pass import library_call
+from .._forward_pass import library_call
 
 METHODS = ("auto", "autograd", "backprop")
 
@@ -61,18 +61,6 @@ def check_v(v, params):
         if vec.dtype != param.dtype:
             raise ValueError(f"v[{index}] has dtype {vec.dtype} but params[{index}] has dtype {param.dtype}")
     return v
-
-
-def check_scalar_loss(loss, source):
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{source} must return a tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(
-            f"{source} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
-            " (use reduction='mean' or 'sum', or reduce it yourself)"
-        )
-    if not loss.is_floating_point():
-        raise TypeError(f"{source} must return a floating-point loss, got dtype {loss.dtype}")
 
 
 def _floating_dtype(tensors):

@@ -1,0 +1,30 @@
+"""Where the loss meets both engines: the loss evaluated once on the model output, and the curvature the
+request starts from there (the loss's per-sample Hessian factor, or the Fisher's columns)."""
+
+from .._errors import Unsupported
+from ..losses import check_scalar_loss, fisher_columns
+from .curvature import Curvature
+
+
+def evaluate_loss(loss, loss_fn, output, targets):
+    """(the loss's value, the targets as it saw them): loss_fn itself runs once, so its own checks (class
+    indices in range, shapes) fire here too. Raises Unsupported where the pair has no exact rule."""
+    if targets.is_floating_point() and targets.dtype != output.dtype:
+        # as F.mse_loss does: the loss of the promoted targets (F.cross_entropy and BCE would round parts of
+        # it to the targets' precision; the engine's numbers are the exact ones)
+        targets = targets.to(output.dtype)
+    reason = loss.output_reason(output, targets)
+    if reason is not None:
+        raise Unsupported(reason)
+    value = loss_fn(loss.loss_input(output), targets)
+    check_scalar_loss(value, "loss_fn")
+    return value, targets
+
+
+def output_origin(request, loss, output, targets, loss_fn, **options):
+    """The curvature the request starts from at the model output (for NLL: at the LogSoftmax input); options
+    go to Loss.output_factor."""
+    if request.kind in ("hessian", "ggn"):
+        factor = loss.output_factor(output, targets, **options)
+        return Curvature(output.shape[1:], factors=factor.factors, signs=factor.signs, diag=factor.diag)
+    return Curvature(output.shape[1:], factors=fisher_columns(request, loss, output, targets, loss_fn))

@@ -1,0 +1,141 @@
+"""What the engine will run for a model and loss: a chain of modules with rules, or a traced graph.
+
+plan_model raises Unsupported naming the first module (or the loss, or the traced call) without an
+exact rule; the plan it returns is what engine.run_plan takes.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from .._errors import Unsupported
+from .._forward_hooks import global_hook_reason
+from ..losses import Loss, recognise
+from . import eligibility
+from .graph import trace
+from .graph.trace import GraphPlan
+from .rules import registered_base, rule_for
+
+
+@dataclass
+class EnginePlan:
+    """layers: the modules of a chain in call order (None: the graph engine runs the model). graph: the traced
+    graph the plan was read from, checked against every call (None for an nn.Sequential of modules with
+    rules, which runs as it is written)."""
+
+    loss: Loss
+    model: nn.Module
+    layers: Optional[List[nn.Module]] = None
+    graph: Optional[GraphPlan] = None
+
+    @property
+    def is_chain(self):
+        return self.layers is not None
+
+
+def flatten_chain(model, names=None):
+    """The modules of a (nested) nn.Sequential in call order; a single module is a chain of one.
+    A Sequential whose forward is not the plain chain (a subclass with its own forward, hooks) is
+    refused: its children do not simply run one after another."""
+    if not isinstance(model, nn.Sequential):
+        return [model]
+    reason = eligibility.container_reason(model)
+    if reason is not None:
+        raise Unsupported(f"{eligibility.describe_module(model, names)}: {reason}")
+    return [leaf for child in model for leaf in flatten_chain(child, names)]
+
+
+def plan_model(model, loss_fn):
+    """The EnginePlan for model and loss_fn, or raises Unsupported naming what has no exact rule."""
+    reason = global_hook_reason()
+    if reason is not None:
+        raise Unsupported(reason)
+    loss = recognise(loss_fn)
+    if isinstance(loss, str):
+        raise Unsupported(loss)
+    names = eligibility.ModuleNames(model)
+    layers = None
+    try:
+        layers = flatten_chain(model, names)
+    except Unsupported:
+        pass  # a Sequential with its own forward: traced below
+    # NLL goes through the trace, which finds the model's final LogSoftmax (module or F.log_softmax)
+    if not loss.reads_log_probabilities and layers is not None and all(registered_base(m) is not None for m in layers):
+        return EnginePlan(loss, model, _checked_chain(layers, names))
+    graph = trace.plan_for(model)
+    if loss.reads_log_probabilities:
+        graph = _strip_log_softmax(graph)
+        loss.log_softmax_dim = graph.log_softmax_dim
+    if graph.is_chain():
+        return EnginePlan(loss, model, _checked_chain(trace.chain_modules(graph), names), graph)
+    return EnginePlan(loss, model, None, graph)
+
+
+def _strip_log_softmax(graph):
+    """NLL is cross-entropy on the input of a final plain LogSoftmax(dim=1) (module or F.log_softmax)."""
+    if "nll" in graph.variants:
+        return graph.variants["nll"]
+    node = graph.nodes[graph.output]
+    module = getattr(node.op, "callee", None)
+    fx_node = node.fx_node
+    if module is not None:
+        plain = (isinstance(module, nn.LogSoftmax)
+                 and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None)
+        dim = module.dim
+    else:
+        plain = (fx_node.target in (torch.log_softmax, nn.functional.log_softmax)
+                 and fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
+        dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else None)
+    # the class axis is 1; dim=-1 is that axis only on (N, C) outputs, which the loss checks per call
+    if not plain or dim not in (1, -1) or len(node.inputs) != 1:
+        raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
+    graph.variants["nll"] = dataclasses.replace(graph, nodes=graph.nodes[:graph.output], output=node.inputs[0],
+                                                log_softmax_dim=dim, variants={}, validated=False)
+    return graph.variants["nll"]
+
+
+def _checked_chain(layers, names):
+    seen_modules, seen_params = set(), set()
+    for module in layers:
+        # a module or parameter used twice couples layers: its Hessian has cross-layer terms
+        own = [id(p) for p in eligibility.module_parameters(module)]
+        if id(module) in seen_modules or any(p in seen_params for p in own):
+            raise Unsupported(f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain")
+        seen_modules.add(id(module))
+        seen_params.update(own)
+        base = registered_base(module)
+        if base is None:
+            raise Unsupported(eligibility.describe_module(module, names))
+        rule = rule_for(module)
+        reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
+        if reason is not None:
+            raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
+    return layers
+
+
+def curved_nodes(plan, inputs=None):
+    """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
+    (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
+    if not plan.is_chain:
+        nodes = [node for node in plan.graph.nodes
+                 if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)]
+        widths = _graph_widths(plan, inputs) if inputs is not None and nodes else {}
+        return [(node.name, widths.get(node.name)) for node in nodes]
+    widths, x = [], inputs
+    with torch.no_grad():
+        for module in plan.layers:
+            if rule_for(module).needs_output_grad(module):
+                widths.append((type(module).__name__, None if x is None else x[0].numel()))
+            x = None if x is None else module(x)
+    return widths
+
+
+def _graph_widths(plan, inputs):
+    graph = plan.graph.for_call()
+    with torch.no_grad():
+        values = trace.forward(graph, plan.model, inputs)
+    return {node.name: sum(values[name][0].numel() for name in node.input_names)
+            for node in graph.nodes[:graph.output + 1] if node.activation and node.inputs}

@@ -38,7 +38,7 @@ def _import_prebuilt():
 
 def _jit_build():
     """Compiles csrc/ with torch.utils.cpp_extension.load (needs ninja and a C++ compiler)."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # lazy: its import costs ~1 s and only the JIT build needs it
 
     _put_ninja_on_path()
     if not os.path.isdir(_build_config.CSRC):
@@ -61,7 +61,7 @@ def _put_ninja_on_path():
     """A notebook kernel in a venv often lacks venv/bin on PATH; the ninja wheel knows where its binary is."""
     if shutil.which("ninja") is None:
         try:
-            import ninja
+            import ninja  # lazy: optional (the ninja wheel), only to find its binary
         except ImportError:
             return
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")

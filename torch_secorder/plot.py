@@ -6,11 +6,11 @@ import os
 def require_matplotlib():
     """matplotlib's pyplot with a file-only backend, or an ImportError that says how to get it."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional extra 'plot'
     except ImportError as error:
         raise ImportError("--plot needs matplotlib: pip install matplotlib (or 'torch-secorder[plot]')") from error
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend above
     return plt
 
 

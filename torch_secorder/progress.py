@@ -15,14 +15,14 @@ def progress_bar(label, enabled=True):
     if not enabled:
         return lambda done, total: None
     try:
-        import tqdm  # noqa: F401
+        import tqdm  # noqa: F401  (lazy: optional extra "progress"; only asks whether it is there)
     except ImportError:
         return plain_progress(label)
     return tqdm_progress(label)
 
 
 def tqdm_progress(label):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: optional extra "progress"
 
     bar = None
 

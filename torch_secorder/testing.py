@@ -7,6 +7,7 @@ Hessian-vector product per requested entry, for models too big for that.
 """
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, jacrev
 
 
@@ -95,8 +96,6 @@ def _flat_model_output(model, inputs):
 def _loss_of_output(loss_fn):
     """NLL is read at the log-probabilities as cross-entropy (softmax of log-probabilities is the same
     distribution): the GGN split at the logits."""
-    import torch.nn.functional as F
-
     if isinstance(loss_fn, torch.nn.NLLLoss) or loss_fn is F.nll_loss:
         return lambda output, targets: loss_fn(torch.log_softmax(output, dim=1), targets)
     return loss_fn

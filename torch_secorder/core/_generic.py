@@ -90,7 +90,7 @@ def first_order_grads(loss, params):
 def attention_twice_differentiable():
     """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward: the
     generic method records the forward with the math backend, which has (same numbers up to rounding)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # lazy: imports torch.nn.attention's submodules, rarely needed
 
     return sdpa_kernel([SDPBackend.MATH])
 

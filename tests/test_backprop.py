@@ -318,7 +318,7 @@ def test_bad_targets_raise_like_the_loss_itself():
         (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(0), nn.Linear(3 * 4 * 4, 2)), torch.randn(2, 6, 6, dtype=D),
          torch.randn(2, dtype=D), "Conv2d on an unbatched input"),
         (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 4)), torch.randn(4, dtype=D), torch.randn(4, dtype=D),
-         "Linear on an input of shape \\(4,\\) without a batch dimension"),
+         "Linear on an unbatched input of shape \\(4,\\)"),
         (nn.Sequential(nn.Linear(4, 3), nn.Flatten(0), nn.Linear(15, 5)), torch.randn(5, 4, dtype=D),
          torch.randn(5, dtype=D), "Flatten on an input of shape \\(5, 3\\) whose batch axis"),
         (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), torch.randn(5, 4, dtype=D),

@@ -13,7 +13,7 @@ from . import eligibility
 from .curvature import columns_within
 from .diagonals import Diagonals
 from .loss_step import evaluate_loss, output_origin
-from .rules import LayerRecord, PropagationContext, rule_for, sample_param_diagonals
+from .rules import LayerRecord, PropagationContext, rule_for
 
 
 def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, memory_budget, request):
@@ -65,8 +65,8 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
             max_columns=columns_within(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
         curvature.primary = request.residuals  # no residuals anywhere below unless the Hessian is asked for
-        contributions = sample_param_diagonals if request.per_sample else _summed_param_diagonals
-        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget, contributions)
+        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget,
+                   request.per_sample)
     result = diagonals.result()
     return loss, (result if create_graph else [d.detach() for d in result])
 
@@ -79,16 +79,12 @@ def _diagonal_suffices(records, rules, lowest, index):
         not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index))
 
 
-def _summed_param_diagonals(rule, record, curvature):
-    return rule.param_diagonals(record, curvature)
-
-
-def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget, contributions):
+def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget, per_sample):
     """From the output of module `index` down to module `lowest`; pieces of a split curvature go down one by one.
-    contributions(rule, record, curvature): the parameters' part, summed over samples or per sample."""
+    The parameters' diagonals are summed over the samples, or kept per_sample."""
     while True:
         record, rule = records[index], rules[index]
-        for param, value in contributions(rule, record, curvature):
+        for param, value in rule.param_diagonals(record, curvature, per_sample=per_sample):
             accumulate(param, value)
         if index <= lowest:
             return
@@ -107,11 +103,11 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
             curvature, index = first, index - 1
             continue
         # Pieces go down one at a time; only the first may carry residuals from below.
-        _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget, contributions)
+        _propagate(records, rules, index - 1, first, lowest, accumulate, memory_budget, per_sample)
         del first
         for piece in _chain(second, pieces):
             piece.primary = False
-            _propagate(records, rules, index - 1, piece, lowest, accumulate, memory_budget, contributions)
+            _propagate(records, rules, index - 1, piece, lowest, accumulate, memory_budget, per_sample)
         return
 
 

@@ -43,12 +43,22 @@ class Curvature:
 
     @property
     def factors(self):
-        """The factor columns (N, V, D), materialised from the compact form if there is one."""
+        """The factor columns (N, V, D), scattered from the compact form if there is one (a new tensor at every
+        read then: read it once; the curvature itself never changes form)."""
         if self.selection is not None:
             indices, positions = self.selection
-            self._factors = scatter_selected(self._factors, indices, positions)
-            self.selection = None
+            return scatter_selected(self._factors, indices, positions)
         return self._factors
+
+    def with_full_factors(self):
+        """The same curvature with its factors scattered off the selection once (for rules that read them often)."""
+        if self.selection is None:
+            return self
+        return self._like(factors=self.factors, signs=self.signs, diag=self.diag)
+
+    @property
+    def has_factors(self):
+        return self._factors is not None
 
     @property
     def compact_factors(self):
@@ -84,8 +94,8 @@ class Curvature:
         return self._like(feature_shape, factors=self.factors, signs=self.signs, diag=self.diag, dense=self.dense)
 
     # ------------------------------------------------------------------ reading
-    def diagonal(self):
-        """diag(H_n) for every sample: (N, D)."""
+    def full_diagonal(self):
+        """diag(H_n) for every sample, (N, D): the factors' and the dense part's share plus the diagonal part."""
         if self.dense is not None:
             return torch.diagonal(self.dense, dim1=1, dim2=2)
         total = None
@@ -107,7 +117,7 @@ class Curvature:
             columns = (eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1)).transpose(1, 2)
             yield from _split(columns, torch.sign(eigenvalues), max_columns)
             return
-        if self.factors is not None:
+        if self._factors is not None:
             yield from _split(self.factors, self.signs, max_columns)
         if self.diag is not None:
             yield from diagonal_columns(self.diag, max_columns)
@@ -137,13 +147,13 @@ class Curvature:
             compact = self._factors.mul_(picked) if not torch.is_grad_enabled() else self._factors * picked
             diag = None if self.diag is None else self.diag * jacobian * jacobian
             return self._like(factors=compact, signs=self.signs, diag=diag, selection=self.selection)
-        if self.dense is None and self.factors is not None and not torch.is_grad_enabled():
-            self.factors.mul_(jacobian.unsqueeze(1))
+        if self.dense is None and self._factors is not None and not torch.is_grad_enabled():
+            self._factors.mul_(jacobian.unsqueeze(1))
             diag = None if self.diag is None else self.diag * jacobian * jacobian
-            return self._like(factors=self.factors, signs=self.signs, diag=diag)
+            return self._like(factors=self._factors, signs=self.signs, diag=diag)
         if self.dense is not None:
             return self._like(dense=jacobian.unsqueeze(2) * self.dense * jacobian.unsqueeze(1))
-        factors = None if self.factors is None else self.factors * jacobian.unsqueeze(1)
+        factors = None if self._factors is None else self._factors * jacobian.unsqueeze(1)
         diag = None if self.diag is None else self.diag * jacobian * jacobian
         return self._like(factors=factors, signs=self.signs, diag=diag)
 
@@ -160,9 +170,10 @@ class Curvature:
         if self.dense is not None:
             return self.dense
         dense = None
-        if self.factors is not None:
-            weighted = self.factors if self.signs is None else self.factors * self.signs.unsqueeze(2)
-            dense = weighted.transpose(1, 2) @ self.factors
+        if self._factors is not None:
+            factors = self.factors
+            weighted = factors if self.signs is None else factors * self.signs.unsqueeze(2)
+            dense = weighted.transpose(1, 2) @ factors
         if self.diag is not None:
             dense = torch.diag_embed(self.diag) if dense is None else dense + torch.diag_embed(self.diag)
         return dense

@@ -90,7 +90,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                     sweep(nodes, {plan.output: columns.clone()}, signs)
             for index in curved:
                 node = nodes[index]
-                for piece, signs in node.op.residual_columns(node, budget_columns):
+                for piece, signs in node.op.residual_origins(node, budget_columns):
                     births = {}
                     for position, columns in piece.items():
                         source = node.inputs[position]
@@ -118,7 +118,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
         if columns is None:
             continue
         node = nodes[index]
-        for param, value in node.op.param_diagonals(node, columns, signs, wanted, per_sample):
+        for param, value in node.op.column_diagonals(node, columns, signs, wanted, per_sample):
             accumulate(param, value)
         positions = [p for p, source in enumerate(node.inputs) if needed[source]]
         if not positions:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import eligibility
 from ..curvature import Curvature
 from ..._errors import Unsupported
-from ..rules import LayerRecord, PropagationContext, registered_base, rule_for, sample_param_diagonals
+from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
 from .functional import attribute, module_for_call
 from .residuals import per_sample_hessian_columns
@@ -63,11 +63,11 @@ class NodeOp:
         """J^T columns for the activation inputs at `positions` (indices into node.inputs)."""
         raise NotImplementedError
 
-    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
+    def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
         """[(parameter, its diagonal from these columns)]: summed over samples, or (N, *shape) per_sample."""
         return []
 
-    def residual_columns(self, node, max_columns):
+    def residual_origins(self, node, max_columns):
         """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
         return iter(())
 
@@ -170,14 +170,11 @@ class ModuleOp(NodeOp):
         assert len(pieces) == 1 and pieces[0].dense is None and pieces[0].diag is None, "a column pull must be 1:1"
         return [pieces[0].factors]
 
-    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
+    def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
         node.record.wanted = wanted
-        curvature = self._curvature(node, columns, signs)
-        if per_sample:
-            return sample_param_diagonals(self.rule, node.record, curvature)
-        return self.rule.param_diagonals(node.record, curvature)
+        return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs), per_sample=per_sample)
 
-    def residual_columns(self, node, max_columns):
+    def residual_origins(self, node, max_columns):
         for columns, signs in self.rule.residual_columns(node.record, max_columns):
             yield {0: columns}, signs
 
@@ -299,7 +296,7 @@ class GenericOp(NodeOp):
                               [node.values[name] for name in differentiable], columns)
         return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
-    def param_diagonals(self, node, columns, signs, wanted, per_sample=False):
+    def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
         params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
         if not params:
             return []
@@ -329,7 +326,7 @@ class GenericOp(NodeOp):
             results.append((param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))))
         return results
 
-    def residual_columns(self, node, max_columns):
+    def residual_origins(self, node, max_columns):
         if self.linear or node.output_grad is None:
             return
         differentiable = self._differentiable(node)

@@ -3,8 +3,6 @@ curvature and both engines (the chain engine's modules and the graph engine's mo
 
 from . import (batch_norm, conv, conv_transpose, elementwise, embedding, layer_norm, linear,  # noqa: F401  (register)
                pooling, structural)
-from .registry import (LayerRecord, PropagationContext, Rule, registered_base, registered_types, rule_for,
-                       sample_param_diagonals)
+from .registry import LayerRecord, PropagationContext, Rule, registered_base, registered_types, rule_for
 
-__all__ = ["LayerRecord", "PropagationContext", "Rule", "registered_base", "registered_types", "rule_for",
-           "sample_param_diagonals"]
+__all__ = ["LayerRecord", "PropagationContext", "Rule", "registered_base", "registered_types", "rule_for"]

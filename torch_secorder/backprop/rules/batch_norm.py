@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from .registry import Rule, register, registered_base
+from .registry import Rule, register, registered_base, unbatched_input_reason
 from .shared_weight import channelwise_diagonal
 
 _BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
@@ -13,7 +13,6 @@ _BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (
 class BatchNormEvalRule(Rule):
     """y = weight * (x - running_mean) / sqrt(running_var + eps) + bias, per channel: affine in x."""
 
-    per_sample_native = True
 
     def unsupported_reason(self, module):
         if module.training or not module.track_running_stats or module.running_mean is None:
@@ -21,8 +20,7 @@ class BatchNormEvalRule(Rule):
         return None
 
     def unsupported_input_reason(self, module, x):
-        expected = _BATCHED_DIMS[registered_base(module)]
-        return None if x.dim() in expected else f"an unbatched input of shape {tuple(x.shape)}"
+        return unbatched_input_reason(x, dims=_BATCHED_DIMS[registered_base(module)])
 
     def reads_only_diagonal(self, record):
         return record.input.dim() == 2  # one position per channel

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..curvature import Curvature
-from .registry import Rule, register
+from .registry import Rule, register, unbatched_input_reason
 from .columns import fold_columns, linear_transpose_columns
-from .shared_weight import selected_bias_diagonal, selected_weight_diagonal, shared_weight_diagonal
+from .shared_weight import pooled_bias_diagonal, pooled_weight_diagonal, shared_weight_diagonal
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TRANSPOSE = {  # also the forward of ConvTranspose (conv_transpose.py)
@@ -83,7 +83,7 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
         dense = dense[:, start:stop, :, start:stop, :].reshape(samples, (stop - start) * positions, -1)
         return Curvature(shape, dense=dense)
     factors = diag = None
-    if curvature.factors is not None:
+    if curvature.has_factors:
         width = curvature.width
         factors = curvature.factors.reshape(samples, width, out_channels, positions)[:, :, start:stop].reshape(
             samples, width, -1)
@@ -94,14 +94,12 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
 
 def batched_input_reason(module, x):
     """Convolutions (and their transposes) read axis 0 as the batch: an unbatched input must not reach the rule."""
-    expected = len(module.kernel_size) + 2
-    return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+    return unbatched_input_reason(x, dims=(len(module.kernel_size) + 2,))
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
-    per_sample_native = True
     forward_methods = ("forward", "_conv_forward")
 
     def unsupported_reason(self, module):
@@ -123,11 +121,11 @@ class ConvRule(Rule):
                 patches = tap_major_patches(module, x)
                 taps, channels = patches.shape[2:]
                 inputs = patches.flatten(2).transpose(1, 2)  # (N, taps C, P), a view
-                diag = selected_weight_diagonal(curvature, inputs, out_channels, per_sample)
+                diag = pooled_weight_diagonal(curvature, inputs, out_channels, per_sample)
                 diag = _weight_order(diag, taps, channels)
                 results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
             if record.wants(module.bias):
-                results.append((module.bias, selected_bias_diagonal(curvature, out_channels, per_sample)))
+                results.append((module.bias, pooled_bias_diagonal(curvature, out_channels, per_sample)))
             return results
         if record.wants(module.weight):
             patches = tap_major_patches(module, x)
@@ -135,6 +133,7 @@ class ConvRule(Rule):
             taps, per_group_in = patches.shape[2], patches.shape[3] // groups
             per_group_out = out_channels // groups
             blocks = []
+            curvature = curvature.with_full_factors() if groups > 1 else curvature  # scattered once, not per group
             for g in range(groups):
                 part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
                 inputs = patches[..., g * per_group_in:(g + 1) * per_group_in].flatten(2).transpose(1, 2)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import CONV_TRANSPOSE, batched_input_reason, unfold
-from .registry import Rule, register
+from .registry import Rule, one_sample_at_a_time, register
 from ... import ops
 from .columns import linear_transpose_columns
 from .shared_weight import shared_weight_diagonal
@@ -31,7 +31,9 @@ class ConvTransposeRule(Rule):
     def unsupported_input_reason(self, module, x):
         return batched_input_reason(module, x)
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
+        if per_sample:
+            return one_sample_at_a_time(self, record, curvature)
         module, x, z = record.module, record.input, record.output
         samples, out_channels = x.shape[0], module.out_channels
         positions = z[0].numel() // out_channels

@@ -7,7 +7,7 @@ sum_n sum_v sign (P_nv[r])^2. The projections are formed only for the (sample, t
 import torch
 import torch.nn as nn
 
-from .registry import Rule, register
+from .registry import Rule, one_sample_at_a_time, register, unbatched_input_reason
 
 
 @register(nn.Embedding)
@@ -20,14 +20,14 @@ class EmbeddingRule(Rule):
         return None
 
     def unsupported_input_reason(self, module, x):
-        if x.dim() < 1:
-            return f"an unbatched input of shape {tuple(x.shape)}"
-        return None
+        return unbatched_input_reason(x, at_least=1)
 
     def reads_only_diagonal(self, record):
         return False
 
-    def param_diagonals(self, record, curvature):
+    def param_diagonals(self, record, curvature, per_sample=False):
+        if per_sample:
+            return one_sample_at_a_time(self, record, curvature)
         module, ids = record.module, record.input
         if not record.wants(module.weight):
             return []

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..curvature import Curvature
 from .columns import linear_transpose_columns
-from .registry import Rule, register
+from .registry import Rule, register, unbatched_input_reason
 from .shared_weight import channelwise_diagonal
 
 
@@ -28,14 +28,12 @@ def _rows(module, x):
 class LayerNormRule(Rule):
     mixing = True
 
-    per_sample_native = True
 
     def needs_output_grad(self, module):
         return True
 
     def unsupported_input_reason(self, module, x):
-        dims = len(module.normalized_shape)
-        return None if x.dim() > dims else f"an unbatched input of shape {tuple(x.shape)}"
+        return unbatched_input_reason(x, at_least=len(module.normalized_shape) + 1)
 
     def _normalized(self, module, x):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from ..curvature import Curvature, concat_factors, factor_diagonal
 from .gemm import mm
-from .registry import Rule, register
+from .registry import Rule, register, unbatched_input_reason
 from .columns import fold_columns, linear_transpose_columns
 from .shared_weight import shared_weight_diagonal
 
@@ -19,10 +19,9 @@ def right_multiply(columns, weight):
 @register(nn.Linear)
 class LinearRule(Rule):
     mixing = True
-    per_sample_native = True
 
     def unsupported_input_reason(self, module, x):
-        return None if x.dim() >= 2 else f"an input of shape {tuple(x.shape)} without a batch dimension"
+        return unbatched_input_reason(x, at_least=2)
 
     def reads_only_diagonal(self, record):
         return record.input.dim() == 2  # diag_W = diag(H)^T x^2
@@ -33,7 +32,7 @@ class LinearRule(Rule):
         total = None
         if curvature.dense is not None:
             total = ((curvature.dense @ weight) * weight).sum(1)
-        if curvature.factors is not None:
+        if curvature.has_factors:
             total = factor_diagonal(right_multiply(curvature.factors, weight), curvature.signs)
         if curvature.diag is not None:
             part = mm(curvature.diag, weight * weight)
@@ -46,7 +45,7 @@ class LinearRule(Rule):
         results = []
         if x.dim() == 2:
             # diag_W[i, j] = sum_n H_n[i, i] x_nj^2 : only the diagonal of H is needed
-            h = curvature.diagonal()
+            h = curvature.full_diagonal()
             if record.wants(module.weight):
                 squares = x * x
                 results.append((module.weight, h.unsqueeze(2) * squares.unsqueeze(1) if per_sample
@@ -85,7 +84,7 @@ class LinearRule(Rule):
             # Factors much wider than the layer would make the next mixing layer pay for every
             # column: a dense (in x in) matrix keeps the cost linear in depth.
             dense = None
-            if curvature.factors is not None:
+            if curvature.has_factors:
                 projected = right_multiply(curvature.factors, weight)  # (N, V, in)
                 dense = Curvature(feature_shape, projected, curvature.signs).to_dense()
             if curvature.diag is not None:
@@ -95,7 +94,7 @@ class LinearRule(Rule):
             return
         if width <= max_columns:
             parts = []
-            if curvature.factors is not None:
+            if curvature.has_factors:
                 parts.append((right_multiply(curvature.factors, weight), curvature.signs))
             if curvature.diag is not None:
                 parts.append(scaled_rows(weight, curvature.diag))
@@ -103,7 +102,7 @@ class LinearRule(Rule):
             yield Curvature(feature_shape, factors, signs)
             return
         # streamed: factor columns in chunks, then the diagonal part a block of W's rows at a time
-        if curvature.factors is not None:
+        if curvature.has_factors:
             for columns, signs in curvature.factor_chunks(max_columns):
                 yield Curvature(feature_shape, right_multiply(columns, weight), signs)
         if curvature.diag is not None:

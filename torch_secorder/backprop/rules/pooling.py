@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..curvature import Curvature, scatter_selected
-from .registry import Rule, register, registered_base
+from .registry import Rule, register, registered_base, unbatched_input_reason
 from .columns import linear_transpose_columns
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -22,8 +22,7 @@ _SPATIAL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d
 
 
 def _batched_input_reason(module, x):
-    expected = _SPATIAL_DIMS[registered_base(module)] + 2
-    return None if x.dim() == expected else f"an unbatched input of shape {tuple(x.shape)} (expected {expected}-D)"
+    return unbatched_input_reason(x, dims=(_SPATIAL_DIMS[registered_base(module)] + 2,))
 
 
 def _as_tuple(value, x):

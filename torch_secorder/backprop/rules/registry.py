@@ -83,18 +83,27 @@ class Rule:
         if diagonal is not None:
             yield from diagonal_columns(diagonal, max_columns)
 
-    # param_diagonals takes per_sample=True and then returns (N, *parameter.shape) per parameter; without it
-    # the engine calls param_diagonals once per sample (same numbers, slower)
-    per_sample_native = False
-
-    def param_diagonals(self, record, curvature):
-        """[(parameter, diagonal contribution)] from the curvature at the module output."""
+    def param_diagonals(self, record, curvature, per_sample=False):
+        """[(parameter, diagonal contribution)] from the curvature at the module output, summed over the samples,
+        or per_sample: (N, *parameter.shape) each. Rules without parameters keep this default."""
         return []
 
     def propagate(self, record, curvature, context):
         """The curvature at the module input: one Curvature, or several whose sum it is
         (column chunks of at most context.max_columns, streamed to keep memory bounded)."""
         raise NotImplementedError
+
+
+def unbatched_input_reason(x, dims=None, at_least=None):
+    """The rules treat axis 0 as the batch: None when x has it in front of what the module reads per sample
+    (x.dim() in dims, or at least at_least dimensions), else the refusal naming the shape."""
+    if dims is not None and x.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+    elif at_least is not None and x.dim() < at_least:
+        expected = f"at least {at_least}-D"
+    else:
+        return None
+    return f"an unbatched input of shape {tuple(x.shape)} (expected {expected})"
 
 
 def _one(value, index):
@@ -106,10 +115,9 @@ def _one(value, index):
     return value
 
 
-def sample_param_diagonals(rule, record, curvature):
-    """[(parameter, (N, *parameter.shape))]: the contributions of each sample on their own."""
-    if rule.per_sample_native:
-        return rule.param_diagonals(record, curvature, per_sample=True)
+def one_sample_at_a_time(rule, record, curvature):
+    """[(parameter, (N, *parameter.shape))] from the rule's summed diagonals, one sample at a time: the
+    per-sample form of rules that have no batched one (same numbers, slower)."""
     samples = curvature.samples
     found = {}
     for index in range(samples):

@@ -36,7 +36,7 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per
             blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)
         add(torch.einsum(f"nopq,nkp,nkq->{result}", blocks, inputs, inputs))
         return total
-    if curvature.factors is not None:  # (N, V, O, P)
+    if curvature.has_factors:  # (N, V, O, P)
         add(factor_weight_diagonal(by_channel(curvature.factors), curvature.signs, inputs, per_sample=per_sample))
     if curvature.diag is not None:
         add(torch.einsum(f"nop,nkp->{result}", by_channel(curvature.diag), inputs * inputs))
@@ -121,7 +121,7 @@ def channelwise_diagonal(curvature, values, positions_first=False, per_sample=Fa
         dense = by_channel(by_channel(curvature.dense, 2), 1)  # (N, C, P, C, Q)
         blocks = torch.diagonal(dense, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (N, C, P, Q)
         return torch.einsum(f"ncpq,ncp,ncq->{'nc' if per_sample else 'c'}", blocks, values, values)
-    if curvature.factors is not None:
+    if curvature.has_factors:
         factors = by_channel(curvature.factors, 2)  # (N, V, C, P)
         if per_sample:
             projected = (factors * values.unsqueeze(1)).sum(3)  # (N, V, C)
@@ -136,7 +136,7 @@ def channelwise_diagonal(curvature, values, positions_first=False, per_sample=Fa
     return total
 
 
-def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False):
+def pooled_weight_diagonal(curvature, inputs, out_channels, per_sample=False):
     """shared_weight_diagonal for factors kept on max-pooling selections (Curvature.selection):
     only the selected positions of each output channel take part, so the products shrink by the
     pooling factor and the pooled columns are never scattered back to full size. (N, O, K) when
@@ -152,7 +152,7 @@ def selected_weight_diagonal(curvature, inputs, out_channels, per_sample=False):
     return total
 
 
-def selected_bias_diagonal(curvature, out_channels, per_sample=False):
+def pooled_bias_diagonal(curvature, out_channels, per_sample=False):
     """Bias diagonal from factors on selections: sum_n sum_v signs (sum_q S[n, v, o, q])^2 (+ the diagonal part);
     (N, O) without the sum over n when per_sample."""
     compact = curvature.compact_factors

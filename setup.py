@@ -35,7 +35,6 @@ def extension():
         return CUDAExtension(
             "torch_secorder._C",
             sources,
-            define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": build_config.CXX_FLAGS, "nvcc": build_config.NVCC_FLAGS},
             extra_link_args=build_config.LD_FLAGS,
         )

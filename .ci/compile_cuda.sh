@@ -13,7 +13,7 @@ trap 'rm -rf "$out"' EXIT
 for source in csrc/cuda/*.cu; do
   echo "nvcc -c $source (sm_90)"
   "$NVCC" -c "$source" -o "$out/$(basename "$source").o" $includes -I"$python_include" \
-    -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_SECORDER_PYTHON_MODULE -DWITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$abi" \
+    -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_SECORDER_PYTHON_MODULE -D_GLIBCXX_USE_CXX11_ABI="$abi" \
     -std=c++20 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC -Xcompiler -fopenmp \
     -gencode arch=compute_90,code=sm_90 -diag-suppress 3306 -Werror all-warnings
 done

@@ -1,5 +1,8 @@
-// The one place where the operator schemas of torch_secorder are declared.
-// Backends add implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda.
+// The schemas of torch_secorder's curvature ops: one declaration here, kernels per backend with
+// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda, the composite ones in csrc/loss_curvature.cpp.
+// CPU-only utility ops (the block cache, the thread probe) are declared next to their one
+// implementation with TORCH_LIBRARY_FRAGMENT (csrc/cpu/block_cache.cpp, csrc/cpu/parallel_probe.cpp).
+// Adding an op: CONTRIBUTING.md, "Adding a compiled op".
 #include <torch/library.h>
 
 TORCH_LIBRARY(torch_secorder, m) {

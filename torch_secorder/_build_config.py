@@ -17,7 +17,7 @@ NVCC_FLAGS = ["-O3", "-Xcompiler", "-fopenmp", "-DTORCH_SECORDER_PYTHON_MODULE",
 
 
 def sources(csrc=CSRC, with_cuda=False):
-    """The .cpp files (and the .cu files when building for CUDA), relative paths sorted."""
+    """The .cpp files (and the .cu files when building for CUDA) under csrc, as absolute paths, sorted."""
     files = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
     files += sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     if with_cuda:

@@ -48,7 +48,7 @@ def _jit_build():
         name="torch_secorder_jit_cuda" if with_cuda else "torch_secorder_jit",
         sources=_build_config.sources(with_cuda=with_cuda),
         extra_cflags=_build_config.CXX_FLAGS,
-        extra_cuda_cflags=_build_config.NVCC_FLAGS + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=_build_config.NVCC_FLAGS,
         extra_ldflags=_build_config.LD_FLAGS,
         with_cuda=with_cuda,
         is_python_module=False,

@@ -17,7 +17,9 @@ except ImportError as error:  # pragma: no cover - a message for people who forg
     ) from error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("_build_config", os.path.join(HERE, "torch_secorder", "_build_config.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_build_config", os.path.join(HERE, "torch_secorder", "_build_config.py")
+)
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
 

@@ -33,25 +33,62 @@ METHODS = ["gradient", "engine (kernels)", "engine (pure torch)", "backpack", "g
 
 def workloads(device):
     """name -> (model, inputs, targets, loss) built from a fixed seed."""
+
     def mlp_relu():
-        return (nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)),
-                (128, 784), 10, nn.CrossEntropyLoss())
+        return (
+            nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)),
+            (128, 784),
+            10,
+            nn.CrossEntropyLoss(),
+        )
 
     def mlp_smooth():
-        return (nn.Sequential(nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)),
-                (64, 784), None, nn.MSELoss())
+        return (
+            nn.Sequential(nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)),
+            (64, 784),
+            None,
+            nn.MSELoss(),
+        )
 
     def cnn():
-        return (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
-                              nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 10)),
-                (32, 3, 32, 32), 10, nn.CrossEntropyLoss())
+        return (
+            nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(2048, 10),
+            ),
+            (32, 3, 32, 32),
+            10,
+            nn.CrossEntropyLoss(),
+        )
 
     def vgg():
-        return (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                              nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                              nn.Linear(2048, 64), nn.ReLU(), nn.Linear(64, 10)),
-                (128, 3, 32, 32), 10, nn.CrossEntropyLoss())
+        return (
+            nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(2048, 64),
+                nn.ReLU(),
+                nn.Linear(64, 10),
+            ),
+            (128, 3, 32, 32),
+            10,
+            nn.CrossEntropyLoss(),
+        )
 
     table = {
         "MLP 784-128-ReLU-64-ReLU-10, CE, batch 128": mlp_relu,
@@ -86,12 +123,15 @@ def measure(name, method, device_name, generic_limit, batch, in_process=False):
     from torch_secorder import model_hessian_diagonal, ops
 
     if method == "gradient":
+
         def run():
             return torch.autograd.grad(loss_fn(model(x), y), params)
     elif method == "engine (kernels)":
+
         def run():
             return model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
     elif method == "engine (pure torch)":
+
         def run():
             with ops.references_only():
                 return model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
@@ -110,6 +150,7 @@ def measure(name, method, device_name, generic_limit, batch, in_process=False):
                 loss_fn(model(x), y).backward()
             return [p.diag_h for p in params]
     else:
+
         def run():
             return model_hessian_diagonal(model, loss_fn, x, y, method="autograd", progress=guard)
 
@@ -137,8 +178,11 @@ def measure(name, method, device_name, generic_limit, batch, in_process=False):
     result = run()
     synchronize(device)
     first = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     repeats = int(max(3, min(30, 3.0 / max(first, 1e-6))))
     seconds = median_seconds(run, device, repeats=repeats, warmup=2)
     del result
@@ -158,13 +202,25 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--generic-limit", type=float, default=60.0, help="skip the generic method beyond this")
     parser.add_argument("--only", default=None, help="substring of the workload names to run")
-    parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="override every workload's batch size (several: one table per size)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="measure in this process (one CUDA context, no process start-up per measurement)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over all methods; the reported time is the median of the rounds' medians, "
-                             "so that a slow spell of the machine does not land on one method only")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="override every workload's batch size (several: one table per size)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process (one CUDA context, no process start-up per measurement)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over all methods; the reported time is the median of the rounds' medians, "
+        "so that a slow spell of the machine does not land on one method only",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,8 +229,9 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.device, args.generic_limit, batch)))
         return
     for batch in args.batch or [None]:
-        rows = [measure_workload(name, args, batch) for name in workloads(args.device)
-                if not args.only or args.only in name]
+        rows = [
+            measure_workload(name, args, batch) for name in workloads(args.device) if not args.only or args.only in name
+        ]
         write_results(rows, args, batch)
 
 
@@ -185,7 +242,11 @@ def measure_workload(name, args, batch):
         for method in METHODS:
             if measured[method] and "skipped" in measured[method][0]:
                 continue  # skipped once (not installed, too slow): skipped every round
-            result = measure_here(name, method, args, batch) if args.in_process else measure_in_child(name, method, args, batch)
+            result = (
+                measure_here(name, method, args, batch)
+                if args.in_process
+                else measure_in_child(name, method, args, batch)
+            )
             measured[method].append(result)
             print(name, "| batch", batch, "| round", round_index, "|", method, "|", result, flush=True)
     for method, results in measured.items():
@@ -193,8 +254,10 @@ def measure_workload(name, args, batch):
         if not timed:
             row[method] = results[0]
             continue
-        row[method] = {"seconds": statistics.median(r["seconds"] for r in timed),
-                       "round_seconds": [r["seconds"] for r in timed]}
+        row[method] = {
+            "seconds": statistics.median(r["seconds"] for r in timed),
+            "round_seconds": [r["seconds"] for r in timed],
+        }
         if all("peak_extra_bytes" in r for r in timed):
             row[method]["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in timed)
     return row
@@ -203,13 +266,22 @@ def measure_workload(name, args, batch):
 def measure_here(name, method, args, batch):
     try:
         return measure(name, method, args.device, args.generic_limit, batch, in_process=True)
-    except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' numbers
+    except Exception as error:
         return {"skipped": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
 
 
 def measure_in_child(name, method, args, batch):
-    command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
-               str(args.generic_limit), "--child", name, method]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--device",
+        args.device,
+        "--generic-limit",
+        str(args.generic_limit),
+        "--child",
+        name,
+        method,
+    ]
     if batch:
         command += ["--batch", str(batch)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -219,15 +291,20 @@ def measure_in_child(name, method, args, batch):
 
 
 def write_results(rows, args, batch):
-    meta = {"commit": measured_commit(),
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "dtype": "float32", "batch": batch or "as named",
-            "processes": "one" if args.in_process else "one per measurement",
-            "timing": f"median over {args.rounds} rounds of the median of warm runs (CUDA events on GPU, wall clock "
-                      "on CPU), forward pass included",
-            "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
-                      "CUDA: max_memory_allocated)"}
+    meta = {
+        "commit": measured_commit(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "batch": batch or "as named",
+        "processes": "one" if args.in_process else "one per measurement",
+        "timing": f"median over {args.rounds} rounds of the median of warm runs (CUDA events on GPU, wall clock "
+        "on CPU), forward pass included",
+        "memory": "peak extra bytes over the state before the call (CPU: process high-water mark; "
+        "CUDA: max_memory_allocated)",
+    }
     if args.device != "cpu":
         meta["cuda"] = torch.version.cuda
     os.makedirs(args.out, exist_ok=True)
@@ -241,14 +318,19 @@ def write_results(rows, args, batch):
     def memory(row, method):
         return memory_cell(row, method, digits=1)
 
-    lines = ["| workload | gradient | engine (kernels) | engine (pure torch) | BackPACK DiagHessian | generic | "
-             "speed-up vs BackPACK | peak MiB engine / BackPACK |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | gradient | engine (kernels) | engine (pure torch) | BackPACK DiagHessian | generic | "
+        "speed-up vs BackPACK | peak MiB engine / BackPACK |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         engine, other = row["engine (kernels)"], row["backpack"]
         speedup = f"{other['seconds'] / engine['seconds']:.1f}x" if "seconds" in engine and "seconds" in other else "-"
-        lines.append(f"| {row['workload']} | {cell(row, 'gradient')} | {cell(row, 'engine (kernels)')} | "
-                     f"{cell(row, 'engine (pure torch)')} | {cell(row, 'backpack')} | {cell(row, 'generic')} | "
-                     f"{speedup} | {memory(row, 'engine (kernels)')} / {memory(row, 'backpack')} |")
+        lines.append(
+            f"| {row['workload']} | {cell(row, 'gradient')} | {cell(row, 'engine (kernels)')} | "
+            f"{cell(row, 'engine (pure torch)')} | {cell(row, 'backpack')} | {cell(row, 'generic')} | "
+            f"{speedup} | {memory(row, 'engine (kernels)')} / {memory(row, 'backpack')} |"
+        )
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"backprop_{tag}.md"), "w") as handle:
         handle.write(f"Measured with {json.dumps(meta)}\n\n{table}\n")

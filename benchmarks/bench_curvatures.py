@@ -84,8 +84,9 @@ def runner(method, model, x, y, loss_fn):
         "gradient": lambda: torch.autograd.grad(loss_fn(model(x), y), params),
         "hessian": lambda: ts.model_hessian_diagonal(model, loss_fn, x, y, method="backprop"),
         "ggn": lambda: ts.model_ggn_diagonal(model, loss_fn, x, y, method="backprop"),
-        "per-sample hessian": lambda: ts.model_hessian_diagonal(model, loss_fn, x, y, method="backprop",
-                                                                per_sample=True),
+        "per-sample hessian": lambda: ts.model_hessian_diagonal(
+            model, loss_fn, x, y, method="backprop", per_sample=True
+        ),
         "per-sample ggn": lambda: ts.model_ggn_diagonal(model, loss_fn, x, y, method="backprop", per_sample=True),
         "mc fisher": lambda: ts.model_fisher_diagonal(model, loss_fn, x, y, method="backprop"),
         "empirical fisher": lambda: ts.model_fisher_diagonal(model, loss_fn, x, y, "empirical", method="backprop"),
@@ -102,9 +103,9 @@ def runner(method, model, x, y, loss_fn):
         def run():
             flat = hutchinson_diag(operator, PROBES)
             return [part.reshape(p.shape) for part, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
         return run
-    from backpack import backpack, extend
-    from backpack import extensions
+    from backpack import backpack, extend, extensions
 
     extension, attribute = {
         "backpack ggn": (extensions.DiagGGNExact, "diag_ggn_exact"),
@@ -121,6 +122,7 @@ def runner(method, model, x, y, loss_fn):
         with backpack(extension()):
             extended_loss(extended(x), y).backward()
         return [getattr(p, attribute) for p in extended.parameters()]
+
     return run
 
 
@@ -139,13 +141,16 @@ def measure(name, method, device_name):
     start = time.perf_counter()
     try:
         result = run()
-    except Exception as error:  # noqa: BLE001  (a library that refuses the workload: say why)
+    except Exception as error:
         return {"skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     measured = {"peak_extra_bytes": max(peak, 0)}
     reference = _reference(method, model, x, y, loss_fn)
     if reference is not None:
@@ -195,10 +200,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default=None, help="comma-separated parts of workload names to run")
-    parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="measure (both libraries) with glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_ and "
-                             "MALLOC_TRIM_THRESHOLD_ at 4 GiB) instead of unmapping it and faulting fresh pages in; "
-                             "results go to curvatures_<device>_retained.*")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="measure (both libraries) with glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_ and "
+        "MALLOC_TRIM_THRESHOLD_ at 4 GiB) instead of unmapping it and faulting fresh pages in; "
+        "results go to curvatures_<device>_retained.*",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -232,47 +240,68 @@ def main():
 
 
 def write_results(rows, args, methods):
-    meta = {"commit": measured_commit(),
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "dtype": "float32", "rounds": args.rounds,
-            "timing": "median over rounds of the median of warm runs (after about 0.5 s of warm-up calls, 3 to 50), "
-                      "forward pass included, one process per (workload, method); methods slower than 5 s: one "
-                      "round, one timed run",
-            "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
-                      "CUDA: max_memory_allocated)",
-            "allocator": ("glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB)"
-                          if args.retain_freed_memory else "glibc defaults")
-                         + "; ours with its CPU block cache on (the default, torch_secorder.memory)",
-            "ours": OURS, "theirs": {key: value[0] for key, value in THEIRS.items()}}
+    meta = {
+        "commit": measured_commit(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "rounds": args.rounds,
+        "timing": "median over rounds of the median of warm runs (after about 0.5 s of warm-up calls, 3 to 50), "
+        "forward pass included, one process per (workload, method); methods slower than 5 s: one "
+        "round, one timed run",
+        "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
+        "CUDA: max_memory_allocated)",
+        "allocator": (
+            "glibc keeping freed memory (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4 GiB)"
+            if args.retain_freed_memory
+            else "glibc defaults"
+        )
+        + "; ours with its CPU block cache on (the default, torch_secorder.memory)",
+        "ours": OURS,
+        "theirs": {key: value[0] for key, value in THEIRS.items()},
+    }
     tag = ("cpu" if args.device == "cpu" else "cuda") + ("_retained" if args.retain_freed_memory else "")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"curvatures_{tag}.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
     lines = []
     for row in rows:
-        lines += [f"### {row['workload']}", "", f"gradient: {time_cell(row, 'gradient', digits=1)}", "",
-                  "| curvature | ours | theirs | ours vs theirs | peak MiB ours / theirs | error vs exact (ours / theirs) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {row['workload']}",
+            "",
+            f"gradient: {time_cell(row, 'gradient', digits=1)}",
+            "",
+            "| curvature | ours | theirs | ours vs theirs | peak MiB ours / theirs | error vs exact (ours / theirs) |",
+            "|---|---|---|---|---|---|",
+        ]
         for ours in [m for m in OURS if m != "gradient" and m in methods]:
-            theirs = next((key for key, (_, counterpart) in THEIRS.items() if counterpart == ours and key in methods),
-                          None)
+            theirs = next(
+                (key for key, (_, counterpart) in THEIRS.items() if counterpart == ours and key in methods), None
+            )
             mine = row[ours]
             other = row[theirs] if theirs else {"skipped": "-"}
-            speed = (f"{other['seconds'] / mine['seconds']:.1f}x faster" if "seconds" in mine and "seconds" in other
-                     else "-")
+            speed = (
+                f"{other['seconds'] / mine['seconds']:.1f}x faster" if "seconds" in mine and "seconds" in other else "-"
+            )
             errors = "-"
             if "error_vs_exact" in mine or "error_vs_exact" in other:
-                ours_error = (f"{mine['error_vs_exact']:.1%} (predicted {mine['predicted_error']:.1%})"
-                              if "error_vs_exact" in mine else "-")
+                ours_error = (
+                    f"{mine['error_vs_exact']:.1%} (predicted {mine['predicted_error']:.1%})"
+                    if "error_vs_exact" in mine
+                    else "-"
+                )
                 theirs_error = f"{other['error_vs_exact']:.2g}" if "error_vs_exact" in other else "-"
                 if ours == "hutchinson" and "error_vs_exact" in other:
                     theirs_error = f"{other['error_vs_exact']:.1%}"
                 errors = f"{ours_error} / {theirs_error}"
             label = THEIRS[theirs][0] if theirs else "-"
-            lines.append(f"| {OURS[ours]} | {time_cell(row, ours, digits=1)} | "
-                         f"{label}: {time_cell(row, theirs, digits=1, say_why=True) if theirs else '-'} | {speed} | "
-                         f"{memory_cell(row, ours, 0)} / {memory_cell(row, theirs, 0) if theirs else '-'} | {errors} |")
+            lines.append(
+                f"| {OURS[ours]} | {time_cell(row, ours, digits=1)} | "
+                f"{label}: {time_cell(row, theirs, digits=1, say_why=True) if theirs else '-'} | {speed} | "
+                f"{memory_cell(row, ours, 0)} / {memory_cell(row, theirs, 0) if theirs else '-'} | {errors} |"
+            )
         lines.append("")
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"curvatures_{tag}.md"), "w") as handle:

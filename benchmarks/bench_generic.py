@@ -39,8 +39,16 @@ def workloads():
     def data(shape, classes, batch):
         return torch.randn(batch, *shape, generator=generator), torch.randint(0, classes, (batch,), generator=generator)
 
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
     return [
         ("MLP 20-16-16-4 Tanh, CE, batch 256", mlp([20, 16, 16, 4]), *data((20,), 4, 256)),
         ("MLP 20-32-32-4 Tanh, CE, batch 256", mlp([20, 32, 32, 4]), *data((20,), 4, 256)),
@@ -62,8 +70,12 @@ def median_seconds(run, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-original-seconds", type=float, default=60.0,
-                        help="skip the original where a one-entry estimate says it would take longer")
+    parser.add_argument(
+        "--max-original-seconds",
+        type=float,
+        default=60.0,
+        help="skip the original where a one-entry estimate says it would take longer",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     original = load_original()
@@ -73,30 +85,51 @@ def main():
         params = list(model.parameters())
         count = sum(p.numel() for p in params)
 
-        def gradient():
+        def gradient(model=model, x=x, y=y, params=params):
             return torch.autograd.grad(loss_fn(model(x), y), params)
 
         gradient()
         grad_s, _ = median_seconds(gradient, 20)
-        ours_s, ours = median_seconds(lambda: model_hessian_diagonal(model, loss_fn, x, y, method="autograd"),
-                                      args.repeats)
-        row = {"workload": name, "parameters": count, "gradient_ms": grad_s * 1e3, "generic_s": ours_s,
-               "generic_x_gradient": ours_s / grad_s, "original_s": None, "speedup_vs_original": None,
-               "max_relative_difference": None}
+        ours_s, ours = median_seconds(
+            lambda model=model, x=x, y=y: model_hessian_diagonal(model, loss_fn, x, y, method="autograd"), args.repeats
+        )
+        row = {
+            "workload": name,
+            "parameters": count,
+            "gradient_ms": grad_s * 1e3,
+            "generic_s": ours_s,
+            "generic_x_gradient": ours_s / grad_s,
+            "original_s": None,
+            "speedup_vs_original": None,
+            "max_relative_difference": None,
+        }
         if original is not None:
             estimate = ours_s / max(1, count) * count * 5  # the loop is slower; skip only clear cases
             if estimate <= args.max_original_seconds:
-                orig_s, theirs = median_seconds(lambda: original.model_hessian_diagonal(model, loss_fn, x, y), 1)
+                orig_s, theirs = median_seconds(
+                    lambda model=model, x=x, y=y: original.model_hessian_diagonal(model, loss_fn, x, y), 1
+                )
                 a = torch.cat([d.reshape(-1).double() for d in ours])
                 b = torch.cat([d.reshape(-1).double() for d in theirs])
-                row.update(original_s=orig_s, speedup_vs_original=orig_s / ours_s,
-                           max_relative_difference=((a - b).abs().max() / b.abs().max()).item())
+                row.update(
+                    original_s=orig_s,
+                    speedup_vs_original=orig_s / ours_s,
+                    max_relative_difference=((a - b).abs().max() / b.abs().max()).item(),
+                )
         rows.append(row)
         print(json.dumps(row))
 
-    meta = {"commit": measured_commit(), "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "compiled_ops": _extension.info()["source"],
-            "repeats": args.repeats, "float": "float32", "timing": "median wall-clock, forward pass included"}
+    meta = {
+        "commit": measured_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "compiled_ops": _extension.info()["source"],
+        "repeats": args.repeats,
+        "float": "float32",
+        "timing": "median wall-clock, forward pass included",
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "generic_vs_original.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
@@ -108,8 +141,10 @@ def main():
         orig = f"{r['original_s']:.2f} s" if r["original_s"] is not None else "skipped"
         speed = f"{r['speedup_vs_original']:.1f}x" if r["speedup_vs_original"] is not None else "-"
         diff = f"{r['max_relative_difference']:.1e}" if r["max_relative_difference"] is not None else "-"
-        lines.append(f"| {r['workload']} | {r['parameters']:,} | {r['gradient_ms']:.2f} ms | {r['generic_s']:.2f} s "
-                     f"({r['generic_x_gradient']:,.0f}x grad) | {orig} | {speed} | {diff} |")
+        lines.append(
+            f"| {r['workload']} | {r['parameters']:,} | {r['gradient_ms']:.2f} ms | {r['generic_s']:.2f} s "
+            f"({r['generic_x_gradient']:,.0f}x grad) | {orig} | {speed} | {diff} |"
+        )
     table = "\n".join(lines)
     with open(os.path.join(args.out, "generic_vs_original.md"), "w") as handle:
         handle.write(f"Measured with {meta}\n\n{table}\n")

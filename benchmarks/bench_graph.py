@@ -66,14 +66,19 @@ def workloads():
     from torchvision_style import resnet18
 
     def sequential_mlp():
-        return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)), (128, 784)
+        return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)), (
+            128,
+            784,
+        )
 
     return {
         "ResNet-18 (torchvision), CIFAR 3x32x32, 10 classes, eval, batch 32": (lambda: resnet18(10), (32, 3, 32, 32)),
         "MLP 784-128-ReLU-64-ReLU-10 as nn.Sequential, batch 128": (sequential_mlp, None),
         "MLP 784-128-ReLU-64-ReLU-10 as a class (F.relu), batch 128": (lambda: (ClassMLP(), (128, 784)), None),
         "Pre-norm residual MLP (LayerNorm, GELU), width 64, 2 blocks, batch 64": (
-            lambda: (PreNormMLP(), (64, 784)), None),
+            lambda: (PreNormMLP(), (64, 784)),
+            None,
+        ),
     }
 
 
@@ -102,9 +107,11 @@ def measure(name, method, device_name, generic_limit, batch):
 
     compare = None  # for BackPACK: its largest relative difference to the engine
     if method == "gradient":
+
         def run():
             return torch.autograd.grad(loss_fn(model(x), y), params)
     elif method == "engine":
+
         def run():
             return model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
     elif method == "backpack":
@@ -152,8 +159,11 @@ def measure(name, method, device_name, generic_limit, batch):
     result = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     measured = {"peak_extra_bytes": max(peak, 0)}
     if compare is not None:
         measured["max_relative_difference_to_engine"] = compare(result)
@@ -168,8 +178,17 @@ def measure(name, method, device_name, generic_limit, batch):
 
 
 def measure_in_child(name, method, args):
-    command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--generic-limit",
-               str(args.generic_limit), "--child", name, method]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--device",
+        args.device,
+        "--generic-limit",
+        str(args.generic_limit),
+        "--child",
+        name,
+        method,
+    ]
     if args.batch:
         command += ["--batch", str(args.batch)]
     return run_child(command)
@@ -208,15 +227,20 @@ def main():
 
 
 def write_results(rows, args):
-    meta = {"commit": measured_commit(),
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "dtype": "float32", "rounds": args.rounds,
-            "timing": "median over rounds of the median of warm runs, forward pass included, one process per "
-                      "(workload, method)",
-            "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
-                      "CUDA: max_memory_allocated)",
-            "backpack": "DiagGGNExact with extend(model, use_converter=True)"}
+    meta = {
+        "commit": measured_commit(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "rounds": args.rounds,
+        "timing": "median over rounds of the median of warm runs, forward pass included, one process per "
+        "(workload, method)",
+        "memory": "peak extra bytes over the state before the first call (CPU: process high-water mark; "
+        "CUDA: max_memory_allocated)",
+        "backpack": "DiagGGNExact with extend(model, use_converter=True)",
+    }
     tag = ("cpu" if args.device == "cpu" else "cuda") + (f"_batch{args.batch}" if args.batch else "")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"graph_{tag}.json"), "w") as handle:
@@ -228,15 +252,21 @@ def write_results(rows, args):
     def memory(row, method):
         return memory_cell(row, method, digits=0)
 
-    lines = ["| workload | gradient | engine | BackPACK DiagGGNExact (converter) | generic | engine vs BackPACK | "
-             "peak MiB gradient / engine / BackPACK |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | gradient | engine | BackPACK DiagGGNExact (converter) | generic | engine vs BackPACK | "
+        "peak MiB gradient / engine / BackPACK |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         engine, other = row["engine"], row["backpack"]
-        speedup = f"{other['seconds'] / engine['seconds']:.1f}x faster" if "seconds" in engine and "seconds" in other \
-            else "-"
-        lines.append(f"| {row['workload']} | {cell(row, 'gradient')} | {cell(row, 'engine')} | "
-                     f"{cell(row, 'backpack')} | {cell(row, 'generic')} | {speedup} | "
-                     f"{memory(row, 'gradient')} / {memory(row, 'engine')} / {memory(row, 'backpack')} |")
+        speedup = (
+            f"{other['seconds'] / engine['seconds']:.1f}x faster" if "seconds" in engine and "seconds" in other else "-"
+        )
+        lines.append(
+            f"| {row['workload']} | {cell(row, 'gradient')} | {cell(row, 'engine')} | "
+            f"{cell(row, 'backpack')} | {cell(row, 'generic')} | {speedup} | "
+            f"{memory(row, 'gradient')} / {memory(row, 'engine')} / {memory(row, 'backpack')} |"
+        )
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"graph_{tag}.md"), "w") as handle:
         handle.write(f"Measured with {json.dumps(meta)}\n\n{table}\n")

@@ -21,8 +21,20 @@ def load_original():
     if not os.path.exists(path):
         os.makedirs(CACHE, exist_ok=True)
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", CACHE,
-             "torch-secorder==0.0.1"], capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                CACHE,
+                "torch-secorder==0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         wheels = glob.glob(os.path.join(CACHE, "torch_secorder-0.0.1-*.whl"))
         if not wheels:
             print(f"original torch-secorder 0.0.1 unavailable: {result.stderr.strip()[-300:]}")

@@ -34,10 +34,12 @@ def measured_commit():
     """The commit the numbers belong to (with '+changes' when the tree had uncommitted edits)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + ("+changes" if dirty else "")
@@ -75,9 +77,11 @@ def combine_rounds(results, keys=()):
     timed = [r for r in results if "seconds" in r]
     if not timed:
         return results[0] if results else {"skipped": "not run"}
-    cell = {"seconds": statistics.median(r["seconds"] for r in timed),
-            "round_seconds": [r["seconds"] for r in timed],
-            "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed)}
+    cell = {
+        "seconds": statistics.median(r["seconds"] for r in timed),
+        "round_seconds": [r["seconds"] for r in timed],
+        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in timed),
+    }
     for key in keys:
         if key in timed[0]:
             cell[key] = max(r[key] for r in timed)

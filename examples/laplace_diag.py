@@ -25,6 +25,7 @@ try:
 except ImportError:
     sys.exit("this example needs laplace-torch: pip install 'torch-secorder[laplace]'")
 from synthetic import example_parser, parse_example_arguments, positive_int
+
 from torch_secorder.integrations.laplace import SecorderGGN, SecorderHessian
 
 
@@ -48,10 +49,12 @@ def calibration_error(probabilities, labels, bins=10):
 
 
 def summary(probabilities, labels, far_probabilities):
-    return dict(nll=F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item(),
-                accuracy=(probabilities.argmax(1) == labels).double().mean().item(),
-                ece=calibration_error(probabilities, labels),
-                far_confidence=far_probabilities.max(dim=1).values.mean().item())
+    return dict(
+        nll=F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item(),
+        accuracy=(probabilities.argmax(1) == labels).double().mean().item(),
+        ece=calibration_error(probabilities, labels),
+        far_confidence=far_probabilities.max(dim=1).values.mean().item(),
+    )
 
 
 def main(argv=None):
@@ -64,15 +67,17 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     x, y = blobs(args.train_samples + args.test_samples, args.classes, generator)
     x, y = x.to(device), y.to(device)
-    train = torch.utils.data.TensorDataset(x[:args.train_samples], y[:args.train_samples])
-    test_x, test_y = x[args.train_samples:], y[args.train_samples:]
+    train = torch.utils.data.TensorDataset(x[: args.train_samples], y[: args.train_samples])
+    test_x, test_y = x[args.train_samples :], y[args.train_samples :]
     far_x = 12.0 * F.normalize(torch.randn(500, 2, generator=generator), dim=1).to(device)  # far from all data
-    loader = torch.utils.data.DataLoader(train, batch_size=100, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
 
     torch.manual_seed(args.seed)
-    model = nn.Sequential(nn.Linear(2, 50), nn.Tanh(), nn.Linear(50, 50), nn.Tanh(),
-                          nn.Linear(50, args.classes)).to(device)
+    model = nn.Sequential(nn.Linear(2, 50), nn.Tanh(), nn.Linear(50, 50), nn.Tanh(), nn.Linear(50, args.classes)).to(
+        device
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(args.epochs):
         for inputs, labels in loader:
@@ -91,18 +96,31 @@ def main(argv=None):
 
     with torch.no_grad():
         map_result = summary(torch.softmax(model(test_x), 1), test_y, torch.softmax(model(far_x), 1))
-    laplace_result = summary(la(test_x, pred_type="glm", link_approx="probit"), test_y,
-                             la(far_x, pred_type="glm", link_approx="probit"))
+    laplace_result = summary(
+        la(test_x, pred_type="glm", link_approx="probit"), test_y, la(far_x, pred_type="glm", link_approx="probit")
+    )
     prior = la.prior_precision.reshape(-1)[0].item()
-    print(f"diagonal Laplace ({backend.__name__}): fit over {args.train_samples} samples in {fit_seconds:.2f} s, "
-          f"prior precision {prior:.3g} (marginal likelihood), {la.n_params:,} parameters")
+    print(
+        f"diagonal Laplace ({backend.__name__}): fit over {args.train_samples} samples in {fit_seconds:.2f} s, "
+        f"prior precision {prior:.3g} (marginal likelihood), {la.n_params:,} parameters"
+    )
     print(f"{'':>10} {'test NLL':>9} {'accuracy':>9} {'ECE':>7} {'confidence far away':>20}")
     for name, result in (("MAP", map_result), ("Laplace", laplace_result)):
-        print(f"{name:>10} {result['nll']:>9.4f} {result['accuracy']:>9.3f} {result['ece']:>7.4f} "
-              f"{result['far_confidence']:>20.3f}")
+        print(
+            f"{name:>10} {result['nll']:>9.4f} {result['accuracy']:>9.3f} {result['ece']:>7.4f} "
+            f"{result['far_confidence']:>20.3f}"
+        )
     with open(os.path.join(args.out, "laplace_diag.json"), "w") as f:
-        json.dump(dict(arguments=vars(args), map=map_result, laplace=laplace_result, prior_precision=prior,
-                       fit_seconds=fit_seconds), f)
+        json.dump(
+            dict(
+                arguments=vars(args),
+                map=map_result,
+                laplace=laplace_result,
+                prior_precision=prior,
+                fit_seconds=fit_seconds,
+            ),
+            f,
+        )
     return 0
 
 

@@ -24,9 +24,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from synthetic import (
+    accuracy,
+    cifar_like,
+    example_parser,
+    parse_example_arguments,
+    positive_int,
+    small_cnn,
+    train_and_test,
+)
 
-from synthetic import (accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
-                       small_cnn, train_and_test)
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
 
 
@@ -50,11 +57,11 @@ def pruned_copy_state(model, scores, sparsity, per_layer):
     for group in groups:
         flat = torch.cat([scores[name].reshape(-1) for name in group])
         keep = torch.ones_like(flat, dtype=torch.bool)
-        keep[torch.argsort(flat, stable=True)[:int(sparsity * flat.numel())]] = False
+        keep[torch.argsort(flat, stable=True)[: int(sparsity * flat.numel())]] = False
         offset = 0
         for name in group:
             count = state[name].numel()
-            state[name] *= keep[offset:offset + count].reshape(state[name].shape)
+            state[name] *= keep[offset : offset + count].reshape(state[name].shape)
             offset += count
     return state
 
@@ -63,8 +70,12 @@ def main(argv=None):
     parser = example_parser(__doc__, train_samples=2048, test_samples=512)
     parser.add_argument("--sparsities", type=fraction, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--steps", type=positive_int, default=400)
-    parser.add_argument("--scope", choices=["layer", "global"], default="layer",
-                        help="rank within each weight tensor (default) or across all of them")
+    parser.add_argument(
+        "--scope",
+        choices=["layer", "global"],
+        default="layer",
+        help="rank within each weight tensor (default) or across all of them",
+    )
     args, device = parse_example_arguments(parser, argv)
 
     train_x, train_y, test_x, test_y = train_and_test(cifar_like, args, device)
@@ -98,33 +109,51 @@ def main(argv=None):
 
     def evaluate():
         with torch.no_grad():
-            return dict(test_accuracy=accuracy(model, test_x, test_y),
-                        train_loss=F.cross_entropy(model(train_x), train_y).item())
+            return dict(
+                test_accuracy=accuracy(model, test_x, test_y),
+                train_loss=F.cross_entropy(model(train_x), train_y).item(),
+            )
 
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     dense = evaluate()
-    print(f"dense CNN: test accuracy {dense['test_accuracy']:.3f}, train loss {dense['train_loss']:.3f}; "
-          f"exact Hessian diagonal {hessian_seconds:.2f} s ({negative} of {total} entries negative), "
-          f"GGN diagonal {ggn_seconds:.2f} s (largest relative difference {hessian_vs_ggn:.1e}), "
-          f"over {args.train_samples} samples")
-    print(f"{'sparsity':>9} | {'test accuracy: magnitude':>24} {'OBD (Hessian)':>14} {'OBD (GGN)':>10} | "
-          f"{'train loss: magnitude':>21} {'OBD (Hessian)':>14} {'OBD (GGN)':>10}")
+    print(
+        f"dense CNN: test accuracy {dense['test_accuracy']:.3f}, train loss {dense['train_loss']:.3f}; "
+        f"exact Hessian diagonal {hessian_seconds:.2f} s ({negative} of {total} entries negative), "
+        f"GGN diagonal {ggn_seconds:.2f} s (largest relative difference {hessian_vs_ggn:.1e}), "
+        f"over {args.train_samples} samples"
+    )
+    print(
+        f"{'sparsity':>9} | {'test accuracy: magnitude':>24} {'OBD (Hessian)':>14} {'OBD (GGN)':>10} | "
+        f"{'train loss: magnitude':>21} {'OBD (Hessian)':>14} {'OBD (GGN)':>10}"
+    )
     rows = []
     for sparsity in args.sparsities:
         row = dict(sparsity=sparsity)
         for method, score in scores.items():
-            model.load_state_dict(pruned_copy_state(model, score, sparsity, args.scope == 'layer'))
+            model.load_state_dict(pruned_copy_state(model, score, sparsity, args.scope == "layer"))
             row[method] = evaluate()
             model.load_state_dict(dense_state)
         rows.append(row)
-        print(f"{sparsity:>9.2f} | {row['magnitude']['test_accuracy']:>24.3f} "
-              f"{row['obd_hessian']['test_accuracy']:>14.3f} {row['obd_ggn']['test_accuracy']:>10.3f} | "
-              f"{row['magnitude']['train_loss']:>21.3f} {row['obd_hessian']['train_loss']:>14.3f} "
-              f"{row['obd_ggn']['train_loss']:>10.3f}")
+        print(
+            f"{sparsity:>9.2f} | {row['magnitude']['test_accuracy']:>24.3f} "
+            f"{row['obd_hessian']['test_accuracy']:>14.3f} {row['obd_ggn']['test_accuracy']:>10.3f} | "
+            f"{row['magnitude']['train_loss']:>21.3f} {row['obd_hessian']['train_loss']:>14.3f} "
+            f"{row['obd_ggn']['train_loss']:>10.3f}"
+        )
     with open(os.path.join(args.out, "obd_pruning.json"), "w") as f:
-        json.dump(dict(arguments=vars(args), dense=dense, rows=rows, negative_hessian_entries=negative,
-                       hessian_vs_ggn=hessian_vs_ggn,
-                       entries=total, hessian_seconds=hessian_seconds, ggn_seconds=ggn_seconds), f)
+        json.dump(
+            dict(
+                arguments=vars(args),
+                dense=dense,
+                rows=rows,
+                negative_hessian_entries=negative,
+                hessian_vs_ggn=hessian_vs_ggn,
+                entries=total,
+                hessian_seconds=hessian_seconds,
+                ggn_seconds=ggn_seconds,
+            ),
+            f,
+        )
     return 0
 
 

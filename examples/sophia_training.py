@@ -24,11 +24,24 @@ import time
 
 import torch
 import torch.nn.functional as F
+from synthetic import (
+    TinyTransformer,
+    accuracy,
+    cifar_like,
+    example_parser,
+    parse_example_arguments,
+    positive_int,
+    small_cnn,
+    token_majority,
+    train_and_test,
+)
 
-from synthetic import (TinyTransformer, accuracy, cifar_like, example_parser, parse_example_arguments, positive_int,
-                       small_cnn, token_majority, train_and_test)
-from torch_secorder import (model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal,
-                            model_hessian_diagonal_estimate)
+from torch_secorder import (
+    model_fisher_diagonal,
+    model_ggn_diagonal,
+    model_hessian_diagonal,
+    model_hessian_diagonal_estimate,
+)
 from torch_secorder.optim import SophiaDiagonal
 
 TASKS = {
@@ -76,9 +89,14 @@ def train(task, optimizer_name, args, device):
     seconds = time.perf_counter() - start
     with torch.no_grad():
         train_loss = F.cross_entropy(model(train_x), train_y).item()
-    return dict(losses=losses, train_loss=train_loss, test_accuracy=accuracy(model, test_x, test_y),
-                seconds=seconds, curvature_seconds=curvature_seconds,
-                lr=adam_lr if optimizer_name == "adam" else sophia_lr)
+    return dict(
+        losses=losses,
+        train_loss=train_loss,
+        test_accuracy=accuracy(model, test_x, test_y),
+        seconds=seconds,
+        curvature_seconds=curvature_seconds,
+        lr=adam_lr if optimizer_name == "adam" else sophia_lr,
+    )
 
 
 def smoothed(values, window=20):
@@ -92,6 +110,7 @@ def smoothed(values, window=20):
 def plot(results, args, path):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -102,8 +121,12 @@ def plot(results, args, path):
         for name, run in runs.items():
             label = f"{'Adam' if name == 'adam' else 'SophiaDiagonal (' + args.curvature + ')'}, lr {run['lr']:g}"
             axis.plot(smoothed(run["losses"]), label=label)
-        axis.set(title=f"{task} (batch {args.batch_size}, curvature every {args.update_every} steps)",
-                 xlabel="step", ylabel="mini-batch loss (moving mean of 20)", yscale="log")
+        axis.set(
+            title=f"{task} (batch {args.batch_size}, curvature every {args.update_every} steps)",
+            xlabel="step",
+            ylabel="mini-batch loss (moving mean of 20)",
+            yscale="log",
+        )
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -124,9 +147,11 @@ def main(argv=None):
         results[task] = {name: train(task, name, args, device) for name in ("adam", "sophia")}
         for name, run in results[task].items():
             extra = f", of which curvature {run['curvature_seconds']:.1f} s" if name == "sophia" else ""
-            print(f"{task:<12} {name:<7} lr {run['lr']:<7g} train loss {run['losses'][0]:.3f} -> "
-                  f"{run['train_loss']:.3f}, test accuracy {run['test_accuracy']:.3f}, "
-                  f"{run['seconds']:.1f} s{extra}")
+            print(
+                f"{task:<12} {name:<7} lr {run['lr']:<7g} train loss {run['losses'][0]:.3f} -> "
+                f"{run['train_loss']:.3f}, test accuracy {run['test_accuracy']:.3f}, "
+                f"{run['seconds']:.1f} s{extra}"
+            )
     with open(os.path.join(args.out, "sophia_training.json"), "w") as f:
         json.dump(dict(arguments=vars(args), results=results), f)
     picture = plot(results, args, os.path.join(args.out, "sophia_training.png"))

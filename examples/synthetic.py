@@ -29,8 +29,11 @@ def example_parser(doc, train_samples, test_samples):
     parser.add_argument("--test-samples", type=positive_int, default=test_samples)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
-                        help="where the results (JSON, PNG) go (default examples/output)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"),
+        help="where the results (JSON, PNG) go (default examples/output)",
+    )
     return parser
 
 
@@ -43,8 +46,9 @@ def parse_example_arguments(parser, argv):
 
 def train_and_test(make_data, args, device):
     """(train_x, train_y, test_x, test_y) from make_data(samples, generator=...), seeded by args.seed."""
-    inputs, labels = make_data(args.train_samples + args.test_samples,
-                               generator=torch.Generator().manual_seed(args.seed))
+    inputs, labels = make_data(
+        args.train_samples + args.test_samples, generator=torch.Generator().manual_seed(args.seed)
+    )
     inputs, labels = inputs.to(device), labels.to(device)
     cut = args.train_samples
     return inputs[:cut], labels[:cut], inputs[cut:], labels[cut:]
@@ -54,12 +58,15 @@ def cifar_like(samples, classes=10, generator=None, noise=1.5, label_noise=0.1):
     """3x32x32 images: one smooth random template per class (fixed by the generator's first draws),
     shifted by up to 4 pixels (a CNN has to learn translation-robust features), with pixel noise and
     10% of the labels redrawn."""
-    templates = F.interpolate(torch.randn(classes, 3, 4, 4, generator=generator), size=(40, 40), mode="bilinear",
-                              align_corners=False)
+    templates = F.interpolate(
+        torch.randn(classes, 3, 4, 4, generator=generator), size=(40, 40), mode="bilinear", align_corners=False
+    )
     labels = torch.arange(samples) % classes
     labels = labels[torch.randperm(samples, generator=generator)]
     shifts = torch.randint(0, 9, (samples, 2), generator=generator)
-    images = torch.stack([templates[c, :, i:i + 32, j:j + 32] for c, (i, j) in zip(labels.tolist(), shifts.tolist())])
+    images = torch.stack(
+        [templates[c, :, i : i + 32, j : j + 32] for c, (i, j) in zip(labels.tolist(), shifts.tolist())]
+    )
     images = images + noise * torch.randn(images.shape, generator=generator)
     return images, with_label_noise(labels, label_noise, classes, generator)
 
@@ -80,10 +87,18 @@ def token_majority(samples, length=12, vocab=16, classes=4, generator=None, labe
 
 def small_cnn(classes=10, activation=nn.ReLU):
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), activation(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), activation(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(32, classes))
+        nn.Conv2d(3, 16, 3, padding=1),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        activation(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, classes),
+    )
 
 
 class Block(nn.Module):

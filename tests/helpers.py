@@ -4,8 +4,8 @@ import warnings
 
 import torch
 import torch.nn as nn
-
 from conftest import relative_error
+
 from torch_secorder import model_hessian_diagonal
 from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params
 
@@ -41,8 +41,6 @@ def randomise_batch_norm(model, generator):
     return model.eval()
 
 
-
-
 def assert_sampled_exact(model, loss_fn, x, y, per_parameter=6, tolerance=1e-10, seed=0):
     """For models too big for the full Hessian: the engine against one float64 Hessian-vector product per
     sampled entry (per_parameter entries of every parameter, the largest diagonal entry among them)."""
@@ -53,8 +51,12 @@ def assert_sampled_exact(model, loss_fn, x, y, per_parameter=6, tolerance=1e-10,
         actual = model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
     params = list(model.parameters())
     generator = torch.Generator().manual_seed(seed)
-    picks = [(i, k) for i, p in enumerate(params) if p.requires_grad
-             for k in torch.randperm(p.numel(), generator=generator)[:per_parameter].tolist()]
+    picks = [
+        (i, k)
+        for i, p in enumerate(params)
+        if p.requires_grad
+        for k in torch.randperm(p.numel(), generator=generator)[:per_parameter].tolist()
+    ]
     picks += [(i, int(a.reshape(-1).abs().argmax())) for i, a in enumerate(actual) if params[i].requires_grad]
     exact = sampled_hessian_diagonal(model_loss_of_params(model, loss_fn, x, y), params, picks)
     scale = max(abs(v) for v in exact.values())

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import relative_error
+
 from torch_secorder import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.testing import dense_hessian_diagonal
 
@@ -15,7 +15,7 @@ def cubic_setup():
     b = torch.tensor([[0.3, 1.2], [-0.7, 2.0]], dtype=torch.float64, requires_grad=True)
 
     def loss(a=a, b=b):
-        return (a ** 3).sum() * b.sum() + (b ** 4).sum() + torch.sin(a).sum()
+        return (a**3).sum() * b.sum() + (b**4).sum() + torch.sin(a).sum()
 
     return a, b, loss
 
@@ -46,9 +46,18 @@ def test_v_scales_the_diagonal():
     "v, message",
     [
         ([torch.ones(3, dtype=torch.float64)], "one tensor per parameter: got 1 tensors for 2 params"),
-        ([torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)], r"v\[1\] has shape \(4,\) but params\[1\] has shape \(2, 2\)"),
-        ([torch.ones(3, dtype=torch.float32), torch.ones(2, 2, dtype=torch.float64)], r"v\[0\] has dtype torch.float32"),
-        ([torch.ones(3, dtype=torch.float64, device="meta"), torch.ones(2, 2, dtype=torch.float64)], r"v\[0\] is on meta"),
+        (
+            [torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)],
+            r"v\[1\] has shape \(4,\) but params\[1\] has shape \(2, 2\)",
+        ),
+        (
+            [torch.ones(3, dtype=torch.float32), torch.ones(2, 2, dtype=torch.float64)],
+            r"v\[0\] has dtype torch.float32",
+        ),
+        (
+            [torch.ones(3, dtype=torch.float64, device="meta"), torch.ones(2, 2, dtype=torch.float64)],
+            r"v\[0\] is on meta",
+        ),
     ],
 )
 def test_bad_v_is_named(v, message):
@@ -59,7 +68,7 @@ def test_bad_v_is_named(v, message):
 
 def test_create_graph_gives_a_differentiable_result():
     x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    diag = hessian_diagonal(lambda: (x ** 3).sum(), [x], create_graph=True)
+    diag = hessian_diagonal(lambda: (x**3).sum(), [x], create_graph=True)
     assert relative_error(diag[0], 6 * x.detach()) < 1e-15
     (grad,) = torch.autograd.grad(diag[0].sum(), x)
     assert relative_error(grad, torch.full_like(x, 6.0)) < 1e-15
@@ -69,9 +78,11 @@ def test_create_graph_matches_autograd_third_derivatives():
     a, b, loss = cubic_setup()
     diag = hessian_diagonal(loss, [a, b], create_graph=True)
     grads = torch.autograd.grad(sum(d.sum() for d in diag), [a, b])
+
     # reference: d/dtheta of trace-of-diagonal by differentiating the dense reference
     def trace_of_diag(a_, b_):
         return sum(d.sum() for d in dense_hessian_diagonal(lambda p, q: loss(p, q), [a_, b_]))
+
     expected = torch.func.jacrev(trace_of_diag, argnums=(0, 1))(a.detach(), b.detach())
     assert relative_error(list(grads), list(expected)) < 1e-10
 
@@ -88,7 +99,7 @@ def test_strict_rules():
     unused = torch.tensor([4.0, 5.0], requires_grad=True)
 
     def loss():
-        return (used ** 2 * frozen).sum()
+        return (used**2 * frozen).sum()
 
     diag = hessian_diagonal(loss, [used, frozen, unused])
     assert torch.equal(diag[0], torch.tensor([6.0, 6.0]))
@@ -118,8 +129,15 @@ def chunk_sizes(memory_budget, device_type="cpu"):
     model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 5)).double()
     x, y = torch.randn(64, 30, dtype=torch.float64), torch.randn(64, 5, dtype=torch.float64)
     reports = [0]
-    diag = model_hessian_diagonal(model, F.mse_loss, x, y, method="autograd", memory_budget=memory_budget,
-                                  progress=lambda done, total: reports.append(done))
+    diag = model_hessian_diagonal(
+        model,
+        F.mse_loss,
+        x,
+        y,
+        method="autograd",
+        memory_budget=memory_budget,
+        progress=lambda done, total: reports.append(done),
+    )
     return [b - a for a, b in zip(reports, reports[1:])], diag
 
 
@@ -138,7 +156,9 @@ def test_tiny_budget_still_exact_and_reports_progress():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     reports = []
-    small = model_hessian_diagonal(model, F.mse_loss, x, y, memory_budget=1, progress=lambda d, t: reports.append((d, t)))
+    small = model_hessian_diagonal(
+        model, F.mse_loss, x, y, memory_budget=1, progress=lambda d, t: reports.append((d, t))
+    )
     big = model_hessian_diagonal(model, F.mse_loss, x, y)
     assert relative_error(small, big) < 1e-12
     total = sum(p.numel() for p in model.parameters())
@@ -175,8 +195,13 @@ def test_functional_and_module_losses_agree():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    assert relative_error(model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y),
-                          model_hessian_diagonal(model, F.cross_entropy, x, y)) < 1e-15
+    assert (
+        relative_error(
+            model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y),
+            model_hessian_diagonal(model, F.cross_entropy, x, y),
+        )
+        < 1e-15
+    )
 
 
 def test_tuple_inputs_and_frozen_parameters():
@@ -190,7 +215,11 @@ def test_tuple_inputs_and_frozen_parameters():
 
     model = TwoInputs().double()
     model.b.bias.requires_grad_(False)
-    u, w, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    u, w, y = (
+        torch.randn(4, 2, dtype=torch.float64),
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(4, 2, dtype=torch.float64),
+    )
     diag = model_hessian_diagonal(model, F.mse_loss, (u, w), y)
     assert torch.equal(diag[3], torch.zeros(2))
     with pytest.raises(RuntimeError, match=r"params\[3\].*does not require grad"):
@@ -210,19 +239,19 @@ def test_non_scalar_loss():
 def test_bad_params_and_options():
     x = torch.ones(3, requires_grad=True)
     with pytest.raises(TypeError, match="params must be a list of tensors, got a single tensor"):
-        hessian_diagonal(lambda: (x ** 2).sum(), x)
+        hessian_diagonal(lambda: (x**2).sum(), x)
     with pytest.raises(TypeError, match=r"params\[0\] must be a floating-point tensor"):
-        hessian_diagonal(lambda: (x ** 2).sum(), [torch.ones(2, dtype=torch.long)])
+        hessian_diagonal(lambda: (x**2).sum(), [torch.ones(2, dtype=torch.long)])
     with pytest.raises(TypeError, match="func must be a callable"):
-        hessian_diagonal((x ** 2).sum(), [x])
+        hessian_diagonal((x**2).sum(), [x])
     with pytest.raises(ValueError, match=r"method must be one of \('auto', 'autograd', 'backprop'\), got 'newton'"):
-        hessian_diagonal(lambda: (x ** 2).sum(), [x], method="newton")
+        hessian_diagonal(lambda: (x**2).sum(), [x], method="newton")
     with pytest.raises(ValueError, match="method='backprop' needs a model and a loss: use model_hessian_diagonal"):
-        hessian_diagonal(lambda: (x ** 2).sum(), [x], method="backprop")
+        hessian_diagonal(lambda: (x**2).sum(), [x], method="backprop")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        hessian_diagonal(lambda: (x ** 2).sum(), [x], chunk_size=0)
+        hessian_diagonal(lambda: (x**2).sum(), [x], chunk_size=0)
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
-        hessian_diagonal(lambda: (x ** 2).sum(), [x], memory_budget=-5)
+        hessian_diagonal(lambda: (x**2).sum(), [x], memory_budget=-5)
 
 
 def test_bad_model_arguments_are_named():
@@ -230,7 +259,9 @@ def test_bad_model_arguments_are_named():
     x, y = torch.randn(4, 3), torch.randn(4, 2)
     with pytest.raises(ValueError, match="inputs has 4 samples.*targets has 5"):
         model_hessian_diagonal(model, F.mse_loss, x, torch.randn(5, 2))
-    with pytest.raises(ValueError, match="inputs has dtype torch.float64 but the model's parameters have dtype torch.float32"):
+    with pytest.raises(
+        ValueError, match="inputs has dtype torch.float64 but the model's parameters have dtype torch.float32"
+    ):
         model_hessian_diagonal(model, F.mse_loss, x.double(), y)
     with pytest.raises(ValueError, match="inputs is on meta but the model's parameters are on cpu"):
         model_hessian_diagonal(model, F.mse_loss, x.to("meta"), y)
@@ -247,6 +278,7 @@ def test_bad_model_arguments_are_named():
 def test_top_level_reexports():
     import torch_secorder
     from torch_secorder.core import hessian_diagonal as core_hd
+
     assert torch_secorder.hessian_diagonal is core_hd
     assert torch_secorder.model_hessian_diagonal is model_hessian_diagonal
 
@@ -254,7 +286,7 @@ def test_top_level_reexports():
 def test_gradient_with_a_graph_that_misses_the_parameter():
     p = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     a = torch.tensor([3.0, -1.0], dtype=torch.float64, requires_grad=True)
-    diag = hessian_diagonal(lambda: (p * a).sum() + (a ** 3).sum(), [p, a])
+    diag = hessian_diagonal(lambda: (p * a).sum() + (a**3).sum(), [p, a])
     assert torch.equal(diag[0], torch.zeros(2, dtype=torch.float64))
     assert torch.equal(diag[1], 6 * a.detach())
 
@@ -265,20 +297,20 @@ class ScaleByThreeX2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, x):
         ctx.save_for_backward(grad, x)
-        return grad * 3 * x ** 2
+        return grad * 3 * x**2
 
     @staticmethod
     def backward(ctx, outer):
         grad, x = ctx.saved_tensors
         outer = outer * (1.0 + 0.0 * float(outer.sum().item()))
-        return outer * 3 * x ** 2, outer * grad * 6 * x
+        return outer * 3 * x**2, outer * grad * 6 * x
 
 
 class Cube(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     def backward(ctx, grad):

@@ -8,16 +8,34 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import relative_error
 from helpers import assert_backprop_exact, brute_force, randomise_batch_norm
+
 from torch_secorder import explain_method, model_hessian_diagonal
 
 D = torch.float64
-ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU,
-               lambda: nn.GELU(approximate="tanh"), nn.SiLU, nn.LogSigmoid, lambda: nn.Hardtanh(-0.5, 0.5), nn.Identity,
-               lambda: nn.CELU(0.7), nn.Mish, nn.ReLU6, nn.Softsign, nn.Tanhshrink, lambda: nn.Softplus(beta=2.0),
-               lambda: nn.ReLU(inplace=True)]
+ACTIVATIONS = [
+    nn.ReLU,
+    lambda: nn.LeakyReLU(0.2),
+    nn.ELU,
+    nn.SELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    nn.SiLU,
+    nn.LogSigmoid,
+    lambda: nn.Hardtanh(-0.5, 0.5),
+    nn.Identity,
+    lambda: nn.CELU(0.7),
+    nn.Mish,
+    nn.ReLU6,
+    nn.Softsign,
+    nn.Tanhshrink,
+    lambda: nn.Softplus(beta=2.0),
+    lambda: nn.ReLU(inplace=True),
+]
 
 
 # ---------------------------------------------------------------- losses
@@ -32,7 +50,10 @@ def loss_cases(samples, outputs, generator):
         "mse-mean": (nn.MSELoss(), regression),
         "mse-sum": (functools.partial(F.mse_loss, reduction="sum"), regression),
         "ce-mean": (nn.CrossEntropyLoss(), classes),
-        "ce-sum-options": (nn.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.15, reduction="sum"), classes),
+        "ce-sum-options": (
+            nn.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.15, reduction="sum"),
+            classes,
+        ),
         "ce-functional": (F.cross_entropy, classes),
         "ce-probabilities": (nn.CrossEntropyLoss(label_smoothing=0.1), probabilities),
         "bce-pos-weight": (nn.BCEWithLogitsLoss(pos_weight=weight), binary),
@@ -40,8 +61,19 @@ def loss_cases(samples, outputs, generator):
     }
 
 
-@pytest.mark.parametrize("name", ["mse-mean", "mse-sum", "ce-mean", "ce-sum-options", "ce-functional",
-                                  "ce-probabilities", "bce-pos-weight", "bce-weight-sum"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mse-mean",
+        "mse-sum",
+        "ce-mean",
+        "ce-sum-options",
+        "ce-functional",
+        "ce-probabilities",
+        "bce-pos-weight",
+        "bce-weight-sum",
+    ],
+)
 def test_losses(name):
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
@@ -55,8 +87,12 @@ def test_nll_after_log_softmax_and_single_output_bce():
     torch.manual_seed(2)
     x = torch.randn(6, 4, dtype=D)
     model = nn.Sequential(nn.Linear(4, 3), nn.SiLU(), nn.Linear(3, 3), nn.LogSoftmax(dim=1)).double()
-    assert_backprop_exact(model, nn.NLLLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=D), ignore_index=2),
-                          x, torch.tensor([0, 1, 2, 1, 0, 2]))
+    assert_backprop_exact(
+        model,
+        nn.NLLLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=D), ignore_index=2),
+        x,
+        torch.tensor([0, 1, 2, 1, 0, 2]),
+    )
     model = nn.Sequential(nn.Linear(4, 3), nn.ELU(), nn.Linear(3, 1)).double()
     assert_backprop_exact(model, F.binary_cross_entropy_with_logits, x, torch.rand(6, 1, dtype=D).round())
 
@@ -64,7 +100,9 @@ def test_nll_after_log_softmax_and_single_output_bce():
 @pytest.mark.parametrize("make_activation", ACTIVATIONS)
 def test_each_activation(make_activation):
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 4), make_activation(), nn.Linear(4, 4), make_activation(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 4), make_activation(), nn.Linear(4, 4), make_activation(), nn.Linear(4, 2)
+    ).double()
     assert_backprop_exact(model, F.mse_loss, torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D))
 
 
@@ -101,13 +139,28 @@ def test_pooling_and_batch_norm(dims):
     torch.manual_seed(5)
     generator = torch.Generator().manual_seed(5)
     conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
-    pools = {1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d), 2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d),
-             3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)}[dims]
+    pools = {
+        1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
+        2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+        3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d),
+    }[dims]
     size = {1: 12, 2: 8, 3: 6}[dims]
     x = torch.randn(3, 2, *([size] * dims), dtype=D)
-    model = nn.Sequential(conv(2, 3, 3, padding=1), bn(3), nn.Softplus(), pools[0](3, stride=2, padding=1),
-                          conv(3, 3, 2), nn.ReLU(), pools[1](2, ceil_mode=True), pools[2](1), nn.Flatten(),
-                          nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Sigmoid(), nn.Linear(2, 2)).double()
+    model = nn.Sequential(
+        conv(2, 3, 3, padding=1),
+        bn(3),
+        nn.Softplus(),
+        pools[0](3, stride=2, padding=1),
+        conv(3, 3, 2),
+        nn.ReLU(),
+        pools[1](2, ceil_mode=True),
+        pools[2](1),
+        nn.Flatten(),
+        nn.Linear(3, 2),
+        nn.BatchNorm1d(2),
+        nn.Sigmoid(),
+        nn.Linear(2, 2),
+    ).double()
     randomise_batch_norm(model, generator)
     assert_backprop_exact(model, F.mse_loss, x, torch.randn(3, 2, dtype=D))
 
@@ -115,7 +168,9 @@ def test_pooling_and_batch_norm(dims):
 def test_overlapping_max_pool_windows():
     torch.manual_seed(6)
     x = torch.randn(4, 1, 7, 7, dtype=D)
-    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.GELU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(32, 2)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 2), nn.GELU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(32, 2)
+    ).double()
     assert_backprop_exact(model, F.mse_loss, x, torch.randn(4, 2, dtype=D))
 
 
@@ -132,7 +187,9 @@ def test_nested_sequentials_dropout_identity_and_frozen_parameters():
     inner = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Tanh())
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(inner, nn.Identity()), nn.Linear(4, 2)).double().eval()
     model[0].bias.requires_grad_(False)
-    diag = assert_backprop_exact(model, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 1, 0, 1]))
+    diag = assert_backprop_exact(
+        model, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 1, 0, 1])
+    )
     assert torch.equal(diag[1], torch.zeros(4, dtype=D))
 
 
@@ -149,15 +206,24 @@ def random_chain(seed):
         for _ in range(rng.randint(1, 2)):
             out = rng.randint(1, 4)
             groups = rng.choice([g for g in (1, 2) if channels % g == 0 and out % g == 0])
-            layers.append(nn.Conv2d(channels, out, rng.choice([1, 2, 3]), stride=rng.choice([1, 2]),
-                                    padding=rng.choice([0, 1]), groups=groups))
+            layers.append(
+                nn.Conv2d(
+                    channels,
+                    out,
+                    rng.choice([1, 2, 3]),
+                    stride=rng.choice([1, 2]),
+                    padding=rng.choice([0, 1]),
+                    groups=groups,
+                )
+            )
             channels = out
             if rng.random() < 0.4:
                 layers.append(nn.BatchNorm2d(channels))
             layers.append(rng.choice(ACTIVATIONS)())
         if rng.random() < 0.5:
-            layers.append(rng.choice([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True),
-                                      nn.AdaptiveAvgPool2d(2)]))
+            layers.append(
+                rng.choice([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d(2)])
+            )
         layers.append(nn.Flatten())
     else:
         x = torch.randn(samples, rng.randint(2, 5), generator=generator, dtype=D)
@@ -202,8 +268,9 @@ def test_deep_smooth_network_with_tiny_budget_and_dense_switch():
 
 def test_float32_agrees_with_float64():
     torch.manual_seed(10)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 5), nn.GELU(),
-                          nn.Linear(5, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 5), nn.GELU(), nn.Linear(5, 3)
+    ).double()
     x, y = torch.randn(6, 2, 8, 8, dtype=D), torch.randint(0, 3, (6,))
     expected = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
     actual = model_hessian_diagonal(model.float(), nn.CrossEntropyLoss(), x.float(), y, method="backprop")
@@ -254,12 +321,22 @@ class Custom(nn.Module):
 @pytest.mark.parametrize(
     "model, loss_fn, message",
     [
-        (nn.Sequential(nn.Linear(3, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)), nn.MSELoss(), r"module '1' \(GroupNorm\)"),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)),
+            nn.MSELoss(),
+            r"module '1' \(GroupNorm\)",
+        ),
         (nn.Sequential(nn.Linear(3, 3), Custom(), nn.Linear(3, 2)), nn.MSELoss(), r"torch.fx cannot trace"),
-        (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train(), nn.MSELoss(),
-         r"module '1' \(BatchNorm1d\): BatchNorm in training mode"),
-        (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3), nn.Linear(3, 2)).train(), nn.MSELoss(),
-         r"Dropout\(p=0.3\) in training mode"),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train(),
+            nn.MSELoss(),
+            r"module '1' \(BatchNorm1d\): BatchNorm in training mode",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.3), nn.Linear(3, 2)).train(),
+            nn.MSELoss(),
+            r"Dropout\(p=0.3\) in training mode",
+        ),
         (nn.Sequential(nn.Linear(3, 2)), nn.SmoothL1Loss(), r"loss SmoothL1Loss"),
         (nn.Sequential(nn.Linear(3, 2)), nn.NLLLoss(), r"NLLLoss without a plain LogSoftmax"),
     ],
@@ -298,8 +375,9 @@ def test_cuda_matches_cpu(seed):
     if isinstance(loss_fn, nn.Module):
         loss_fn = loss_fn.cuda()
     elif isinstance(loss_fn, functools.partial):
-        loss_fn = functools.partial(loss_fn.func, **{k: v.cuda() if torch.is_tensor(v) else v
-                                                    for k, v in loss_fn.keywords.items()})
+        loss_fn = functools.partial(
+            loss_fn.func, **{k: v.cuda() if torch.is_tensor(v) else v for k, v in loss_fn.keywords.items()}
+        )
     on_gpu = model_hessian_diagonal(model.cuda(), loss_fn, x.cuda(), y.cuda(), method="backprop")
     assert all(d.is_cuda for d in on_gpu)
     assert relative_error(on_gpu, on_cpu) < 1e-10
@@ -315,14 +393,30 @@ def test_bad_targets_raise_like_the_loss_itself():
 @pytest.mark.parametrize(
     "model, x, y, message",
     [
-        (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(0), nn.Linear(3 * 4 * 4, 2)), torch.randn(2, 6, 6, dtype=D),
-         torch.randn(2, dtype=D), "Conv2d on an unbatched input"),
-        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 4)), torch.randn(4, dtype=D), torch.randn(4, dtype=D),
-         "Linear on an unbatched input of shape \\(4,\\)"),
-        (nn.Sequential(nn.Linear(4, 3), nn.Flatten(0), nn.Linear(15, 5)), torch.randn(5, 4, dtype=D),
-         torch.randn(5, dtype=D), "Flatten on an input of shape \\(5, 3\\) whose batch axis"),
-        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), torch.randn(5, 4, dtype=D),
-         torch.randn(5, 1, dtype=D), "mse with targets of shape \\(5, 1\\) broadcast"),
+        (
+            nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(0), nn.Linear(3 * 4 * 4, 2)),
+            torch.randn(2, 6, 6, dtype=D),
+            torch.randn(2, dtype=D),
+            "Conv2d on an unbatched input",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 4)),
+            torch.randn(4, dtype=D),
+            torch.randn(4, dtype=D),
+            "Linear on an unbatched input of shape \\(4,\\)",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 3), nn.Flatten(0), nn.Linear(15, 5)),
+            torch.randn(5, 4, dtype=D),
+            torch.randn(5, dtype=D),
+            "Flatten on an input of shape \\(5, 3\\) whose batch axis",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),
+            torch.randn(5, 4, dtype=D),
+            torch.randn(5, 1, dtype=D),
+            "mse with targets of shape \\(5, 1\\) broadcast",
+        ),
     ],
 )
 def test_shapes_only_the_forward_pass_shows_fall_back(model, x, y, message):
@@ -356,7 +450,9 @@ def test_half_precision_uses_the_references(monkeypatch):
     used = []
     for name in ("cross_entropy_sample_scale", "factor_diagonal"):
         original = getattr(reference_ops, name)
-        monkeypatch.setattr(reference_ops, name, lambda *a, _name=name, _original=original: used.append(_name) or _original(*a))
+        monkeypatch.setattr(
+            reference_ops, name, lambda *a, _name=name, _original=original: used.append(_name) or _original(*a)
+        )
     monkeypatch.setattr(ops, "_compiled", lambda name: pytest.fail(f"the compiled {name} ran on bfloat16"))
     diag = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, method="backprop")
     assert {"cross_entropy_sample_scale", "factor_diagonal"} <= set(used)
@@ -364,14 +460,22 @@ def test_half_precision_uses_the_references(monkeypatch):
     assert relative_error(diag, expected) < 5e-2
 
 
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(2, stride=2, dilation=2), nn.MaxPool2d(3, stride=2, padding=1),
-                                  nn.MaxPool2d(2, stride=3), nn.MaxPool2d((2, 3), stride=(2, 1), ceil_mode=True)],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(2, stride=2, dilation=2),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.MaxPool2d(2, stride=3),
+        nn.MaxPool2d((2, 3), stride=(2, 1), ceil_mode=True),
+    ],
+    ids=repr,
+)
 def test_max_pool_windows_that_overlap_or_leave_gaps(pool):
     torch.manual_seed(12)
     x = torch.randn(3, 2, 9, 9, dtype=D)
     conv = nn.Conv2d(2, 3, 2)
     features = pool(conv(x.float())).numel() // 3
-    model = nn.Sequential(conv, nn.Softplus(), pool, nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(features // 3 * 2, 2)).double()
+    model = nn.Sequential(
+        conv, nn.Softplus(), pool, nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(features // 3 * 2, 2)
+    ).double()
     assert_backprop_exact(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 1, 1]))

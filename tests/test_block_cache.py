@@ -32,8 +32,16 @@ def mlp_problem():
 
 def cnn_problem():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
     return model, nn.CrossEntropyLoss(), torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
 
 
@@ -117,8 +125,11 @@ def test_allocations_outside_our_calls_do_not_go_through_the_cache():
     big[0].fill_(1.0)
     del big
     after = memory.cache_info()
-    assert (after["hits"], after["misses"], after["free_bytes"]) == (before["hits"], before["misses"],
-                                                                      before["free_bytes"])
+    assert (after["hits"], after["misses"], after["free_bytes"]) == (
+        before["hits"],
+        before["misses"],
+        before["free_bytes"],
+    )
 
 
 def test_blocks_freed_on_another_thread_go_back_to_the_cache():

@@ -9,15 +9,32 @@ import pytest
 import torch
 import torch.nn as nn
 
-from torch_secorder.cli import classifier, main, synthetic_blobs
 from torch_secorder import model_hessian_diagonal
+from torch_secorder.cli import classifier, main, synthetic_blobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_main_prints_the_exact_diagonal_summary(capsys):
-    assert main(["--hidden", "6", "--batch-size", "32", "--train-steps", "5", "--dtype", "float64",
-                 "--method", "all", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--hidden",
+                "6",
+                "--batch-size",
+                "32",
+                "--train-steps",
+                "5",
+                "--dtype",
+                "float64",
+                "--method",
+                "all",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "MLP 20-6-6-4 (Tanh), 196 parameters" in out.out
     # recompute what the job computed and compare the printed traces
@@ -43,8 +60,24 @@ def test_main_prints_the_exact_diagonal_summary(capsys):
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "torch_secorder", "--hidden", "4", "--batch-size", "16",
-                             "--train-steps", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch_secorder",
+            "--hidden",
+            "4",
+            "--batch-size",
+            "16",
+            "--train-steps",
+            "1",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "exact Hessian diagonal (method auto)" in result.stdout and "timings (" in result.stdout
     assert "auto (uses backprop)" in result.stdout
@@ -53,14 +86,32 @@ def test_module_entry_point_runs():
 def test_plot_saves_a_picture_of_the_diagonal_and_the_timings(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "report.png"
-    assert main(["--hidden", "4", "--batch-size", "16", "--train-steps", "1", "--method", "all", "--quiet",
-                 "--plot", str(path)]) == 0
+    assert (
+        main(
+            [
+                "--hidden",
+                "4",
+                "--batch-size",
+                "16",
+                "--train-steps",
+                "1",
+                "--method",
+                "all",
+                "--quiet",
+                "--plot",
+                str(path),
+            ]
+        )
+        == 0
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert f"picture: {path}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path, message", [("missing_folder/x.png", "does not exist"),
-                                           ("report.xyz", "the suffix must name a picture format")])
+@pytest.mark.parametrize(
+    "path, message",
+    [("missing_folder/x.png", "does not exist"), ("report.xyz", "the suffix must name a picture format")],
+)
 def test_a_plot_path_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_path, capsys, path, message):
     pytest.importorskip("matplotlib")
     with pytest.raises(SystemExit) as exit_info:

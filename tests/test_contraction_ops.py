@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import relative_error
+
 from torch_secorder import ops, reference_ops
 
 pytestmark = pytest.mark.skipif(not ops.compiled_ops_loaded(), reason="compiled ops not built")
@@ -80,14 +80,18 @@ def test_opcheck(device, name, with_signs):
     if name == "factor_diagonal":
         args = (torch.randn(3, 4, 5, generator=generator, dtype=torch.float64).to(device), signs)
     else:
-        args = (torch.randn(3, 4, 2, 6, generator=generator, dtype=torch.float64).to(device), signs,
-                torch.randn(3, 5, 6, generator=generator, dtype=torch.float64).to(device))
+        args = (
+            torch.randn(3, 4, 2, 6, generator=generator, dtype=torch.float64).to(device),
+            signs,
+            torch.randn(3, 5, 6, generator=generator, dtype=torch.float64).to(device),
+        )
     torch.library.opcheck(getattr(torch.ops.torch_secorder, name).default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130),
-                                   (6, 1, 5, 12, 19, 40)])  # one column: the in-place row sums
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 1, 1), (3, 4, 5, 6, 7, 20), (9, 10, 16, 33, 27, 130), (6, 1, 5, 12, 19, 40)]
+)  # one column: the in-place row sums
 @pytest.mark.parametrize("with_signs", [False, True])
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_selected_weight_diagonal(device, dtype, shape, with_signs, per_sample):
@@ -112,8 +116,9 @@ def test_selected_weight_diagonal(device, dtype, shape, with_signs, per_sample):
 
 def test_selected_weight_diagonal_checks_indices():
     with pytest.raises(RuntimeError, match="indices must be int64"):
-        ops.selected_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.zeros(2, 4, 5, dtype=torch.int32),
-                                     torch.randn(2, 6, 9))
+        ops.selected_weight_diagonal(
+            torch.randn(2, 3, 4, 5), None, torch.zeros(2, 4, 5, dtype=torch.int32), torch.randn(2, 6, 9)
+        )
     with pytest.raises(RuntimeError, match="out of range"):
         ops.selected_weight_diagonal(torch.randn(2, 3, 4, 5), None, torch.full((2, 4, 5), 9), torch.randn(2, 6, 9))
 
@@ -121,10 +126,12 @@ def test_selected_weight_diagonal_checks_indices():
 @pytest.mark.parametrize("with_signs", [False, True])
 def test_opcheck_selected(device, with_signs):
     generator = torch.Generator().manual_seed(6)
-    args = (torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
-            signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
-            torch.randint(0, 8, (3, 2, 5), generator=generator).to(device),
-            torch.randn(3, 6, 8, generator=generator, dtype=torch.float64).to(device))
+    args = (
+        torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
+        signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
+        torch.randint(0, 8, (3, 2, 5), generator=generator).to(device),
+        torch.randn(3, 6, 8, generator=generator, dtype=torch.float64).to(device),
+    )
     torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args)
     torch.library.opcheck(torch.ops.torch_secorder.selected_weight_diagonal.default, args + (True,))
 
@@ -173,10 +180,12 @@ def test_cuda_kernel_checks_indices_on_the_device():
     import subprocess
     import sys
 
-    script = ("import torch; from torch_secorder import ops\n"
-              "f = torch.randn(2, 3, 4, 5, device='cuda'); x = torch.randn(2, 6, 9, device='cuda')\n"
-              "ops.selected_weight_diagonal(f, None, torch.full((2, 4, 5), 9, device='cuda'), x)\n"
-              "torch.cuda.synchronize()\n")
+    script = (
+        "import torch; from torch_secorder import ops\n"
+        "f = torch.randn(2, 3, 4, 5, device='cuda'); x = torch.randn(2, 6, 9, device='cuda')\n"
+        "ops.selected_weight_diagonal(f, None, torch.full((2, 4, 5), 9, device='cuda'), x)\n"
+        "torch.cuda.synchronize()\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
@@ -209,9 +218,11 @@ def test_channel_weight_diagonal(device, dtype, shape, with_signs, layout):
 @pytest.mark.parametrize("with_signs", [False, True])
 def test_opcheck_channel(device, with_signs):
     generator = torch.Generator().manual_seed(8)
-    args = (torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
-            signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
-            torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).to(device))
+    args = (
+        torch.randn(3, 4, 2, 5, generator=generator, dtype=torch.float64).to(device),
+        signs_like(3, 4, torch.float64, device, 7) if with_signs else None,
+        torch.randn(3, 2, 5, generator=generator, dtype=torch.float64).to(device),
+    )
     torch.library.opcheck(torch.ops.torch_secorder.channel_weight_diagonal.default, args)
 
 

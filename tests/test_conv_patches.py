@@ -8,9 +8,16 @@ import torch.nn as nn
 
 from torch_secorder.backprop.rules.conv import _weight_order, tap_major_patches, unfold
 
-GEOMETRIES = [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, dilation=2,
-              padding=2), dict(kernel_size=4, padding="same"), dict(kernel_size=3, dilation=2, padding="same"),
-              dict(kernel_size=2, padding="valid"), dict(kernel_size=5, stride=3, padding=2), dict(kernel_size=1)]
+GEOMETRIES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=2, stride=2),
+    dict(kernel_size=3, stride=2, dilation=2, padding=2),
+    dict(kernel_size=4, padding="same"),
+    dict(kernel_size=3, dilation=2, padding="same"),
+    dict(kernel_size=2, padding="valid"),
+    dict(kernel_size=5, stride=3, padding=2),
+    dict(kernel_size=1),
+]
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

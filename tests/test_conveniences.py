@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import relative_error
+
 from torch_secorder import model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal
 
 D = torch.float64
@@ -27,9 +27,11 @@ def hooked(model):
 
 
 @pytest.mark.parametrize("method", ["backprop", "autograd"])
-@pytest.mark.parametrize("function", [model_hessian_diagonal, model_ggn_diagonal,
-                                      lambda *a, **k: model_fisher_diagonal(*a, kind="empirical", **k)],
-                         ids=["hessian", "ggn", "empirical-fisher"])
+@pytest.mark.parametrize(
+    "function",
+    [model_hessian_diagonal, model_ggn_diagonal, lambda *a, **k: model_fisher_diagonal(*a, kind="empirical", **k)],
+    ids=["hessian", "ggn", "empirical-fisher"],
+)
 def test_return_loss_and_flat(function, method):
     model, x, y = small()
     model[0].bias.requires_grad_(False)

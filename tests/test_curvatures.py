@@ -7,29 +7,54 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import relative_error
 from helpers import D, randomise_batch_norm
 from test_exactness import models as exact_zoo
-from test_graph import (Attention, BagOfWords, ClassMLP, DenseBlock, FunctionalCNN, FusedGLU, GLU, PreNormMLP,
-                        ResidualMLP, TokenMLP, Y5, vectors)
-from torch_secorder import (explain_method, hessian_diagonal, hessian_diagonal_estimate, model_fisher_diagonal,
-                            model_ggn_diagonal, model_hessian_diagonal, model_hessian_diagonal_estimate)
-from torch_secorder.testing import dense_ggn_diagonal, dense_per_sample_hessian_diagonal
+from test_graph import (
+    GLU,
+    Y5,
+    Attention,
+    BagOfWords,
+    ClassMLP,
+    DenseBlock,
+    FunctionalCNN,
+    FusedGLU,
+    PreNormMLP,
+    ResidualMLP,
+    TokenMLP,
+    vectors,
+)
 from torchvision_style import BasicBlock, ResNet
+
+from torch_secorder import (
+    explain_method,
+    hessian_diagonal,
+    hessian_diagonal_estimate,
+    model_fisher_diagonal,
+    model_ggn_diagonal,
+    model_hessian_diagonal,
+    model_hessian_diagonal_estimate,
+)
+from torch_secorder.testing import dense_ggn_diagonal, dense_per_sample_hessian_diagonal
 
 IDS = torch.tensor([[1, 2, 2, 0], [3, 0, 0, 6], [1, 1, 1, 1], [5, 4, 3, 2], [0, 0, 0, 0]])
 
 
 def graph_zoo():
     """(name, model, inputs, targets, loss_fn) for models the graph engine runs (classes, residuals, norms)."""
-    cases = [("class-mlp", ClassMLP, vectors(6)), ("residual-mlp", ResidualMLP, vectors(6)),
-             ("functional-cnn", FunctionalCNN, vectors(2, 10, 10)), ("densenet", DenseBlock, vectors(2, 4, 4)),
-             ("glu", GLU, vectors(6)), ("fused-glu", FusedGLU, vectors(6)), ("prenorm-mlp", PreNormMLP, vectors(5)),
-             ("attention", Attention, vectors(4, 3)), ("bag-of-words", BagOfWords, IDS),
-             ("token-mlp", TokenMLP, IDS % 7),
-             ("resnet", lambda: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1),
-              vectors(1, 8, 8))]
+    cases = [
+        ("class-mlp", ClassMLP, vectors(6)),
+        ("residual-mlp", ResidualMLP, vectors(6)),
+        ("functional-cnn", FunctionalCNN, vectors(2, 10, 10)),
+        ("densenet", DenseBlock, vectors(2, 4, 4)),
+        ("glu", GLU, vectors(6)),
+        ("fused-glu", FusedGLU, vectors(6)),
+        ("prenorm-mlp", PreNormMLP, vectors(5)),
+        ("attention", Attention, vectors(4, 3)),
+        ("bag-of-words", BagOfWords, IDS),
+        ("token-mlp", TokenMLP, IDS % 7),
+        ("resnet", lambda: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1), vectors(1, 8, 8)),
+    ]
     result = []
     for name, build, x in cases:
         torch.manual_seed(0)
@@ -123,8 +148,7 @@ def test_empirical_fisher_is_the_scaled_sum_of_squared_per_sample_gradients(case
     assert relative_error(actual, expected) < 1e-10
     per_sample = engine(model_fisher_diagonal, model, loss_fn, x, y, "empirical", per_sample=True)
     assert relative_error([t.sum(0) for t in per_sample], expected) < 1e-10
-    assert relative_error(model_fisher_diagonal(model, loss_fn, x, y, "empirical", method="autograd"),
-                          expected) < 1e-10
+    assert relative_error(model_fisher_diagonal(model, loss_fn, x, y, "empirical", method="autograd"), expected) < 1e-10
 
 
 def test_frozen_parameters_get_zeros_in_every_form():
@@ -133,8 +157,10 @@ def test_frozen_parameters_get_zeros_in_every_form():
     model[0].weight.requires_grad_(False)
     x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
     for method in ("backprop", "autograd"):
-        for result in (model_ggn_diagonal(model, F.cross_entropy, x, y, method=method, per_sample=True),
-                       model_hessian_diagonal(model, F.cross_entropy, x, y, method=method, per_sample=True)):
+        for result in (
+            model_ggn_diagonal(model, F.cross_entropy, x, y, method=method, per_sample=True),
+            model_hessian_diagonal(model, F.cross_entropy, x, y, method=method, per_sample=True),
+        ):
             assert result[0].shape == (6, 5, 4) and torch.equal(result[0], torch.zeros(6, 5, 4, dtype=D))
             assert float(result[1].abs().sum()) > 0
 
@@ -154,11 +180,19 @@ def test_the_ggn_differs_from_the_hessian_only_by_the_second_derivatives_of_the_
     torch.manual_seed(0)
     x, y = torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,))
     linear = nn.Sequential(nn.Linear(5, 3)).double()
-    assert relative_error(model_ggn_diagonal(linear, F.cross_entropy, x, y),
-                          model_hessian_diagonal(linear, F.cross_entropy, x, y)) < 1e-12
+    assert (
+        relative_error(
+            model_ggn_diagonal(linear, F.cross_entropy, x, y), model_hessian_diagonal(linear, F.cross_entropy, x, y)
+        )
+        < 1e-12
+    )
     curved = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    assert relative_error(model_ggn_diagonal(curved, F.cross_entropy, x, y),
-                          model_hessian_diagonal(curved, F.cross_entropy, x, y)) > 1e-3
+    assert (
+        relative_error(
+            model_ggn_diagonal(curved, F.cross_entropy, x, y), model_hessian_diagonal(curved, F.cross_entropy, x, y)
+        )
+        > 1e-3
+    )
 
 
 def test_a_model_the_engine_refuses_falls_back_once_for_the_ggn():
@@ -184,14 +218,22 @@ def z_scores(draws, expected):
     return ((mean - expected) / error)[keep]
 
 
-@pytest.mark.parametrize("loss_fn, targets", [
-    (nn.CrossEntropyLoss(), lambda g: torch.randint(0, 3, (8,), generator=g)),
-    (nn.CrossEntropyLoss(reduction="sum", weight=torch.tensor([1.0, 2.0, 0.5], dtype=D)),
-     lambda g: torch.randint(0, 3, (8,), generator=g)),
-    (nn.MSELoss(), lambda g: torch.randn(8, 3, generator=g, dtype=D)),
-    (nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 0.5], dtype=D)),
-     lambda g: torch.rand(8, 3, generator=g, dtype=D).round()),
-], ids=["ce", "ce-weighted-sum", "mse", "bce-pos-weight"])
+@pytest.mark.parametrize(
+    "loss_fn, targets",
+    [
+        (nn.CrossEntropyLoss(), lambda g: torch.randint(0, 3, (8,), generator=g)),
+        (
+            nn.CrossEntropyLoss(reduction="sum", weight=torch.tensor([1.0, 2.0, 0.5], dtype=D)),
+            lambda g: torch.randint(0, 3, (8,), generator=g),
+        ),
+        (nn.MSELoss(), lambda g: torch.randn(8, 3, generator=g, dtype=D)),
+        (
+            nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 0.5], dtype=D)),
+            lambda g: torch.rand(8, 3, generator=g, dtype=D).round(),
+        ),
+    ],
+    ids=["ce", "ce-weighted-sum", "mse", "bce-pos-weight"],
+)
 def test_monte_carlo_fisher_is_an_unbiased_estimate_of_the_ggn(loss_fn, targets):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -199,8 +241,19 @@ def test_monte_carlo_fisher_is_an_unbiased_estimate_of_the_ggn(loss_fn, targets)
     x, y = torch.randn(8, 4, generator=generator, dtype=D), targets(generator)
     expected = torch.cat([g.reshape(-1) for g in model_ggn_diagonal(model, loss_fn, x, y)])
     for method in ("backprop", "autograd"):
-        draws = torch.stack([torch.cat([f.reshape(-1) for f in model_fisher_diagonal(
-            model, loss_fn, x, y, mc_samples=2, generator=generator, method=method)]) for _ in range(300)])
+        draws = torch.stack(
+            [
+                torch.cat(
+                    [
+                        f.reshape(-1)
+                        for f in model_fisher_diagonal(
+                            model, loss_fn, x, y, mc_samples=2, generator=generator, method=method
+                        )
+                    ]
+                )
+                for _ in range(300)
+            ]
+        )
         z = z_scores(draws, expected)
         assert z.numel() > 40
         assert float(z.abs().max()) < 5.0, float(z.abs().max())  # 5 standard errors: p < 1e-4 for 58 entries
@@ -217,8 +270,9 @@ def test_monte_carlo_fisher_is_reproducible_with_a_generator_and_averages_its_dr
     first = model_fisher_diagonal(model, F.cross_entropy, x, y, generator=torch.Generator().manual_seed(3))
     second = model_fisher_diagonal(model, F.cross_entropy, x, y, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    many = model_fisher_diagonal(model, F.cross_entropy, x, y, mc_samples=20000,
-                                 generator=torch.Generator().manual_seed(4))
+    many = model_fisher_diagonal(
+        model, F.cross_entropy, x, y, mc_samples=20000, generator=torch.Generator().manual_seed(4)
+    )
     assert relative_error(many, model_ggn_diagonal(model, F.cross_entropy, x, y)) < 0.05
 
 
@@ -228,8 +282,7 @@ def test_hutchinson_is_unbiased_and_its_standard_error_matches_the_spread():
     x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
     exact = torch.cat([h.reshape(-1) for h in model_hessian_diagonal(model, F.cross_entropy, x, y)])
     generator = torch.Generator().manual_seed(0)
-    runs = [model_hessian_diagonal_estimate(model, F.cross_entropy, x, y, 20, generator=generator)
-            for _ in range(200)]
+    runs = [model_hessian_diagonal_estimate(model, F.cross_entropy, x, y, 20, generator=generator) for _ in range(200)]
     estimates = torch.stack([torch.cat([d.reshape(-1) for d in run.diagonal]) for run in runs])
     reported = torch.stack([torch.cat([e.reshape(-1) for e in run.standard_error]) for run in runs])
     z = z_scores(estimates, exact)
@@ -247,8 +300,13 @@ def test_hutchinson_stops_at_the_target_relative_error_and_warns_at_the_cap():
     a = torch.randn(6, 6, dtype=D)
     matrix = a @ a.T + 6 * torch.eye(6, dtype=D)  # diagonally dominant: few probes suffice
     x = torch.randn(6, dtype=D, requires_grad=True)
-    estimate = hessian_diagonal_estimate(lambda: 0.5 * x @ matrix @ x, [x], target_rel_error=0.05,
-                                         generator=torch.Generator().manual_seed(0), chunk_size=4)
+    estimate = hessian_diagonal_estimate(
+        lambda: 0.5 * x @ matrix @ x,
+        [x],
+        target_rel_error=0.05,
+        generator=torch.Generator().manual_seed(0),
+        chunk_size=4,
+    )
     assert estimate.relative_error <= 0.05 and estimate.probes < 10000
     diagonal, error = estimate  # unpacks as a pair
     assert float(((diagonal[0] - matrix.diagonal()).abs() / error[0].clamp_min(1e-12)).max()) < 5
@@ -259,11 +317,12 @@ def test_hutchinson_stops_at_the_target_relative_error_and_warns_at_the_cap():
 def test_hutchinson_is_exact_for_a_diagonal_hessian_and_zero_for_linear_parameters():
     x = torch.tensor([1.0, 2.0, 3.0], dtype=D, requires_grad=True)
     b = torch.tensor([1.0, -1.0], dtype=D, requires_grad=True)
-    estimate = hessian_diagonal_estimate(lambda: (x ** 3).sum() + b.sum() * 2, [x, b], 4)
-    assert torch.allclose(estimate.diagonal[0], 6 * x.detach()) and torch.equal(estimate.standard_error[0],
-                                                                                torch.zeros(3, dtype=D))
+    estimate = hessian_diagonal_estimate(lambda: (x**3).sum() + b.sum() * 2, [x, b], 4)
+    assert torch.allclose(estimate.diagonal[0], 6 * x.detach()) and torch.equal(
+        estimate.standard_error[0], torch.zeros(3, dtype=D)
+    )
     assert torch.equal(estimate.diagonal[1], torch.zeros(2, dtype=D))
-    assert torch.allclose(estimate.diagonal[0], hessian_diagonal(lambda: (x ** 3).sum(), [x])[0])
+    assert torch.allclose(estimate.diagonal[0], hessian_diagonal(lambda: (x**3).sum(), [x])[0])
 
 
 # ---------------------------------------------------------------- bad input
@@ -296,20 +355,39 @@ def test_per_sample_diagonals_below_max_pooling(groups):
     """Factors kept on the pooled grid: per sample, conv1 gathers its selected inputs (Q K = 288 < V P = 576)
     and conv2 scatters its columns back (Q K = 216 > V P = 144); with groups they are always scattered."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(6, 4, 3, padding=1, groups=groups), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(16, 10)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 4, 3, padding=1, groups=groups),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).double()
     x, y = torch.randn(5, 2, 8, 8, dtype=D), torch.randint(0, 10, (5,))
     expected = dense_per_sample_hessian_diagonal(model, F.cross_entropy, x, y)
-    assert relative_error(engine(model_hessian_diagonal, model, F.cross_entropy, x, y, per_sample=True),
-                          expected) < 1e-10
-    assert relative_error(engine(model_ggn_diagonal, model, F.cross_entropy, x, y, per_sample=True),
-                          dense_ggn_diagonal(model, F.cross_entropy, x, y, per_sample=True)) < 1e-10
+    assert (
+        relative_error(engine(model_hessian_diagonal, model, F.cross_entropy, x, y, per_sample=True), expected) < 1e-10
+    )
+    assert (
+        relative_error(
+            engine(model_ggn_diagonal, model, F.cross_entropy, x, y, per_sample=True),
+            dense_ggn_diagonal(model, F.cross_entropy, x, y, per_sample=True),
+        )
+        < 1e-10
+    )
 
 
-@pytest.mark.parametrize("loss_fn, targets", [
-    (F.cross_entropy, torch.randint(0, 3, (0,))), (F.mse_loss, torch.randn(0, 3, dtype=D)),
-    (nn.BCEWithLogitsLoss(), torch.rand(0, 3, dtype=D))], ids=["ce", "mse", "bce"])
+@pytest.mark.parametrize(
+    "loss_fn, targets",
+    [
+        (F.cross_entropy, torch.randint(0, 3, (0,))),
+        (F.mse_loss, torch.randn(0, 3, dtype=D)),
+        (nn.BCEWithLogitsLoss(), torch.rand(0, 3, dtype=D)),
+    ],
+    ids=["ce", "mse", "bce"],
+)
 def test_an_empty_batch_gives_zeros_in_every_form(loss_fn, targets):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x = torch.randn(0, 4, dtype=D)
@@ -318,8 +396,10 @@ def test_an_empty_batch_gives_zeros_in_every_form(loss_fn, targets):
         for method in ("backprop", "autograd"):
             for per_sample in (False, True):
                 results = [model_ggn_diagonal(model, loss_fn, x, targets, method=method, per_sample=per_sample)]
-                results += [model_fisher_diagonal(model, loss_fn, x, targets, kind, method=method,
-                                                  per_sample=per_sample) for kind in ("mc", "empirical")]
+                results += [
+                    model_fisher_diagonal(model, loss_fn, x, targets, kind, method=method, per_sample=per_sample)
+                    for kind in ("mc", "empirical")
+                ]
                 for result in results:
                     for diagonal, param in zip(result, model.parameters()):
                         shape = (0, *param.shape) if per_sample else param.shape

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 D = torch.float64
 CASES = {
     "ce-mean": (lambda: nn.CrossEntropyLoss(), lambda g: torch.randint(0, 3, (10,), generator=g)),
-    "ce-ignore-weighted": (lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=D), ignore_index=1),
-                           lambda g: torch.randint(0, 3, (10,), generator=g)),
+    "ce-ignore-weighted": (
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=D), ignore_index=1),
+        lambda g: torch.randint(0, 3, (10,), generator=g),
+    ),
     "mse-sum": (lambda: nn.MSELoss(reduction="sum"), lambda g: torch.randn(10, 3, generator=g, dtype=D)),
     "mse-mean": (lambda: F.mse_loss, lambda g: torch.randn(10, 3, generator=g, dtype=D)),
 }

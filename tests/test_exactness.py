@@ -6,14 +6,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import relative_error
+
 from torch_secorder import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params, sampled_hessian_diagonal
 
 UNARY = [
-    torch.sin, torch.tanh, torch.sigmoid, torch.cos, F.softplus, F.gelu, F.silu, F.elu,
-    lambda t: t ** 3, lambda t: torch.exp(-t * t), lambda t: torch.log1p(t * t), lambda t: t * torch.sigmoid(t),
+    torch.sin,
+    torch.tanh,
+    torch.sigmoid,
+    torch.cos,
+    F.softplus,
+    F.gelu,
+    F.silu,
+    F.elu,
+    lambda t: t**3,
+    lambda t: torch.exp(-t * t),
+    lambda t: torch.log1p(t * t),
+    lambda t: t * torch.sigmoid(t),
 ]
 
 
@@ -34,7 +44,7 @@ def random_function(seed, shapes):
         g = sum(m @ x for m, x in zip(mixes2, flats))
         total = (readout * f1(h) * f2(g)).sum() + f3(h * g).sum()
         for f, x in zip(elementwise, flats):
-            total = total + f(x).sum() + 0.1 * (x ** 4).sum()
+            total = total + f(x).sum() + 0.1 * (x**4).sum()
         return total
 
     return loss
@@ -50,7 +60,7 @@ def test_random_functions(seed):
     expected = dense_hessian_diagonal(loss, params)
     chunk = rng.choice([None, 1, 2, 5])
     actual = hessian_diagonal(lambda: loss(*params), params, chunk_size=chunk)
-    for a, e, p in zip(actual, expected, params):
+    for a, _, p in zip(actual, expected, params):
         assert a.shape == p.shape and a.dtype == p.dtype and a.device == p.device
     assert relative_error(actual, expected) < 1e-10
 
@@ -74,22 +84,70 @@ def models():
     tokens = torch.randint(0, 7, (3, 4))
     cases = [
         ("mlp-tanh-ce", nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), x, classes, nn.CrossEntropyLoss()),
-        ("mlp-relu-mse", nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), x, torch.randn(6, 2, dtype=torch.float64), F.mse_loss),
-        ("mlp-gelu-silu-sum", nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 3)), x, classes,
-         nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1)),
-        ("bce-multi", nn.Sequential(nn.Linear(5, 3), nn.Sigmoid(), nn.Linear(3, 2)), x,
-         torch.rand(6, 2, dtype=torch.float64).round(),
-         nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 0.5], dtype=torch.float64))),
+        (
+            "mlp-relu-mse",
+            nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)),
+            x,
+            torch.randn(6, 2, dtype=torch.float64),
+            F.mse_loss,
+        ),
+        (
+            "mlp-gelu-silu-sum",
+            nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 3)),
+            x,
+            classes,
+            nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1),
+        ),
+        (
+            "bce-multi",
+            nn.Sequential(nn.Linear(5, 3), nn.Sigmoid(), nn.Linear(3, 2)),
+            x,
+            torch.rand(6, 2, dtype=torch.float64).round(),
+            nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 0.5], dtype=torch.float64)),
+        ),
         ("nll-logsoftmax", nn.Sequential(nn.Linear(5, 3), nn.LogSoftmax(dim=1)), x, classes, nn.NLLLoss()),
-        ("layernorm-residual", nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), Residual(4), nn.Linear(4, 3)), x, classes,
-         nn.CrossEntropyLoss()),
-        ("conv-bn-pool", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
-                                       nn.Flatten(), nn.Linear(27, 3)), image, image_classes, nn.CrossEntropyLoss()),
-        ("conv-bn-eval-avgpool", nn.Sequential(nn.Conv2d(2, 2, 3, stride=2), nn.BatchNorm2d(2), nn.Softplus(),
-                                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval(),
-         image, image_classes, nn.CrossEntropyLoss()),
-        ("embedding-huber", nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(12, 2)), tokens,
-         torch.randn(3, 2, dtype=torch.float64), nn.SmoothL1Loss(beta=10.0)),
+        (
+            "layernorm-residual",
+            nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), Residual(4), nn.Linear(4, 3)),
+            x,
+            classes,
+            nn.CrossEntropyLoss(),
+        ),
+        (
+            "conv-bn-pool",
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3, padding=1),
+                nn.BatchNorm2d(3),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(27, 3),
+            ),
+            image,
+            image_classes,
+            nn.CrossEntropyLoss(),
+        ),
+        (
+            "conv-bn-eval-avgpool",
+            nn.Sequential(
+                nn.Conv2d(2, 2, 3, stride=2),
+                nn.BatchNorm2d(2),
+                nn.Softplus(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(2, 3),
+            ).eval(),
+            image,
+            image_classes,
+            nn.CrossEntropyLoss(),
+        ),
+        (
+            "embedding-huber",
+            nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(12, 2)),
+            tokens,
+            torch.randn(3, 2, dtype=torch.float64),
+            nn.SmoothL1Loss(beta=10.0),
+        ),
     ]
     return [(name, model.double(), inputs, targets, loss_fn) for name, model, inputs, targets, loss_fn in cases]
 

@@ -13,8 +13,12 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def run_example(name, out, *arguments):
-    completed = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), "--out", str(out), *arguments],
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), "--out", str(out), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Warning" not in completed.stderr, completed.stderr  # nothing fell back to the generic method
     return completed.stdout
@@ -39,8 +43,7 @@ def test_sophia_training_against_adam(tmp_path):
 
 
 def test_sophia_training_with_the_hutchinson_estimator(tmp_path):
-    run_example("sophia_training.py", tmp_path, "--curvature", "hutchinson", "--tasks", "transformer",
-                "--steps", "100")
+    run_example("sophia_training.py", tmp_path, "--curvature", "hutchinson", "--tasks", "transformer", "--steps", "100")
     run = json.loads((tmp_path / "sophia_training.json").read_text())["results"]["transformer"]["sophia"]
     assert run["train_loss"] < 0.5 * run["losses"][0]
 

@@ -78,6 +78,8 @@ def test_jit_build_from_the_source_tree(tmp_path):
         """
     )
     env = dict(os.environ, TORCH_SECORDER_EXTENSION="jit", TORCH_EXTENSIONS_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "JIT OK" in result.stdout

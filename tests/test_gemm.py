@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import relative_error
+
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
 from torch_secorder.backprop.rules import gemm
 from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
@@ -58,10 +58,11 @@ def test_torch_mm_where_onednn_does_not_serve(monkeypatch):
     cases = [
         (big[0].double(), big[1].double()),  # float64: oneDNN has no float64 GEMM
         (torch.randn(64, 256), torch.randn(256, 10)),  # 164k multiply-adds: under MIN_MULTIPLY_ADDS
-        (torch.randn(0, 300), big[1]), (big[0][:, :0], big[1][:0]),  # nothing to multiply
+        (torch.randn(0, 300), big[1]),
+        (big[0][:, :0], big[1][:0]),  # nothing to multiply
     ]
     for a, b in cases:
-        result, names = ops_called(lambda: gemm.mm(a, b))
+        result, names = ops_called(lambda a=a, b=b: gemm.mm(a, b))
         assert "mkldnn::_linear_pointwise" not in names
         assert torch.equal(result, a @ b)
     weight = big[1].clone().requires_grad_(True)

@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_dry_run_leaves_a_summary_and_one_tar_file(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
@@ -24,8 +25,14 @@ def test_dry_run_leaves_a_summary_and_one_tar_file(tmp_path):
     assert "=== memcheck: skipped (dry run: no GPU)" in summary
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
         names = {os.path.basename(name) for name in archive.getnames()}
-    assert {"summary.txt", "build.log", "tests.log", "kernels_cpu.json", "backprop_cpu_batch4.json",
-            "sophia_training.json"} <= names, names
+    assert {
+        "summary.txt",
+        "build.log",
+        "tests.log",
+        "kernels_cpu.json",
+        "backprop_cpu_batch4.json",
+        "sophia_training.json",
+    } <= names, names
 
 
 def test_a_step_that_runs_out_of_time_is_told_apart_from_a_failure(tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from conftest import relative_error
 from helpers import D, assert_backprop_exact, assert_sampled_exact, brute_force, randomise_batch_norm
-from torch_secorder import explain_method, model_hessian_diagonal
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision_style import BasicBlock, Bottleneck, ResNet
+
+from torch_secorder import explain_method, model_hessian_diagonal
 
 Y5 = torch.tensor([0, 1, 2, 1, 0])
 
@@ -100,17 +100,27 @@ class FunctionalWeights(nn.Module):
         return torch.sigmoid(h) @ self.m + self.bias
 
 
-@pytest.mark.parametrize("model, shape", [
-    (ClassMLP, (6,)), (ResidualMLP, (6,)), (FunctionalCNN, (2, 10, 10)), (FunctionalWeights, (2, 5, 5)),
-], ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (ClassMLP, (6,)),
+        (ResidualMLP, (6,)),
+        (FunctionalCNN, (2, 10, 10)),
+        (FunctionalWeights, (2, 5, 5)),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
 def test_models_written_as_classes(model, shape):
     torch.manual_seed(0)
     exact(model(), vectors(*shape))
 
 
 # ---------------------------------------------------------------- torchvision-style ResNets
-@pytest.mark.parametrize("block, layers", [(BasicBlock, [1, 1, 1, 1]), (Bottleneck, [1, 1, 1, 1]),
-                                           (BasicBlock, [2, 1, 1, 1])], ids=["basic", "bottleneck", "basic-2"])
+@pytest.mark.parametrize(
+    "block, layers",
+    [(BasicBlock, [1, 1, 1, 1]), (Bottleneck, [1, 1, 1, 1]), (BasicBlock, [2, 1, 1, 1])],
+    ids=["basic", "bottleneck", "basic-2"],
+)
 def test_torchvision_style_resnets(block, layers):
     """Too many parameters for the full Hessian: one float64 Hessian-vector product per sampled entry."""
     torch.manual_seed(0)
@@ -135,8 +145,10 @@ class DenseBlock(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(2, 3, 3, padding=1)
-        self.layers = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(3 + 2 * i), nn.ReLU(inplace=True),
-                                                  nn.Conv2d(3 + 2 * i, 2, 3, padding=1)) for i in range(3))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(3 + 2 * i), nn.ReLU(inplace=True), nn.Conv2d(3 + 2 * i, 2, 3, padding=1))
+            for i in range(3)
+        )
         self.fc = nn.Linear(9, 3)
 
     def forward(self, x):
@@ -174,8 +186,12 @@ class PreNormMLP(nn.Module):
     def __init__(self, width=6, hidden=8, depth=2):
         super().__init__()
         self.embed = nn.Linear(5, width)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(width), "up": nn.Linear(width, hidden),
-                                                   "down": nn.Linear(hidden, width)}) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {"norm": nn.LayerNorm(width), "up": nn.Linear(width, hidden), "down": nn.Linear(hidden, width)}
+            )
+            for _ in range(depth)
+        )
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 3)
 
     def forward(self, x):
@@ -197,9 +213,17 @@ class SequenceModel(nn.Module):
         return self.b(h).mean(1) + self.b(h[:, 0]) * 0.5
 
 
-@pytest.mark.parametrize("model, shape", [
-    (DenseBlock, (2, 4, 4)), (GLU, (6,)), (lambda: GLU(swish=True), (6,)), (FusedGLU, (6,)), (PreNormMLP, (5,)),
-], ids=["densenet", "glu", "swiglu", "fused-glu", "prenorm-mlp"])
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (DenseBlock, (2, 4, 4)),
+        (GLU, (6,)),
+        (lambda: GLU(swish=True), (6,)),
+        (FusedGLU, (6,)),
+        (PreNormMLP, (5,)),
+    ],
+    ids=["densenet", "glu", "swiglu", "fused-glu", "prenorm-mlp"],
+)
 def test_concatenation_gating_and_normalisation(model, shape):
     torch.manual_seed(0)
     exact(model(), vectors(*shape))
@@ -212,8 +236,12 @@ def test_sequence_model_with_a_parameter_used_twice_is_refused_naming_it():
 
 def test_layer_norm_over_several_rows_and_axes():
     torch.manual_seed(0)
-    exact(nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm(3), nn.Tanh(), nn.Flatten(),
-                        nn.Linear(6, 3)), vectors(3))
+    exact(
+        nn.Sequential(
+            nn.Linear(3, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm(3), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)
+        ),
+        vectors(3),
+    )
     exact(nn.Sequential(nn.Conv2d(2, 2, 2), nn.LayerNorm([2, 2, 2]), nn.Flatten(), nn.Linear(8, 3)), vectors(2, 3, 3))
 
 
@@ -331,8 +359,11 @@ def test_iterating_over_fewer_chunks_than_asked_steps_aside():
     steps_aside(SumsChunks(4), vectors(6), "a forward the trace does not reproduce (IndexError")
 
 
-@pytest.mark.parametrize("model", [EncoderClassifier, lambda: nn.MultiheadAttention(4, 2, batch_first=True)],
-                         ids=["encoder-layer", "multihead"])
+@pytest.mark.parametrize(
+    "model",
+    [EncoderClassifier, lambda: nn.MultiheadAttention(4, 2, batch_first=True)],
+    ids=["encoder-layer", "multihead"],
+)
 def test_torch_transformer_layers_through_the_generic_method(model, device):
     """scaled_dot_product_attention's fused kernels have no double backward: the generic method runs the math one."""
     torch.manual_seed(0)
@@ -410,8 +441,12 @@ def test_cross_entropy_on_outputs_with_positions():
     targets = torch.randint(0, 3, (5, 3, 3), generator=torch.Generator().manual_seed(1))
     targets[0, 0, 0] = -100
     exact(Segmenter(), vectors(2, 3, 3), targets)
-    exact(Segmenter(), vectors(2, 3, 3), targets,
-          loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, -2.0, 0.5], dtype=D), reduction="sum"))
+    exact(
+        Segmenter(),
+        vectors(2, 3, 3),
+        targets,
+        loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, -2.0, 0.5], dtype=D), reduction="sum"),
+    )
     probabilities = torch.softmax(torch.randn(5, 3, 3, 3, dtype=D), 1)
     exact(Segmenter(), vectors(2, 3, 3), probabilities, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1))
 
@@ -465,14 +500,18 @@ class TiedWeights(nn.Module):
         return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
 
 
-@pytest.mark.parametrize("model, message", [
-    (DataDependent, "torch.fx cannot trace"),
-    (lambda: BatchMixing("mean"), "changing the batch axis"),
-    (lambda: BatchMixing("flip"), "mixing samples"),
-    (lambda: BatchMixing("roll"), "mixing samples"),
-    (Aliased, "a forward the trace does not reproduce"),
-    (TiedWeights, "module 'a' (Linear): parameters used at two places"),
-], ids=["data-dependent", "batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (DataDependent, "torch.fx cannot trace"),
+        (lambda: BatchMixing("mean"), "changing the batch axis"),
+        (lambda: BatchMixing("flip"), "mixing samples"),
+        (lambda: BatchMixing("roll"), "mixing samples"),
+        (Aliased, "a forward the trace does not reproduce"),
+        (TiedWeights, "module 'a' (Linear): parameters used at two places"),
+    ],
+    ids=["data-dependent", "batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"],
+)
 def test_what_the_engine_cannot_do_exactly_steps_aside(model, message):
     torch.manual_seed(0)
     steps_aside(model(), vectors(6), message)
@@ -609,8 +648,9 @@ def test_explain_method_reports_what_each_method_costs():
     assert choice.method == "backprop"
     # 3 classes: 2 loss columns; tanh 6, softplus 6, sigmoid 6, gelu 6 features per sample
     assert "the loss's 2 columns per sample" in choice.cost and "about 26 columns per sample in all" in choice.cost
-    resnet = explain_method(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).eval(),
-                            F.cross_entropy)
+    resnet = explain_method(
+        ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).eval(), F.cross_entropy
+    )
     assert "the loss is the only origin" in resnet.cost
     generic = explain_method(nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3)), F.mse_loss)
     assert generic.method == "autograd" and generic.cost.startswith("21 Hessian-vector products")
@@ -721,7 +761,8 @@ def test_channel_diagonal_reads_factors_dense_and_diagonal_parts_alike(positions
     hessian = dense.dense.reshape(samples, *features, *features)
     if positions_first:
         hessian = hessian.permute(0, 2, 1, 4, 3)  # -> (N, C, P, C, Q)
-    expected = torch.stack([torch.einsum("npq,np,nq->", hessian[:, c, :, c, :], values[:, c], values[:, c])
-                            for c in range(channels)])
+    expected = torch.stack(
+        [torch.einsum("npq,np,nq->", hessian[:, c, :, c, :], values[:, c], values[:, c]) for c in range(channels)]
+    )
     for curvature in (factored, dense):
         assert relative_error(channelwise_diagonal(curvature, values, positions_first), expected) < 1e-12

@@ -51,8 +51,9 @@ def test_the_hessian_backend_is_the_exact_hessian_diagonal_of_the_summed_loss():
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag", backend=SecorderHessian)
     la.fit(loader)
     x, y = loader.dataset.tensors
-    expected = dense_hessian_diagonal(model_loss_of_params(model, nn.CrossEntropyLoss(reduction="sum"), x, y),
-                                      list(model.parameters()))
+    expected = dense_hessian_diagonal(
+        model_loss_of_params(model, nn.CrossEntropyLoss(reduction="sum"), x, y), list(model.parameters())
+    )
     assert torch.allclose(la.H, torch.cat([e.reshape(-1) for e in expected]), rtol=1e-10, atol=1e-12)
 
 
@@ -107,8 +108,15 @@ def test_mapping_batches_are_passed_to_the_model_whole_as_laplace_does(likelihoo
     model = ReadsFeatures(net)
     fits = []
     for backend in (SecorderGGN, CurvlinopsGGN):
-        la = Laplace(model, likelihood, subset_of_weights=subset, hessian_structure="diag", backend=backend,
-                     dict_key_x="features", dict_key_y="labels")
+        la = Laplace(
+            model,
+            likelihood,
+            subset_of_weights=subset,
+            hessian_structure="diag",
+            backend=backend,
+            dict_key_x="features",
+            dict_key_y="labels",
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             la.fit(batches)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import relative_error
 from torch.func import hessian
 
-from conftest import relative_error
 from torch_secorder import ops, reference_ops
 
 pytestmark = pytest.mark.skipif(not ops.compiled_ops_loaded(), reason="compiled ops not built")
@@ -86,8 +86,14 @@ def test_cross_entropy(device, dtype, reduction, contiguous, options):
     args = (target, weight, ignore_index, smoothing, reduction)
 
     def loss_of_output(z):
-        return F.cross_entropy(z, target.cpu(), weight=None if weight is None else weight.cpu(),
-                               ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction)
+        return F.cross_entropy(
+            z,
+            target.cpu(),
+            weight=None if weight is None else weight.cpu(),
+            ignore_index=ignore_index,
+            label_smoothing=smoothing,
+            reduction=reduction,
+        )
 
     check_loss_op("cross_entropy_hessian_diag", "cross_entropy_hessian_sqrt", args, {}, loss_of_output, logits, dtype)
 
@@ -101,16 +107,30 @@ def test_bce_with_logits(device, dtype, reduction, shape, weights):
     logits = (4 * torch.randn(shape, generator=generator, dtype=dtype)).to(device)
     target = torch.rand(shape, generator=generator, dtype=dtype).round().to(device)
     last = shape[-1]
-    weight = torch.rand(shape, generator=generator, dtype=dtype).add(0.2).to(device) if weights in ("weight", "both") else None
-    pos_weight = torch.rand(last, generator=generator, dtype=dtype).mul(3).to(device) if weights in ("pos_weight", "both") else None
+    weight = (
+        torch.rand(shape, generator=generator, dtype=dtype).add(0.2).to(device)
+        if weights in ("weight", "both")
+        else None
+    )
+    pos_weight = (
+        torch.rand(last, generator=generator, dtype=dtype).mul(3).to(device)
+        if weights in ("pos_weight", "both")
+        else None
+    )
     args = (target, weight, pos_weight, reduction)
 
     def loss_of_output(z):
         return F.binary_cross_entropy_with_logits(
-            z, target.cpu(), weight=None if weight is None else weight.cpu(),
-            pos_weight=None if pos_weight is None else pos_weight.cpu(), reduction=reduction)
+            z,
+            target.cpu(),
+            weight=None if weight is None else weight.cpu(),
+            pos_weight=None if pos_weight is None else pos_weight.cpu(),
+            reduction=reduction,
+        )
 
-    check_loss_op("bce_with_logits_hessian_diag", "bce_with_logits_hessian_sqrt", args, {}, loss_of_output, logits, dtype)
+    check_loss_op(
+        "bce_with_logits_hessian_diag", "bce_with_logits_hessian_sqrt", args, {}, loss_of_output, logits, dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -167,8 +187,12 @@ def test_sigmoid_kernel_extreme_logits(device, dtype):
     assert relative_error(compiled, reference_ops.sigmoid_hessian_diag(logits, scale)) < TOL[dtype]
     big = torch.randn(100_003, dtype=dtype).mul(5).to(device)
     ones = torch.ones_like(big)
-    assert relative_error(torch.ops.torch_secorder.sigmoid_hessian_diag(big, ones),
-                          reference_ops.sigmoid_hessian_diag(big, ones)) < TOL[dtype]
+    assert (
+        relative_error(
+            torch.ops.torch_secorder.sigmoid_hessian_diag(big, ones), reference_ops.sigmoid_hessian_diag(big, ones)
+        )
+        < TOL[dtype]
+    )
 
 
 def test_empty_batch(device):
@@ -191,7 +215,8 @@ def test_python_face_uses_reference_when_a_graph_is_needed():
     # the derivative of the curvature agrees with autograd through the loss itself
     (grad,) = torch.autograd.grad(diag.sum(), logits)
     (expected,) = torch.autograd.grad(
-        torch.diagonal(per_sample_blocks_graph(logits, target), dim1=1, dim2=2).sum(), logits)
+        torch.diagonal(per_sample_blocks_graph(logits, target), dim1=1, dim2=2).sum(), logits
+    )
     assert relative_error(grad, expected) < 1e-10
 
 

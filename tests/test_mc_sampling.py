@@ -4,14 +4,16 @@ with a generator, and the columns sqrt(s / M) (p - e_y) whose outer products ave
 
 import pytest
 import torch
-
 from conftest import relative_error
+
 from torch_secorder import ops, reference_ops
 
 KERNELS = ops.compiled_ops_loaded()  # loads the extension (the kernel tests skip without it)
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="compiled ops not built")
-IMPLEMENTATIONS = {"kernel": lambda *args: torch.ops.torch_secorder.softmax_sampled_columns(*args),
-                   "reference": reference_ops.softmax_sampled_columns}
+IMPLEMENTATIONS = {
+    "kernel": lambda *args: torch.ops.torch_secorder.softmax_sampled_columns(*args),
+    "reference": reference_ops.softmax_sampled_columns,
+}
 
 
 def drawn_classes(columns, logits, scale):
@@ -49,7 +51,7 @@ def test_rounding_never_draws_past_the_last_class_or_a_zero_class(device, implem
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(4096, 7, generator=generator)
     logits[:, -1] = -float("inf")
-    uniforms = 1 - torch.randint(1, 16, (4096, 64), generator=generator) * 2.0 ** -24  # the largest below 1
+    uniforms = 1 - torch.randint(1, 16, (4096, 64), generator=generator) * 2.0**-24  # the largest below 1
     logits, uniforms = logits.to(device), uniforms.to(device)
     scale = torch.ones(4096, device=device)
     columns = implementation_of(implementation)(logits, scale, uniforms)
@@ -89,7 +91,7 @@ def test_columns_average_to_the_hessian():
     estimate = outer.sum(1)
     p = torch.softmax(logits, dim=1)
     exact = scale[:, None, None] * (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1))
-    spread = (outer * draws).std(dim=1) / draws ** 0.5
+    spread = (outer * draws).std(dim=1) / draws**0.5
     assert ((estimate - exact).abs() <= 5 * spread + 1e-12).all()
 
 
@@ -121,7 +123,9 @@ def test_empty_and_opcheck(device):
     empty = torch.ops.torch_secorder.softmax_sampled_columns(logits, logits[:, 0], logits[:, :2])
     assert empty.shape == (0, 2, 4)
     generator = torch.Generator().manual_seed(5)
-    args = (torch.randn(6, 4, generator=generator, dtype=torch.float64).to(device),
-            torch.rand(6, generator=generator, dtype=torch.float64).to(device),
-            torch.rand(6, 2, generator=generator, dtype=torch.float64).to(device))
+    args = (
+        torch.randn(6, 4, generator=generator, dtype=torch.float64).to(device),
+        torch.rand(6, generator=generator, dtype=torch.float64).to(device),
+        torch.rand(6, 2, generator=generator, dtype=torch.float64).to(device),
+    )
     torch.library.opcheck(torch.ops.torch_secorder.softmax_sampled_columns.default, args)

@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent(
     widths = {"linear-4000": [16, 4000], "relu-30000": [16, 32, 32, 30000], "tanh-4000": [16, 32, 4000]}[name]
     layers = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh() if name.startswith("tanh") else nn.ReLU()] if i < len(widths) - 2 else [])
+        activation = [nn.Tanh() if name.startswith("tanh") else nn.ReLU()] if i < len(widths) - 2 else []
+        layers += [nn.Linear(a, b), *activation]
     model = nn.Sequential(*layers)
     x, y = torch.randn(8, 16), torch.randint(0, widths[-1], (8,))
     loss_fn = nn.CrossEntropyLoss()
@@ -50,8 +51,9 @@ SCRIPT = textwrap.dedent(
 
 
 def measure(name, budget_mib):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, name, str(budget_mib)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, name, str(budget_mib)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

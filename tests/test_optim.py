@@ -72,12 +72,17 @@ def hessian_diagonal_estimate_of_a_quadratic(p, q):
     from torch_secorder import hessian_diagonal_estimate
 
     scales = torch.tensor([1.0, 2.0, 3.0], dtype=D)
-    return hessian_diagonal_estimate(lambda: (scales * p**2).sum() + (p[0] * q).sum() + (q**2).sum(), [p, q], 8,
-                                     generator=torch.Generator().manual_seed(0))
+    return hessian_diagonal_estimate(
+        lambda: (scales * p**2).sum() + (p[0] * q).sum() + (q**2).sum(),
+        [p, q],
+        8,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
-@pytest.mark.parametrize("curvature", [model_ggn_diagonal, model_hessian_diagonal, hutchinson],
-                         ids=["ggn", "hessian", "hutchinson"])
+@pytest.mark.parametrize(
+    "curvature", [model_ggn_diagonal, model_hessian_diagonal, hutchinson], ids=["ggn", "hessian", "hutchinson"]
+)
 def test_it_trains_a_classifier(curvature):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 10, generator=generator)
@@ -86,7 +91,7 @@ def test_it_trains_a_classifier(curvature):
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
     optimizer = SophiaDiagonal(model.parameters(), lr=0.02, update_every=5)
     first = F.cross_entropy(model(x), y).item()
-    for step in range(150):
+    for _ in range(150):
         batch = torch.randint(0, 256, (64,), generator=generator)
         if optimizer.curvature_due():
             optimizer.update_curvature(curvature(model, F.cross_entropy, x[batch], y[batch]))
@@ -104,8 +109,10 @@ def test_a_checkpoint_resumes_the_same_trajectory():
         return model, SophiaDiagonal(model.parameters(), lr=0.05, update_every=3)
 
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 4, dtype=D, generator=generator), torch.randint(0, 3, (8,), generator=generator))
-               for _ in range(8)]
+    batches = [
+        (torch.randn(8, 4, dtype=D, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+        for _ in range(8)
+    ]
 
     def train(model, optimizer, steps):
         for x, y in steps:

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize, prune
-
 from conftest import relative_error
 from helpers import D, assert_backprop_exact, brute_force, randomise_batch_norm
+from torch.nn.utils import parametrize, prune
+
 from torch_secorder import explain_method, hessian_diagonal, model_hessian_diagonal, ops, reference_ops
 from torch_secorder.backprop import rules as registry
 from torch_secorder.backprop.rules.elementwise import ElementwiseRule
@@ -57,7 +57,7 @@ EXAMPLES = {
 # Embedding reads integer ids, so it cannot sit behind the Linear of chain_around: its traps are below
 EMBEDDING_TRAPS = (nn.Embedding,)
 TYPES = [t for t in registry.registered_types() if t not in EMBEDDING_TRAPS]
-WEIGHTED = [t for t in TYPES if "weight" in dict(EXAMPLES.get(t, (lambda: t(), None))[0]().named_parameters())]
+WEIGHTED = [t for t in TYPES if "weight" in dict(EXAMPLES.get(t, (t, None))[0]().named_parameters())]
 
 
 def example(module_type):
@@ -122,10 +122,17 @@ def test_plain_and_unchanged_subclass_are_exact(module_type):
 def test_subclass_with_its_own_forward_steps_aside(module_type):
     module, shape = built(module_type)
     model, x, y = chain_around(module, shape)
-    model[1].__class__ = type("Own" + module_type.__name__, (module_type,),
-                              {"forward": lambda self, inp: 1.5 * module_type.forward(self, inp) + 0.25})
-    assert_steps_aside(model, x, y, f"module '1' (Own{module_type.__name__}): Own{module_type.__name__} overrides "
-                                    f"{module_type.__name__}.forward")
+    model[1].__class__ = type(
+        "Own" + module_type.__name__,
+        (module_type,),
+        {"forward": lambda self, inp: 1.5 * module_type.forward(self, inp) + 0.25},
+    )
+    assert_steps_aside(
+        model,
+        x,
+        y,
+        f"module '1' (Own{module_type.__name__}): Own{module_type.__name__} overrides {module_type.__name__}.forward",
+    )
 
 
 @pytest.mark.parametrize("module_type", TYPES, ids=lambda t: t.__name__)
@@ -153,7 +160,8 @@ def test_hooks_step_aside(module_type, kind):
         # a backward hook changes gradients, not the loss: the engine runs and the hook stays out of it
         expected = brute_force(model, F.cross_entropy, x, y)  # (torch.func cannot run backward hooks)
         model[1].register_full_backward_hook(
-            lambda m, grad_input, grad_output: tuple(None if g is None else 3 * g for g in grad_input))
+            lambda m, grad_input, grad_output: tuple(None if g is None else 3 * g for g in grad_input)
+        )
         assert explain_method(model, F.cross_entropy).method == "backprop"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -161,7 +169,7 @@ def test_hooks_step_aside(module_type, kind):
         assert relative_error(actual, expected) < 1e-10
         return
     elif kind == "container":
-        model.register_forward_hook(lambda m, inputs, output: output + output ** 2)
+        model.register_forward_hook(lambda m, inputs, output: output + output**2)
         message = "forward hook"
     else:
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, inputs, output: None)
@@ -186,7 +194,7 @@ def test_an_empty_batch_passes_every_rule(module_type):
 
 class Doubled(nn.Module):
     def forward(self, weight):
-        return 2 * weight + weight ** 2
+        return 2 * weight + weight**2
 
 
 @pytest.mark.parametrize("module_type", WEIGHTED, ids=lambda t: t.__name__)
@@ -216,19 +224,26 @@ def test_pruning_is_exact(module_type):
 
 def test_global_pruning_across_modules_is_exact():
     model, x, y = chain_around(nn.Linear(4, 3), (4,))
-    prune.global_unstructured([(model[0], "weight"), (model[1], "weight"), (model[3], "weight")],
-                              pruning_method=prune.L1Unstructured, amount=0.5)
+    prune.global_unstructured(
+        [(model[0], "weight"), (model[1], "weight"), (model[3], "weight")],
+        pruning_method=prune.L1Unstructured,
+        amount=0.5,
+    )
     assert_backprop_exact(model, F.cross_entropy, x, y)
     prune.remove(model[1], "weight")  # back to a plain parameter holding the pruned values
     assert_backprop_exact(model, F.cross_entropy, x, y)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: torch.nn.utils.parametrizations.weight_norm(m),
-    lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
-    lambda m: torch.nn.utils.weight_norm(m),
-    lambda m: torch.nn.utils.spectral_norm(m),
-], ids=["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+        lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+        lambda m: torch.nn.utils.weight_norm(m),
+        lambda m: torch.nn.utils.spectral_norm(m),
+    ],
+    ids=["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"],
+)
 def test_weight_and_spectral_norm_step_aside(make):
     model, x, y = chain_around(nn.Linear(4, 3), (4,))
     with warnings.catch_warnings():
@@ -301,7 +316,7 @@ def test_log_softmax_subclasses_and_hooked_loss():
     assert_steps_aside(model, x, y, "NLLLoss without a plain LogSoftmax", loss_fn=nn.NLLLoss())
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
     loss = nn.CrossEntropyLoss()
-    loss.register_forward_hook(lambda m, inputs, output: output ** 2)
+    loss.register_forward_hook(lambda m, inputs, output: output**2)
     assert_steps_aside(model, x, y, "loss CrossEntropyLoss with a forward hook", loss_fn=loss)
 
 
@@ -323,7 +338,10 @@ def test_negative_class_weights_are_signed_columns(budget, shape, reduction):
     model = deep_model() if shape == "deep" else nn.Linear(3, 4).double()
     x = torch.randn(7, 3, dtype=D)
     weight = torch.tensor([1.0, -0.7, 2.0, -1.5], dtype=D)
-    for y, smoothing in ((torch.tensor([0, 1, 2, 3, 1, 3, 0]), 0.1), (torch.softmax(torch.randn(7, 4, dtype=D), 1) - 0.2, 0.0)):
+    for y, smoothing in (
+        (torch.tensor([0, 1, 2, 3, 1, 3, 0]), 0.1),
+        (torch.softmax(torch.randn(7, 4, dtype=D), 1) - 0.2, 0.0),
+    ):
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing, reduction=reduction)
         diag = assert_backprop_exact(model, loss_fn, x, y, memory_budget=budget)
         assert all(torch.isfinite(d).all() for d in diag)
@@ -351,8 +369,11 @@ def test_every_target_ignored_gives_zeros_like_pytorch(weighted, reduction):
 
 
 @pytest.mark.parametrize("method", ["backprop", "autograd"])
-@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum"),
-                                     nn.BCEWithLogitsLoss()], ids=repr)
+@pytest.mark.parametrize(
+    "loss_fn",
+    [nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum"), nn.BCEWithLogitsLoss()],
+    ids=repr,
+)
 def test_an_empty_batch_gives_zeros(method, loss_fn):
     model = deep_model()
     x = torch.randn(0, 3, dtype=D)
@@ -367,7 +388,7 @@ def test_an_empty_batch_gives_zeros(method, loss_fn):
 def test_inference_mode_computes_the_right_numbers():
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with torch.inference_mode():
-        (diag,) = hessian_diagonal(lambda: (p ** 3).sum(), [p])
+        (diag,) = hessian_diagonal(lambda: (p**3).sum(), [p])
     assert torch.equal(diag, torch.tensor([6.0, 12.0])) and not diag.is_inference()
     model = deep_model()
     x, y = torch.randn(6, 3, dtype=D), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -384,21 +405,25 @@ def test_inference_tensors_that_autograd_cannot_use_raise_one_clear_error():
         q = torch.tensor([1.0, 2.0])
         data = torch.tensor([3.0, 4.0])
     with pytest.raises(RuntimeError, match=r"params\[0\] was created under torch.inference_mode"):
-        hessian_diagonal(lambda: (q ** 3).sum(), [q])
+        hessian_diagonal(lambda: (q**3).sum(), [q])
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(RuntimeError, match="func uses a tensor created under torch.inference_mode"):
-        hessian_diagonal(lambda: (p ** 3 * data).sum(), [p])
+        hessian_diagonal(lambda: (p**3 * data).sum(), [p])
     with torch.inference_mode():
         model = nn.Linear(3, 2)
     with pytest.raises(RuntimeError, match="model parameter 'weight' was created under torch.inference_mode"):
         model_hessian_diagonal(model, F.mse_loss, torch.randn(4, 3), torch.randn(4, 2))
 
 
-@pytest.mark.parametrize("loss_fn, target", [
-    (F.mse_loss, lambda: torch.randn(6, 4)),
-    (F.binary_cross_entropy_with_logits, lambda: torch.rand(6, 4).round()),
-    (nn.CrossEntropyLoss(label_smoothing=0.1), lambda: torch.softmax(torch.randn(6, 4), 1)),
-], ids=["mse", "bce", "ce-probabilities"])
+@pytest.mark.parametrize(
+    "loss_fn, target",
+    [
+        (F.mse_loss, lambda: torch.randn(6, 4)),
+        (F.binary_cross_entropy_with_logits, lambda: torch.rand(6, 4).round()),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), lambda: torch.softmax(torch.randn(6, 4), 1)),
+    ],
+    ids=["mse", "bce", "ce-probabilities"],
+)
 def test_float32_targets_with_a_float64_model_give_what_pytorch_gives(loss_fn, target):
     """F.mse_loss promotes the targets; F.cross_entropy and BCE keep parts of the loss in the targets'
     precision. The engine gives the exact Hessian of the loss on promoted targets, the generic method
@@ -420,15 +445,19 @@ def test_progress_that_is_not_callable_fails_before_any_work():
     calls = []
     p = torch.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(TypeError, match="progress must be a callable progress\\(done, total\\) or None, got int"):
-        hessian_diagonal(lambda: calls.append(1) or (p ** 3).sum(), [p], progress=5)
+        hessian_diagonal(lambda: calls.append(1) or (p**3).sum(), [p], progress=5)
     assert calls == []
     with pytest.raises(TypeError, match="progress must be a callable"):
-        model_hessian_diagonal(deep_model(), F.cross_entropy, torch.randn(2, 3, dtype=D), torch.tensor([0, 1]),
-                               progress="yes")
+        model_hessian_diagonal(
+            deep_model(), F.cross_entropy, torch.randn(2, 3, dtype=D), torch.tensor([0, 1]), progress="yes"
+        )
 
 
 # ---------------------------------------------------------------- compiled ops and their references
-BACKENDS = {"compiled": lambda name: getattr(torch.ops.torch_secorder, name), "reference": lambda name: getattr(reference_ops, name)}
+BACKENDS = {
+    "compiled": lambda name: getattr(torch.ops.torch_secorder, name),
+    "reference": lambda name: getattr(reference_ops, name),
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -463,18 +492,44 @@ def test_square_root_factors_of_negative_scales_raise(backend):
 ZERO_SIZE_CASES = [
     ("mse_loss_hessian_diag", lambda: (torch.zeros(0, 3, dtype=D), "mean")),
     ("mse_loss_hessian_sqrt", lambda: (torch.zeros(0, 3, dtype=D), "mean")),
-    ("cross_entropy_hessian_diag", lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, dtype=torch.long), None, -100, 0.0, "mean")),
-    ("cross_entropy_hessian_sqrt", lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, dtype=torch.long), None, -100, 0.0, "sum")),
-    ("bce_with_logits_hessian_diag", lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, 3, dtype=D), None, None, "mean")),
-    ("bce_with_logits_hessian_sqrt", lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, 3, dtype=D), None, None, "mean")),
+    (
+        "cross_entropy_hessian_diag",
+        lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, dtype=torch.long), None, -100, 0.0, "mean"),
+    ),
+    (
+        "cross_entropy_hessian_sqrt",
+        lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, dtype=torch.long), None, -100, 0.0, "sum"),
+    ),
+    (
+        "bce_with_logits_hessian_diag",
+        lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, 3, dtype=D), None, None, "mean"),
+    ),
+    (
+        "bce_with_logits_hessian_sqrt",
+        lambda: (torch.zeros(0, 3, dtype=D), torch.zeros(0, 3, dtype=D), None, None, "mean"),
+    ),
     ("factor_diagonal", lambda: (torch.zeros(0, 2, 3, dtype=D), None)),
     ("factor_diagonal", lambda: (torch.zeros(2, 0, 3, dtype=D), None)),
     ("affine_weight_diagonal", lambda: (torch.zeros(2, 3, 0, 4, dtype=D), None, torch.zeros(2, 5, 4, dtype=D))),
     ("affine_weight_diagonal", lambda: (torch.zeros(0, 3, 2, 4, dtype=D), None, torch.zeros(0, 5, 4, dtype=D))),
-    ("selected_weight_diagonal", lambda: (torch.zeros(2, 3, 0, 2, dtype=D), None, torch.zeros(2, 0, 2, dtype=torch.long),
-                                          torch.zeros(2, 5, 4, dtype=D))),
-    ("selected_weight_diagonal", lambda: (torch.zeros(0, 3, 2, 2, dtype=D), None, torch.zeros(0, 2, 2, dtype=torch.long),
-                                          torch.zeros(0, 5, 4, dtype=D))),
+    (
+        "selected_weight_diagonal",
+        lambda: (
+            torch.zeros(2, 3, 0, 2, dtype=D),
+            None,
+            torch.zeros(2, 0, 2, dtype=torch.long),
+            torch.zeros(2, 5, 4, dtype=D),
+        ),
+    ),
+    (
+        "selected_weight_diagonal",
+        lambda: (
+            torch.zeros(0, 3, 2, 2, dtype=D),
+            None,
+            torch.zeros(0, 2, 2, dtype=torch.long),
+            torch.zeros(0, 5, 4, dtype=D),
+        ),
+    ),
 ]
 
 
@@ -509,7 +564,7 @@ def test_kernels_are_decided_per_device(monkeypatch):
         first = ops.factor_diagonal(factors)
         ops.factor_diagonal(factors)
     assert len([w for w in caught if "torch_secorder" in str(w.message)]) == 1 and used == [1, 1]
-    assert torch.equal(first, (factors ** 2).sum(1))
+    assert torch.equal(first, (factors**2).sum(1))
 
 
 # ---------------------------------------------------------------- the generic method
@@ -526,7 +581,7 @@ def test_out_of_memory_halves_the_chunk_instead_of_giving_up_batching(monkeypatc
     monkeypatch.setattr(batched_hvp, "_STRATEGIES", (tight_memory,) + batched_hvp._STRATEGIES[1:])
     x = torch.randn(13, dtype=D, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="out of memory with 13 unit vectors"):
-        (diag,) = hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=13)
+        (diag,) = hessian_diagonal(lambda: (x**4).sum(), [x], chunk_size=13)
     assert relative_error(diag, 12 * x.detach() ** 2) < 1e-15
     assert sizes[:4] == [13, 6, 3, 3] and max(sizes[3:]) <= 3  # never one backward per entry
 
@@ -537,7 +592,7 @@ def test_out_of_memory_halves_the_chunk_instead_of_giving_up_batching(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(torch.OutOfMemoryError):
-            hessian_diagonal(lambda: (x ** 4).sum(), [x], chunk_size=4)
+            hessian_diagonal(lambda: (x**4).sum(), [x], chunk_size=4)
 
 
 # ---------------------------------------------------------------- embedding
@@ -555,7 +610,9 @@ def test_embedding_every_trap():
     assert diag[0][3].abs().min() > 0  # a token repeated in one sample: projections summed before squaring
     model[0].__class__ = type("PlainEmbedding", (nn.Embedding,), {})
     assert_backprop_exact(model, F.cross_entropy, ids, y)
-    model[0].__class__ = type("OwnEmbedding", (nn.Embedding,), {"forward": lambda self, i: 2 * nn.Embedding.forward(self, i)})
+    model[0].__class__ = type(
+        "OwnEmbedding", (nn.Embedding,), {"forward": lambda self, i: 2 * nn.Embedding.forward(self, i)}
+    )
     assert_steps_aside(model, ids, y, "OwnEmbedding overrides Embedding.forward")
     model, ids, y = embedding_model()
     handle = model[0].register_forward_hook(lambda m, inputs, output: output * 1.5)
@@ -567,8 +624,9 @@ def test_embedding_every_trap():
     assert all(torch.equal(d, torch.zeros_like(p)) for d, p in zip(empty, model.parameters()))
 
 
-@pytest.mark.parametrize("option, message", [({"max_norm": 1.0}, "max_norm"),
-                                             ({"scale_grad_by_freq": True}, "scale_grad_by_freq")])
+@pytest.mark.parametrize(
+    "option, message", [({"max_norm": 1.0}, "max_norm"), ({"scale_grad_by_freq": True}, "scale_grad_by_freq")]
+)
 def test_embedding_options_without_a_derivative_rule_step_aside(option, message):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(6, 3, **option), nn.Flatten(), nn.Linear(9, 3)).double()

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from conftest import relative_error
 from helpers import D, brute_force
+from torch.utils.checkpoint import checkpoint
+
 from torch_secorder import explain_method, hessian_diagonal, model_ggn_diagonal, model_hessian_diagonal
 from torch_secorder.optim import SophiaDiagonal
 
@@ -165,8 +165,11 @@ def test_the_trace_leaves_no_attribute_on_the_model():
 
 # ---------------------------------------------------------------- 3. gradient hooks
 def _hook_parameter_scale(model):
-    return [model.a.weight.register_hook(lambda grad: grad * 2) if hasattr(model, "a") else
-            model[0].weight.register_hook(lambda grad: grad * 2)]
+    return [
+        model.a.weight.register_hook(lambda grad: grad * 2)
+        if hasattr(model, "a")
+        else model[0].weight.register_hook(lambda grad: grad * 2)
+    ]
 
 
 def _hook_parameter_clamp(model):
@@ -189,13 +192,20 @@ def _hook_forward_registers_reversal(model):
 
 
 def _hook_global_backward(model):
-    return [torch.nn.modules.module.register_module_full_backward_hook(
-        lambda m, grad_input, grad_output: tuple(None if g is None else 2 * g for g in grad_input))]
+    return [
+        torch.nn.modules.module.register_module_full_backward_hook(
+            lambda m, grad_input, grad_output: tuple(None if g is None else 2 * g for g in grad_input)
+        )
+    ]
 
 
-HOOKS = {"parameter scale": _hook_parameter_scale, "parameter clamp": _hook_parameter_clamp,
-         "module backward scale": _hook_module_backward_scale, "reversal": _hook_forward_registers_reversal,
-         "global backward": _hook_global_backward}
+HOOKS = {
+    "parameter scale": _hook_parameter_scale,
+    "parameter clamp": _hook_parameter_clamp,
+    "module backward scale": _hook_module_backward_scale,
+    "reversal": _hook_forward_registers_reversal,
+    "global backward": _hook_global_backward,
+}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -238,8 +248,8 @@ def test_hooks_are_back_and_untouched_after_a_call():
 def test_hessian_diagonal_of_a_function_ignores_hooks_on_its_params():
     p = torch.randn(5, dtype=D, requires_grad=True)
     handle = p.register_hook(lambda grad: grad * 2)
-    assert torch.allclose(hessian_diagonal(lambda: (p ** 3).sum(), [p])[0], 6 * p.detach(), rtol=1e-12)
-    (p ** 2).sum().backward()
+    assert torch.allclose(hessian_diagonal(lambda: (p**3).sum(), [p])[0], 6 * p.detach(), rtol=1e-12)
+    (p**2).sum().backward()
     assert torch.allclose(p.grad, 4 * p.detach())  # the hook is back
     handle.remove()
 
@@ -301,8 +311,9 @@ def test_sophia_matches_diagonals_to_parameters_by_identity(form):
     elif form == "dict":
         given = dict(zip(model.parameters(), exact))
     else:
-        given = model_hessian_diagonal_estimate(model, F.cross_entropy, x, y, 4,
-                                                generator=torch.Generator().manual_seed(0))
+        given = model_hessian_diagonal_estimate(
+            model, F.cross_entropy, x, y, 4, generator=torch.Generator().manual_seed(0)
+        )
         exact = given.diagonal
     optimizer.update_curvature(given)
     for param, diagonal in zip(model.parameters(), exact):
@@ -374,7 +385,7 @@ def test_flags_must_be_bools(name, value):
         model_hessian_diagonal(built("chain"), F.cross_entropy, x, y, **{name: value})
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(TypeError, match=f"{name} must be True or False"):
-        hessian_diagonal(lambda: (p ** 3).sum(), [p], **{name: value})
+        hessian_diagonal(lambda: (p**3).sum(), [p], **{name: value})
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -81,7 +81,7 @@ def load():
                 _state["loaded"] = True
                 _register_fake_kernels()
                 return True
-            except Exception as error:  # noqa: BLE001 - any failure means: try the next way
+            except Exception as error:
                 errors.append(f"{attempt.__name__.lstrip('_')}: {type(error).__name__}: {error}".splitlines()[0])
         _state["loaded"] = False
         _state["reason"] = f"{ENV_VAR}=off" if mode == "off" else "; ".join(errors)

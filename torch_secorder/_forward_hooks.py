@@ -15,7 +15,9 @@ def _hook_name(hook):
 
 def global_hooks():
     """Every global module hook (torch.nn.modules.module.register_module_*_hook) now registered."""
-    return [hook for attribute, _ in _GLOBAL_HOOKS for hook in (getattr(module_globals, attribute, None) or {}).values()]
+    return [
+        hook for attribute, _ in _GLOBAL_HOOKS for hook in (getattr(module_globals, attribute, None) or {}).values()
+    ]
 
 
 def global_hook_reason():

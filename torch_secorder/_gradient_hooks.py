@@ -31,8 +31,12 @@ _SETTING_ASIDE = weakref.WeakKeyDictionary()  # model -> how many calls have its
 
 
 def _has_gradient_hooks(modules):
-    return any(module._backward_hooks or module._backward_pre_hooks or any(
-        p is not None and p._backward_hooks for p in module._parameters.values()) for module in modules)
+    return any(
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or any(p is not None and p._backward_hooks for p in module._parameters.values())
+        for module in modules
+    )
 
 
 @contextmanager

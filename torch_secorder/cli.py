@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from . import __version__, _extension
-from .core.method_choice import explain_method
 from .core.hessian_diagonal import model_hessian_diagonal
+from .core.method_choice import explain_method
 from .plot import plot_path_problem, plot_report
 from .progress import progress_bar
 from .testing import loop_hessian_diagonal
@@ -31,15 +31,23 @@ def parse_args(argv):
     parser.add_argument("--train-steps", type=int, default=100, help="SGD steps before the Hessian (default 100)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--method", choices=["auto", "backprop", "autograd", "loop", "all"], default="auto",
-                        help="'backprop' is exact Hessian backpropagation, 'autograd' the generic batched method, "
-                             "'loop' one double backward per entry as in torch-secorder 0.0.1; "
-                             "'all' runs every method and compares them")
+    parser.add_argument(
+        "--method",
+        choices=["auto", "backprop", "autograd", "loop", "all"],
+        default="auto",
+        help="'backprop' is exact Hessian backpropagation, 'autograd' the generic batched method, "
+        "'loop' one double backward per entry as in torch-secorder 0.0.1; "
+        "'all' runs every method and compares them",
+    )
     parser.add_argument("--memory-budget-mb", type=int, default=1024, help="memory budget per chunk (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr (tqdm when installed)")
-    parser.add_argument("--plot", metavar="PATH", help="save a picture (PNG, SVG, PDF by the suffix) of the diagonal "
-                        "per parameter tensor and of each method's time (needs matplotlib)")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="save a picture (PNG, SVG, PDF by the suffix) of the diagonal "
+        "per parameter tensor and of each method's time (needs matplotlib)",
+    )
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -71,6 +79,7 @@ def classifier(features, hidden, depth, classes):
 def timed(device, run, quick=0.1, repeats=5):
     """(result, seconds); calls that take under `quick` seconds are repeated and the median kept,
     so that a millisecond method is not judged by its first, cold call."""
+
     def once():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -110,10 +119,14 @@ def main(argv=None):
 
     compiled = _extension.info()
     widths = "-".join(str(w) for w in [args.features] + [args.hidden] * args.depth + [args.classes])
-    print(f"torch_secorder {__version__} | torch {torch.__version__} | device {device} | {args.dtype} | "
-          f"compiled ops: {compiled['source'] or 'off (pure-torch references)'}")
-    print(f"model: MLP {widths} (Tanh), {count:,} parameters | data: {args.batch_size} synthetic samples, "
-          f"{args.classes} classes | loss: cross-entropy (mean)")
+    print(
+        f"torch_secorder {__version__} | torch {torch.__version__} | device {device} | {args.dtype} | "
+        f"compiled ops: {compiled['source'] or 'off (pure-torch references)'}"
+    )
+    print(
+        f"model: MLP {widths} (Tanh), {count:,} parameters | data: {args.batch_size} synthetic samples, "
+        f"{args.classes} classes | loss: cross-entropy (mean)"
+    )
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     start_loss = loss_fn(model(inputs), labels).item()
@@ -134,12 +147,22 @@ def main(argv=None):
     for method in methods:
         report = progress_bar(method, not args.quiet)
         if method == "loop":
-            def run():
+
+            def run(report=report):
                 return loop_hessian_diagonal(lambda: loss_fn(model(inputs), labels), params, progress=report)
         else:
-            def run(method=method):
-                return model_hessian_diagonal(model, loss_fn, inputs, labels, method=method,
-                                              memory_budget=args.memory_budget_mb << 20, progress=report)
+
+            def run(method=method, report=report):
+                return model_hessian_diagonal(
+                    model,
+                    loss_fn,
+                    inputs,
+                    labels,
+                    method=method,
+                    memory_budget=args.memory_budget_mb << 20,
+                    progress=report,
+                )
+
         results[method], seconds[method] = timed(device, run)
 
     shown = methods[0]
@@ -148,16 +171,22 @@ def main(argv=None):
     print(f"{'parameter':<12}{'shape':<12}{'min':>13}{'mean':>13}{'max':>13}{'trace':>13}")
     for name, d in zip(names, diag):
         d64 = d.double()
-        print(f"{name:<12}{str(tuple(d.shape)):<12}{d64.min().item():>13.4e}{d64.mean().item():>13.4e}"
-              f"{d64.max().item():>13.4e}{d64.sum().item():>13.4e}")
+        print(
+            f"{name:<12}{str(tuple(d.shape)):<12}{d64.min().item():>13.4e}{d64.mean().item():>13.4e}"
+            f"{d64.max().item():>13.4e}{d64.sum().item():>13.4e}"
+        )
     total_trace = sum(d.double().sum().item() for d in diag)
     print(f"{'total':<12}{str((count,)):<12}{'':>39}{total_trace:>13.4e}")
 
     print("\ntimings (median of 5 warm calls where a call takes under 0.1 s):")
     print(f"  {'gradient (forward + backward)':<34}{format_seconds(gradient_seconds)}")
     for method in methods:
-        label = {"loop": "loop (one backward per entry)", "autograd": "autograd (batched HVPs)",
-                 "backprop": "backprop (Hessian backprop)", "auto": f"auto (uses {choice.method})"}[method]
+        label = {
+            "loop": "loop (one backward per entry)",
+            "autograd": "autograd (batched HVPs)",
+            "backprop": "backprop (Hessian backprop)",
+            "auto": f"auto (uses {choice.method})",
+        }[method]
         print(f"  {label:<34}{format_seconds(seconds[method])}  ({seconds[method] / gradient_seconds:,.0f}x gradient)")
     if len(methods) > 1:
         reference = torch.cat([d.double().reshape(-1) for d in results[methods[-1]]])
@@ -166,8 +195,14 @@ def main(argv=None):
             error = (mine - reference).abs().max().item() / max(reference.abs().max().item(), 1e-300)
             print(f"  {method} vs {methods[-1]}: max relative difference {error:.2e}")
     if args.plot:
-        plot_report(args.plot, names, diag, seconds, gradient_seconds,
-                    f"MLP {widths} (Tanh), {count:,} parameters, batch {args.batch_size}, {args.dtype}, {device}; "
-                    f"torch_secorder {__version__}")
+        plot_report(
+            args.plot,
+            names,
+            diag,
+            seconds,
+            gradient_seconds,
+            f"MLP {widths} (Tanh), {count:,} parameters, batch {args.batch_size}, {args.dtype}, {device}; "
+            f"torch_secorder {__version__}",
+        )
         print(f"\npicture: {args.plot}")
     return 0

@@ -40,13 +40,19 @@ def references_only():
 
 # The backend kernel each op relies on; ops missing here are plain ATen compositions that run anywhere.
 _BACKEND_KERNEL = {
-    "softmax_hessian_diag": "softmax_hessian_diag", "softmax_hessian_sqrt": "softmax_hessian_sqrt",
-    "softmax_hessian_columns": "softmax_hessian_columns", "softmax_sampled_columns": "softmax_sampled_columns",
+    "softmax_hessian_diag": "softmax_hessian_diag",
+    "softmax_hessian_sqrt": "softmax_hessian_sqrt",
+    "softmax_hessian_columns": "softmax_hessian_columns",
+    "softmax_sampled_columns": "softmax_sampled_columns",
     "sigmoid_hessian_diag": "sigmoid_hessian_diag",
-    "cross_entropy_hessian_diag": "softmax_hessian_diag", "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
-    "bce_with_logits_hessian_diag": "sigmoid_hessian_diag", "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
-    "factor_diagonal": "factor_diagonal", "affine_weight_diagonal": "affine_weight_diagonal",
-    "selected_weight_diagonal": "selected_weight_diagonal", "channel_weight_diagonal": "channel_weight_diagonal",
+    "cross_entropy_hessian_diag": "softmax_hessian_diag",
+    "cross_entropy_hessian_sqrt": "softmax_hessian_sqrt",
+    "bce_with_logits_hessian_diag": "sigmoid_hessian_diag",
+    "bce_with_logits_hessian_sqrt": "sigmoid_hessian_diag",
+    "factor_diagonal": "factor_diagonal",
+    "affine_weight_diagonal": "affine_weight_diagonal",
+    "selected_weight_diagonal": "selected_weight_diagonal",
+    "channel_weight_diagonal": "channel_weight_diagonal",
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _kernel_cache = {}  # (op, device type) -> bool
@@ -72,9 +78,13 @@ def has_kernel(name, device_type):
         _kernel_cache[key] = available
         if not available and device_type not in _warned_devices and device_type != "meta":
             _warned_devices.add(device_type)
-            warnings.warn(f"torch_secorder: the compiled ops have no {device_type} kernels in this build "
-                          f"({_extension.info()['source']}); {device_type} tensors use the pure-torch references "
-                          "(slower, same results)", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"torch_secorder: the compiled ops have no {device_type} kernels in this build "
+                f"({_extension.info()['source']}); {device_type} tensors use the pure-torch references "
+                "(slower, same results)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return _kernel_cache[key]
 
 
@@ -86,10 +96,16 @@ def _run(name, *args):
     tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
     needs_graph = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
     # the kernels cover float32 and float64; half precision and friends use the references
-    kernel_dtypes = all(tensor.dtype in (torch.float32, torch.float64) for tensor in tensors
-                        if tensor.is_floating_point())
-    if (not needs_graph and kernel_dtypes and not getattr(_local, "references_only", False) and _extension.load()
-            and has_kernel(name, tensors[0].device.type)):
+    kernel_dtypes = all(
+        tensor.dtype in (torch.float32, torch.float64) for tensor in tensors if tensor.is_floating_point()
+    )
+    if (
+        not needs_graph
+        and kernel_dtypes
+        and not getattr(_local, "references_only", False)
+        and _extension.load()
+        and has_kernel(name, tensors[0].device.type)
+    ):
         return _compiled(name)(*args)
     return getattr(reference_ops, name)(*args)
 

@@ -18,20 +18,20 @@ negative or not yet known the step is at most lr per entry), with decoupled weig
 
 import torch
 
-from .core.estimate import DiagonalEstimate
 from .core._matching import diagonals_for
+from .core.estimate import DiagonalEstimate
 
 
 class SophiaDiagonal(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.965, 0.99), rho=0.04, weight_decay=0.0, eps=1e-12,
-                 update_every=10):
+    def __init__(self, params, lr=1e-3, betas=(0.965, 0.99), rho=0.04, weight_decay=0.0, eps=1e-12, update_every=10):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not rho > 0 or not eps > 0 or weight_decay < 0:
-            raise ValueError(f"rho and eps must be positive and weight_decay >= 0, got {rho!r}, {eps!r}, "
-                             f"{weight_decay!r}")
+            raise ValueError(
+                f"rho and eps must be positive and weight_decay >= 0, got {rho!r}, {eps!r}, {weight_decay!r}"
+            )
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {update_every!r}")
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))

@@ -11,6 +11,7 @@ def require_matplotlib():
         raise ImportError("--plot needs matplotlib: pip install matplotlib (or 'torch-secorder[plot]')") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend above
+
     return plt
 
 

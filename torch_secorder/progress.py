@@ -34,6 +34,7 @@ def tqdm_progress(label):
         if done >= total:
             bar.close()
             bar = None
+
     return report
 
 
@@ -45,6 +46,11 @@ def plain_progress(label, interval=0.5):
         now = time.monotonic()
         if now - last >= interval or done >= total:
             last = now
-            print(f"\r  {label}: {done:,}/{total:,} entries ({100 * done / max(total, 1):.0f}%)",
-                  end="\n" if done >= total else "", file=sys.stderr, flush=True)
+            print(
+                f"\r  {label}: {done:,}/{total:,} entries ({100 * done / max(total, 1):.0f}%)",
+                end="\n" if done >= total else "",
+                file=sys.stderr,
+                flush=True,
+            )
+
     return report

@@ -101,8 +101,10 @@ def cross_entropy_sample_scale(input, target, weight=None, ignore_index=-100, la
         scale = (smoothed * w).sum(1)
         return scale / input.shape[0] if mean else scale
     valid = target != ignore_index
-    torch._assert_async(~(valid & ((target < 0) | (target >= classes))).any(),
-                        "cross_entropy_hessian: target holds a class index outside [0, C) that is not ignore_index")
+    torch._assert_async(
+        ~(valid & ((target < 0) | (target >= classes))).any(),
+        "cross_entropy_hessian: target holds a class index outside [0, C) that is not ignore_index",
+    )
     target_weight = torch.where(valid, w[torch.where(valid, target, 0)], 0)
     scale = (1 - label_smoothing) * target_weight + label_smoothing * w.mean() * valid
     if not mean:
@@ -112,8 +114,11 @@ def cross_entropy_sample_scale(input, target, weight=None, ignore_index=-100, la
 
 
 def _check_nonnegative(scale, op):
-    torch._assert_async((scale >= 0).all(), f"{op}: a negative per-sample scale (negative weight, pos_weight or target "
-                        "probability) has no real square-root factor; use the _diag op")
+    torch._assert_async(
+        (scale >= 0).all(),
+        f"{op}: a negative per-sample scale (negative weight, pos_weight or target "
+        "probability) has no real square-root factor; use the _diag op",
+    )
 
 
 def cross_entropy_hessian_diag(input, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"):

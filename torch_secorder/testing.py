@@ -139,6 +139,6 @@ def _unflatten_batched(rows, shapes):
         count = 1
         for size in shape:
             count *= size
-        tensors.append(rows[:, offset:offset + count].reshape(rows.shape[0], *shape))
+        tensors.append(rows[:, offset : offset + count].reshape(rows.shape[0], *shape))
         offset += count
     return tensors

@@ -21,8 +21,12 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # tests whose substituted outcome differs for a reason that is not a fault: (pattern, why)
-EXPECTED = [(r"test_dict_data\[.*BackPackGGN", "the test asserts that BackPACK refuses dict batches (ValueError); "
-             "SecorderGGN, substituted for it, takes them")]
+EXPECTED = [
+    (
+        r"test_dict_data\[.*BackPackGGN",
+        "the test asserts that BackPACK refuses dict batches (ValueError); SecorderGGN, substituted for it, takes them",
+    )
+]
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -36,8 +40,18 @@ def outcomes(junit_path):
 
 def run_pytest(tests, selection, plugins, junit_path):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-               f"--junitxml={junit_path}", "tests"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        selection,
+        f"--junitxml={junit_path}",
+        "tests",
+    ]
     for plugin in plugins:
         command[3:3] = ["-p", plugin]
     completed = subprocess.run(command, cwd=tests, env=environment, capture_output=True, text=True)
@@ -48,8 +62,9 @@ def run_pytest(tests, selection, plugins, junit_path):
 
 def git_commit(path):
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -57,8 +72,12 @@ def git_commit(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkout", help="a clone of github.com/aleximmer/Laplace (its tests/ folder is used)")
-    parser.add_argument("-k", dest="selection", default="Diag or diag",
-                        help="pytest -k expression choosing the diagonal-Laplace tests (default 'Diag or diag')")
+    parser.add_argument(
+        "-k",
+        dest="selection",
+        default="Diag or diag",
+        help="pytest -k expression choosing the diagonal-Laplace tests (default 'Diag or diag')",
+    )
     parser.add_argument("--out", help="write a markdown report here")
     args = parser.parse_args(argv)
     from importlib.metadata import version
@@ -66,8 +85,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         shutil.copytree(os.path.join(args.checkout, "tests"), os.path.join(work, "tests"))
         base, base_summary, _ = run_pytest(work, args.selection, ["torchvision_stub"], os.path.join(work, "a.xml"))
-        ours, ours_summary, substituted = run_pytest(work, args.selection, ["torchvision_stub", "secorder_substitute"],
-                                                     os.path.join(work, "b.xml"))
+        ours, ours_summary, substituted = run_pytest(
+            work, args.selection, ["torchvision_stub", "secorder_substitute"], os.path.join(work, "b.xml")
+        )
     differing = sorted(t for t in base if base[t] == "passed" and ours.get(t) != "passed")
     expected = {t: why for t in differing for pattern, why in EXPECTED if re.search(pattern, t)}
     regressions = [t for t in differing if t not in expected]

@@ -34,5 +34,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
-    terminalreporter.write_line(f"secorder_substitute: {COUNTS['laplaces']} diagonal Laplaces got SecorderGGN, "
-                                f"{COUNTS['diag_calls']} diag() calls served by it")
+    terminalreporter.write_line(
+        f"secorder_substitute: {COUNTS['laplaces']} diagonal Laplaces got SecorderGGN, "
+        f"{COUNTS['diag_calls']} diag() calls served by it"
+    )

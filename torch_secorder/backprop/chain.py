@@ -20,8 +20,9 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
     """(loss, [diagonal per parameter in params]) for a chain plan (plan.layers)."""
     layers = plan.layers
     rules = [rule_for(module) for module in layers]
-    needs_grads = create_graph or (request.residuals and any(rule.needs_output_grad(module)
-                                                             for rule, module in zip(rules, layers)))
+    needs_grads = create_graph or (
+        request.residuals and any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
+    )
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
         for module, rule in zip(layers, rules):
@@ -36,11 +37,15 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
         diagonals = Diagonals(params, layers, samples if request.per_sample else None)
         if samples == 0:  # no samples: every Hessian entry is an empty sum
             return loss, diagonals.result()
-        needing = [index for index, rule in enumerate(rules) if request.residuals
-                   and rule.needs_output_grad(layers[index]) and records[index].output.requires_grad]
+        needing = [
+            index
+            for index, rule in enumerate(rules)
+            if request.residuals and rule.needs_output_grad(layers[index]) and records[index].output.requires_grad
+        ]
         if needing:
-            grads = torch.autograd.grad(loss, [records[i].output for i in needing], create_graph=create_graph,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, [records[i].output for i in needing], create_graph=create_graph, allow_unused=True
+            )
             for index, grad in zip(needing, grads):
                 records[index].output_grad = torch.zeros_like(records[index].output) if grad is None else grad
     if not create_graph:
@@ -50,8 +55,11 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
                 record.output_grad = record.output_grad.detach()
 
     wanted_params = {id(p) for p in params if p.requires_grad}
-    owners = [i for i, module in enumerate(layers)
-              if any(id(p) in wanted_params for p in eligibility.module_parameters(module))]
+    owners = [
+        i
+        for i, module in enumerate(layers)
+        if any(id(p) in wanted_params for p in eligibility.module_parameters(module))
+    ]
     if not owners:
         return loss, diagonals.result()
     for record in records:
@@ -61,12 +69,19 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
         output = records[-1].output
         samples, features = output.shape[0], output.shape[1:].numel()
         curvature = output_origin(
-            request, plan.loss, output if create_graph else output.detach(), targets, loss_fn,
+            request,
+            plan.loss,
+            output if create_graph else output.detach(),
+            targets,
+            loss_fn,
             diagonal_only=_diagonal_suffices(records, rules, owners[0], len(records)),
-            max_columns=columns_within(samples, features, output.element_size(), memory_budget), memory_budget=memory_budget)
+            max_columns=columns_within(samples, features, output.element_size(), memory_budget),
+            memory_budget=memory_budget,
+        )
         curvature.primary = request.residuals  # no residuals anywhere below unless the Hessian is asked for
-        _propagate(records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget,
-                   request.per_sample)
+        _propagate(
+            records, rules, len(records) - 1, curvature, owners[0], diagonals.add, memory_budget, request.per_sample
+        )
     result = diagonals.result()
     return loss, (result if create_graph else [d.detach() for d in result])
 
@@ -76,7 +91,8 @@ def _diagonal_suffices(records, rules, lowest, index):
     enters module index - 1 from above need only be diagonal-readable (the lowest module may mix: it
     propagates nothing; the others must keep H diagonal)."""
     return rules[lowest].reads_only_diagonal(records[lowest]) and all(
-        not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index))
+        not rules[j].mixing and rules[j].reads_only_diagonal(records[j]) for j in range(lowest + 1, index)
+    )
 
 
 def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget, per_sample):

@@ -67,12 +67,20 @@ class Curvature:
 
     def sample(self, index):
         """The curvature of one sample (index:index + 1), in the same form."""
+
         def one(tensor):
-            return None if tensor is None else tensor[index:index + 1]
+            return None if tensor is None else tensor[index : index + 1]
 
         selection = None if self.selection is None else (one(self.selection[0]), self.selection[1])
-        return Curvature(self.feature_shape, one(self._factors), one(self.signs), one(self.diag), one(self.dense),
-                         self.primary, selection)
+        return Curvature(
+            self.feature_shape,
+            one(self._factors),
+            one(self.signs),
+            one(self.diag),
+            one(self.dense),
+            self.primary,
+            selection,
+        )
 
     # ------------------------------------------------------------------ shape
     @property
@@ -195,8 +203,9 @@ def scatter_selected(compact, indices, positions):
     samples, width = compact.shape[:2]
     channels = indices.shape[1]
     full = compact.new_zeros(width, samples, channels, positions)  # (V, N, ...) like the other transposes
-    full.scatter_add_(3, indices.unsqueeze(0).expand(width, -1, -1, -1),
-                      compact.transpose(0, 1).reshape(width, samples, channels, -1))
+    full.scatter_add_(
+        3, indices.unsqueeze(0).expand(width, -1, -1, -1), compact.transpose(0, 1).reshape(width, samples, channels, -1)
+    )
     return full.reshape(width, samples, -1).transpose(0, 1)
 
 
@@ -229,6 +238,8 @@ def concat_factors(parts):
     factors = torch.cat([s for s, _ in parts], dim=1)
     if all(signs is None for _, signs in parts):
         return factors, None
-    signs = torch.cat([torch.ones(s.shape[0], s.shape[1], dtype=s.dtype, device=s.device) if g is None else g
-                       for s, g in parts], dim=1)
+    signs = torch.cat(
+        [torch.ones(s.shape[0], s.shape[1], dtype=s.dtype, device=s.device) if g is None else g for s, g in parts],
+        dim=1,
+    )
     return factors, signs

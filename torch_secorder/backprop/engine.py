@@ -14,9 +14,26 @@ def run_plan(plan, loss_fn, inputs, targets, params, *, create_graph, memory_bud
     if plan.graph is not None:
         trace.check_call(plan.graph, plan.model, inputs)
     if plan.is_chain:
-        return chain_diagonals(plan, loss_fn, inputs, targets, params, create_graph=create_graph,
-                               memory_budget=memory_budget, request=request)
+        return chain_diagonals(
+            plan,
+            loss_fn,
+            inputs,
+            targets,
+            params,
+            create_graph=create_graph,
+            memory_budget=memory_budget,
+            request=request,
+        )
     if create_graph:
         raise Unsupported("create_graph=True on a traced graph (only chains of modules)")
-    return graph_diagonals(plan.graph.for_call(), plan.loss, plan.model, loss_fn, inputs, targets, params,
-                           memory_budget=memory_budget, request=request)
+    return graph_diagonals(
+        plan.graph.for_call(),
+        plan.loss,
+        plan.model,
+        loss_fn,
+        inputs,
+        targets,
+        params,
+        memory_budget=memory_budget,
+        request=request,
+    )

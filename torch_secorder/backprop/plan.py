@@ -82,18 +82,28 @@ def _strip_log_softmax(graph):
     module = getattr(node.op, "callee", None)
     fx_node = node.fx_node
     if module is not None:
-        plain = (isinstance(module, nn.LogSoftmax)
-                 and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None)
+        plain = (
+            isinstance(module, nn.LogSoftmax) and eligibility.module_reason(module, nn.LogSoftmax, ("forward",)) is None
+        )
         dim = module.dim
     else:
-        plain = (fx_node.target in (torch.log_softmax, nn.functional.log_softmax)
-                 and fx_node.kwargs.get("dtype") is None and len(fx_node.args) <= 2)
+        plain = (
+            fx_node.target in (torch.log_softmax, nn.functional.log_softmax)
+            and fx_node.kwargs.get("dtype") is None
+            and len(fx_node.args) <= 2
+        )
         dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else None)
     # the class axis is 1; dim=-1 is that axis only on (N, C) outputs, which the loss checks per call
     if not plain or dim not in (1, -1) or len(node.inputs) != 1:
         raise Unsupported("NLLLoss without a plain LogSoftmax(dim=1) as the model's last module")
-    graph.variants["nll"] = dataclasses.replace(graph, nodes=graph.nodes[:graph.output], output=node.inputs[0],
-                                                log_softmax_dim=dim, variants={}, validated=False)
+    graph.variants["nll"] = dataclasses.replace(
+        graph,
+        nodes=graph.nodes[: graph.output],
+        output=node.inputs[0],
+        log_softmax_dim=dim,
+        variants={},
+        validated=False,
+    )
     return graph.variants["nll"]
 
 
@@ -103,7 +113,9 @@ def _checked_chain(layers, names):
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
         own = [id(p) for p in eligibility.module_parameters(module)]
         if id(module) in seen_modules or any(p in seen_params for p in own):
-            raise Unsupported(f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain")
+            raise Unsupported(
+                f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain"
+            )
         seen_modules.add(id(module))
         seen_params.update(own)
         base = registered_base(module)
@@ -120,8 +132,11 @@ def curved_nodes(plan, inputs=None):
     """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
     (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
     if not plan.is_chain:
-        nodes = [node for node in plan.graph.nodes
-                 if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)]
+        nodes = [
+            node
+            for node in plan.graph.nodes
+            if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)
+        ]
         widths = _graph_widths(plan, inputs) if inputs is not None and nodes else {}
         return [(node.name, widths.get(node.name)) for node in nodes]
     widths, x = [], inputs
@@ -137,5 +152,8 @@ def _graph_widths(plan, inputs):
     graph = plan.graph.for_call()
     with torch.no_grad():
         values = trace.forward(graph, plan.model, inputs)
-    return {node.name: sum(values[name][0].numel() for name in node.input_names)
-            for node in graph.nodes[:graph.output + 1] if node.activation and node.inputs}
+    return {
+        node.name: sum(values[name][0].numel() for name in node.input_names)
+        for node in graph.nodes[: graph.output + 1]
+        if node.activation and node.inputs
+    }

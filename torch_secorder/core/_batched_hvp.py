@@ -81,14 +81,15 @@ def _rows_by_func_vmap(grad_flat, param, rows, create_graph):
 
 
 def _rows_by_grads_batched(grad_flat, param, rows, create_graph):
-    return torch.autograd.grad(grad_flat, param, grad_outputs=rows, retain_graph=True,
-                               create_graph=create_graph, is_grads_batched=True)[0]
+    return torch.autograd.grad(
+        grad_flat, param, grad_outputs=rows, retain_graph=True, create_graph=create_graph, is_grads_batched=True
+    )[0]
 
 
 def _rows_one_by_one(grad_flat, param, rows, create_graph):
-    return torch.stack([
-        torch.autograd.grad(grad_flat, param, row, retain_graph=True, create_graph=create_graph)[0] for row in rows
-    ])
+    return torch.stack(
+        [torch.autograd.grad(grad_flat, param, row, retain_graph=True, create_graph=create_graph)[0] for row in rows]
+    )
 
 
 _STRATEGIES = (_rows_by_func_vmap, _rows_by_grads_batched, _rows_one_by_one)
@@ -133,9 +134,13 @@ def is_out_of_memory(error):
 
 
 def _halved(step, error):
-    warnings.warn(f"torch_secorder: out of memory with {step} unit vectors per double backward "
-                  f"({str(error).splitlines()[0][:120]}); retrying with {step // 2} (a smaller memory_budget avoids "
-                  "this)", RuntimeWarning, stacklevel=5)
+    warnings.warn(
+        f"torch_secorder: out of memory with {step} unit vectors per double backward "
+        f"({str(error).splitlines()[0][:120]}); retrying with {step // 2} (a smaller memory_budget avoids "
+        "this)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
     return step // 2
 
 
@@ -186,4 +191,3 @@ def batched_hessian_diagonal(loss, params, grads, *, create_graph, chunk_size, g
                 progress(done, total)
         diagonals.append(diag.view_as(param))
     return diagonals
-

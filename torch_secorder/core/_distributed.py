@@ -46,6 +46,6 @@ def reduce_diagonals(diagonals, normaliser):
     total = 1.0 if normaliser is None else flat[-1]  # 'sum': the ranks' diagonals simply add
     parts, offset = [], 0
     for t in tensors:
-        parts.append((flat[offset:offset + t.numel()] / total).reshape(t.shape))
+        parts.append((flat[offset : offset + t.numel()] / total).reshape(t.shape))
         offset += t.numel()
     return parts[0] if isinstance(diagonals, torch.Tensor) else parts

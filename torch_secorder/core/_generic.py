@@ -5,9 +5,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..losses import check_scalar_loss
 from .._forward_pass import library_forward
 from .._gradient_hooks import tensor_hooks_off
+from ..losses import check_scalar_loss
 from . import _validation as validation
 from ._batched_hvp import batched_hessian_diagonal, saved_tensor_bytes
 
@@ -21,7 +21,9 @@ def check_strict_requires_grad(params):
             )
 
 
-def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress):
+def generic_hessian_diagonal(
+    func, params, v, create_graph, strict, source, *, method, chunk_size, memory_budget, progress
+):
     validation.check_flag(create_graph, "create_graph")
     validation.check_flag(strict, "strict")
     validation.check_method(method, for_model=source == "loss_fn")
@@ -32,8 +34,12 @@ def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, m
     if strict:
         check_strict_requires_grad(params)
 
-    with torch.enable_grad(), inference_tensors_explained(source), attention_twice_differentiable(), \
-            tensor_hooks_off(params):  # a hook on a parameter changes its gradient, not the function
+    with (
+        torch.enable_grad(),
+        inference_tensors_explained(source),
+        attention_twice_differentiable(),
+        tensor_hooks_off(params),
+    ):  # a hook on a parameter changes its gradient, not the function
         with library_forward():
             loss = func()
         check_scalar_loss(loss, source)
@@ -47,9 +53,14 @@ def generic_hessian_diagonal(func, params, v, create_graph, strict, source, *, m
                         "pass strict=False to get zeros for it"
                     )
         diagonals = batched_hessian_diagonal(
-            loss, params, grads,
-            create_graph=create_graph, chunk_size=chunk_size,
-            graph_bytes=saved_tensor_bytes(loss), memory_budget=memory_budget, progress=progress,
+            loss,
+            params,
+            grads,
+            create_graph=create_graph,
+            chunk_size=chunk_size,
+            graph_bytes=saved_tensor_bytes(loss),
+            memory_budget=memory_budget,
+            progress=progress,
         )
     check_nan_where_gradient_finite(diagonals, grads, source)
     if v is not None:
@@ -73,7 +84,8 @@ def check_nan_where_gradient_finite(diagonals, grads, source):
                 f"the generic method's double backward gave NaN at {bad} entries of {name} (shape "
                 f"{tuple(diagonal.shape)}) where the gradient is finite: non-finite values in the forward (an inf "
                 "in the inputs?) meet the zeros of its unit vectors there; method='backprop' keeps PyTorch's "
-                "pattern where the engine supports the model")
+                "pattern where the engine supports the model"
+            )
 
 
 def first_order_grads(loss, params):
@@ -90,7 +102,8 @@ def first_order_grads(loss, params):
 def attention_twice_differentiable():
     """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward: the
     generic method records the forward with the math backend, which has (same numbers up to rounding)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # lazy: imports torch.nn.attention's submodules, rarely needed
+    # lazy: imports torch.nn.attention's submodules, rarely needed
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
 

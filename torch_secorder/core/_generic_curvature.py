@@ -46,16 +46,27 @@ def generic_model_curvature(model, loss_fn, loss, input_tuple, targets, params, 
 
     chunking = dict(method="autograd", chunk_size=options.chunk_size, memory_budget=options.memory_budget)
     if not request.per_sample:
-        return generic_hessian_diagonal(term, params, None, create_graph, strict, "loss_fn", progress=progress,
-                                        **chunking)
+        return generic_hessian_diagonal(
+            term, params, None, create_graph, strict, "loss_fn", progress=progress, **chunking
+        )
     samples = reference.shape[0]
     total = samples * sum(p.numel() for p in params)
     results = []
     for sample in range(samples):
         done = sample * total // max(samples, 1)
         report = None if progress is None else (lambda d, t, done=done: progress(done + d, total))
-        results.append(generic_hessian_diagonal(lambda: term(sample), params, None, create_graph, strict,
-                                                "loss_fn", progress=report, **chunking))
+        results.append(
+            generic_hessian_diagonal(
+                lambda sample=sample: term(sample),
+                params,
+                None,
+                create_graph,
+                strict,
+                "loss_fn",
+                progress=report,
+                **chunking,
+            )
+        )
     if not results:
         return [p.new_zeros(0, *p.shape).detach() for p in params]
     return [torch.stack(per_param) for per_param in zip(*results)]

@@ -42,8 +42,11 @@ def diagonals_for(diagonals, groups, caller):
     identity) or plain (then in the groups' order, the parameters that require grad for a flat vector); or a
     dict {parameter: diagonal}. A parameter without a diagonal, or a diagonal of the wrong size, is an error
     naming the parameter as param_groups[g]['params'][i]."""
-    listed = [(f"param_groups[{g}]['params'][{i}]", p) for g, group in enumerate(groups)
-              for i, p in enumerate(group["params"])]
+    listed = [
+        (f"param_groups[{g}]['params'][{i}]", p)
+        for g, group in enumerate(groups)
+        for i, p in enumerate(group["params"])
+    ]
     if isinstance(diagonals, dict):
         pairs = list(diagonals.items())
     else:
@@ -54,13 +57,16 @@ def diagonals_for(diagonals, groups, caller):
         if isinstance(diagonals, torch.Tensor):
             sizes = [p.numel() for p in params]
             if diagonals.numel() != sum(sizes):
-                raise ValueError(f"{caller}: a flat diagonal of {diagonals.numel()} entries for parameters of "
-                                 f"{sum(sizes)} entries in all")
+                raise ValueError(
+                    f"{caller}: a flat diagonal of {diagonals.numel()} entries for parameters of "
+                    f"{sum(sizes)} entries in all"
+                )
             diagonals = torch.split(diagonals.reshape(-1), sizes)
         diagonals = list(diagonals)
         if len(diagonals) != len(params):
-            raise ValueError(f"{caller} needs one diagonal per parameter: got {len(diagonals)} for {len(params)} "
-                             "parameters")
+            raise ValueError(
+                f"{caller} needs one diagonal per parameter: got {len(diagonals)} for {len(params)} parameters"
+            )
         pairs = list(zip(params, diagonals))
     found = {id(param): diagonal for param, diagonal in pairs}
     matched = {}
@@ -69,10 +75,13 @@ def diagonals_for(diagonals, groups, caller):
             continue  # a frozen parameter: no curvature to track
         diagonal = found.get(id(param))
         if diagonal is None:
-            raise ValueError(f"{caller}: no diagonal for {name} (shape {tuple(param.shape)}); the diagonals cover "
-                             "other parameters")
+            raise ValueError(
+                f"{caller}: no diagonal for {name} (shape {tuple(param.shape)}); the diagonals cover other parameters"
+            )
         if diagonal.numel() != param.numel():
-            raise ValueError(f"{caller}: the diagonal for {name} has {diagonal.numel()} entries, the parameter "
-                             f"{param.numel()} (shape {tuple(param.shape)})")
+            raise ValueError(
+                f"{caller}: the diagonal for {name} has {diagonal.numel()} entries, the parameter "
+                f"{param.numel()} (shape {tuple(param.shape)})"
+            )
         matched[id(param)] = diagonal.reshape(param.shape)
     return matched

@@ -16,8 +16,13 @@ from ..losses import check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
 from . import _validation as validation
-from ._generic import (buffers_restored, check_strict_requires_grad, generic_hessian_diagonal, normal_inputs,
-                       normal_tensor)
+from ._generic import (
+    buffers_restored,
+    check_strict_requires_grad,
+    generic_hessian_diagonal,
+    normal_inputs,
+    normal_tensor,
+)
 from ._generic_curvature import generic_model_curvature
 from ._matching import ParameterDiagonals, tag_flat
 from .method_choice import backprop_plan
@@ -54,8 +59,24 @@ class ModelCall:
     params: list
 
 
-def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_graph, strict, method, chunk_size,
-                   memory_budget, progress, return_loss=False, flat=False, all_reduce=False):
+def model_diagonal(
+    api,
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    request,
+    *,
+    create_graph,
+    strict,
+    method,
+    chunk_size,
+    memory_budget,
+    progress,
+    return_loss=False,
+    flat=False,
+    all_reduce=False,
+):
     """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors.
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
     (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
@@ -76,9 +97,11 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
     if request.kind != "hessian":
         loss = recognise(loss_fn)
         if isinstance(loss, str):
-            raise ValueError(f"{api}: loss_fn is not supported: {loss}; the {_NAMES[request.kind]} needs the "
-                             "loss's curvature in the model output, known for MSE, cross-entropy, "
-                             "BCE-with-logits and NLL")
+            raise ValueError(
+                f"{api}: loss_fn is not supported: {loss}; the {_NAMES[request.kind]} needs the "
+                "loss's curvature in the model output, known for MSE, cross-entropy, "
+                "BCE-with-logits and NLL"
+            )
     with block_cache_scope():  # a `with`, not a decorator: warnings keep pointing at the caller
         with torch.inference_mode(False):  # inference_mode switches autograd off: the call runs outside it
             # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
@@ -94,16 +117,20 @@ def model_diagonal(api, model, loss_fn, inputs, targets, request, *, create_grap
         diagonals = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(diagonals, params)]
         if all_reduce:
             losses = [] if loss_value is None else [loss_value]
-            reduced = distributed.reduce_diagonals(list(diagonals) + losses,
-                                                   distributed.local_normaliser(loss_fn, call.targets))
-            diagonals = reduced[:len(diagonals)]
+            reduced = distributed.reduce_diagonals(
+                list(diagonals) + losses, distributed.local_normaliser(loss_fn, call.targets)
+            )
+            diagonals = reduced[: len(diagonals)]
             loss_value = reduced[len(diagonals)] if losses else None
         if flat:
             trainable = [(d, p) for d, p in zip(diagonals, params) if p.requires_grad]
             start = 1 if request.per_sample else 0
-            diagonals = tag_flat(torch.cat([d.flatten(start) for d, _ in trainable], dim=start) if trainable
-                                 else next(model.parameters(), torch.zeros(0)).new_zeros(0),
-                                 [p for _, p in trainable])
+            diagonals = tag_flat(
+                torch.cat([d.flatten(start) for d, _ in trainable], dim=start)
+                if trainable
+                else next(model.parameters(), torch.zeros(0)).new_zeros(0),
+                [p for _, p in trainable],
+            )
         else:
             diagonals = ParameterDiagonals(diagonals, params)  # matched to parameters by identity (optim.py)
         if not return_loss:
@@ -125,8 +152,12 @@ def _dispatch(call, request, options):
             raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
         if _first_time(call.user_model, call.loss_fn, reason):
             repeats = _batch_size(call.inputs, call.targets) if request.per_sample else 1
-            warnings.warn(f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
-                          f"{_projection(call, repeats)}", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
+                f"{_projection(call, repeats)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     model, loss_fn, targets = call.model, call.loss_fn, call.targets
 
     def forward(*args):
@@ -143,12 +174,22 @@ def _dispatch(call, request, options):
                 losses.append(loss.detach())
                 return loss
 
-            diagonals = generic_hessian_diagonal(loss_func, call.params, None, options.create_graph, options.strict,
-                                                 "loss_fn", method="autograd", chunk_size=options.chunk_size,
-                                                 memory_budget=options.memory_budget, progress=options.progress)
+            diagonals = generic_hessian_diagonal(
+                loss_func,
+                call.params,
+                None,
+                options.create_graph,
+                options.strict,
+                "loss_fn",
+                method="autograd",
+                chunk_size=options.chunk_size,
+                memory_budget=options.memory_budget,
+                progress=options.progress,
+            )
             return (losses[0] if losses else None), diagonals
-        return None, generic_model_curvature(forward, loss_fn, call.loss, call.inputs, targets, call.params,
-                                             request, options)
+        return None, generic_model_curvature(
+            forward, loss_fn, call.loss, call.inputs, targets, call.params, request, options
+        )
 
 
 _WARNED = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
@@ -175,9 +216,16 @@ def _backprop(plan, call, request, options):
     if options.strict:
         check_strict_requires_grad(call.params)
     with buffers_restored(call.model):
-        loss, diagonals = run_plan(plan, call.loss_fn, call.inputs[0], call.targets, call.params,
-                                   create_graph=options.create_graph, memory_budget=options.memory_budget,
-                                   request=request)
+        loss, diagonals = run_plan(
+            plan,
+            call.loss_fn,
+            call.inputs[0],
+            call.targets,
+            call.params,
+            create_graph=options.create_graph,
+            memory_budget=options.memory_budget,
+            request=request,
+        )
     if options.progress is not None:
         total = sum(p.numel() for p in call.params)
         options.progress(total, total)
@@ -204,12 +252,14 @@ def _projection(call, repeats=1):
                 if loss.is_cuda:
                     torch.cuda.synchronize(loss.device)
                 seconds = time.perf_counter() - start
-    except Exception:  # noqa: BLE001  (the method itself reports what is wrong)
+    except Exception:
         return ""
     per = " per sample" if repeats > 1 else ""
     # measured on CPU: a batched Hessian-vector product cost 0.1 to 2 gradients (less on small models)
-    return (f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
-            f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)")
+    return (
+        f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
+        f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)"
+    )
 
 
 def _duration(seconds):

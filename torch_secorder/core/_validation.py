@@ -3,12 +3,17 @@
 import collections.abc
 import inspect
 import weakref
+from typing import Any, List, Mapping, Tuple, Union
 
 import torch
 
 from .._forward_pass import library_call
 
 METHODS = ("auto", "autograd", "backprop")
+
+# What a model is called with: a tensor, a tuple of positional arguments (nested tuples / lists / dicts of
+# tensors), or a dict of keyword arguments (model(**inputs): Hugging Face-style batches).
+ModelInputs = Union[torch.Tensor, Tuple[Any, ...], List[Any], Mapping[str, Any]]
 
 
 def check_method(method, for_model=True):
@@ -31,8 +36,10 @@ def check_params(params):
         if not param.is_floating_point():
             raise TypeError(f"params[{index}] must be a floating-point tensor, got dtype {param.dtype}")
         if param.is_inference():
-            raise RuntimeError(f"params[{index}] was created under torch.inference_mode(), which disables autograd "
-                               "for it for good: create it outside inference_mode")
+            raise RuntimeError(
+                f"params[{index}] was created under torch.inference_mode(), which disables autograd "
+                "for it for good: create it outside inference_mode"
+            )
     return params
 
 
@@ -55,7 +62,9 @@ def check_v(v, params):
         if not isinstance(vec, torch.Tensor):
             raise TypeError(f"v[{index}] must be a tensor, got {type(vec).__name__}")
         if vec.shape != param.shape:
-            raise ValueError(f"v[{index}] has shape {tuple(vec.shape)} but params[{index}] has shape {tuple(param.shape)}")
+            raise ValueError(
+                f"v[{index}] has shape {tuple(vec.shape)} but params[{index}] has shape {tuple(param.shape)}"
+            )
         if vec.device != param.device:
             raise ValueError(f"v[{index}] is on {vec.device} but params[{index}] is on {param.device}")
         if vec.dtype != param.dtype:
@@ -136,8 +145,9 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     tensors_of = [tensor_leaves(value) for value in input_tuple]  # one walk per argument
     for index, (value, tensors) in enumerate(zip(input_tuple, tensors_of)):
         if not tensors:
-            raise TypeError(f"{input_name(index)} must be a tensor (or a structure of tensors), "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"{input_name(index)} must be a tensor (or a structure of tensors), got {type(value).__name__}"
+            )
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
 
@@ -157,7 +167,8 @@ def check_model_arguments(model, loss_fn, inputs, targets):
             for tensor in tensors:
                 if tensor.device != model_device:
                     raise ValueError(
-                        f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}")
+                        f"{input_name(index)} is on {tensor.device} but the model's parameters are on {model_device}"
+                    )
     if first is not None and targets.device != first.device:
         raise ValueError(f"targets is on {targets.device} but inputs is on {first.device}")
 
@@ -184,7 +195,8 @@ def check_not_inference_tensors(model, params):
             if tensor.is_inference():
                 raise RuntimeError(
                     f"model {kind} {name!r} was created under torch.inference_mode(), which disables autograd for "
-                    "it for good: build the model outside inference_mode")
+                    "it for good: build the model outside inference_mode"
+                )
 
 
 def check_flag(value, name):
@@ -207,8 +219,7 @@ def uncompiled(model):
     """The module inside torch.compile's wrapper (OptimizedModule), found without importing torch._dynamo."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
-                                                                    torch.nn.Module):
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         model = model._orig_mod
     return model
 
@@ -225,11 +236,16 @@ def _check_call_fits(model, inputs):
     try:
         signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
     except TypeError as error:
-        given = f"a dict with keys {list(inputs)}" if isinstance(inputs, dict) else \
-            f"a {type(inputs).__name__} of {len(inputs)}"
-        raise ValueError(f"inputs is {given}, which {type(model).__name__}.forward{signature} cannot take ({error}): "
-                         "a tuple or list is the model's positional arguments (model(*inputs)), a dict its keyword "
-                         "arguments; for a batch (x, y) pass inputs=x, targets=y") from None
+        given = (
+            f"a dict with keys {list(inputs)}"
+            if isinstance(inputs, dict)
+            else f"a {type(inputs).__name__} of {len(inputs)}"
+        )
+        raise ValueError(
+            f"inputs is {given}, which {type(model).__name__}.forward{signature} cannot take ({error}): "
+            "a tuple or list is the model's positional arguments (model(*inputs)), a dict its keyword "
+            "arguments; for a batch (x, y) pass inputs=x, targets=y"
+        ) from None
 
 
 def _materialise(model, inputs):

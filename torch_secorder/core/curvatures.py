@@ -11,6 +11,7 @@ from ..losses import CurvatureRequest
 from . import _validation as validation
 from ._batched_hvp import DEFAULT_MEMORY_BUDGET
 from ._model_curvature import model_diagonal
+from ._validation import ModelInputs
 
 __all__ = ["model_ggn_diagonal", "model_fisher_diagonal"]
 
@@ -20,7 +21,7 @@ FISHER_KINDS = ("mc", "empirical")
 def model_ggn_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: ModelInputs,
     targets: Tensor,
     create_graph: bool = False,
     strict: bool = False,
@@ -44,16 +45,29 @@ def model_ggn_diagonal(
     model_hessian_diagonal (per_sample, return_loss, flat, dict inputs included).
     """
     validation.check_flag(per_sample, "per_sample")
-    return model_diagonal("model_ggn_diagonal", model, loss_fn, inputs, targets,
-                          CurvatureRequest("ggn", per_sample=per_sample), create_graph=create_graph, strict=strict,
-                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-                          return_loss=return_loss, flat=flat, all_reduce=all_reduce)
+    return model_diagonal(
+        "model_ggn_diagonal",
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        CurvatureRequest("ggn", per_sample=per_sample),
+        create_graph=create_graph,
+        strict=strict,
+        method=method,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        progress=progress,
+        return_loss=return_loss,
+        flat=flat,
+        all_reduce=all_reduce,
+    )
 
 
 def model_fisher_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: ModelInputs,
     targets: Tensor,
     kind: str = "mc",
     *,
@@ -94,6 +108,20 @@ def model_fisher_diagonal(
     if generator is not None and device is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the model's parameters are on {device}")
     request = CurvatureRequest(f"fisher_{kind}", per_sample=per_sample, mc_samples=mc_samples, generator=generator)
-    return model_diagonal("model_fisher_diagonal", model, loss_fn, inputs, targets, request, create_graph=False,
-                          strict=strict, method=method, chunk_size=chunk_size, memory_budget=memory_budget,
-                          progress=progress, return_loss=return_loss, flat=flat, all_reduce=all_reduce)
+    return model_diagonal(
+        "model_fisher_diagonal",
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        request,
+        create_graph=False,
+        strict=strict,
+        method=method,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        progress=progress,
+        return_loss=return_loss,
+        flat=flat,
+        all_reduce=all_reduce,
+    )

@@ -14,15 +14,22 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..losses import check_scalar_loss
 from .._forward_pass import library_call, library_forward
 from .._gradient_hooks import gradient_hooks_off
+from ..losses import check_scalar_loss
 from ..memory import block_cache_scope
 from . import _validation as validation
-from ._matching import ParameterDiagonals
 from ._batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
-from ._generic import (attention_twice_differentiable, buffers_restored, first_order_grads,
-                      inference_tensors_explained, normal_inputs, normal_tensor)
+from ._generic import (
+    attention_twice_differentiable,
+    buffers_restored,
+    first_order_grads,
+    inference_tensors_explained,
+    normal_inputs,
+    normal_tensor,
+)
+from ._matching import ParameterDiagonals
+from ._validation import ModelInputs
 
 __all__ = ["DiagonalEstimate", "hessian_diagonal_estimate", "model_hessian_diagonal_estimate"]
 
@@ -66,9 +73,10 @@ def hessian_diagonal_estimate(
     """Hutchinson estimate of the Hessian diagonal of func() (a scalar) in params, with its standard error.
 
     n_probes: Rademacher probes to draw (default 100); with target_rel_error, the most to draw (default
-    10,000), stopping once the estimated relative error (DiagonalEstimate.relative_error) <= target_rel_error (checked after each chunk;
-    a warning if the cap comes first). generator: a torch.Generator on the parameters' device, for
-    reproducible probes. Cost: one Hessian-vector product (about one to two gradients) per probe.
+    10,000), stopping once the estimated relative error (DiagonalEstimate.relative_error) <= target_rel_error
+    (checked after each chunk; a warning if the cap comes first). generator: a torch.Generator on the
+    parameters' device, for reproducible probes. Cost: one Hessian-vector product (about one to two
+    gradients) per probe.
 
     Returns DiagonalEstimate (diagonal, standard_error), one tensor per parameter each (zeros where the loss
     is at most linear in a parameter: its diagonal is exactly zero).
@@ -78,15 +86,21 @@ def hessian_diagonal_estimate(
     params = validation.check_params(params)
     probes, cap = _check_estimate_arguments(n_probes, target_rel_error, generator, params)
     validation.check_chunking(chunk_size, memory_budget)
-    with torch.inference_mode(False), torch.enable_grad(), inference_tensors_explained("func"), \
-            attention_twice_differentiable(), block_cache_scope(), library_call():
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        inference_tensors_explained("func"),
+        attention_twice_differentiable(),
+        block_cache_scope(),
+        library_call(),
+    ):
         return _estimate(func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget, "func")
 
 
 def model_hessian_diagonal_estimate(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: ModelInputs,
     targets: Tensor,
     n_probes: Optional[int] = None,
     *,
@@ -113,10 +127,17 @@ def model_hessian_diagonal_estimate(
             with library_forward():
                 return loss_fn(called(*input_tuple), targets)
 
-        with buffers_restored(model), torch.enable_grad(), inference_tensors_explained("loss_fn"), \
-                attention_twice_differentiable(), gradient_hooks_off(called), library_call():
-            return _estimate(loss_func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget,
-                             "loss_fn")
+        with (
+            buffers_restored(model),
+            torch.enable_grad(),
+            inference_tensors_explained("loss_fn"),
+            attention_twice_differentiable(),
+            gradient_hooks_off(called),
+            library_call(),
+        ):
+            return _estimate(
+                loss_func, params, probes, cap, target_rel_error, generator, chunk_size, memory_budget, "loss_fn"
+            )
 
 
 def _check_estimate_arguments(n_probes, target_rel_error, generator, params):
@@ -130,8 +151,11 @@ def _check_estimate_arguments(n_probes, target_rel_error, generator, params):
     if n_probes is not None and (not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 2):
         raise ValueError(f"n_probes must be an int >= 2 (a standard error needs two probes) or None, got {n_probes!r}")
     if target_rel_error is not None:
-        if isinstance(target_rel_error, bool) or not isinstance(target_rel_error, (int, float)) or \
-                not 0 < target_rel_error:
+        if (
+            isinstance(target_rel_error, bool)
+            or not isinstance(target_rel_error, (int, float))
+            or not 0 < target_rel_error
+        ):
             raise ValueError(f"target_rel_error must be a positive number or None, got {target_rel_error!r}")
         return None, n_probes or DEFAULT_MAX_PROBES
     probes = n_probes or DEFAULT_PROBES
@@ -152,8 +176,14 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
         grad_flat = torch.cat([grads[i].reshape(-1) for i in active])
         entries = grad_flat.numel()
         like = params[active[0]]
-        step = chunk_size or choose_chunk_size(entries, like.element_size(), saved_tensor_bytes(loss),
-                                               entries * like.element_size(), memory_budget, like.device.type)
+        step = chunk_size or choose_chunk_size(
+            entries,
+            like.element_size(),
+            saved_tensor_bytes(loss),
+            entries * like.element_size(),
+            memory_budget,
+            like.device.type,
+        )
         while drawn < cap:
             count = min(step, cap - drawn)
             if target is not None and drawn == 0:
@@ -170,7 +200,7 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
             offset = 0
             for index, product in zip(active, products):
                 size = params[index].numel()
-                samples = (vectors[:, offset:offset + size] * product.reshape(count, -1)).double()
+                samples = (vectors[:, offset : offset + size] * product.reshape(count, -1)).double()
                 sums[index] += samples.sum(0).reshape(params[index].shape)
                 squares[index] += (samples * samples).sum(0).reshape(params[index].shape)
                 offset += size
@@ -183,8 +213,12 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
             mean, error = _moments(sums, squares, drawn, params)
             reached = _relative_error(mean, error)
             if reached > target:
-                warnings.warn(f"torch_secorder: {drawn} probes (the cap, n_probes) reached a relative standard error "
-                              f"of {reached:.3g}, not target_rel_error={target}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"torch_secorder: {drawn} probes (the cap, n_probes) reached a relative standard error "
+                    f"of {reached:.3g}, not target_rel_error={target}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     else:
         drawn = probes or 2
     mean, error = _moments(sums, squares, max(drawn, 2), params)
@@ -193,6 +227,7 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
 
 def _batched_hvp(grad_flat, params, vectors):
     """vectors (K, P) @ d(grad_flat)/d(params): a tuple of (K, *param.shape), zeros for unused parameters."""
+
     def one(vector):
         return torch.autograd.grad(grad_flat, params, vector, retain_graph=True, allow_unused=True)
 
@@ -201,10 +236,13 @@ def _batched_hvp(grad_flat, params, vectors):
     except RuntimeError as error:
         if is_out_of_memory(error):
             raise
-        products = torch.autograd.grad(grad_flat, params, vectors, retain_graph=True, allow_unused=True,
-                                       is_grads_batched=True)
-    return [torch.zeros(vectors.shape[0], *p.shape, dtype=p.dtype, device=p.device) if product is None else product
-            for p, product in zip(params, products)]
+        products = torch.autograd.grad(
+            grad_flat, params, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    return [
+        torch.zeros(vectors.shape[0], *p.shape, dtype=p.dtype, device=p.device) if product is None else product
+        for p, product in zip(params, products)
+    ]
 
 
 def _moments(sums, squares, drawn, params):

@@ -7,8 +7,8 @@ from torch import Tensor
 from torch.nn import Module
 
 from .._forward_pass import library_call
-from ..memory import block_cache_scope
 from ..losses import CurvatureRequest
+from ..memory import block_cache_scope
 from . import _validation as validation
 from ._batched_hvp import DEFAULT_MEMORY_BUDGET
 from ._generic import generic_hessian_diagonal
@@ -61,15 +61,23 @@ def hessian_diagonal(
     # inference_mode switches autograd off: run outside it; library_call: no trace runs meanwhile
     with torch.inference_mode(False), block_cache_scope(), library_call():
         return generic_hessian_diagonal(
-            func, params, v, create_graph, strict, "func",
-            method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+            func,
+            params,
+            v,
+            create_graph,
+            strict,
+            "func",
+            method=method,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            progress=progress,
         )
 
 
 def model_hessian_diagonal(
     model: Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: Tensor,  # the documented signature (spec); tuples and dicts are taken too (see ModelInputs)
     targets: Tensor,
     create_graph: bool = False,
     strict: bool = False,
@@ -101,9 +109,20 @@ def model_hessian_diagonal(
     Other arguments are those of hessian_diagonal.
     """
     validation.check_flag(per_sample, "per_sample")
-    return model_diagonal("model_hessian_diagonal", model, loss_fn, inputs, targets,
-                          CurvatureRequest("hessian", per_sample=per_sample), create_graph=create_graph, strict=strict,
-                          method=method, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-                          return_loss=return_loss, flat=flat, all_reduce=all_reduce)
-
-
+    return model_diagonal(
+        "model_hessian_diagonal",
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        CurvatureRequest("hessian", per_sample=per_sample),
+        create_graph=create_graph,
+        strict=strict,
+        method=method,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        progress=progress,
+        return_loss=return_loss,
+        flat=flat,
+        all_reduce=all_reduce,
+    )

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backprop import Unsupported, curved_nodes, plan_model
 from .._forward_pass import library_call
+from ..backprop import Unsupported, curved_nodes, plan_model
 from ._validation import check_method, model_to_run, uncompiled
 
 
@@ -37,8 +37,9 @@ def _explain(model, loss_fn, inputs, method):
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
     plan, reason = backprop_plan(model, loss_fn, inputs)
     if reason is None:
-        return MethodChoice("backprop", "every module and the loss have exact Hessian-backprop rules",
-                            engine_cost(plan, model, inputs))
+        return MethodChoice(
+            "backprop", "every module and the loss have exact Hessian-backprop rules", engine_cost(plan, model, inputs)
+        )
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
 
 
@@ -63,7 +64,7 @@ def engine_cost(plan, model, inputs=None):
             counted = (output.shape[1] - 1) * positions if classes else output[0].numel()
             loss_columns = f"{counted} columns"
             curved = curved_nodes(plan, inputs)
-        except Exception:  # noqa: BLE001  (the call itself will report what is wrong)
+        except Exception:
             counted = None
     if curved is None:  # no inputs, or a forward that failed: the nodes without their widths
         curved = curved_nodes(plan)
@@ -73,11 +74,15 @@ def engine_cost(plan, model, inputs=None):
     if counted is not None and all(width is not None for _, width in curved):
         shown = ", ".join(f"{name} {width}" for name, width in curved[:6]) + (", ..." if len(curved) > 6 else "")
         total = counted + sum(width for _, width in curved)
-        return text + (f"; {len(curved)} curved node(s) add about as many columns as their input has features "
-                       f"per sample ({shown}), pulled down from there: about {total} columns per sample in all")
+        return text + (
+            f"; {len(curved)} curved node(s) add about as many columns as their input has features "
+            f"per sample ({shown}), pulled down from there: about {total} columns per sample in all"
+        )
     shown = ", ".join(name for name, _ in curved[:5]) + (", ..." if len(curved) > 5 else "")
-    return text + (f"; {len(curved)} curved node(s) ({shown}) each add as many columns as their input has features "
-                   "per sample, pulled down from there (smooth activations, LayerNorm, products of two inputs)")
+    return text + (
+        f"; {len(curved)} curved node(s) ({shown}) each add as many columns as their input has features "
+        "per sample, pulled down from there (smooth activations, LayerNorm, products of two inputs)"
+    )
 
 
 def backprop_plan(model, loss_fn, inputs=None):

@@ -18,8 +18,9 @@ laplace-torch is optional: pip install "torch-secorder[laplace]".
 try:
     from laplace.curvature import CurvatureInterface, GGNInterface
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("torch_secorder.integrations.laplace needs laplace-torch: "
-                      "pip install 'torch-secorder[laplace]'") from error
+    raise ImportError(
+        "torch_secorder.integrations.laplace needs laplace-torch: pip install 'torch-secorder[laplace]'"
+    ) from error
 
 import copy
 from collections import OrderedDict
@@ -81,6 +82,7 @@ class SecorderGGN(_ExactDiagonal, GGNInterface):
 
     def _diagonal(self, model, inputs, targets):
         if self.stochastic:
-            return model_fisher_diagonal(model, self.lossfunc, inputs, targets, "mc", mc_samples=self.num_samples,
-                                         return_loss=True, flat=True)
+            return model_fisher_diagonal(
+                model, self.lossfunc, inputs, targets, "mc", mc_samples=self.num_samples, return_loss=True, flat=True
+            )
         return model_ggn_diagonal(model, self.lossfunc, inputs, targets, return_loss=True, flat=True)

@@ -6,5 +6,4 @@ from .base import Loss, OutputFactor, check_scalar_loss
 from .recognise import recognise
 from .request import HESSIAN, CurvatureRequest, fisher_columns
 
-__all__ = ["HESSIAN", "CurvatureRequest", "Loss", "OutputFactor", "check_scalar_loss", "fisher_columns",
-           "recognise"]
+__all__ = ["HESSIAN", "CurvatureRequest", "Loss", "OutputFactor", "check_scalar_loss", "fisher_columns", "recognise"]

@@ -43,8 +43,15 @@ class Loss:
     def check_model_output(self, output: Tensor) -> None:
         """Raises ValueError when the model output cannot be read as this loss's likelihood (GGN, Fisher)."""
 
-    def output_factor(self, output: Tensor, targets: Tensor, *, diagonal_only: bool = False,
-                      max_columns: Optional[int] = None, memory_budget: Optional[int] = None) -> OutputFactor:
+    def output_factor(
+        self,
+        output: Tensor,
+        targets: Tensor,
+        *,
+        diagonal_only: bool = False,
+        max_columns: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+    ) -> OutputFactor:
         """The per-sample Hessian of the loss in the output. diagonal_only: nothing below reads more than its
         diagonal. max_columns: how many output-sized columns fit the memory budget at once (None: no limit)."""
         raise NotImplementedError
@@ -53,8 +60,9 @@ class Loss:
         """sum_n u_n^T H_n u_n for the loss's per-sample Hessian H_n in the output."""
         raise NotImplementedError
 
-    def sampled_columns(self, output: Tensor, targets: Tensor, draws: int,
-                        generator: Optional[torch.Generator]) -> Tensor:
+    def sampled_columns(
+        self, output: Tensor, targets: Tensor, draws: int, generator: Optional[torch.Generator]
+    ) -> Tensor:
         """(N, draws, D) columns sampled from the model's likelihood: their outer products average to the
         GGN's output curvature (the Monte-Carlo Fisher)."""
         raise NotImplementedError

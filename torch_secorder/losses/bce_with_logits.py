@@ -16,8 +16,9 @@ class BCEWithLogits(ElementwiseLoss):
 
     def hessian_diagonal(self, output, targets):
         options = self.options
-        return ops.bce_with_logits_hessian_diag(output, targets, options["weight"], options["pos_weight"],
-                                                options["reduction"])
+        return ops.bce_with_logits_hessian_diag(
+            output, targets, options["weight"], options["pos_weight"], options["reduction"]
+        )
 
     def sampled_columns(self, output, targets, draws, generator):
         """y ~ Bernoulli(sigmoid(f)) per element: columns sqrt(h / M) (sigmoid(f) - y)."""
@@ -30,7 +31,9 @@ class BCEWithLogits(ElementwiseLoss):
             weight = weight * (options["pos_weight"] * targets + 1 - targets)
         weight = weight / self.mean_normaliser(output, targets)
         if bool((weight < 0).any()):
-            raise ValueError("model_fisher_diagonal(kind='mc'): the loss has negative weights (no likelihood to sample)")
+            raise ValueError(
+                "model_fisher_diagonal(kind='mc'): the loss has negative weights (no likelihood to sample)"
+            )
         probability = torch.sigmoid(output).reshape(samples, 1, features).expand(-1, draws, -1)
         sampled = torch.bernoulli(probability, generator=generator)
         return (probability - sampled) * (weight.reshape(samples, 1, features) / draws).sqrt()

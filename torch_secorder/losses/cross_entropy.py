@@ -28,8 +28,14 @@ class CrossEntropy(Loss):
     def sample_scale(self, rows, row_targets):
         """s per row of (N P, C) logits."""
         options = self.options
-        return ops.cross_entropy_sample_scale(rows, row_targets, options["weight"], options["ignore_index"],
-                                              options.get("label_smoothing", 0.0), options["reduction"])
+        return ops.cross_entropy_sample_scale(
+            rows,
+            row_targets,
+            options["weight"],
+            options["ignore_index"],
+            options.get("label_smoothing", 0.0),
+            options["reduction"],
+        )
 
     def output_factor(self, output, targets, *, diagonal_only=False, max_columns=None, memory_budget=None):
         if output.dim() > 2:
@@ -47,8 +53,10 @@ class CrossEntropy(Loss):
             return OutputFactor(diag=diag.reshape(samples, -1))
         size = samples * positions * classes * classes * positions * output.element_size()
         if memory_budget is not None and size > memory_budget:
-            raise Unsupported(f"{self.name} over {positions} positions per sample: its per-sample factor "
-                              f"({size / 2**20:.0f} MiB) exceeds memory_budget")
+            raise Unsupported(
+                f"{self.name} over {positions} positions per sample: its per-sample factor "
+                f"({size / 2**20:.0f} MiB) exceeds memory_budget"
+            )
         negative = bool((scale < 0).any())
         root = ops.softmax_hessian_columns(rows, scale.abs() if negative else scale)  # (N P, C - 1, C)
         width = root.shape[1]
@@ -96,8 +104,10 @@ class CrossEntropy(Loss):
         scale = self.sample_scale(rows, row_targets)
         # without class weights, class-index targets give scales >= 0 by construction: no check (and no sync)
         if (self.options["weight"] is not None or row_targets.is_floating_point()) and bool((scale < 0).any()):
-            raise ValueError("model_fisher_diagonal(kind='mc'): the loss has negative class weights or target "
-                             "probabilities (no likelihood to sample)")
+            raise ValueError(
+                "model_fisher_diagonal(kind='mc'): the loss has negative class weights or target "
+                "probabilities (no likelihood to sample)"
+            )
         if rows.shape[0] == 0:
             return output.new_zeros(samples, draws, classes * positions)
         # one uniform number per draw, the classes drawn from it by inverse CDF inside the op (ops.py)
@@ -105,8 +115,11 @@ class CrossEntropy(Loss):
         columns = ops.softmax_sampled_columns(rows, scale, uniforms)  # (N P, M, C)
         # (N, P, M, C) -> (N, M, C, P): one column per draw over every position (positions are drawn
         # independently, so the cross terms between positions average to zero)
-        return columns.reshape(samples, positions, draws, classes).permute(0, 2, 3, 1).reshape(
-            samples, draws, classes * positions)
+        return (
+            columns.reshape(samples, positions, draws, classes)
+            .permute(0, 2, 3, 1)
+            .reshape(samples, draws, classes * positions)
+        )
 
     def mean_normaliser(self, output, targets):
         """Counted samples (times positions); the targets' summed class weights when weighted; probability
@@ -143,8 +156,9 @@ class NLL(CrossEntropy):
     def output_reason(self, output, targets):
         reason = super().output_reason(output, targets)
         if reason is None and self.log_softmax_dim % output.dim() != 1:
-            return (f"LogSoftmax(dim={self.log_softmax_dim}) on outputs of shape {tuple(output.shape)} "
-                    "(not the class axis)")
+            return (
+                f"LogSoftmax(dim={self.log_softmax_dim}) on outputs of shape {tuple(output.shape)} (not the class axis)"
+            )
         return reason
 
     def check_model_output(self, output):
@@ -152,5 +166,7 @@ class NLL(CrossEntropy):
             raise ValueError(f"NLLLoss on outputs of shape {tuple(output.shape)} (no class axis)")
         gap = torch.logsumexp(output.detach(), dim=1).abs().max() if output.numel() else torch.tensor(0.0)
         if float(gap) > NLL_TOLERANCE:
-            raise ValueError(f"NLLLoss: the model output is not log-probabilities (logsumexp over dim 1 is off 0 by "
-                             f"up to {float(gap):.3g}); the GGN and Fisher read NLL as the likelihood softmax(output)")
+            raise ValueError(
+                f"NLLLoss: the model output is not log-probabilities (logsumexp over dim 1 is off 0 by "
+                f"up to {float(gap):.3g}); the GGN and Fisher read NLL as the likelihood softmax(output)"
+            )

@@ -16,7 +16,9 @@ class ElementwiseLoss(Loss):
 
     def output_reason(self, output, targets):
         if targets.shape != output.shape:
-            return f"{self.name} with targets of shape {tuple(targets.shape)} broadcast to outputs {tuple(output.shape)}"
+            return (
+                f"{self.name} with targets of shape {tuple(targets.shape)} broadcast to outputs {tuple(output.shape)}"
+            )
         return None
 
     def output_factor(self, output, targets, *, diagonal_only=False, max_columns=None, memory_budget=None):

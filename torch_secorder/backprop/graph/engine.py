@@ -19,7 +19,6 @@ from ..diagonals import Diagonals
 from ..loss_step import evaluate_loss, output_origin
 from . import node_ops, trace
 
-
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
@@ -34,20 +33,25 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
         features = sum(node.values[name][0].numel() for name in node.input_names)
         size = samples * features * features * itemsize
         if size > max(memory_budget, RESIDUAL_FLOOR):
-            raise Unsupported(f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
-                              f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)")
+            raise Unsupported(
+                f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
+                f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)"
+            )
 
 
 def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memory_budget, request):
     """(loss value, diagonals) as engine.run_plan; plan: this call's own copy of the cached plan
     (GraphPlan.for_call): its nodes hold the call's values."""
-    nodes = plan.nodes[:plan.output + 1]  # what lies beyond the output does not reach it
+    nodes = plan.nodes[: plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
     needed = _needed(nodes, by_name, wanted_params)
     _check_single_use(nodes, by_name, wanted_params)
-    curved = [i for i, node in enumerate(nodes) if request.residuals
-              and node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)]
+    curved = [
+        i
+        for i, node in enumerate(nodes)
+        if request.residuals and node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)
+    ]
 
     with torch.set_grad_enabled(bool(curved)):
         values = trace.forward(plan, root, inputs)
@@ -66,8 +70,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
     needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     # after the forward: pruning hooks computed this call's effective weights
-    diagonals = Diagonals(params, [node.op.module for node in nodes if isinstance(node.op, node_ops.ModuleOp)],
-                          inputs.shape[0] if request.per_sample else None)
+    diagonals = Diagonals(
+        params,
+        [node.op.module for node in nodes if isinstance(node.op, node_ops.ModuleOp)],
+        inputs.shape[0] if request.per_sample else None,
+    )
     wanted = diagonals.wanted
     for name, value in list(values.items()):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id
@@ -81,10 +88,12 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         with torch.no_grad():
             samples = output.shape[0]
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
-            curvature = output_origin(request, loss, output.detach(), targets, loss_fn, max_columns=None,
-                                      memory_budget=memory_budget)
-            sweep = functools.partial(_sweep, needed=needed, wanted=wanted, accumulate=diagonals.add,
-                                      per_sample=request.per_sample)
+            curvature = output_origin(
+                request, loss, output.detach(), targets, loss_fn, max_columns=None, memory_budget=memory_budget
+            )
+            sweep = functools.partial(
+                _sweep, needed=needed, wanted=wanted, accumulate=diagonals.add, per_sample=request.per_sample
+            )
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
                     sweep(nodes, {plan.output: columns.clone()}, signs)
@@ -140,8 +149,9 @@ def _needed(nodes, by_name, wanted, values=None):
     needed = []
     for node in nodes:
         own = node.activation and any(id(by_name.get(name)) in wanted for name in node.params)
-        floating = values is None or (isinstance(values[node.name], torch.Tensor)
-                                      and values[node.name].is_floating_point())
+        floating = values is None or (
+            isinstance(values[node.name], torch.Tensor) and values[node.name].is_floating_point()
+        )
         needed.append(bool(floating and (own or any(needed[j] for j in node.inputs))))
     return needed
 
@@ -158,5 +168,7 @@ def _check_single_use(nodes, by_name, wanted):
                 users.setdefault(id(param), []).append((name, node.name))
     for uses in users.values():
         if len(uses) > 1:
-            raise Unsupported(f"parameter {uses[0][0]!r} used at {len(uses)} places ({', '.join(n for _, n in uses)}): "
-                              "its Hessian has terms between the uses")
+            raise Unsupported(
+                f"parameter {uses[0][0]!r} used at {len(uses)} places ({', '.join(n for _, n in uses)}): "
+                "its Hessian has terms between the uses"
+            )

@@ -18,6 +18,7 @@ def attribute(root, target):
 
 def _fixed(make):
     """An adapter for calls whose other arguments are plain constants: the module is built once."""
+
     def adapt(fx_node, root):
         args, kwargs = fx_node.args[1:], dict(fx_node.kwargs)
         kwargs.pop("input", None)
@@ -25,6 +26,7 @@ def _fixed(make):
             return None  # an argument computed at run time: the generic op handles the call
         module = make(*args, **kwargs)
         return None if module is None else (module, None, fx_node.args[0])
+
     return adapt
 
 
@@ -34,12 +36,14 @@ def _no_inplace(cls, *names):
         values = dict(zip(names, args))
         values.update(kwargs)
         return cls(**values)
+
     return make
 
 
 def _max_pool(cls):
     def make(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
         return None if return_indices else cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
     return make
 
 
@@ -48,6 +52,7 @@ def _avg_pool(cls, has_divisor=True):
         if divisor_override is not None:
             return cls(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
         return cls(kernel_size, stride, padding, ceil_mode, count_include_pad)
+
     return make
 
 
@@ -62,20 +67,40 @@ def _dropout(p=0.5, training=True, inplace=False):
 
 
 _FIXED = {
-    F.relu: _no_inplace(nn.ReLU), torch.relu: _no_inplace(nn.ReLU), "relu": _no_inplace(nn.ReLU),
-    F.tanh: _no_inplace(nn.Tanh), torch.tanh: _no_inplace(nn.Tanh), "tanh": _no_inplace(nn.Tanh),
-    F.sigmoid: _no_inplace(nn.Sigmoid), torch.sigmoid: _no_inplace(nn.Sigmoid), "sigmoid": _no_inplace(nn.Sigmoid),
-    F.gelu: _no_inplace(nn.GELU, "approximate"), F.silu: _no_inplace(nn.SiLU), F.mish: _no_inplace(nn.Mish),
-    F.softplus: _no_inplace(nn.Softplus, "beta", "threshold"), F.elu: _no_inplace(nn.ELU, "alpha"),
-    F.leaky_relu: _no_inplace(nn.LeakyReLU, "negative_slope"), F.logsigmoid: _no_inplace(nn.LogSigmoid),
-    F.hardtanh: _no_inplace(nn.Hardtanh, "min_val", "max_val"), F.relu6: _no_inplace(nn.ReLU6),
-    F.selu: _no_inplace(nn.SELU), F.celu: _no_inplace(nn.CELU, "alpha"), F.tanhshrink: _no_inplace(nn.Tanhshrink),
+    F.relu: _no_inplace(nn.ReLU),
+    torch.relu: _no_inplace(nn.ReLU),
+    "relu": _no_inplace(nn.ReLU),
+    F.tanh: _no_inplace(nn.Tanh),
+    torch.tanh: _no_inplace(nn.Tanh),
+    "tanh": _no_inplace(nn.Tanh),
+    F.sigmoid: _no_inplace(nn.Sigmoid),
+    torch.sigmoid: _no_inplace(nn.Sigmoid),
+    "sigmoid": _no_inplace(nn.Sigmoid),
+    F.gelu: _no_inplace(nn.GELU, "approximate"),
+    F.silu: _no_inplace(nn.SiLU),
+    F.mish: _no_inplace(nn.Mish),
+    F.softplus: _no_inplace(nn.Softplus, "beta", "threshold"),
+    F.elu: _no_inplace(nn.ELU, "alpha"),
+    F.leaky_relu: _no_inplace(nn.LeakyReLU, "negative_slope"),
+    F.logsigmoid: _no_inplace(nn.LogSigmoid),
+    F.hardtanh: _no_inplace(nn.Hardtanh, "min_val", "max_val"),
+    F.relu6: _no_inplace(nn.ReLU6),
+    F.selu: _no_inplace(nn.SELU),
+    F.celu: _no_inplace(nn.CELU, "alpha"),
+    F.tanhshrink: _no_inplace(nn.Tanhshrink),
     F.softsign: _no_inplace(nn.Softsign),
-    F.max_pool1d: _max_pool(nn.MaxPool1d), F.max_pool2d: _max_pool(nn.MaxPool2d), F.max_pool3d: _max_pool(nn.MaxPool3d),
-    F.avg_pool1d: _avg_pool(nn.AvgPool1d), F.avg_pool2d: _avg_pool(nn.AvgPool2d), F.avg_pool3d: _avg_pool(nn.AvgPool3d),
-    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.max_pool1d: _max_pool(nn.MaxPool1d),
+    F.max_pool2d: _max_pool(nn.MaxPool2d),
+    F.max_pool3d: _max_pool(nn.MaxPool3d),
+    F.avg_pool1d: _avg_pool(nn.AvgPool1d),
+    F.avg_pool2d: _avg_pool(nn.AvgPool2d),
+    F.avg_pool3d: _avg_pool(nn.AvgPool3d),
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
     F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d,
-    torch.flatten: _flatten, "flatten": _flatten, F.dropout: _dropout,
+    torch.flatten: _flatten,
+    "flatten": _flatten,
+    F.dropout: _dropout,
 }
 # torch's functional max pools are wrappers chosen by return_indices: the traced target may be either
 for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):
@@ -87,6 +112,7 @@ for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):
 def _weighted(build, names):
     """An adapter for F.linear / F.conv*d / F.layer_norm / F.embedding: the module is built once from the
     weight's shape and gets this call's weight and bias (whatever tensors they are) at each evaluation."""
+
     def adapt(fx_node, root):
         bound = dict(zip(names, fx_node.args))
         bound.update(fx_node.kwargs)
@@ -108,6 +134,7 @@ def _weighted(build, names):
                 object.__setattr__(module, key, None if arg is None else values[arg.name])
 
         return module, bind, bound["input"]
+
     return adapt
 
 
@@ -117,8 +144,18 @@ def _linear(weight, bias):
 
 def _conv(cls):
     def build(weight, bias, stride=1, padding=0, dilation=1, groups=1):
-        return cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding, dilation,
-                   groups, bias=bias, device="meta")
+        return cls(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias=bias,
+            device="meta",
+        )
+
     return build
 
 
@@ -141,8 +178,9 @@ _WEIGHTED = {
     F.conv2d: _weighted(_conv(nn.Conv2d), ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     F.conv3d: _weighted(_conv(nn.Conv3d), ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     F.layer_norm: _weighted(_layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
-    F.embedding: _weighted(_embedding, ("input", "weight", "padding_idx", "max_norm", "norm_type",
-                                        "scale_grad_by_freq", "sparse")),
+    F.embedding: _weighted(
+        _embedding, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    ),
 }
 
 

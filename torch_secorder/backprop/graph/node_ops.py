@@ -23,9 +23,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..._errors import Unsupported
 from .. import eligibility
 from ..curvature import Curvature
-from ..._errors import Unsupported
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
 from .functional import attribute, module_for_call
@@ -115,8 +115,11 @@ class ConstantOp(NodeOp):
             source = by_name.get(arg.name)
             if source is None:
                 continue
-            found.extend(source.params if source.fx_node.op == "get_attr" else
-                         (source.op.param_names(source, nodes) if isinstance(source.op, ConstantOp) else []))
+            found.extend(
+                source.params
+                if source.fx_node.op == "get_attr"
+                else (source.op.param_names(source, nodes) if isinstance(source.op, ConstantOp) else [])
+            )
         return found
 
 
@@ -130,8 +133,12 @@ def _call(fx_node, values):
 
 
 # x += y is traced as operator.iadd only in some versions; the engine never mutates recorded values
-_IN_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-             operator.itruediv: operator.truediv}
+_IN_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 
 # ---------------------------------------------------------------- modules with rules
@@ -204,8 +211,9 @@ class ReshapeOp(NodeOp):
         x = values[node.fx_node.args[0].name]
         value = _call(node.fx_node, values)
         if value.dim() == 0 or x.dim() == 0 or value.shape[0] != x.shape[0]:
-            raise Unsupported(f"{self.describe(node)} reshaping the batch axis ({tuple(x.shape)} -> "
-                              f"{tuple(value.shape)})")
+            raise Unsupported(
+                f"{self.describe(node)} reshaping the batch axis ({tuple(x.shape)} -> {tuple(value.shape)})"
+            )
         return value
 
     def pull(self, node, columns, signs, positions):
@@ -223,8 +231,10 @@ class GenericOp(NodeOp):
 
     def check(self, node, nodes):
         if node.params and not self.affine_in_params(node):
-            raise Unsupported(f"parameter(s) {node.params} used by {self.describe(node)}, which has no exact rule "
-                              "for parameters (only sums, products, matmul, layer_norm and modules with rules)")
+            raise Unsupported(
+                f"parameter(s) {node.params} used by {self.describe(node)}, which has no exact rule "
+                "for parameters (only sums, products, matmul, layer_norm and modules with rules)"
+            )
 
     def affine_in_params(self, node):
         target = node.fx_node.target
@@ -258,10 +268,16 @@ class GenericOp(NodeOp):
         (checked with one batched vjp of a random cotangent per output sample)."""
         inputs = [node.values[name] for name in node.input_names]
         samples = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
-        if samples is None or value.dim() == 0 or value.shape[0] != samples or any(
-                t.dim() == 0 or t.shape[0] != samples for t in inputs):
-            raise Unsupported(f"{self.describe(node)} changing the batch axis ({[tuple(t.shape) for t in inputs]} -> "
-                              f"{tuple(value.shape)})")
+        if (
+            samples is None
+            or value.dim() == 0
+            or value.shape[0] != samples
+            or any(t.dim() == 0 or t.shape[0] != samples for t in inputs)
+        ):
+            raise Unsupported(
+                f"{self.describe(node)} changing the batch axis ({[tuple(t.shape) for t in inputs]} -> "
+                f"{tuple(value.shape)})"
+            )
         differentiable = self._differentiable(node)
         if samples <= 1 or not value.is_floating_point() or not differentiable:
             return  # integer tensors carry no derivative: whatever mixes them is locally constant
@@ -271,12 +287,14 @@ class GenericOp(NodeOp):
         # or a shuffle over the batch (mean(0), flip(0), roll(k, 0)) reaches another sample from one of them
         probes = sorted({0, 1, samples - 1})
         with torch.enable_grad():
-            output, vjp_fn = torch.func.vjp(self.function(node, node.values, differentiable),
-                                            *[node.values[name] for name in differentiable])
+            output, vjp_fn = torch.func.vjp(
+                self.function(node, node.values, differentiable), *[node.values[name] for name in differentiable]
+            )
             mask = torch.zeros(len(probes), samples, dtype=output.dtype, device=output.device)
             mask[torch.arange(len(probes)), torch.tensor(probes)] = 1
-            cotangents = torch.randn_like(output).unsqueeze(0) * mask.reshape(len(probes), samples,
-                                                                               *[1] * (output.dim() - 1))
+            cotangents = torch.randn_like(output).unsqueeze(0) * mask.reshape(
+                len(probes), samples, *[1] * (output.dim() - 1)
+            )
             pulled = torch.func.vmap(vjp_fn)(cotangents)
         for grad in pulled:
             reached = grad.reshape(len(probes), samples, -1).abs().sum(2) != 0  # [probe, input sample]
@@ -292,8 +310,9 @@ class GenericOp(NodeOp):
     # -- columns
     def pull(self, node, columns, signs, positions):
         differentiable = self._differentiable(node)
-        pulled = pull_columns(self.function(node, node.values, differentiable),
-                              [node.values[name] for name in differentiable], columns)
+        pulled = pull_columns(
+            self.function(node, node.values, differentiable), [node.values[name] for name in differentiable], columns
+        )
         return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
     def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
@@ -315,9 +334,10 @@ class GenericOp(NodeOp):
         try:
             with torch.enable_grad():
                 projections = torch.func.vmap(one_sample)(tuple(inputs), columns)  # each (N, V, *param.shape)
-        except Exception as error:  # noqa: BLE001
-            raise Unsupported(f"{self.describe(node)}: cannot be evaluated per sample for its parameters "
-                              f"({type(error).__name__})") from None
+        except Exception as error:
+            raise Unsupported(
+                f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
+            ) from None
         results = []
         for (_, param), projection in zip(params, projections):
             squared = projection * projection
@@ -333,8 +353,9 @@ class GenericOp(NodeOp):
         if not differentiable:
             return
         inputs = [node.values[name] for name in differentiable]
-        for piece, signs in per_sample_hessian_columns(self.function(node, node.values, differentiable), inputs,
-                                                       node.output_grad, max_columns):
+        for piece, signs in per_sample_hessian_columns(
+            self.function(node, node.values, differentiable), inputs, node.output_grad, max_columns
+        ):
             yield {node.input_names.index(differentiable[k]): columns for k, columns in piece.items()}, signs
 
 
@@ -410,32 +431,117 @@ class AddOp(GenericOp):
 
 # ---------------------------------------------------------------- the table
 _LINEAR_FUNCTIONS = {
-    operator.getitem, operator.neg, operator.pos, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk,
-    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.narrow, torch.flip, torch.roll,
-    torch.movedim, torch.swapaxes, torch.mean, torch.sum, torch.neg, F.pad, torch.unbind, torch.hstack,
-    torch.vstack, torch.dstack, torch.diagonal, torch.tile, torch.repeat_interleave, torch.clone,
-    F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold,
+    operator.getitem,
+    operator.neg,
+    operator.pos,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    torch.split,
+    torch.chunk,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.narrow,
+    torch.flip,
+    torch.roll,
+    torch.movedim,
+    torch.swapaxes,
+    torch.mean,
+    torch.sum,
+    torch.neg,
+    F.pad,
+    torch.unbind,
+    torch.hstack,
+    torch.vstack,
+    torch.dstack,
+    torch.diagonal,
+    torch.tile,
+    torch.repeat_interleave,
+    torch.clone,
+    F.interpolate,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    F.unfold,
+    F.fold,
 }
 _LINEAR_METHODS = {
-    "permute", "transpose", "squeeze", "unsqueeze", "narrow", "flip", "roll", "movedim", "swapaxes", "mean", "sum",
-    "neg", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "clone", "diagonal", "tile", "t",
-    "unfold", "repeat_interleave", "__getitem__",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "narrow",
+    "flip",
+    "roll",
+    "movedim",
+    "swapaxes",
+    "mean",
+    "sum",
+    "neg",
+    "expand",
+    "expand_as",
+    "repeat",
+    "split",
+    "chunk",
+    "unbind",
+    "clone",
+    "diagonal",
+    "tile",
+    "t",
+    "unfold",
+    "repeat_interleave",
+    "__getitem__",
 }
 # parameter-free torch.nn modules that are linear in their input (the rest are checked for a second derivative)
-_LINEAR_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-                   nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-                   nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
-                   nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Fold, nn.Unfold)
+_LINEAR_MODULES = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    nn.Fold,
+    nn.Unfold,
+)
 _RESHAPES = {torch.reshape, torch.flatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "view_as", "reshape_as", "unflatten"}
 _ADDS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
 # x * y, x / y, x @ y: linear in x when y does not depend on the input (ProductOp decides per node)
-_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
-                      operator.matmul, torch.matmul}
+_PRODUCT_FUNCTIONS = {
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    operator.truediv,
+    operator.itruediv,
+    torch.div,
+    operator.matmul,
+    torch.matmul,
+}
 _PRODUCT_METHODS = {"mul", "div", "matmul", "__mul__", "__truediv__"}
 _DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "__truediv__"}
-_AFFINE_IN_PARAMS = _ADDS | {operator.mul, operator.imul, torch.mul, operator.matmul, torch.matmul, F.layer_norm,
-                             F.group_norm}
+_AFFINE_IN_PARAMS = _ADDS | {
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    operator.matmul,
+    torch.matmul,
+    F.layer_norm,
+    F.group_norm,
+}
 _AFFINE_METHODS = {"add", "sub", "mul", "matmul", "__add__", "__mul__"}
 
 
@@ -459,9 +565,10 @@ def make_op(fx_node, root, modules, names):
     """(op, [parameter names it uses directly]) for one traced node."""
     if fx_node.op == "placeholder":
         return (ConstantOp(), []) if fx_node.args else (InputOp(), [])
-    if (fx_node.op == "call_function" and (fx_node.target is len or (
-            fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))) or (
-            fx_node.op == "call_method" and fx_node.target in _META_METHODS):
+    if (
+        fx_node.op == "call_function"
+        and (fx_node.target is len or (fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))
+    ) or (fx_node.op == "call_method" and fx_node.target in _META_METHODS):
         return MetaOp(), []
     if fx_node.op == "get_attr":
         value = attribute(root, fx_node.target)
@@ -471,17 +578,27 @@ def make_op(fx_node, root, modules, names):
         module = modules[fx_node.target]
         op = module_op(module, names)
         if op is not None:
-            return op, [f"{fx_node.target}.{name}" if fx_node.target else name
-                        for name, p in module.named_parameters() if p.requires_grad]
+            return op, [
+                f"{fx_node.target}.{name}" if fx_node.target else name
+                for name, p in module.named_parameters()
+                if p.requires_grad
+            ]
         return GenericOp(linear=isinstance(module, _LINEAR_MODULES), callee=module), []
     target = fx_node.target
     if (fx_node.op == "call_function" and target in _TUPLE_FUNCTIONS) or (
-            fx_node.op == "call_method" and target in _TUPLE_METHODS):
+        fx_node.op == "call_method" and target in _TUPLE_METHODS
+    ):
         return TupleOp(), []
     source = fx_node.args[0] if fx_node.args else None
-    if target is operator.getitem and isinstance(source, fx.Node) and (
-            (source.op == "call_function" and source.target in _TUPLE_FUNCTIONS) or
-            (source.op == "call_method" and source.target in _TUPLE_METHODS)) and isinstance(fx_node.args[1], int):
+    if (
+        target is operator.getitem
+        and isinstance(source, fx.Node)
+        and (
+            (source.op == "call_function" and source.target in _TUPLE_FUNCTIONS)
+            or (source.op == "call_method" and source.target in _TUPLE_METHODS)
+        )
+        and isinstance(fx_node.args[1], int)
+    ):
         return ItemOp(source, fx_node.args[1]), []
     found = module_for_call(fx_node, root)
     param_args = _param_args(fx_node, root)
@@ -542,9 +659,20 @@ class ProductOp(GenericOp):
             self.linear = True
             self.curved_possible = False
         if divides and node.params and isinstance(divisor, fx.Node) and divisor.op == "get_attr":
-            raise Unsupported(f"parameter(s) {node.params} used as a divisor by {self.describe(node)} "
-                              "(not affine in the parameter)")
+            raise Unsupported(
+                f"parameter(s) {node.params} used as a divisor by {self.describe(node)} (not affine in the parameter)"
+            )
 
 
-__all__ = ["make_op", "NodeOp", "ModuleOp", "GenericOp", "ReshapeOp", "AddOp", "ProductOp", "ConstantOp",
-           "InputOp", "Unsupported"]
+__all__ = [
+    "make_op",
+    "NodeOp",
+    "ModuleOp",
+    "GenericOp",
+    "ReshapeOp",
+    "AddOp",
+    "ProductOp",
+    "ConstantOp",
+    "InputOp",
+    "Unsupported",
+]

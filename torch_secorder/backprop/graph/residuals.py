@@ -40,12 +40,14 @@ def per_sample_hessian(function, inputs, output_grad, max_columns):
             tangent[inside.nonzero()[:, 0], :, rows[inside] - offsets[k]] = 1
             tangents.append(tangent.reshape(stop - start, *inputs[k].shape))
         with torch.enable_grad():
-            products = torch.autograd.grad([grads[k] for k in live], leaves, tangents, retain_graph=True,
-                                           is_grads_batched=True, allow_unused=True)
+            products = torch.autograd.grad(
+                [grads[k] for k in live], leaves, tangents, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
         for k, product in enumerate(products):
             if product is not None:
-                hessian[:, start:stop, offsets[k]:offsets[k] + sizes[k]] = (
-                    product.reshape(stop - start, samples, -1).transpose(0, 1))
+                hessian[:, start:stop, offsets[k] : offsets[k] + sizes[k]] = product.reshape(
+                    stop - start, samples, -1
+                ).transpose(0, 1)
     return (hessian + hessian.transpose(1, 2)) / 2
 
 
@@ -64,6 +66,6 @@ def per_sample_hessian_columns(function, inputs, output_grad, max_columns):
         stop = start + max(1, max_columns)
         piece, offset = {}, 0
         for k, size in enumerate(sizes):
-            piece[k] = columns[:, start:stop, offset:offset + size]
+            piece[k] = columns[:, start:stop, offset : offset + size]
             offset += size
         yield piece, signs[:, start:stop]

@@ -17,12 +17,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..._forward_pass import exclusive_trace, library_forward
-from ..._forward_hooks import global_hook_reason, global_hooks, hook_reason
-from .. import eligibility
-from . import node_ops
 from ..._errors import Unsupported
+from ..._forward_hooks import global_hook_reason, global_hooks, hook_reason
+from ..._forward_pass import exclusive_trace, library_forward
+from .. import eligibility
 from ..rules.registry import registered_base
+from . import node_ops
 
 
 @dataclass
@@ -56,8 +56,10 @@ class GraphPlan:
     def for_call(self):
         """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
         so nothing of a call may live on it."""
-        nodes = [dataclasses.replace(node, values=None, value_shape=None, output_grad=None, record=None,
-                                     batch_checked=None) for node in self.nodes]
+        nodes = [
+            dataclasses.replace(node, values=None, value_shape=None, output_grad=None, record=None, batch_checked=None)
+            for node in self.nodes
+        ]
         return dataclasses.replace(self, nodes=nodes, source=self.source or self)
 
     def root(self, model):
@@ -103,8 +105,12 @@ class _Tracer(fx.Tracer):
     def create_arg(self, a):
         """A tensor that is neither a parameter nor a buffer of the model becomes a constant of the trace, not an
         attribute set on the model (what fx.Tracer does)."""
-        if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and self.tensor_attrs.get(a) is None
-                and not any(a is buffer for buffer in self.root.buffers())):
+        if (
+            isinstance(a, torch.Tensor)
+            and not isinstance(a, nn.Parameter)
+            and self.tensor_attrs.get(a) is None
+            and not any(a is buffer for buffer in self.root.buffers())
+        ):
             name = self._constant_names.get(id(a))
             if name is None:
                 name = self._constant_names[id(a)] = f"_secorder_constant{len(self.constants)}"
@@ -131,8 +137,9 @@ def _piece_count(node):
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
     if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
         return None
-    arguments = list(node.args[1:2]) or [node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections",
-                                                                                     node.kwargs.get("split_size")))]
+    arguments = list(node.args[1:2]) or [
+        node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size")))
+    ]
     pieces = arguments[0]
     if name == "chunk":
         return pieces if isinstance(pieces, int) and pieces > 0 else None
@@ -150,8 +157,11 @@ def trace(model):
     fixed to them, as model(inputs) calls it: control flow on them is resolved at trace time."""
     try:
         signature = inspect.signature(model.forward)
-        defaults = {name: parameter.default for name, parameter in list(signature.parameters.items())[1:]
-                    if parameter.default is not inspect.Parameter.empty}
+        defaults = {
+            name: parameter.default
+            for name, parameter in list(signature.parameters.items())[1:]
+            if parameter.default is not inspect.Parameter.empty
+        }
     except (TypeError, ValueError):
         defaults = {}
     tracer = _Tracer()
@@ -160,7 +170,7 @@ def trace(model):
         # run (a reentrant checkpoint directly)
         with exclusive_trace(), library_forward():
             return tracer.trace(model, concrete_args=defaults or None), tracer.constants
-    except Exception as error:  # noqa: BLE001  (anything the tracer raises means: not traceable)
+    except Exception as error:
         raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
 
 
@@ -197,8 +207,9 @@ def build_plan(model, traced):
         op, params = node_ops.make_op(fx_node, root, modules, names)
         node = GraphNode(fx_node.name, op, fx_node, params=params)
         inputs = [index_of[arg] for arg in op.activation_args(fx_node) if arg in index_of]
-        node.activation = op.is_input or (fx_node.op != "get_attr" and any(
-            nodes[i].activation and nodes[i].op.carries for i in inputs))
+        node.activation = op.is_input or (
+            fx_node.op != "get_attr" and any(nodes[i].activation and nodes[i].op.carries for i in inputs)
+        )
         node.inputs = [i for i in inputs if nodes[i].activation and nodes[i].op.carries]
         node.input_names = [nodes[i].name for i in node.inputs]
         if not node.activation and not isinstance(op, node_ops.ConstantOp):
@@ -211,8 +222,10 @@ def build_plan(model, traced):
         elif not node.activation and node.op.param_derived(node, nodes):
             # a parameter transformed before it meets the input (self.w * 2, a parametrization): the rules
             # below would see a constant and give the parameter no curvature
-            raise Unsupported(f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
-                              f"{node.op.describe(node)} before use (only direct uses have exact rules)")
+            raise Unsupported(
+                f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
+                f"{node.op.describe(node)} before use (only direct uses have exact rules)"
+            )
     return GraphPlan(nodes, output, names, constants=constants)
 
 
@@ -228,15 +241,35 @@ def _fingerprint(model):
     buffers and hooks (the rules check them when a plan is built)."""
     parts = [len(global_hooks())]
     for name, module in model.named_modules():
-        plain = tuple(sorted((key, value) for key, value in vars(module).items()
-                             if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))))
-        parts.append((name, id(module), type(module), module.training, plain,
-                      tuple((key, id(value), value is not None and value.requires_grad)
-                            for key, value in module._parameters.items()),
-                      tuple((key, None if value is None else (id(value), value.shape, value.dtype))
-                            for key, value in module._buffers.items()),
-                      len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks),
-                      len(module._backward_pre_hooks), "forward" in vars(module)))
+        plain = tuple(
+            sorted(
+                (key, value)
+                for key, value in vars(module).items()
+                if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
+            )
+        )
+        parts.append(
+            (
+                name,
+                id(module),
+                type(module),
+                module.training,
+                plain,
+                tuple(
+                    (key, id(value), value is not None and value.requires_grad)
+                    for key, value in module._parameters.items()
+                ),
+                tuple(
+                    (key, None if value is None else (id(value), value.shape, value.dtype))
+                    for key, value in module._buffers.items()
+                ),
+                len(module._forward_hooks),
+                len(module._forward_pre_hooks),
+                len(module._backward_hooks),
+                len(module._backward_pre_hooks),
+                "forward" in vars(module),
+            )
+        )
     return tuple(parts)
 
 
@@ -268,12 +301,28 @@ def same_trace(first, second):
         return False
     nodes_a, nodes_b = list(graph_a.nodes), list(graph_b.nodes)
     return len(nodes_a) == len(nodes_b) and all(
-        a.op == b.op and a.name == b.name and _same_value(a.target, b.target) and _same_value(a.args, b.args)
-        and _same_value(a.kwargs, b.kwargs) for a, b in zip(nodes_a, nodes_b))
+        a.op == b.op
+        and a.name == b.name
+        and _same_value(a.target, b.target)
+        and _same_value(a.args, b.args)
+        and _same_value(a.kwargs, b.kwargs)
+        for a, b in zip(nodes_a, nodes_b)
+    )
 
 
-_PLAIN = (bool, int, float, complex, str, type(None), type(Ellipsis), torch.dtype, torch.device, torch.layout,
-          torch.memory_format)
+_PLAIN = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(None),
+    type(Ellipsis),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 def _same_value(a, b):
@@ -308,12 +357,23 @@ def check_call(plan, model, inputs):
             raise Unsupported(f"a forward the trace does not reproduce ({_short(error)})") from None
     if plan.log_softmax_dim is not None:  # NLL: the plan stops below the model's final LogSoftmax
         traced = torch.log_softmax(traced, dim=plan.log_softmax_dim)
-    same = (isinstance(expected, torch.Tensor) and expected.shape == traced.shape and expected.dtype == traced.dtype
-            and torch.allclose(traced, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max().clamp_min(1e-30))
-                               if expected.numel() else 0.0, equal_nan=True))
+    same = (
+        isinstance(expected, torch.Tensor)
+        and expected.shape == traced.shape
+        and expected.dtype == traced.dtype
+        and torch.allclose(
+            traced,
+            expected,
+            rtol=1e-6,
+            atol=1e-6 * float(expected.abs().max().clamp_min(1e-30)) if expected.numel() else 0.0,
+            equal_nan=True,
+        )
+    )
     if not same:
-        raise Unsupported("a forward the trace does not reproduce (in-place changes of tensors read elsewhere, "
-                          "randomness or Python state the trace cannot see)")
+        raise Unsupported(
+            "a forward the trace does not reproduce (in-place changes of tensors read elsewhere, "
+            "randomness or Python state the trace cannot see)"
+        )
     shared.validated = True
 
 
@@ -324,7 +384,7 @@ def forward(plan, model, inputs):
     values = {}
     root = plan.root(model)
     with library_forward():  # a forward that registers a gradient hook: not part of the loss
-        for node in plan.nodes[:plan.output + 1]:
+        for node in plan.nodes[: plan.output + 1]:
             value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
             values[node.name] = value
             node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -334,4 +394,3 @@ def forward(plan, model, inputs):
 def chain_modules(plan):
     """The modules of a chain-shaped plan, in order (for the chain engine)."""
     return [node.op.module for node in plan.nodes if node.activation and not node.op.is_input]
-

@@ -13,7 +13,6 @@ _BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (
 class BatchNormEvalRule(Rule):
     """y = weight * (x - running_mean) / sqrt(running_var + eps) + bias, per channel: affine in x."""
 
-
     def unsupported_reason(self, module):
         if module.training or not module.track_running_stats or module.running_mean is None:
             return "BatchNorm in training mode (batch statistics couple the samples); call model.eval()"
@@ -38,8 +37,14 @@ class BatchNormEvalRule(Rule):
         results = []
         if record.wants(module.weight):
             normalized, _ = self._per_channel(module, x)
-            results.append((module.weight, channelwise_diagonal(
-                curvature, normalized.reshape(x.shape[0], x.shape[1], -1), per_sample=per_sample)))
+            results.append(
+                (
+                    module.weight,
+                    channelwise_diagonal(
+                        curvature, normalized.reshape(x.shape[0], x.shape[1], -1), per_sample=per_sample
+                    ),
+                )
+            )
         if record.wants(module.bias):
             ones = x.new_ones(x.shape[0], x.shape[1], x[0, 0].numel())
             results.append((module.bias, channelwise_diagonal(curvature, ones, per_sample=per_sample)))

@@ -11,7 +11,8 @@ def fold_columns(columns):
     samples, width = columns.shape[:2]
     if not columns.is_contiguous() and columns.transpose(0, 1).is_contiguous():  # stored (V, N, D)
         return columns.transpose(0, 1).reshape(width * samples, -1), (
-            lambda result: result.reshape(width, samples, -1).transpose(0, 1))
+            lambda result: result.reshape(width, samples, -1).transpose(0, 1)
+        )
     return columns.reshape(samples * width, -1), lambda result: result.reshape(samples, width, -1)
 
 

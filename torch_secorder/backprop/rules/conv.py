@@ -7,13 +7,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..curvature import Curvature
-from .registry import Rule, register, unbatched_input_reason
 from .columns import fold_columns, linear_transpose_columns
+from .registry import Rule, register, unbatched_input_reason
 from .shared_weight import pooled_bias_diagonal, pooled_weight_diagonal, shared_weight_diagonal
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TRANSPOSE = {  # also the forward of ConvTranspose (conv_transpose.py)
-    1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+    1: F.conv_transpose1d,
+    2: F.conv_transpose2d,
+    3: F.conv_transpose3d,
+}
 
 
 def unfold(module, x):
@@ -28,7 +31,11 @@ def unfold(module, x):
     taps = 1
     for size in kernel:
         taps *= size
-    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *kernel).repeat(channels, 1, *([1] * len(kernel)))
+    one_hot = (
+        torch.eye(taps, dtype=x.dtype, device=x.device)
+        .reshape(taps, 1, *kernel)
+        .repeat(channels, 1, *([1] * len(kernel)))
+    )
     patches = _CONV[len(kernel)](x, one_hot, None, module.stride, module.padding, module.dilation, channels)
     return patches.reshape(x.shape[0], channels * taps, -1)
 
@@ -43,17 +50,20 @@ def tap_major_patches(module, x):
     if any(before or after for before, after in pads):  # zeros around, the input copied in once
         spatial = [size + before + after for size, (before, after) in zip(x.shape[2:], pads)]
         padded = x.new_zeros(x.shape[0], *spatial, x.shape[1])
-        padded[(slice(None), *[slice(before, before + size) for size, (before, _) in zip(x.shape[2:], pads)])] = \
+        padded[(slice(None), *[slice(before, before + size) for size, (before, _) in zip(x.shape[2:], pads)])] = (
             channels_last
+        )
     else:
         padded = channels_last.contiguous()
-    out_sizes = [(size - d * (k - 1) - 1) // s + 1
-                 for size, k, s, d in zip(padded.shape[1:-1], kernel, stride, dilation)]
+    out_sizes = [
+        (size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(padded.shape[1:-1], kernel, stride, dilation)
+    ]
     steps = padded.stride()[1:-1]
     position_strides = [step * s for step, s in zip(steps, stride)]
     tap_strides = [step * d for step, d in zip(steps, dilation)]
-    windows = padded.as_strided((x.shape[0], *out_sizes, *kernel, x.shape[1]),
-                                (padded.stride(0), *position_strides, *tap_strides, 1))
+    windows = padded.as_strided(
+        (x.shape[0], *out_sizes, *kernel, x.shape[1]), (padded.stride(0), *position_strides, *tap_strides, 1)
+    )
     return windows.reshape(x.shape[0], math.prod(out_sizes), math.prod(kernel), x.shape[1])
 
 
@@ -86,7 +96,8 @@ def _group_curvature(curvature, out_channels, positions, start, stop):
     if curvature.has_factors:
         width = curvature.width
         factors = curvature.factors.reshape(samples, width, out_channels, positions)[:, :, start:stop].reshape(
-            samples, width, -1)
+            samples, width, -1
+        )
     if curvature.diag is not None:
         diag = curvature.diag.reshape(samples, out_channels, positions)[:, start:stop].reshape(samples, -1)
     return Curvature(shape, factors, curvature.signs, diag)
@@ -136,38 +147,60 @@ class ConvRule(Rule):
             curvature = curvature.with_full_factors() if groups > 1 else curvature  # scattered once, not per group
             for g in range(groups):
                 part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
-                inputs = patches[..., g * per_group_in:(g + 1) * per_group_in].flatten(2).transpose(1, 2)
-                block = shared_weight_diagonal(part, inputs, per_group_out, positions_first=False,
-                                               per_sample=per_sample)
+                inputs = patches[..., g * per_group_in : (g + 1) * per_group_in].flatten(2).transpose(1, 2)
+                block = shared_weight_diagonal(
+                    part, inputs, per_group_out, positions_first=False, per_sample=per_sample
+                )
                 blocks.append(_weight_order(block, taps, per_group_in))
             results.append((module.weight, torch.cat(blocks, len(leading)).reshape(*leading, *module.weight.shape)))
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
-            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_channels, positions_first=False,
-                                                                per_sample=per_sample)[..., 0]))
+            results.append(
+                (
+                    module.bias,
+                    shared_weight_diagonal(curvature, ones, out_channels, positions_first=False, per_sample=per_sample)[
+                        ..., 0
+                    ],
+                )
+            )
         return results
 
     def propagate(self, record, curvature, context):
         module, x = record.module, record.input
         spatial = len(module.kernel_size)
         if isinstance(module.padding, str):  # 'same' may pad unevenly: let autograd find the transpose
+
             def function(inp):
-                return _CONV[spatial](inp, module.weight, None, module.stride, module.padding, module.dilation,
-                                      module.groups)
+                return _CONV[spatial](
+                    inp, module.weight, None, module.stride, module.padding, module.dilation, module.groups
+                )
 
             yield from linear_transpose_columns(function, x, curvature, context.max_columns)
             return
         out_spatial = record.output.shape[2:]
         # the transposed convolution that lands exactly on the input size
         output_padding = [
-            x.shape[2 + i] - ((out_spatial[i] - 1) * module.stride[i] - 2 * module.padding[i]
-                              + module.dilation[i] * (module.kernel_size[i] - 1) + 1)
+            x.shape[2 + i]
+            - (
+                (out_spatial[i] - 1) * module.stride[i]
+                - 2 * module.padding[i]
+                + module.dilation[i] * (module.kernel_size[i] - 1)
+                + 1
+            )
             for i in range(spatial)
         ]
 
         def transpose(batch):  # (B, O, *out_spatial) -> (B, C, *in_spatial)
-            return CONV_TRANSPOSE[spatial](batch, module.weight, None, module.stride, module.padding,
-                                            output_padding, module.groups, module.dilation)
+            return CONV_TRANSPOSE[spatial](
+                batch,
+                module.weight,
+                None,
+                module.stride,
+                module.padding,
+                output_padding,
+                module.groups,
+                module.dilation,
+            )
 
         for columns, signs in curvature.signed_factor_chunks(context.max_columns):
             folded, unfold_back = fold_columns(columns)

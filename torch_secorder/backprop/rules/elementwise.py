@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from .registry import Rule, register, registered_base
+from .registry import Rule, register
 
 # f'' = 0 almost everywhere: no residual term, no need for dloss/doutput.
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
@@ -44,8 +44,24 @@ def elementwise_derivatives(module, x, y, create_graph, want_second=True):
     return first, second
 
 
-@register(nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.GELU, nn.SiLU,
-          nn.Mish, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Tanhshrink, nn.Softsign)
+@register(
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.LogSigmoid,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Tanhshrink,
+    nn.Softsign,
+)
 class ElementwiseRule(Rule):
     def needs_output_grad(self, module):
         return not isinstance(module, PIECEWISE_LINEAR)
@@ -56,8 +72,9 @@ class ElementwiseRule(Rule):
     def propagate(self, record, curvature, context):
         samples = record.input.shape[0]
         # the residual goes with the primary piece only (the GGN has none anywhere)
-        first, second = elementwise_derivatives(record.module, record.input, record.output, torch.is_grad_enabled(),
-                                                want_second=curvature.primary)
+        first, second = elementwise_derivatives(
+            record.module, record.input, record.output, torch.is_grad_enabled(), want_second=curvature.primary
+        )
         result = curvature.reshaped(record.input.shape[1:]).scaled(first.reshape(samples, -1))
         if second is not None and curvature.primary:
             result = result.plus_residual((record.output_grad * second).reshape(samples, -1))

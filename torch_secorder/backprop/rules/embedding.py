@@ -33,7 +33,7 @@ class EmbeddingRule(Rule):
             return []
         samples = ids.shape[0]
         vocabulary, features = module.weight.shape
-        keys = (torch.arange(samples, device=ids.device).unsqueeze(1) * vocabulary + ids.reshape(samples, -1))
+        keys = torch.arange(samples, device=ids.device).unsqueeze(1) * vocabulary + ids.reshape(samples, -1)
         if module.padding_idx is not None:  # its row gets no gradient: no curvature either
             keep = ids.reshape(samples, -1) != module.padding_idx
         else:

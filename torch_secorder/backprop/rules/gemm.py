@@ -23,10 +23,15 @@ _onednn = None  # read at the first product: whether float32 CPU products go thr
 
 def mm(a, b):
     """a (M, K) @ b (K, N)."""
-    if (a.device.type == "cpu" and a.dtype == torch.float32 and b.dtype == torch.float32
-            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MULTIPLY_ADDS
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-            and _use_onednn() and torch.backends.mkldnn.enabled):
+    if (
+        a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MULTIPLY_ADDS
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and _use_onednn()
+        and torch.backends.mkldnn.enabled
+    ):
         # the op computes a @ weight^T (weight (N, K)), for any strides; it has no autograd formula
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return a @ b
@@ -42,5 +47,6 @@ def _use_onednn():
 def _decide(setting):
     if setting not in ("", "onednn", "torch"):
         raise ValueError(f"TORCH_SECORDER_CPU_GEMM must be 'onednn' or 'torch', got {setting!r}")
-    return (setting == "onednn" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        setting == "onednn" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )

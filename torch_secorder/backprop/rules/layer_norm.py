@@ -15,7 +15,6 @@ from .registry import Rule, register, unbatched_input_reason
 from .shared_weight import channelwise_diagonal
 
 
-
 def _rows(module, x):
     """x as (N, R, D): R rows of the D normalised features per sample."""
     features = 1
@@ -27,7 +26,6 @@ def _rows(module, x):
 @register(nn.LayerNorm)
 class LayerNormRule(Rule):
     mixing = True
-
 
     def needs_output_grad(self, module):
         return True
@@ -45,11 +43,14 @@ class LayerNormRule(Rule):
             return []
         normalized = _rows(module, self._normalized(module, x))
         results = []
-        for param, values, wanted in ((module.weight, normalized, wants_weight),
-                                      (module.bias, torch.ones_like(normalized), wants_bias)):
+        for param, values, wanted in (
+            (module.weight, normalized, wants_weight),
+            (module.bias, torch.ones_like(normalized), wants_bias),
+        ):
             if wanted:  # feature d of every row is one "channel", the rows its positions
-                diagonal = channelwise_diagonal(curvature, values.transpose(1, 2), positions_first=True,
-                                                per_sample=per_sample)
+                diagonal = channelwise_diagonal(
+                    curvature, values.transpose(1, 2), positions_first=True, per_sample=per_sample
+                )
                 results.append((param, diagonal.reshape(*diagonal.shape[:-1], *param.shape)))
         return results
 
@@ -81,7 +82,7 @@ class LayerNormRule(Rule):
             block = columns.new_zeros(samples, stop - start, width, count, features)
             index = torch.arange(stop - start, device=x.device)
             block[:, index, :, start + index, :] = columns[:, start:stop].transpose(0, 1)
-            yield block.reshape(samples, (stop - start) * width, -1), signs[:, start * width:stop * width]
+            yield block.reshape(samples, (stop - start) * width, -1), signs[:, start * width : stop * width]
 
 
 def row_residual_columns(rows, grad, weight, eps):
@@ -105,8 +106,15 @@ def row_residual_columns(rows, grad, weight, eps):
     unit = torch.diag_embed(diagonal.abs().sqrt())  # (M, D, D)
     rank_one = (k * m / features).abs().sqrt()  # for -(k m / D)(1 1^T + x^ x^^T)
     half = (k.abs() / 2).sqrt()
-    extra = torch.stack([rank_one * torch.ones_like(normalized), rank_one * normalized, half * (u + normalized),
-                         half * (u - normalized)], dim=1)  # (M, 4, D)
+    extra = torch.stack(
+        [
+            rank_one * torch.ones_like(normalized),
+            rank_one * normalized,
+            half * (u + normalized),
+            half * (u - normalized),
+        ],
+        dim=1,
+    )  # (M, 4, D)
     columns = torch.cat([unit, extra], dim=1)
     sign_km, sign_k = torch.sign(k * m), torch.sign(k)
     signs = torch.cat([torch.sign(diagonal), -sign_km, -sign_km, sign_k, -sign_k], dim=1)

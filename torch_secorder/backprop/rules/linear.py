@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 
 from ..curvature import Curvature, concat_factors, factor_diagonal
+from .columns import fold_columns, linear_transpose_columns
 from .gemm import mm
 from .registry import Rule, register, unbatched_input_reason
-from .columns import fold_columns, linear_transpose_columns
 from .shared_weight import shared_weight_diagonal
 
 
@@ -48,27 +48,45 @@ class LinearRule(Rule):
             h = curvature.full_diagonal()
             if record.wants(module.weight):
                 squares = x * x
-                results.append((module.weight, h.unsqueeze(2) * squares.unsqueeze(1) if per_sample
-                                else mm(h.transpose(0, 1), squares)))
+                results.append(
+                    (
+                        module.weight,
+                        h.unsqueeze(2) * squares.unsqueeze(1) if per_sample else mm(h.transpose(0, 1), squares),
+                    )
+                )
             if record.wants(module.bias):
                 results.append((module.bias, h if per_sample else h.sum(0)))
             return results
         positions = x[0].numel() // x.shape[-1]
         inputs = x.reshape(samples, positions, -1).transpose(1, 2)  # (N, in, P)
         if record.wants(module.weight):
-            results.append((module.weight, shared_weight_diagonal(curvature, inputs, out_features, positions_first=True,
-                                                                  per_sample=per_sample)))
+            results.append(
+                (
+                    module.weight,
+                    shared_weight_diagonal(
+                        curvature, inputs, out_features, positions_first=True, per_sample=per_sample
+                    ),
+                )
+            )
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)
-            results.append((module.bias, shared_weight_diagonal(curvature, ones, out_features, positions_first=True,
-                                                                per_sample=per_sample)[..., 0]))
+            results.append(
+                (
+                    module.bias,
+                    shared_weight_diagonal(curvature, ones, out_features, positions_first=True, per_sample=per_sample)[
+                        ..., 0
+                    ],
+                )
+            )
         return results
 
     def propagate(self, record, curvature, context):
         max_columns = context.max_columns
         module, x = record.module, record.input
         if x.dim() != 2:  # positions: W^T per position, through the generic transpose
-            yield from linear_transpose_columns(lambda inp: nn.functional.linear(inp, module.weight), x, curvature, max_columns)
+            yield from linear_transpose_columns(
+                lambda inp: nn.functional.linear(inp, module.weight), x, curvature, max_columns
+            )
             return
         weight = module.weight  # (out, in)
         in_features, out_features = module.in_features, module.out_features

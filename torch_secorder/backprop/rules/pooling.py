@@ -4,21 +4,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..curvature import Curvature, scatter_selected
-from .registry import Rule, register, registered_base, unbatched_input_reason
 from .columns import linear_transpose_columns
+from .registry import Rule, register, registered_base, unbatched_input_reason
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 def _pool_with_indices(module, x):
     """The pooled output and, for every output, the flat spatial index of the input it copies."""
-    output, indices = _MAX_POOL[x.dim() - 2](x, module.kernel_size, module.stride, module.padding, module.dilation,
-                                             ceil_mode=module.ceil_mode, return_indices=True)
+    output, indices = _MAX_POOL[x.dim() - 2](
+        x,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        ceil_mode=module.ceil_mode,
+        return_indices=True,
+    )
     return output, indices.reshape(x.shape[0], x.shape[1], indices.shape[2:].numel())
 
 
-_SPATIAL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-                 nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_SPATIAL_DIMS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
 
 
 def _batched_input_reason(module, x):

@@ -24,8 +24,14 @@ class LayerRecord:
 
     def sample(self, index):
         """The record of one sample (every batched tensor sliced to index:index + 1), for per-sample diagonals."""
-        return LayerRecord(self.module, _one(self.input, index), _one(self.output, index), _one(self.output_grad, index),
-                           _one(self.extras, index), self.wanted)
+        return LayerRecord(
+            self.module,
+            _one(self.input, index),
+            _one(self.output, index),
+            _one(self.output_grad, index),
+            _one(self.extras, index),
+            self.wanted,
+        )
 
     def wants(self, tensor):
         """True when the diagonal of this module tensor (weight, bias) is asked for: a parameter in the
@@ -109,7 +115,7 @@ def unbatched_input_reason(x, dims=None, at_least=None):
 def _one(value, index):
     """value[index:index + 1] for batched tensors (and tuples of them); anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return value[index:index + 1]
+        return value[index : index + 1]
     if isinstance(value, tuple):
         return tuple(_one(item, index) for item in value)
     return value
@@ -126,8 +132,10 @@ def one_sample_at_a_time(rule, record, curvature):
             return []  # nothing asked for in this module
         for param, value in contributions:
             found.setdefault(id(param), (param, [None] * samples))[1][index] = value
-    return [(param, torch.stack([torch.zeros_like(param) if v is None else v for v in values]))
-            for param, values in found.values()]
+    return [
+        (param, torch.stack([torch.zeros_like(param) if v is None else v for v in values]))
+        for param, values in found.values()
+    ]
 
 
 def register(*module_types):

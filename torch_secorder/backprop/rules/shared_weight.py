@@ -3,7 +3,6 @@
 import torch
 
 from ... import ops
-from ..curvature import Curvature
 
 
 def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per_sample=False):
@@ -91,8 +90,10 @@ def _per_sample_projections(factors, signs, inputs, max_elements):
     parts = []
     for start in range(0, samples, step):
         stop = min(samples, start + step)
-        projected = torch.bmm(factors[start:stop].reshape(stop - start, width * out_channels, positions),
-                              inputs[start:stop].transpose(1, 2)).reshape(stop - start, width, out_channels, features)
+        projected = torch.bmm(
+            factors[start:stop].reshape(stop - start, width * out_channels, positions),
+            inputs[start:stop].transpose(1, 2),
+        ).reshape(stop - start, width, out_channels, features)
         squared = projected * projected
         if signs is not None:
             squared = squared * signs[start:stop].reshape(stop - start, width, 1, 1)
@@ -113,7 +114,7 @@ def channelwise_diagonal(curvature, values, positions_first=False, per_sample=Fa
     layout = (positions, channels) if positions_first else (channels, positions)
 
     def by_channel(tensor, axis):  # the (C, P) or (P, C) features starting at `axis` as (C, P)
-        tensor = tensor.reshape(*tensor.shape[:axis], *layout, *tensor.shape[axis + 1:])
+        tensor = tensor.reshape(*tensor.shape[:axis], *layout, *tensor.shape[axis + 1 :])
         return tensor.transpose(axis, axis + 1) if positions_first else tensor
 
     total = values.new_zeros(samples, channels) if per_sample else values.new_zeros(channels)
@@ -147,8 +148,11 @@ def pooled_weight_diagonal(curvature, inputs, out_channels, per_sample=False):
     columns = compact.reshape(samples, width, out_channels, -1)  # (N, V, O, Q)
     total = ops.selected_weight_diagonal(columns, curvature.signs, indices, inputs, per_sample)
     if curvature.diag is not None:
-        total = total + torch.einsum(f"nop,nkp->{'nok' if per_sample else 'ok'}",
-                                     curvature.diag.reshape(samples, out_channels, -1), inputs * inputs)
+        total = total + torch.einsum(
+            f"nop,nkp->{'nok' if per_sample else 'ok'}",
+            curvature.diag.reshape(samples, out_channels, -1),
+            inputs * inputs,
+        )
     return total
 
 

@@ -21,7 +21,7 @@ ENV_VAR = "TORCH_SECORDER_EXTENSION"
 _MODES = ("auto", "jit", "off")
 
 _lock = threading.Lock()
-_state = {"loaded": None, "source": None, "reason": None}
+_state: dict = {"loaded": None, "source": None, "reason": None}
 
 
 def _mode():
@@ -101,9 +101,12 @@ def info():
     return dict(_state)
 
 
+_FAKES_REGISTERED: list = []  # once per process
+
+
 def _register_fake_kernels():
     """Shape-only kernels, so the ops work under torch.compile and FakeTensor."""
-    if getattr(_register_fake_kernels, "done", False):
+    if _FAKES_REGISTERED:
         return
 
     def same_shape(logits, scale):
@@ -147,4 +150,4 @@ def _register_fake_kernels():
         return factors.new_empty((factors.shape[2],))
 
     torch.library.register_fake("torch_secorder::channel_weight_diagonal")(channel_weight_diagonal)
-    _register_fake_kernels.done = True
+    _FAKES_REGISTERED.append(True)

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 _STATE = threading.local()
 _INSTALL_LOCK = threading.Lock()
-_ORIGINAL = {}  # what the switches replaced
+_ORIGINAL: dict = {}  # what the switches replaced
 
 
 def _in_library_forward():
@@ -60,7 +60,7 @@ def _install_switches():
             _ORIGINAL["checkpoint"] = function_class.apply
             function_class.apply = _checkpoint_apply
         _ORIGINAL["register_hook"] = torch.Tensor.register_hook
-        torch.Tensor.register_hook = _register_hook
+        torch.Tensor.register_hook = _register_hook  # type: ignore[method-assign]
 
 
 @contextmanager

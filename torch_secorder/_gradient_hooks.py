@@ -24,10 +24,11 @@ from contextlib import contextmanager
 import torch.nn.modules.module as module_globals
 
 _GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
-_LOCKS = weakref.WeakKeyDictionary()  # model -> its RLock
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its RLock
 _LOCKS_GUARD = threading.Lock()
 _GLOBALS_LOCK = threading.RLock()
-_SETTING_ASIDE = weakref.WeakKeyDictionary()  # model -> how many calls have its hooks set aside now
+# model -> how many calls have its hooks set aside now
+_SETTING_ASIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _has_gradient_hooks(modules):

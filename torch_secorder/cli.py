@@ -148,7 +148,7 @@ def main(argv=None):
         report = progress_bar(method, not args.quiet)
         if method == "loop":
 
-            def run(report=report):
+            def run(method=method, report=report):
                 return loop_hessian_diagonal(lambda: loss_fn(model(inputs), labels), params, progress=report)
         else:
 

@@ -55,8 +55,8 @@ _BACKEND_KERNEL = {
     "channel_weight_diagonal": "channel_weight_diagonal",
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-_kernel_cache = {}  # (op, device type) -> bool
-_warned_devices = set()
+_kernel_cache: dict = {}  # (op, device type) -> bool
+_warned_devices: set = set()
 
 
 def has_kernel(name, device_type):

@@ -6,19 +6,35 @@ parameters' exact diagonals. Unlike the graph engine, rules here may pick dense 
 split the curvature into pieces (PropagationContext), and create_graph=True keeps the result differentiable.
 """
 
+from typing import Callable, Iterator, List, Tuple
+
 import torch
+from torch import Tensor
 
 from .._errors import Unsupported
+from ..losses import CurvatureRequest
 from . import eligibility
-from .curvature import columns_within
+from .curvature import Curvature, columns_within
 from .diagonals import Diagonals
 from .loss_step import evaluate_loss, output_origin
-from .rules import LayerRecord, PropagationContext, rule_for
+from .plan import EnginePlan
+from .rules import LayerRecord, PropagationContext, Rule, rule_for
 
 
-def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, memory_budget, request):
+def chain_diagonals(
+    plan: EnginePlan,
+    loss_fn: Callable,
+    inputs: Tensor,
+    targets: Tensor,
+    params: List[Tensor],
+    *,
+    create_graph: bool,
+    memory_budget: int,
+    request: CurvatureRequest,
+) -> Tuple[Tensor, List[Tensor]]:
     """(loss, [diagonal per parameter in params]) for a chain plan (plan.layers)."""
     layers = plan.layers
+    assert layers is not None, "the chain engine runs chain plans"
     rules = [rule_for(module) for module in layers]
     needs_grads = create_graph or (
         request.residuals and any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
@@ -86,7 +102,7 @@ def chain_diagonals(plan, loss_fn, inputs, targets, params, *, create_graph, mem
     return loss, (result if create_graph else [d.detach() for d in result])
 
 
-def _diagonal_suffices(records, rules, lowest, index):
+def _diagonal_suffices(records: List[LayerRecord], rules: List[Rule], lowest: int, index: int) -> bool:
     """True when the modules from `lowest` up to below `index` read only diag(H) at their outputs, so what
     enters module index - 1 from above need only be diagonal-readable (the lowest module may mix: it
     propagates nothing; the others must keep H diagonal)."""
@@ -95,7 +111,16 @@ def _diagonal_suffices(records, rules, lowest, index):
     )
 
 
-def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budget, per_sample):
+def _propagate(
+    records: List[LayerRecord],
+    rules: List[Rule],
+    index: int,
+    curvature: Curvature,
+    lowest: int,
+    accumulate: Callable[[Tensor, Tensor], None],
+    memory_budget: int,
+    per_sample: bool,
+) -> None:
     """From the output of module `index` down to module `lowest`; pieces of a split curvature go down one by one.
     The parameters' diagonals are summed over the samples, or kept per_sample."""
     while True:
@@ -127,6 +152,6 @@ def _propagate(records, rules, index, curvature, lowest, accumulate, memory_budg
         return
 
 
-def _chain(head, rest):
+def _chain(head: Curvature, rest: Iterator[Curvature]) -> Iterator[Curvature]:
     yield head
     yield from rest

@@ -1,13 +1,28 @@
 """The engine's front door: runs an EnginePlan (plan.py) with the chain engine or the graph engine."""
 
+from typing import Callable, List, Tuple
+
+from torch import Tensor
+
 from .._errors import Unsupported
-from ..losses import HESSIAN
+from ..losses import HESSIAN, CurvatureRequest
 from .chain import chain_diagonals
 from .graph import trace
 from .graph.engine import graph_diagonals
+from .plan import EnginePlan
 
 
-def run_plan(plan, loss_fn, inputs, targets, params, *, create_graph, memory_budget, request=HESSIAN):
+def run_plan(
+    plan: EnginePlan,
+    loss_fn: Callable,
+    inputs: Tensor,
+    targets: Tensor,
+    params: List[Tensor],
+    *,
+    create_graph: bool,
+    memory_budget: int,
+    request: CurvatureRequest = HESSIAN,
+) -> Tuple[Tensor, List[Tensor]]:
     """(loss, diagonals): the loss this call computed, and for params (a list of model parameters), in their
     order, the exact diagonals of the curvature `request` names (the Hessian by default; per sample:
     (N, *shape) each)."""
@@ -26,6 +41,7 @@ def run_plan(plan, loss_fn, inputs, targets, params, *, create_graph, memory_bud
         )
     if create_graph:
         raise Unsupported("create_graph=True on a traced graph (only chains of modules)")
+    assert plan.graph is not None  # not a chain: a traced graph
     return graph_diagonals(
         plan.graph.for_call(),
         plan.loss,

@@ -1,12 +1,16 @@
 """Where the loss meets both engines: the loss evaluated once on the model output, and the curvature the
 request starts from there (the loss's per-sample Hessian factor, or the Fisher's columns)."""
 
+from typing import Any, Callable, Tuple
+
+from torch import Tensor
+
 from .._errors import Unsupported
-from ..losses import check_scalar_loss, fisher_columns
+from ..losses import CurvatureRequest, Loss, check_scalar_loss, fisher_columns
 from .curvature import Curvature
 
 
-def evaluate_loss(loss, loss_fn, output, targets):
+def evaluate_loss(loss: Loss, loss_fn: Callable, output: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
     """(the loss's value, the targets as it saw them): loss_fn itself runs once, so its own checks (class
     indices in range, shapes) fire here too. Raises Unsupported where the pair has no exact rule."""
     if targets.is_floating_point() and targets.dtype != output.dtype:
@@ -21,7 +25,9 @@ def evaluate_loss(loss, loss_fn, output, targets):
     return value, targets
 
 
-def output_origin(request, loss, output, targets, loss_fn, **options):
+def output_origin(
+    request: CurvatureRequest, loss: Loss, output: Tensor, targets: Tensor, loss_fn: Callable, **options: Any
+) -> Curvature:
     """The curvature the request starts from at the model output (for NLL: at the LogSoftmax input); options
     go to Loss.output_factor."""
     if request.kind in ("hessian", "ggn"):

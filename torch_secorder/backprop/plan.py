@@ -6,7 +6,7 @@ exact rule; the plan it returns is what engine.run_plan takes.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,11 +32,11 @@ class EnginePlan:
     graph: Optional[GraphPlan] = None
 
     @property
-    def is_chain(self):
+    def is_chain(self) -> bool:
         return self.layers is not None
 
 
-def flatten_chain(model, names=None):
+def flatten_chain(model: nn.Module, names: Optional[eligibility.ModuleNames] = None) -> List[nn.Module]:
     """The modules of a (nested) nn.Sequential in call order; a single module is a chain of one.
     A Sequential whose forward is not the plain chain (a subclass with its own forward, hooks) is
     refused: its children do not simply run one after another."""
@@ -48,7 +48,7 @@ def flatten_chain(model, names=None):
     return [leaf for child in model for leaf in flatten_chain(child, names)]
 
 
-def plan_model(model, loss_fn):
+def plan_model(model: nn.Module, loss_fn: Callable) -> EnginePlan:
     """The EnginePlan for model and loss_fn, or raises Unsupported naming what has no exact rule."""
     reason = global_hook_reason()
     if reason is not None:
@@ -68,13 +68,14 @@ def plan_model(model, loss_fn):
     graph = trace.plan_for(model)
     if loss.reads_log_probabilities:
         graph = _strip_log_softmax(graph)
+        assert graph.log_softmax_dim is not None  # what the stripped plan stops below
         loss.log_softmax_dim = graph.log_softmax_dim
     if graph.is_chain():
         return EnginePlan(loss, model, _checked_chain(trace.chain_modules(graph), names), graph)
     return EnginePlan(loss, model, None, graph)
 
 
-def _strip_log_softmax(graph):
+def _strip_log_softmax(graph: GraphPlan) -> GraphPlan:
     """NLL is cross-entropy on the input of a final plain LogSoftmax(dim=1) (module or F.log_softmax)."""
     if "nll" in graph.variants:
         return graph.variants["nll"]
@@ -107,7 +108,7 @@ def _strip_log_softmax(graph):
     return graph.variants["nll"]
 
 
-def _checked_chain(layers, names):
+def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> List[nn.Module]:
     seen_modules, seen_params = set(), set()
     for module in layers:
         # a module or parameter used twice couples layers: its Hessian has cross-layer terms
@@ -128,18 +129,20 @@ def _checked_chain(layers, names):
     return layers
 
 
-def curved_nodes(plan, inputs=None):
+def curved_nodes(plan: EnginePlan, inputs: Optional[torch.Tensor] = None) -> List[Tuple[str, Optional[int]]]:
     """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
     (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
-    if not plan.is_chain:
+    if plan.layers is None:
+        assert plan.graph is not None
         nodes = [
             node
             for node in plan.graph.nodes
             if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)
         ]
-        widths = _graph_widths(plan, inputs) if inputs is not None and nodes else {}
-        return [(node.name, widths.get(node.name)) for node in nodes]
-    widths, x = [], inputs
+        counted = _graph_widths(plan.graph, plan.model, inputs) if inputs is not None and nodes else {}
+        return [(node.name, counted.get(node.name)) for node in nodes]
+    widths: List[Tuple[str, Optional[int]]] = []
+    x = inputs
     with torch.no_grad():
         for module in plan.layers:
             if rule_for(module).needs_output_grad(module):
@@ -148,10 +151,10 @@ def curved_nodes(plan, inputs=None):
     return widths
 
 
-def _graph_widths(plan, inputs):
-    graph = plan.graph.for_call()
+def _graph_widths(cached: GraphPlan, model: nn.Module, inputs: torch.Tensor) -> Dict[str, int]:
+    graph = cached.for_call()
     with torch.no_grad():
-        values = trace.forward(graph, plan.model, inputs)
+        values = trace.forward(graph, model, inputs)
     return {
         node.name: sum(values[name][0].numel() for name in node.input_names)
         for node in graph.nodes[: graph.output + 1]

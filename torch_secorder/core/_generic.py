@@ -2,6 +2,7 @@
 double backward (batched_hvp.py), with the checks and contexts every caller needs."""
 
 from contextlib import contextmanager
+from typing import List, Optional
 
 import torch
 
@@ -90,7 +91,7 @@ def check_nan_where_gradient_finite(diagonals, grads, source):
 
 def first_order_grads(loss, params):
     """Gradients with a graph (for the second derivative); None where the loss does not depend on a parameter."""
-    grads = [None] * len(params)
+    grads: List[Optional[torch.Tensor]] = [None] * len(params)
     active = [index for index, param in enumerate(params) if param.requires_grad]
     if loss.requires_grad and active:
         found = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True, allow_unused=True)

@@ -5,14 +5,15 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from .._forward_pass import library_call, library_forward, same_random_draws
 from .._gradient_hooks import gradient_hooks_off
-from ..backprop import Unsupported, run_plan
-from ..losses import check_scalar_loss, recognise
+from ..backprop import EnginePlan, Unsupported, run_plan
+from ..losses import CurvatureRequest, check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
 from . import _validation as validation
@@ -25,6 +26,7 @@ from ._generic import (
 )
 from ._generic_curvature import generic_model_curvature
 from ._matching import ParameterDiagonals, tag_flat
+from ._validation import ModelInputs
 from .method_choice import backprop_plan
 
 PROJECTION_THRESHOLD = 1000  # Hessian-vector products (each about a gradient) beyond which the fallback says how long
@@ -60,23 +62,23 @@ class ModelCall:
 
 
 def model_diagonal(
-    api,
-    model,
-    loss_fn,
-    inputs,
-    targets,
-    request,
+    api: str,
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    inputs: ModelInputs,
+    targets: Tensor,
+    request: CurvatureRequest,
     *,
-    create_graph,
-    strict,
-    method,
-    chunk_size,
-    memory_budget,
-    progress,
-    return_loss=False,
-    flat=False,
-    all_reduce=False,
-):
+    create_graph: bool,
+    strict: bool,
+    method: str,
+    chunk_size: Optional[int],
+    memory_budget: int,
+    progress: Optional[Callable],
+    return_loss: bool = False,
+    flat: bool = False,
+    all_reduce: bool = False,
+) -> Any:
     """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors.
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
     (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
@@ -135,10 +137,13 @@ def model_diagonal(
             diagonals = ParameterDiagonals(diagonals, params)  # matched to parameters by identity (optim.py)
         if not return_loss:
             return diagonals
+        assert loss_value is not None  # computed above when return_loss
         return loss_value.detach().reshape(()), diagonals
 
 
-def _dispatch(call, request, options):
+def _dispatch(
+    call: ModelCall, request: CurvatureRequest, options: CallOptions
+) -> Tuple[Optional[Tensor], List[Tensor]]:
     """(the loss the passes computed, or None where they computed none; diagonals)."""
     if options.method != "autograd":
         plan, reason = backprop_plan(call.model, call.loss_fn, call.inputs)
@@ -160,7 +165,7 @@ def _dispatch(call, request, options):
             )
     model, loss_fn, targets = call.model, call.loss_fn, call.targets
 
-    def forward(*args):
+    def forward(*args: Any) -> Any:
         with library_forward():  # no hooks registered, reentrant checkpoints direct, the call's random draw
             return model(*args)
 
@@ -168,7 +173,7 @@ def _dispatch(call, request, options):
         if request.kind == "hessian" and not request.per_sample:
             losses = []
 
-            def loss_func():  # generic_hessian_diagonal runs it as a library forward pass
+            def loss_func() -> Tensor:  # generic_hessian_diagonal runs it as a library forward pass
                 loss = loss_fn(model(*call.inputs), targets)
                 check_scalar_loss(loss, "loss_fn")
                 losses.append(loss.detach())
@@ -192,10 +197,10 @@ def _dispatch(call, request, options):
         )
 
 
-_WARNED = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
 
 
-def _first_time(model, loss_fn, reason):
+def _first_time(model: torch.nn.Module, loss_fn: Callable, reason: str) -> bool:
     """The fallback warning comes once per model, loss and reason, not on every batch of a training loop."""
     kind = type(loss_fn) if isinstance(loss_fn, torch.nn.Module) else getattr(loss_fn, "__qualname__", type(loss_fn))
     seen = _WARNED.setdefault(model, set())
@@ -205,14 +210,16 @@ def _first_time(model, loss_fn, reason):
     return True
 
 
-def _batch_size(input_tuple, targets):
+def _batch_size(input_tuple: tuple, targets: Tensor) -> int:
     for tensor in (*validation.tensor_leaves(input_tuple), targets):
         if tensor.dim() > 0:
             return tensor.shape[0]
     return 1
 
 
-def _backprop(plan, call, request, options):
+def _backprop(
+    plan: EnginePlan, call: ModelCall, request: CurvatureRequest, options: CallOptions
+) -> Tuple[Tensor, List[Tensor]]:
     if options.strict:
         check_strict_requires_grad(call.params)
     with buffers_restored(call.model):
@@ -232,7 +239,7 @@ def _backprop(plan, call, request, options):
     return loss.detach(), diagonals
 
 
-def _projection(call, repeats=1):
+def _projection(call: ModelCall, repeats: int = 1) -> str:
     """'; projected ...' for the fallback warning when the generic method will take more than about 1,000
     gradients: one gradient is timed (a small price next to what follows), else ''. repeats: per-sample
     diagonals take one pass per sample."""
@@ -262,7 +269,7 @@ def _projection(call, repeats=1):
     )
 
 
-def _duration(seconds):
+def _duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
             return f"{seconds / size:.0f} {unit}"

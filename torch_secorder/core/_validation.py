@@ -96,7 +96,8 @@ class OneKeywordCall(KeywordCall):
         return self.model(**{self.keys[0]: value})
 
 
-_WRAPPERS = weakref.WeakKeyDictionary()  # model -> {keys: wrapper}: one per model and keys (the engine's plan cache)
+# model -> {keys: wrapper}: one per model and keys (the engine's plan cache)
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_call(model, inputs):
@@ -137,7 +138,7 @@ def check_model_arguments(model, loss_fn, inputs, targets):
     keyed = isinstance(inputs, dict)
     several = isinstance(inputs, (tuple, list)) or keyed
     input_tuple = tuple(inputs.values()) if keyed else tuple(inputs) if several else (inputs,)
-    names = list(inputs) if keyed else None
+    names = list(inputs) if keyed else []
 
     def input_name(index):
         return f"inputs[{names[index]!r}]" if keyed else f"inputs[{index}]" if several else "inputs"

@@ -42,6 +42,9 @@ class DiagonalEstimate(tuple):
     .probes (how many were drawn) and .relative_error, the expected ||estimate - diag(H)|| / ||diag(H)||
     over all entries (inf when the noise is as large as the estimate itself)."""
 
+    probes: int
+    relative_error: float
+
     def __new__(cls, diagonal, standard_error, probes):
         estimate = super().__new__(cls, (diagonal, standard_error))
         estimate.probes = probes
@@ -206,12 +209,12 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
                 offset += size
             drawn += count
             if target is not None and drawn >= 2:
-                mean, error = _moments(sums, squares, drawn, params)
-                if _relative_error(mean, error) <= target:
+                mean, spread = _moments(sums, squares, drawn, params)
+                if _relative_error(mean, spread) <= target:
                     break
         if target is not None and drawn >= cap:
-            mean, error = _moments(sums, squares, drawn, params)
-            reached = _relative_error(mean, error)
+            mean, spread = _moments(sums, squares, drawn, params)
+            reached = _relative_error(mean, spread)
             if reached > target:
                 warnings.warn(
                     f"torch_secorder: {drawn} probes (the cap, n_probes) reached a relative standard error "
@@ -221,8 +224,8 @@ def _estimate(func, params, probes, cap, target, generator, chunk_size, memory_b
                 )
     else:
         drawn = probes or 2
-    mean, error = _moments(sums, squares, max(drawn, 2), params)
-    return DiagonalEstimate(ParameterDiagonals(mean, params), error, drawn)
+    mean, spread = _moments(sums, squares, max(drawn, 2), params)
+    return DiagonalEstimate(ParameterDiagonals(mean, params), spread, drawn)
 
 
 def _batched_hvp(grad_flat, params, vectors):

@@ -73,7 +73,7 @@ def engine_cost(plan, model, inputs=None):
         return text + "; no curved node (ReLU / BatchNorm-eval / pooling / linear maps): the loss is the only origin"
     if counted is not None and all(width is not None for _, width in curved):
         shown = ", ".join(f"{name} {width}" for name, width in curved[:6]) + (", ..." if len(curved) > 6 else "")
-        total = counted + sum(width for _, width in curved)
+        total = counted + sum(width or 0 for _, width in curved)
         return text + (
             f"; {len(curved)} curved node(s) add about as many columns as their input has features "
             f"per sample ({shown}), pulled down from there: about {total} columns per sample in all"

@@ -25,6 +25,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -38,6 +39,12 @@ class _ExactDiagonal:
     """diag(x, y) -> (factor * loss, factor * diagonal) as laplace wants it: the loss with reduction "sum"
     (laplace's lossfunc), one flat vector over the trainable parameters (of the last layer for last-layer
     Laplace, indexed by subnetwork_indices for subnetwork Laplace)."""
+
+    # set by laplace's CurvatureInterface, which the backends below also derive from
+    model: Any
+    factor: float
+    last_layer: bool
+    subnetwork_indices: Any
 
     def _diagonal(self, model, inputs, targets):
         raise NotImplementedError

@@ -2,9 +2,10 @@
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Type
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 
@@ -22,12 +23,13 @@ class Loss:
     """A supported loss with its options (reduction, class weights, ...), as PyTorch's own loss reads them."""
 
     name: ClassVar[str]
-    module: ClassVar[type]  # the nn loss module (exact type)
-    function: ClassVar[object]  # its torch.nn.functional form
+    module: ClassVar[Type[nn.Module]]  # the nn loss module (exact type)
+    function: ClassVar[Callable[..., Tensor]]  # its torch.nn.functional form
     option_defaults: ClassVar[dict]  # the options it takes, with PyTorch's defaults
     class_axis: ClassVar[bool] = False  # its per-sample Hessian is C x C over a class axis (C - 1 columns)
     # it reads log-probabilities: the engine stops below the model's final LogSoftmax (log_softmax_dim)
     reads_log_probabilities: ClassVar[bool] = False
+    log_softmax_dim: int = 1  # where it does: the dim of that LogSoftmax (must be the class axis)
 
     def __init__(self, options: dict):
         self.options = options
@@ -72,7 +74,7 @@ class Loss:
         raise NotImplementedError
 
 
-def check_scalar_loss(loss, source: str) -> None:
+def check_scalar_loss(loss: object, source: str) -> None:
     """The loss a call computed must be a floating-point scalar tensor; source names who returned it."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"{source} must return a tensor, got {type(loss).__name__}")
@@ -91,7 +93,7 @@ def class_rows(output: Tensor, targets: Tensor) -> tuple:
     samples, classes = output.shape[:2]
     positions = math.prod(output.shape[2:])
 
-    def rows(tensor):
+    def rows(tensor: Tensor) -> Tensor:
         return tensor.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
 
     return rows(output), (rows(targets) if targets.is_floating_point() else targets.reshape(-1)), positions

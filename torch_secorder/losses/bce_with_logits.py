@@ -1,8 +1,11 @@
 """Binary cross-entropy on logits: per element h sigmoid'(f), h the weight (times pos_weight y + 1 - y)."""
 
+from typing import Callable, ClassVar, Optional, Type
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import ops
 from .elementwise import ElementwiseLoss
@@ -10,17 +13,19 @@ from .elementwise import ElementwiseLoss
 
 class BCEWithLogits(ElementwiseLoss):
     name = "bce_with_logits"
-    module = nn.BCEWithLogitsLoss
-    function = F.binary_cross_entropy_with_logits
+    module: ClassVar[Type[nn.Module]] = nn.BCEWithLogitsLoss
+    function: ClassVar[Callable[..., Tensor]] = F.binary_cross_entropy_with_logits
     option_defaults = {"weight": None, "pos_weight": None, "reduction": "mean"}
 
-    def hessian_diagonal(self, output, targets):
+    def hessian_diagonal(self, output: Tensor, targets: Tensor) -> Tensor:
         options = self.options
         return ops.bce_with_logits_hessian_diag(
             output, targets, options["weight"], options["pos_weight"], options["reduction"]
         )
 
-    def sampled_columns(self, output, targets, draws, generator):
+    def sampled_columns(
+        self, output: Tensor, targets: Tensor, draws: int, generator: Optional[torch.Generator]
+    ) -> Tensor:
         """y ~ Bernoulli(sigmoid(f)) per element: columns sqrt(h / M) (sigmoid(f) - y)."""
         options = self.options
         samples, features = self._flat(output)

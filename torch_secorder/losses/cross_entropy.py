@@ -2,9 +2,12 @@
 LogSoftmax. Per sample (and position) H = s (diag(p) - p p^T) with p = softmax(f) and s the sample's scale
 (reduction, class weight of its target, ignore_index, label smoothing)."""
 
+from typing import Callable, ClassVar, Optional, Type
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import ops
 from .._errors import Unsupported
@@ -15,17 +18,17 @@ NLL_TOLERANCE = 1e-3  # |logsumexp| of log-probabilities, in the output's own pr
 
 class CrossEntropy(Loss):
     name = "cross_entropy"
-    module = nn.CrossEntropyLoss
-    function = F.cross_entropy
+    module: ClassVar[Type[nn.Module]] = nn.CrossEntropyLoss
+    function: ClassVar[Callable[..., Tensor]] = F.cross_entropy
     option_defaults = {"weight": None, "ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean"}
     class_axis = True
 
-    def output_reason(self, output, targets):
+    def output_reason(self, output: Tensor, targets: Tensor) -> Optional[str]:
         if output.dim() < 2:
             return f"{self.name} on outputs of shape {tuple(output.shape)} (no batch axis)"
         return None
 
-    def sample_scale(self, rows, row_targets):
+    def sample_scale(self, rows: Tensor, row_targets: Tensor) -> Tensor:
         """s per row of (N P, C) logits."""
         options = self.options
         return ops.cross_entropy_sample_scale(
@@ -37,12 +40,22 @@ class CrossEntropy(Loss):
             options["reduction"],
         )
 
-    def output_factor(self, output, targets, *, diagonal_only=False, max_columns=None, memory_budget=None):
+    def output_factor(
+        self,
+        output: Tensor,
+        targets: Tensor,
+        *,
+        diagonal_only: bool = False,
+        max_columns: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+    ) -> OutputFactor:
         if output.dim() > 2:
             return self._positions_factor(output, targets, diagonal_only, memory_budget)
         return self._rows_factor(output, targets, diagonal_only, max_columns)
 
-    def _positions_factor(self, output, targets, diagonal_only, memory_budget):
+    def _positions_factor(
+        self, output: Tensor, targets: Tensor, diagonal_only: bool, memory_budget: Optional[int]
+    ) -> OutputFactor:
         """On (N, C, d1, ...): one C x C block per position, so per sample C columns per position, each zero
         outside its position (features ordered (C, positions) like the output)."""
         samples, classes = output.shape[:2]
@@ -68,7 +81,9 @@ class CrossEntropy(Loss):
             signs = torch.sign(scale).reshape(samples, positions, 1).expand(-1, -1, width).reshape(samples, -1)
         return OutputFactor(factors=factors.reshape(samples, positions * width, -1), signs=signs)
 
-    def _rows_factor(self, output, targets, diagonal_only, max_columns):
+    def _rows_factor(
+        self, output: Tensor, targets: Tensor, diagonal_only: bool, max_columns: Optional[int]
+    ) -> OutputFactor:
         """The scale s is negative where class weights or target probabilities are (PyTorch accepts both): such
         samples get signed columns, never a square root of a negative number. Three forms, by what is read below
         and what fits:
@@ -90,14 +105,16 @@ class CrossEntropy(Loss):
         column_sign = -torch.sign(scale).unsqueeze(1)  # a zero scale leaves a zero column: its sign is moot
         return OutputFactor(factors=column, signs=column_sign, diag=scale.unsqueeze(1) * probabilities)
 
-    def quadratic_form(self, output, targets, u):
+    def quadratic_form(self, output: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         rows, row_targets, _ = class_rows(output, targets)
         scale = self.sample_scale(rows, row_targets)
         p, v = torch.softmax(rows, dim=1), class_rows(u, targets)[0]
         # u^T s (diag(p) - p p^T) u per row
         return (scale * ((p * v * v).sum(1) - (p * v).sum(1) ** 2)).sum()
 
-    def sampled_columns(self, output, targets, draws, generator):
+    def sampled_columns(
+        self, output: Tensor, targets: Tensor, draws: int, generator: Optional[torch.Generator]
+    ) -> Tensor:
         """y ~ softmax(f) per sample (per position on (N, C, d1, ...) outputs): columns sqrt(s / M) (p - e_y)."""
         samples, classes = output.shape[:2]
         rows, row_targets, positions = class_rows(output, targets)
@@ -121,7 +138,7 @@ class CrossEntropy(Loss):
             .reshape(samples, draws, classes * positions)
         )
 
-    def mean_normaliser(self, output, targets):
+    def mean_normaliser(self, output: Tensor, targets: Tensor) -> float:
         """Counted samples (times positions); the targets' summed class weights when weighted; probability
         targets count every row."""
         options = self.options
@@ -141,19 +158,19 @@ class NLL(CrossEntropy):
     softmax is the same distribution)."""
 
     name = "nll"
-    module = nn.NLLLoss
-    function = F.nll_loss
+    module: ClassVar[Type[nn.Module]] = nn.NLLLoss
+    function: ClassVar[Callable[..., Tensor]] = F.nll_loss
     option_defaults = {"weight": None, "ignore_index": -100, "reduction": "mean"}
     reads_log_probabilities = True
 
-    def __init__(self, options, log_softmax_dim=1):
+    def __init__(self, options: dict, log_softmax_dim: int = 1):
         super().__init__(options)
         self.log_softmax_dim = log_softmax_dim  # of the model's final LogSoftmax (must be the class axis)
 
-    def loss_input(self, output):
+    def loss_input(self, output: Tensor) -> Tensor:
         return torch.log_softmax(output, dim=1)
 
-    def output_reason(self, output, targets):
+    def output_reason(self, output: Tensor, targets: Tensor) -> Optional[str]:
         reason = super().output_reason(output, targets)
         if reason is None and self.log_softmax_dim % output.dim() != 1:
             return (
@@ -161,7 +178,7 @@ class NLL(CrossEntropy):
             )
         return reason
 
-    def check_model_output(self, output):
+    def check_model_output(self, output: Tensor) -> None:
         if output.dim() < 2:
             raise ValueError(f"NLLLoss on outputs of shape {tuple(output.shape)} (no class axis)")
         gap = torch.logsumexp(output.detach(), dim=1).abs().max() if output.numel() else torch.tensor(0.0)

@@ -1,20 +1,22 @@
 """Which supported loss a loss_fn is (module or functional form, functools.partial with options)."""
 
 import functools
+from typing import Dict, Type, Union
 
 import torch.nn as nn
 
 from .._forward_hooks import hook_reason
+from .base import Loss
 from .bce_with_logits import BCEWithLogits
 from .cross_entropy import NLL, CrossEntropy
 from .mse import MSE
 
 LOSSES = (MSE, CrossEntropy, BCEWithLogits, NLL)
-_BY_MODULE = {loss.module: loss for loss in LOSSES}
-_BY_FUNCTION = {loss.function: loss for loss in LOSSES}
+_BY_MODULE: Dict[type, Type[Loss]] = {loss.module: loss for loss in LOSSES}
+_BY_FUNCTION: Dict[object, Type[Loss]] = {loss.function: loss for loss in LOSSES}
 
 
-def recognise(loss_fn):
+def recognise(loss_fn: object) -> Union[Loss, str]:
     """A Loss for a supported loss, or a string saying why it is not supported."""
     kind, given = None, {}
     if isinstance(loss_fn, nn.Module):
@@ -32,7 +34,7 @@ def recognise(loss_fn):
         if kind is not None:
             unknown = set(keywords) - set(kind.option_defaults)
             if unknown:
-                return f"loss option(s) {sorted(unknown)} of {function.__name__}"
+                return f"loss option(s) {sorted(unknown)} of {kind.function.__name__}"
             given = keywords
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))

@@ -13,9 +13,12 @@ All but the Hessian start from the loss alone; per_sample keeps each sample's co
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
+
+from .base import Loss
 
 KINDS = ("hessian", "ggn", "fisher_mc", "fisher_empirical")
 
@@ -28,7 +31,7 @@ class CurvatureRequest:
     generator: Optional[torch.Generator] = None
 
     @property
-    def residuals(self):
+    def residuals(self) -> bool:
         """True when curved nodes add their own second-order terms (the Hessian only)."""
         return self.kind == "hessian"
 
@@ -36,7 +39,9 @@ class CurvatureRequest:
 HESSIAN = CurvatureRequest()
 
 
-def fisher_columns(request, loss, output, targets, loss_fn, nll_logits=True):
+def fisher_columns(
+    request: CurvatureRequest, loss: Loss, output: Tensor, targets: Tensor, loss_fn: Callable, nll_logits: bool = True
+) -> Tensor:
     """(N, M, D) columns whose outer products are the Fisher's curvature at the output, D = output[0].numel().
     The generic method calls this too, on the model's own output (log-probabilities for NLL: their softmax
     is the same distribution, and NLL's gradient through it is the same vector in parameter space);

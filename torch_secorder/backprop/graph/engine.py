@@ -10,6 +10,7 @@ memory stays within the budget; origins are independent, so their contributions 
 """
 
 import functools
+from typing import List
 
 import torch
 
@@ -100,7 +101,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             for index in curved:
                 node = nodes[index]
                 for piece, signs in node.op.residual_origins(node, budget_columns):
-                    births = {}
+                    births: dict = {}  # node index -> the columns born there
                     for position, columns in piece.items():
                         source = node.inputs[position]
                         if needed[source]:
@@ -146,7 +147,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
 def _needed(nodes, by_name, wanted, values=None):
     """needed[i]: node i or a node below it uses a parameter whose diagonal is asked for. With the values of a
     forward pass, integer tensors (indices, masks) are not: they carry no columns, whatever made them."""
-    needed = []
+    needed: List[bool] = []
     for node in nodes:
         own = node.activation and any(id(by_name.get(name)) in wanted for name in node.params)
         floating = values is None or (
@@ -158,7 +159,7 @@ def _needed(nodes, by_name, wanted, values=None):
 
 def _check_single_use(nodes, by_name, wanted):
     """A parameter used at two places has cross terms between its uses: refused, naming it."""
-    users = {}
+    users: dict = {}  # id(parameter) -> [(its name, the node using it)]
     for node in nodes:
         if not node.activation:
             continue  # get_attr: the parameter itself, not a use

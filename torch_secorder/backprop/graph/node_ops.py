@@ -54,7 +54,12 @@ class NodeOp:
         """Raises Unsupported when this node, as traced, has no exact treatment (plan time)."""
 
     def param_derived(self, node, nodes):
+        """True when the node is computed from trainable parameters (not used directly: refused)."""
         return False
+
+    def param_names(self, node, nodes):
+        """The trainable parameters a param_derived node is computed from."""
+        return []
 
     def evaluate(self, node, values, root):
         raise NotImplementedError
@@ -110,7 +115,7 @@ class ConstantOp(NodeOp):
     def param_names(self, node, nodes):
         """Trainable parameters this constant is computed from."""
         by_name = {n.name: n for n in nodes}
-        found = []
+        found: list = []
         for arg in _unique_nodes((node.fx_node.args, node.fx_node.kwargs)):
             source = by_name.get(arg.name)
             if source is None:
@@ -287,7 +292,7 @@ class GenericOp(NodeOp):
         # or a shuffle over the batch (mean(0), flip(0), roll(k, 0)) reaches another sample from one of them
         probes = sorted({0, 1, samples - 1})
         with torch.enable_grad():
-            output, vjp_fn = torch.func.vjp(
+            output, vjp_fn = torch.func.vjp(  # type: ignore[misc]
                 self.function(node, node.values, differentiable), *[node.values[name] for name in differentiable]
             )
             mask = torch.zeros(len(probes), samples, dtype=output.dtype, device=output.device)
@@ -328,7 +333,7 @@ class GenericOp(NodeOp):
             def of_params(*tensors):
                 return call(*[t.unsqueeze(0) for t in sample_inputs], *tensors)
 
-            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in params])
+            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in params])  # type: ignore[misc]
             return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
 
         try:
@@ -421,7 +426,7 @@ class AddOp(GenericOp):
     def _coefficients(self, node):
         fx_node = node.fx_node
         subtract = fx_node.target in (operator.sub, operator.isub, torch.sub, "sub", "sub_")
-        coefficients = {}
+        coefficients: dict = {}
         for position, arg in enumerate(fx_node.args[:2]):
             if isinstance(arg, fx.Node):
                 sign = -1 if subtract and position == 1 else 1

@@ -28,7 +28,7 @@ from . import node_ops
 @dataclass
 class GraphNode:
     name: str
-    op: object  # a node_ops.NodeOp
+    op: node_ops.NodeOp
     fx_node: fx.Node
     inputs: List[int] = field(default_factory=list)  # indices of the activation nodes it reads, in op order
     params: List[str] = field(default_factory=list)  # qualified names of the parameters it uses directly
@@ -192,7 +192,8 @@ def build_plan(model, traced):
     graph, constants = traced
     root = _root(model, constants)
     modules = dict(model.named_modules())
-    nodes, index_of = [], {}
+    nodes: List[GraphNode] = []
+    index_of: dict = {}  # fx node name -> index in nodes
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default
     if len(placeholders) != 1:
         raise Unsupported(f"a forward with {len(placeholders)} arguments (the engine takes models of one input)")
@@ -226,6 +227,7 @@ def build_plan(model, traced):
                 f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
                 f"{node.op.describe(node)} before use (only direct uses have exact rules)"
             )
+    assert output is not None, "every fx graph ends in an output node"
     return GraphPlan(nodes, output, names, constants=constants)
 
 
@@ -233,13 +235,14 @@ def build_plan(model, traced):
 # A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
 # forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
 # anything different traces to another graph (other ops, constants or control flow) and gets a new plan.
-_CACHE = weakref.WeakKeyDictionary()  # model -> (fingerprint, trace, plan or the Unsupported its graph raised)
+# model -> (fingerprint, trace, plan or the Unsupported its graph raised)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model):
     """What a plan depends on besides the traced graph: modules, their train mode and plain attributes, parameters,
     buffers and hooks (the rules check them when a plan is built)."""
-    parts = [len(global_hooks())]
+    parts: list = [len(global_hooks())]
     for name, module in model.named_modules():
         plain = tuple(
             sorted(
@@ -381,7 +384,7 @@ def forward(plan, model, inputs):
     """Evaluates the plan (a call's copy: GraphPlan.for_call) up to its output: {node name: value}. The nodes keep
     what their ops recorded for the backward sweep (records, the values they read)."""
     assert plan.source is not None, "a cached plan is shared between calls: evaluate a copy (for_call)"
-    values = {}
+    values: dict = {}
     root = plan.root(model)
     with library_forward():  # a forward that registers a gradient hook: not part of the loss
         for node in plan.nodes[: plan.output + 1]:

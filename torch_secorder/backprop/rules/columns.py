@@ -20,7 +20,7 @@ def pull_columns(function, inputs, columns):
     """J^T columns of function at inputs, one batched vjp: columns (N, V, D_out) -> [(N, V, D_in) per input]."""
     samples, width = columns.shape[:2]
     with torch.enable_grad():  # the vjp needs the function's graph, whatever the caller's mode
-        output, vjp_fn = torch.func.vjp(function, *inputs)
+        output, vjp_fn = torch.func.vjp(function, *inputs)  # type: ignore[misc]
     cotangents = columns.transpose(0, 1).reshape(width, *output.shape)
     return [pulled.reshape(width, samples, -1).transpose(0, 1) for pulled in torch.func.vmap(vjp_fn)(cotangents)]
 

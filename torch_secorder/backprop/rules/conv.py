@@ -1,6 +1,7 @@
 """nn.Conv1d/2d/3d: stride, padding (numbers or 'same'), dilation, groups; zero padding mode."""
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -111,7 +112,7 @@ def batched_input_reason(module, x):
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
-    forward_methods = ("forward", "_conv_forward")
+    forward_methods: Tuple[str, ...] = ("forward", "_conv_forward")
 
     def unsupported_reason(self, module):
         if module.padding_mode != "zeros":

@@ -52,6 +52,7 @@ class ConvTransposeRule(Rule):
                 flat_signs = None if signs is None else signs.reshape(samples * width, 1)
                 part = ops.affine_weight_diagonal(repeated, flat_signs, patches)  # (C_in, O K)
                 total = part if total is None else total + part
+            assert total is not None  # the loop ran: at least one column chunk
             results.append((module.weight, total.reshape(module.weight.shape)))
         if record.wants(module.bias):
             ones = x.new_ones(samples, 1, positions)

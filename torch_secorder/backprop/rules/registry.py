@@ -1,13 +1,13 @@
 """One rule per module type, found by type. A new layer type is one rule class plus one @register line."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..curvature import diagonal_columns
 
-_RULES = {}
+_RULES: dict = {}  # module type -> its Rule
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Rule:
     mixing = False  # its Jacobian is not diagonal (Linear, Conv, average pooling)
     # Methods of the registered class that decide what the module computes: an instance whose class
     # (or the instance itself) overrides one of them computes something else, and the rule steps aside.
-    forward_methods = ("forward",)
+    forward_methods: Tuple[str, ...] = ("forward",)
 
     def reads_only_diagonal(self, record):
         """True when this module's parameter diagonals need only diag(H) at its output, and so does its
@@ -125,7 +125,7 @@ def one_sample_at_a_time(rule, record, curvature):
     """[(parameter, (N, *parameter.shape))] from the rule's summed diagonals, one sample at a time: the
     per-sample form of rules that have no batched one (same numbers, slower)."""
     samples = curvature.samples
-    found = {}
+    found: dict = {}  # id(parameter) -> (parameter, [its diagonal per sample])
     for index in range(samples):
         contributions = rule.param_diagonals(record.sample(index), curvature.sample(index))
         if index == 0 and not contributions:

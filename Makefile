@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 SOURCES := setup.py pyproject.toml torch_secorder/_build_config.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,22 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# for contributors: the suite without the tests marked slow (builds, installs, dense ResNet references)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff (lint and format check) and mypy, as .ci/run runs them
+lint: setup
+	$(BIN)/python -m pip install -q "ruff==0.17.6" "mypy==2.4.1"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/python -m pip install -q "ruff==0.17.6"
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: setup
 	$(BIN)/python benchmarks/bench_generic.py

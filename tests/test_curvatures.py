@@ -99,7 +99,13 @@ def test_ggn_diagonal_against_the_jacobians(case):
     assert all(bool((a >= -1e-12 * max(1.0, float(a.abs().max()))).all()) for a in actual)  # PSD: no negatives
 
 
-@pytest.mark.parametrize("case", ZOO, ids=lambda case: case[0])
+# the ResNet's dense per-sample references take half a minute: in the full suite, not in make test-fast
+PER_SAMPLE_ZOO = [
+    pytest.param(case, id=case[0], marks=[pytest.mark.slow] if case[0] == "resnet" else []) for case in ZOO
+]
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE_ZOO)
 def test_per_sample_ggn_and_hessian_diagonals(case):
     name, model, x, y, loss_fn = case
     samples = x.shape[0]

@@ -130,6 +130,7 @@ def test_torchvision_style_resnets(block, layers):
     assert_sampled_exact(model, F.cross_entropy, vectors(2, 16, 16), Y5)
 
 
+@pytest.mark.slow  # the full Hessian of a small ResNet: seconds
 def test_small_resnet_against_the_full_hessian_with_frozen_layers():
     torch.manual_seed(0)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width=2, in_channels=1).double().eval()

@@ -1,12 +1,16 @@
-"""Shared by the engine tests: the float64 brute force and the exactness assertion."""
+"""What the tests share: the float64 brute force, relative_error, and the exactness / step-aside assertions.
+(Models shared between test files live in models.py and torchvision_style.py; fixtures in conftest.py.)"""
 
+import contextlib
+import re
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
-from conftest import relative_error
+import torch.nn.functional as F
 
-from torch_secorder import model_hessian_diagonal
+from torch_secorder import explain_method, model_hessian_diagonal
 from torch_secorder.testing import dense_hessian_diagonal, model_loss_of_params
 
 D = torch.float64
@@ -66,3 +70,59 @@ def assert_sampled_exact(model, loss_fn, x, y, per_parameter=6, tolerance=1e-10,
         if not p.requires_grad:
             assert torch.equal(a, torch.zeros_like(p))
     return actual
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max |expected|: one number for a tensor, or for a list of them taken
+    together (a parameter whose true diagonal is ~1e-32, such as a bias before BatchNorm, is then
+    judged against the scale of the whole Hessian diagonal, not against its own rounding noise)."""
+    if not isinstance(actual, (list, tuple)):
+        actual, expected = [actual], [expected]
+    assert len(actual) == len(expected)
+    error, scale = 0.0, 0.0
+    for a, e in zip(actual, expected):
+        a, e = a.detach().double().cpu(), e.detach().double().cpu()
+        assert a.shape == e.shape, (a.shape, e.shape)
+        if e.numel():
+            error = max(error, (a - e).abs().max().item())
+            scale = max(scale, e.abs().max().item())
+    return error / max(scale, 1e-300)
+
+
+Y5 = torch.tensor([0, 1, 2, 1, 0])
+
+
+def exact(model, x, y=Y5, loss_fn=F.cross_entropy):
+    torch.manual_seed(11)
+    model = model.double().eval()
+    randomise_batch_norm(model, torch.Generator().manual_seed(2))
+    assert explain_method(model, loss_fn).method == "backprop", explain_method(model, loss_fn)
+    return assert_backprop_exact(model, loss_fn, x, y)
+
+
+def vectors(*shape):
+    return torch.randn(5, *shape, dtype=D, generator=torch.Generator().manual_seed(7))
+
+
+def assert_steps_aside(model, x, y, message, loss_fn=F.cross_entropy, explained=True):
+    """auto: one warning naming `message`, exact numbers from the generic method; backprop: raises naming it.
+    explained: explain_method (without inputs) names it too (not for what only a call shows)."""
+    if explained:
+        choice = explain_method(model, loss_fn)
+        assert choice.method == "autograd" and message in choice.reason, choice
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = model_hessian_diagonal(model, loss_fn, x, y)
+    ours = [w for w in caught if "torch_secorder" in str(w.message)]
+    assert len(ours) == 1 and message in str(ours[0].message), [str(w.message) for w in caught]
+    assert relative_error(auto, brute_force(model, loss_fn, x, y)) < 1e-10
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+
+
+def expected_fallback(model, loss_fn):
+    """pytest.warns for the one fallback warning where the engine steps aside for model and loss_fn (as
+    explain_method says), else a context that expects nothing."""
+    if explain_method(model, loss_fn).method == "autograd":
+        return pytest.warns(RuntimeWarning, match="using the generic autograd method")
+    return contextlib.nullcontext()

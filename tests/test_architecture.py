@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from torch_secorder.backprop import rules
+
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "torch_secorder"
 
 # lowest first: a module may import from its own layer or a lower one
@@ -172,3 +174,14 @@ def test_each_subpackage_imports_on_its_own(name):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_rule_family_has_its_test_file():
+    """tests/rules/test_rule_<family>.py for every file of backprop/rules/ that registers a rule."""
+    families = {module.__name__.rpartition(".")[2] for module in rules.FAMILIES}
+    on_disk = {path.stem for path in (PACKAGE / "backprop" / "rules").glob("*.py")}
+    helpers = {"__init__", "registry", "columns", "shared_weight", "gemm"}
+    assert families == on_disk - helpers, "a rule file not in rules.FAMILIES, or a helper not named here"
+    tests = pathlib.Path(__file__).parent / "rules"
+    missing = [family for family in sorted(families) if not (tests / f"test_rule_{family}.py").exists()]
+    assert not missing, f"no tests/rules/test_rule_<family>.py for {missing}"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import relative_error
+from helpers import relative_error
 
 from torch_secorder import ops, reference_ops
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import relative_error
+from helpers import relative_error
 
 from torch_secorder import model_fisher_diagonal, model_ggn_diagonal, model_hessian_diagonal
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import relative_error
+from helpers import relative_error
 
 from torch_secorder import model_ggn_diagonal, model_hessian_diagonal
 from torch_secorder.backprop.rules import gemm

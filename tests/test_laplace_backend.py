@@ -57,6 +57,7 @@ def test_the_hessian_backend_is_the_exact_hessian_diagonal_of_the_summed_loss():
     assert torch.allclose(la.H, torch.cat([e.reshape(-1) for e in expected]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:By default `link_approx` is `probit`")  # laplace-torch's own notice
 def test_fit_predict_and_marginal_likelihood_prior_optimisation_end_to_end():
     model, loader = problem("classification")
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag", backend=SecorderGGN)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
+from helpers import relative_error
 from torch.func import hessian
 
 from torch_secorder import ops, reference_ops

@@ -4,7 +4,7 @@ with a generator, and the columns sqrt(s / M) (p - e_y) whose outer products ave
 
 import pytest
 import torch
-from conftest import relative_error
+from helpers import relative_error
 
 from torch_secorder import ops, reference_ops
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import relative_error
-from helpers import D, brute_force
+from helpers import D, brute_force, relative_error
 from torch.utils.checkpoint import checkpoint
 
 from torch_secorder import explain_method, hessian_diagonal, model_ggn_diagonal, model_hessian_diagonal

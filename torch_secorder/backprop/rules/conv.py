@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from ..curvature import Curvature
 from .columns import fold_columns, linear_transpose_columns
 from .registry import Rule, register, unbatched_input_reason
-from .shared_weight import pooled_bias_diagonal, pooled_weight_diagonal, shared_weight_diagonal
+from .shared_weight import (
+    pooled_bias_diagonal,
+    pooled_weight_diagonal,
+    shared_bias_diagonal,
+    shared_weight_diagonal,
+)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TRANSPOSE = {  # also the forward of ConvTranspose (conv_transpose.py)
@@ -155,15 +160,8 @@ class ConvRule(Rule):
                 blocks.append(_weight_order(block, taps, per_group_in))
             results.append((module.weight, torch.cat(blocks, len(leading)).reshape(*leading, *module.weight.shape)))
         if record.wants(module.bias):
-            ones = x.new_ones(samples, 1, positions)
-            results.append(
-                (
-                    module.bias,
-                    shared_weight_diagonal(curvature, ones, out_channels, positions_first=False, per_sample=per_sample)[
-                        ..., 0
-                    ],
-                )
-            )
+            bias = shared_bias_diagonal(curvature, x, positions, out_channels, False, per_sample)
+            results.append((module.bias, bias))
         return results
 
     def propagate(self, record, curvature, context):

@@ -7,7 +7,7 @@ from ..curvature import Curvature, concat_factors, factor_diagonal
 from .columns import fold_columns, linear_transpose_columns
 from .gemm import mm
 from .registry import Rule, register, unbatched_input_reason
-from .shared_weight import shared_weight_diagonal
+from .shared_weight import shared_bias_diagonal, shared_weight_diagonal
 
 
 def right_multiply(columns, weight):
@@ -69,15 +69,8 @@ class LinearRule(Rule):
                 )
             )
         if record.wants(module.bias):
-            ones = x.new_ones(samples, 1, positions)
-            results.append(
-                (
-                    module.bias,
-                    shared_weight_diagonal(curvature, ones, out_features, positions_first=True, per_sample=per_sample)[
-                        ..., 0
-                    ],
-                )
-            )
+            bias = shared_bias_diagonal(curvature, x, positions, out_features, True, per_sample)
+            results.append((module.bias, bias))
         return results
 
     def propagate(self, record, curvature, context):

@@ -42,6 +42,13 @@ def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per
     return total
 
 
+def shared_bias_diagonal(curvature, x, positions, out_channels, positions_first, per_sample=False):
+    """diag of a bias b (O,) added at every position, z[n, o, p] += b[o]: the weight formula with one input
+    channel of ones (x: the layer input, for their dtype and device). (O,), or (N, O) per_sample."""
+    ones = x.new_ones(x.shape[0], 1, positions)
+    return shared_weight_diagonal(curvature, ones, out_channels, positions_first, per_sample=per_sample)[..., 0]
+
+
 def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_pairs=False, per_sample=False):
     """sum_n sum_v signs (factors[n, v] @ inputs[n]^T)^2, factors (N, V, O, P), inputs (N, K, P) -> (O, K).
 

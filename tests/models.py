@@ -249,4 +249,6 @@ ACTIVATIONS = [
     nn.Tanhshrink,
     lambda: nn.Softplus(beta=2.0),
     lambda: nn.ReLU(inplace=True),
+    nn.Hardswish,
+    lambda: nn.Hardswish(inplace=True),
 ]

@@ -1,11 +1,15 @@
 """The elementwise rule family against the float64 brute force."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import D, assert_backprop_exact
+from helpers import D, assert_backprop_exact, brute_force, exact, relative_error, vectors
 from models import ACTIVATIONS
+
+from torch_secorder import model_hessian_diagonal
 
 
 @pytest.mark.parametrize("make_activation", ACTIVATIONS)
@@ -15,3 +19,45 @@ def test_each_activation(make_activation):
         nn.Linear(3, 4), make_activation(), nn.Linear(4, 4), make_activation(), nn.Linear(4, 2)
     ).double()
     assert_backprop_exact(model, F.mse_loss, torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D))
+
+
+class ClampHardsigmoid(nn.Module):
+    """hardsigmoid written with clamp: the same function, and twice differentiable in PyTorch (hardsigmoid is not)."""
+
+    def forward(self, x):
+        return torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hardsigmoid_against_its_clamp_form(inplace):
+    """MobileNetV3's gate: PyTorch cannot differentiate it twice, so neither can the generic method; the engine
+    reads it as the piecewise-linear function it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Hardsigmoid(inplace=inplace), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = model.double()
+    with torch.no_grad():
+        model[0].weight.mul_(4)  # inputs on both flat parts and the slope
+    reference = nn.Sequential(model[0], ClampHardsigmoid(), *model[2:])
+    x, y = torch.randn(7, 4, dtype=D), torch.randint(0, 3, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    assert relative_error(auto, brute_force(reference, nn.CrossEntropyLoss(), x, y)) < 1e-12
+
+
+class InPlaceCalls(nn.Module):
+    """In-place calls without a rule of their own: the engine evaluates them on copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.threshold = nn.Linear(4, 6), nn.Linear(6, 3), nn.Threshold(0.1, -0.2, inplace=True)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = torch.tanh(h) + h.clamp_(-0.5, 0.5)  # the clamp writes into fc1's output, which tanh has read
+        return self.fc2(self.threshold(h))
+
+
+def test_in_place_calls_through_the_graph_engine():
+    torch.manual_seed(0)
+    exact(InPlaceCalls(), vectors(4))

@@ -89,6 +89,8 @@ _FIXED = {
     F.celu: _no_inplace(nn.CELU, "alpha"),
     F.tanhshrink: _no_inplace(nn.Tanhshrink),
     F.softsign: _no_inplace(nn.Softsign),
+    F.hardsigmoid: _no_inplace(nn.Hardsigmoid),
+    F.hardswish: _no_inplace(nn.Hardswish),
     F.max_pool1d: _max_pool(nn.MaxPool1d),
     F.max_pool2d: _max_pool(nn.MaxPool2d),
     F.max_pool3d: _max_pool(nn.MaxPool3d),

@@ -137,6 +137,17 @@ def _call(fx_node, values):
     return fx_node.target(*args, **kwargs)
 
 
+def _writes_its_inputs(fx_node, callee):
+    """True when the call may write into a tensor it reads: a module or function called with inplace=True, or
+    an in-place method or function (x.clamp_(...), torch.relu_)."""
+    if callee is not None and getattr(callee, "inplace", False):
+        return True
+    if fx_node.kwargs.get("inplace") is True:
+        return True
+    name = fx_node.target if fx_node.op == "call_method" else getattr(fx_node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
 # x += y is traced as operator.iadd only in some versions; the engine never mutates recorded values
 _IN_PLACE = {
     operator.iadd: operator.add,
@@ -250,9 +261,16 @@ class GenericOp(NodeOp):
         """The node's call as a function of the tensors named in `replaced` (in that order)."""
         fx_node = node.fx_node
 
+        writes_inputs = _writes_its_inputs(fx_node, self.callee)
+        read = [arg.name for arg in fx_node.all_input_nodes]
+
         def call(*tensors):
             local = dict(values)
             local.update(zip(replaced, tensors))
+            if writes_inputs:  # an in-place call: on copies, so recorded values (and vjp primals) stay intact
+                for name in read:
+                    if isinstance(local.get(name), torch.Tensor):
+                        local[name] = local[name].clone()
             if self.callee is not None:
                 args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: local[n.name])
                 return self.callee(*args, **kwargs)

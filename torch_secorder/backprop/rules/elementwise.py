@@ -6,7 +6,7 @@ import torch.nn as nn
 from .registry import Rule, register
 
 # f'' = 0 almost everywhere: no residual term, no need for dloss/doutput.
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid)
 
 
 def _closed_form(module, x, y, want_second):
@@ -22,6 +22,14 @@ def _closed_form(module, x, y, want_second):
     if isinstance(module, nn.Sigmoid):
         first = y * (1 - y)
         return first, (first * (1 - 2 * y) if want_second else None)
+    # the hard ones as PyTorch differentiates them (hardsigmoid_backward, hardswish_backward and its derivative);
+    # autograd has no second derivative of hardsigmoid, so they must be closed forms
+    if isinstance(module, nn.Hardsigmoid):
+        return ((x > -3) & (x < 3)).to(x.dtype) / 6, None
+    if isinstance(module, nn.Hardswish):
+        first = torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+        second = ((x > -3) & (x < 3)).to(x.dtype) / 3 if want_second else None
+        return first, second
     return None
 
 
@@ -61,6 +69,8 @@ def elementwise_derivatives(module, x, y, create_graph, want_second=True):
     nn.ReLU6,
     nn.Tanhshrink,
     nn.Softsign,
+    nn.Hardsigmoid,
+    nn.Hardswish,
 )
 class ElementwiseRule(Rule):
     def needs_output_grad(self, module):

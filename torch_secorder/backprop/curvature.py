@@ -25,6 +25,7 @@ activation instead).
 import torch
 
 from .. import ops
+from .._errors import Unsupported
 
 
 class Curvature:
@@ -121,9 +122,9 @@ class Curvature:
         """(S, signs) chunks of at most max_columns columns whose signed sum is H (the dense
         part through an eigendecomposition, the diagonal part as scaled unit columns)."""
         if self.dense is not None:
-            eigenvalues, eigenvectors = torch.linalg.eigh(self.dense)  # H = Q diag(l) Q^T
-            columns = (eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1)).transpose(1, 2)
-            yield from _split(columns, torch.sign(eigenvalues), max_columns)
+            eigenvalues, eigenvectors = symmetric_eigen(self.dense)  # H = Q diag(l) Q^T
+            columns = (eigenvectors * eigenvalues.abs().sqrt().unsqueeze(1)).transpose(1, 2).to(self.dense.dtype)
+            yield from _split(columns, torch.sign(eigenvalues).to(self.dense.dtype), max_columns)
             return
         if self._factors is not None:
             yield from _split(self.factors, self.signs, max_columns)
@@ -185,6 +186,16 @@ class Curvature:
         if self.diag is not None:
             dense = torch.diag_embed(self.diag) if dense is None else dense + torch.diag_embed(self.diag)
         return dense
+
+
+def symmetric_eigen(matrices):
+    """(eigenvalues, eigenvectors) of symmetric (..., D, D) matrices, in float64 whatever their dtype: float32's
+    eigh fails to converge on some per-sample second-order terms and is less accurate. Raises Unsupported if
+    it still does not converge."""
+    try:
+        return torch.linalg.eigh(matrices.double())
+    except torch.linalg.LinAlgError as error:
+        raise Unsupported(f"a dense second-order term whose eigendecomposition does not converge ({error})") from None
 
 
 def columns_within(samples, features, itemsize, memory_budget):

@@ -9,6 +9,8 @@ R_n = sum_v sign(l_v) (sqrt|l_v| q_v)(sqrt|l_v| q_v)^T.
 
 import torch
 
+from ..curvature import symmetric_eigen
+
 # eigenvalues below this fraction of the largest are rounding noise of exact zeros (LayerNorm's mean and
 # scale directions, say): their columns are dropped
 _RELATIVE_ZERO = 1e-13
@@ -56,11 +58,11 @@ def per_sample_hessian_columns(function, inputs, output_grad, max_columns):
     hessian = per_sample_hessian(function, inputs, output_grad, max_columns)
     if hessian is None or not bool(hessian.any()):
         return
-    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    eigenvalues, eigenvectors = symmetric_eigen(hessian)  # in float64
     magnitude = eigenvalues.abs()
     kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()[:, 0]
     columns = (eigenvectors[:, :, kept] * magnitude[:, kept].sqrt().unsqueeze(1)).transpose(1, 2)  # (N, V, D)
-    signs = torch.sign(eigenvalues[:, kept])
+    columns, signs = columns.to(hessian.dtype), torch.sign(eigenvalues[:, kept]).to(hessian.dtype)
     sizes = [x[0].numel() for x in inputs]
     for start in range(0, columns.shape[1], max(1, max_columns)):
         stop = start + max(1, max_columns)

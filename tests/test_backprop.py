@@ -2,6 +2,7 @@
 
 import functools
 import random
+import re
 import warnings
 
 import pytest
@@ -341,3 +342,31 @@ def test_half_precision_uses_the_references(monkeypatch):
     assert {"cross_entropy_sample_scale", "factor_diagonal"} <= set(used)
     assert all(d.dtype == torch.bfloat16 for d in diag)
     assert relative_error(diag, expected) < 5e-2
+
+
+def test_explain_method_reads_the_call_as_the_call_does():
+    """A one-key dict batch is run on the engine by the call: explain_method says so; with targets it also sees
+    what only the loss on the output shows, and names the same reason the call's warning names."""
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(x))
+
+    torch.manual_seed(0)
+    model, x = Keyword().double(), torch.randn(5, 4, dtype=D)
+    assert explain_method(model, nn.CrossEntropyLoss(), {"x": x}).method == "backprop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_hessian_diagonal(model, nn.CrossEntropyLoss(), {"x": x}, torch.tensor([0, 1, 2, 1, 0]))
+    chain = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    assert explain_method(chain, nn.MSELoss(), x, targets=torch.randn(5, 2, dtype=D)).method == "backprop"
+    choice = explain_method(chain, nn.MSELoss(), x, targets=torch.randn(5, 1, dtype=D))
+    assert choice.method == "autograd" and "broadcast" in choice.reason
+    with pytest.warns(RuntimeWarning, match=re.escape(choice.reason)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Using a target size", UserWarning)  # F.mse_loss's own
+            model_hessian_diagonal(chain, nn.MSELoss(), x, torch.randn(5, 1, dtype=D))

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._forward_pass import library_call
+from .._forward_pass import library_call, library_forward
 from ..backprop import Unsupported, curved_nodes, plan_model
-from ._validation import check_method, model_to_run, uncompiled
+from ._validation import check_method, model_call, model_to_run, uncompiled
 
 
 @dataclass(frozen=True)
@@ -19,28 +19,45 @@ class MethodChoice:
         return f"{self.method}: {self.reason}" + (f" ({self.cost})" if self.cost else "")
 
 
-def explain_method(model, loss_fn, inputs=None, method="auto"):
-    """The method model_hessian_diagonal(model, loss_fn, inputs, ..., method=method) will use, why, and what it
-    will cost. With `inputs`, the engine's column counts come from a forward pass without gradients.
+def explain_method(model, loss_fn, inputs=None, method="auto", targets=None):
+    """The method model_hessian_diagonal(model, loss_fn, inputs, targets, ..., method=method) will use, why, and
+    what it will cost. With `inputs` (a tensor, a tuple, or a dict as model_hessian_diagonal takes them), the
+    engine's column counts come from a forward pass without gradients; with `targets` too, what only the loss
+    on that output shows (targets the loss would broadcast, say) is checked as the call will check it.
 
     >>> explain_method(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss())
     MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules', cost='...')
     """
     check_method(method)
     with library_call():  # its forwards never overlap a trace in another thread
-        return _explain(model, loss_fn, inputs, method)
+        return _explain(model, loss_fn, inputs, method, targets)
 
 
-def _explain(model, loss_fn, inputs, method):
+def _explain(model, loss_fn, inputs, method, targets):
     model = uncompiled(model) if inputs is None else model_to_run(model, inputs)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
-    plan, reason = backprop_plan(model, loss_fn, inputs)
-    if reason is None:
+    # the module the call runs: a dict batch goes to a keyword wrapper around the model, as in the call itself
+    called, call_inputs = (model, None) if inputs is None else model_call(model, inputs)
+    plan, reason = backprop_plan(called, loss_fn, call_inputs)
+    if plan is not None and targets is not None and call_inputs is not None:
+        reason = _output_reason(plan, called, call_inputs[0], targets)
+    if plan is not None and reason is None:
         return MethodChoice(
-            "backprop", "every module and the loss have exact Hessian-backprop rules", engine_cost(plan, model, inputs)
+            "backprop",
+            "every module and the loss have exact Hessian-backprop rules",
+            engine_cost(plan, called, call_inputs),
         )
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
+
+
+def _output_reason(plan, model, inputs, targets):
+    """Why the loss on this output has no exact rule (as the call would find after its forward pass), or None."""
+    if not isinstance(targets, torch.Tensor):
+        return None  # the call itself names bad targets
+    with torch.no_grad(), library_forward():
+        output = model(inputs)
+    return plan.loss.output_reason(output, targets) if isinstance(output, torch.Tensor) else None
 
 
 def generic_cost(model):

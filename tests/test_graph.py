@@ -626,3 +626,14 @@ def test_a_squeeze_excitation_gate_in_float32_is_as_accurate_as_the_generic_meth
         generic = model_hessian_diagonal(model, F.cross_entropy, x, y, method="autograd")
         assert relative_error(engine, reference) <= 10 * max(relative_error(generic, reference), 1e-7)
         assert relative_error(model_hessian_diagonal(wide, F.cross_entropy, x.double(), y), reference) < 1e-12
+
+
+def test_the_projection_times_a_chunk_of_the_generic_method_itself():
+    """The fallback warning measures one batched chunk of Hessian-vector products (a gradient's time alone was 5-15x
+    too high on small models, whose batched products cost a fraction of a gradient). No timing is asserted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    entries = sum(p.numel() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match=rf"projected roughly .*: {entries} Hessian-vector products .*, batched, "):
+        model_hessian_diagonal(model.train(), F.cross_entropy, x, y)

@@ -9,6 +9,7 @@ The chunk size is chosen so that a chunk's temporaries fit a memory budget, and
 halved when the device runs out of memory anyway.
 """
 
+import time
 import warnings
 
 import torch
@@ -121,6 +122,32 @@ class _HvpRows:
                     RuntimeWarning,
                     stacklevel=5,  # the caller of hessian_diagonal or model_hessian_diagonal
                 )
+
+
+def seconds_per_entry(loss, params, grads, memory_budget):
+    """What one diagonal entry costs the generic method here, measured: one chunk of the largest parameter's
+    unit rows, batched as batched_hessian_diagonal batches them (the second, warm run of it). None when it
+    cannot be measured (no parameter with a second derivative, a graph vmap cannot batch)."""
+    candidates = [(p, g) for p, g in zip(params, grads) if g is not None and g.grad_fn is not None and p.numel()]
+    if not candidates:
+        return None
+    param, grad = max(candidates, key=lambda pair: pair[0].numel())
+    entries, grad_flat = param.numel(), grad.reshape(-1)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    step = choose_chunk_size(
+        entries, param.element_size(), saved_tensor_bytes(loss), param_bytes, memory_budget, param.device.type
+    )
+    rows, _ = _unit_rows(0, step, entries, grad_flat)
+    try:
+        for _ in range(2):
+            start = time.perf_counter()
+            _rows_by_func_vmap(grad_flat, param, rows, False)
+            if rows.is_cuda:
+                torch.cuda.synchronize(rows.device)
+            seconds = time.perf_counter() - start
+    except RuntimeError:
+        return None
+    return seconds / step
 
 
 def _is_unused_input_error(error):

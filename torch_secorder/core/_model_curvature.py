@@ -17,6 +17,7 @@ from ..losses import CurvatureRequest, check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
 from . import _validation as validation
+from ._batched_hvp import seconds_per_entry
 from ._generic import (
     buffers_restored,
     check_strict_requires_grad,
@@ -159,7 +160,7 @@ def _dispatch(
             repeats = _batch_size(call.inputs, call.targets) if request.per_sample else 1
             warnings.warn(
                 f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
-                f"{_projection(call, repeats)}",
+                f"{_projection(call, options.memory_budget, repeats)}",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -239,7 +240,7 @@ def _backprop(
     return loss.detach(), diagonals
 
 
-def _projection(call: ModelCall, repeats: int = 1) -> str:
+def _projection(call: ModelCall, memory_budget: int, repeats: int = 1) -> str:
     """'; projected ...' for the fallback warning when the generic method will take more than about 1,000
     gradients: one gradient is timed (a small price next to what follows), else ''. repeats: per-sample
     diagonals take one pass per sample."""
@@ -259,13 +260,25 @@ def _projection(call: ModelCall, repeats: int = 1) -> str:
                 if loss.is_cuda:
                     torch.cuda.synchronize(loss.device)
                 seconds = time.perf_counter() - start
+            # one chunk of the generic method itself, timed: batched products cost from a tenth of a gradient
+            # (small models) to several, so a gradient's time alone misjudges it by that much
+            each = None
+            if loss.requires_grad:
+                with library_forward():
+                    loss = loss_fn(model(*input_tuple), targets)
+                grads = torch.autograd.grad(loss, active, allow_unused=True, create_graph=True)
+                each = seconds_per_entry(loss, active, grads, memory_budget)
     except Exception:
         return ""
     per = " per sample" if repeats > 1 else ""
-    # measured on CPU: a batched Hessian-vector product cost 0.1 to 2 gradients (less on small models)
+    if each is None:
+        return (
+            f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
+            f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)"
+        )
     return (
-        f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
-        f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)"
+        f"; projected roughly {_duration(entries * each + repeats * seconds)}: {entries} Hessian-vector products "
+        f"(one per parameter entry{per}), batched, {each * 1e3:.3g} ms each here (a gradient: {seconds * 1e3:.1f} ms)"
     )
 
 
@@ -273,4 +286,4 @@ def _duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
             return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"

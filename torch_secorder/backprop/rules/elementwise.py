@@ -73,6 +73,15 @@ def elementwise_derivatives(module, x, y, create_graph, want_second=True):
     nn.Hardswish,
 )
 class ElementwiseRule(Rule):
+    def forward(self, module, x):
+        output, extras = super().forward(module, x)
+        if isinstance(module, nn.Hardsigmoid) and torch.is_grad_enabled() and x.requires_grad:
+            # PyTorch's hardsigmoid_backward multiplies by 1/6 rounded to float32 (3e-8 off in float64): the
+            # gradients the curved nodes below read must use the derivative the rule's Jacobian uses
+            first, _ = _closed_form(module, x.detach(), None, want_second=False)
+            output = output.detach() + (x - x.detach()) * first
+        return output, extras
+
     def needs_output_grad(self, module):
         return not isinstance(module, PIECEWISE_LINEAR)
 

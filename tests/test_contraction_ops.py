@@ -248,3 +248,11 @@ def test_weight_diagonal_over_position_pairs_equals_the_kernel(shape, with_signs
     for budget in (1 << 24, 1):  # one chunk of samples, and one sample at a time
         result = factor_weight_diagonal(factors, signs, inputs, max_elements=budget, force_pairs=True)
         assert relative_error(result, expected) < 1e-12
+        per_sample = factor_weight_diagonal(
+            factors, signs, inputs, max_elements=budget, force_pairs=True, per_sample=True
+        )
+        for n in range(samples):
+            one = reference_ops.affine_weight_diagonal(
+                factors[n : n + 1], None if signs is None else signs[n : n + 1], inputs[n : n + 1]
+            )
+            assert relative_error(per_sample[n], one) < 1e-12

@@ -71,21 +71,25 @@ def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_p
     twice = torch.where(first == second, 1.0, 2.0).to(factors.dtype)
     signed = factors if signs is None else factors * signs.reshape(samples, width, 1, 1)
     features = inputs.shape[1]
-    step = max(1, max_elements // max(1, (features + out_channels) * pairs))
-    total = None
+    # per sample: its factors read once more in (O, P, V) order, the (O, P, P) Gram blocks and the (K, T) products
+    per_sample_elements = width * out_channels * positions + out_channels * positions * positions + features * pairs
+    step = max(1, max_elements // max(1, per_sample_elements))
+    result = factors.new_zeros((samples, out_channels, features) if per_sample else (out_channels, features))
     for start in range(0, samples, step):
         stop = min(samples, start + step)
-        # (n, o): sum_v signs S[v, p] S[v, q], one small product per (sample, channel)
-        coupling = (signed[start:stop, :, :, first] * factors[start:stop, :, :, second]).sum(1) * twice  # (n, O, T)
+        # (n, O): sum_v signs S[v, p] S[v, q] as a product over v (no (n, V, O, T) intermediate: V is the number of
+        # columns, thousands where curved nodes sit above)
+        gram = torch.matmul(
+            signed[start:stop].permute(0, 2, 3, 1), factors[start:stop].permute(0, 2, 1, 3)
+        )  # (n, O, P, P)
+        coupling = gram[:, :, first, second] * twice  # (n, O, T)
         products = inputs[start:stop, :, first] * inputs[start:stop, :, second]  # (n, K, T)
         if per_sample:
-            part = torch.bmm(coupling, products.transpose(1, 2))  # (n, O, K)
-            total = part if total is None else torch.cat([total, part])
+            torch.bmm(coupling, products.transpose(1, 2), out=result[start:stop])  # (n, O, K)
             continue
         coupling = coupling.transpose(0, 1).reshape(out_channels, -1)  # (O, n T)
-        part = coupling @ products.permute(0, 2, 1).reshape(-1, features)
-        total = part if total is None else total + part
-    return total
+        result.addmm_(coupling, products.permute(0, 2, 1).reshape(-1, features))
+    return result
 
 
 def _per_sample_projections(factors, signs, inputs, max_elements):

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
 from .._forward_hooks import hook_reason
+from .rules import registered_base, rule_for
 
 _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forward is called
 _OWN_TENSORS = ("weight", "bias")
@@ -54,6 +55,21 @@ def pruned_tensors(module):
             name = hook._tensor_name
             pruned[name] = (getattr(module, name + "_orig"), getattr(module, name + "_mask"))
     return pruned
+
+
+def has_own_forward(module):
+    """True when module's class (not the instance) overrides what its rule's registered class computes with a
+    forward of its own (timm's LayerNorm on F.layer_norm, BatchNormAct2d on F.batch_norm): the trace reads that
+    forward, op by op, instead of keeping the module whole under the rule."""
+    base = registered_base(module)
+    if base is None:
+        return False
+    methods = rule_for(module).forward_methods
+    if any(name in vars(module) for name in methods + _CALL_METHODS):
+        return False  # replaced on the instance: refused by name (module_reason)
+    if any(getattr(type(module), name, None) is not getattr(base, name, None) for name in _CALL_METHODS):
+        return False  # a changed __call__ (hooks aside) is not a forward fx can read
+    return any(getattr(type(module), name, None) is not getattr(base, name, None) for name in methods)
 
 
 def _override_reason(module, base, methods):

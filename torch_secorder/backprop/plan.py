@@ -63,7 +63,11 @@ def plan_model(model: nn.Module, loss_fn: Callable) -> EnginePlan:
     except Unsupported:
         pass  # a Sequential with its own forward: traced below
     # NLL goes through the trace, which finds the model's final LogSoftmax (module or F.log_softmax)
-    if not loss.reads_log_probabilities and layers is not None and all(registered_base(m) is not None for m in layers):
+    if (
+        not loss.reads_log_probabilities
+        and layers is not None
+        and all(registered_base(m) is not None and not eligibility.has_own_forward(m) for m in layers)
+    ):
         return EnginePlan(loss, model, _checked_chain(layers, names))
     graph = trace.plan_for(model)
     if loss.reads_log_probabilities:

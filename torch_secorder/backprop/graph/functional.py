@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..._errors import Unsupported
+from ..rules.batch_norm import FunctionalBatchNorm
 
 
 def attribute(root, target):
@@ -111,28 +112,30 @@ for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):
             _FIXED.setdefault(getattr(F, _variant), _FIXED[getattr(F, _name)])
 
 
-def _weighted(build, names):
-    """An adapter for F.linear / F.conv*d / F.layer_norm / F.embedding: the module is built once from the
-    weight's shape and gets this call's weight and bias (whatever tensors they are) at each evaluation."""
+def _weighted(build, names, tensors=("weight", "bias"), anchors=("weight",)):
+    """An adapter for F.linear / F.conv*d / F.layer_norm / F.embedding / F.batch_norm: the module is built once
+    from the shape of the first of `anchors` it is given (a parameter or buffer of the model) and gets this call's
+    tensors (whatever they are) at each evaluation."""
 
     def adapt(fx_node, root):
         bound = dict(zip(names, fx_node.args))
         bound.update(fx_node.kwargs)
-        tensors = {key: bound.get(key) for key in ("weight", "bias")}
-        constants = {key: value for key, value in bound.items() if key not in ("input", "weight", "bias")}
+        own = {key: bound.get(key) for key in tensors}
+        constants = {key: value for key, value in bound.items() if key != "input" and key not in tensors}
         if any(isinstance(value, fx.Node) for value in constants.values()):
             return None
-        weight = tensors["weight"]
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        anchor = next((own[key] for key in anchors if own[key] is not None), None)
+        if not isinstance(anchor, fx.Node) or anchor.op != "get_attr":
             return None  # a weight computed in the forward: the generic op (its product with the input) handles it
-        module = build(attribute(root, weight.target), tensors["bias"] is not None, **constants)
+        present = {key: arg is not None for key, arg in own.items()}
+        module = build(attribute(root, anchor.target), present, **constants)
         if module is None:
             return None
 
         def bind(module, node, values):
-            for key, arg in tensors.items():
-                if key in module._parameters:
-                    del module._parameters[key]
+            for key, arg in own.items():
+                module._parameters.pop(key, None)
+                module._buffers.pop(key, None)
                 object.__setattr__(module, key, None if arg is None else values[arg.name])
 
         return module, bind, bound["input"]
@@ -140,12 +143,12 @@ def _weighted(build, names):
     return adapt
 
 
-def _linear(weight, bias):
-    return nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device="meta")
+def _linear(weight, present):
+    return nn.Linear(weight.shape[1], weight.shape[0], bias=present["bias"], device="meta")
 
 
 def _conv(cls):
-    def build(weight, bias, stride=1, padding=0, dilation=1, groups=1):
+    def build(weight, present, stride=1, padding=0, dilation=1, groups=1):
         return cls(
             weight.shape[1] * groups,
             weight.shape[0],
@@ -154,19 +157,30 @@ def _conv(cls):
             padding,
             dilation,
             groups,
-            bias=bias,
+            bias=present["bias"],
             device="meta",
         )
 
     return build
 
 
-def _layer_norm(weight, bias, normalized_shape, eps=1e-5):
-    module = nn.LayerNorm(normalized_shape, eps, elementwise_affine=True, bias=bias, device="meta")
-    return module
+def _layer_norm(weight, present, normalized_shape, eps=1e-5):
+    return nn.LayerNorm(normalized_shape, eps, elementwise_affine=True, bias=present["bias"], device="meta")
 
 
-def _embedding(weight, bias, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+def _batch_norm(first, present, training=False, momentum=0.1, eps=1e-5):
+    if training or not present["running_mean"] or not present["running_var"]:
+        raise Unsupported(
+            "F.batch_norm with batch statistics (train mode, or no running statistics: they couple the samples); "
+            "call model.eval()"
+        )
+    affine = present["weight"] and present["bias"]
+    if present["weight"] != present["bias"]:
+        return None  # one of weight and bias: rare, left to the generic op
+    return FunctionalBatchNorm(first.shape[0], eps, affine=affine, device="meta").eval()
+
+
+def _embedding(weight, present, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
     if max_norm is not None or scale_grad_by_freq:
         return None  # the generic op (and its checks) decide
     if padding_idx is not None and padding_idx < 0:
@@ -180,6 +194,12 @@ _WEIGHTED = {
     F.conv2d: _weighted(_conv(nn.Conv2d), ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     F.conv3d: _weighted(_conv(nn.Conv3d), ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     F.layer_norm: _weighted(_layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
+    F.batch_norm: _weighted(
+        _batch_norm,
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        ("running_mean", "running_var", "weight", "bias"),
+        ("running_mean", "running_var", "weight", "bias"),
+    ),
     F.embedding: _weighted(
         _embedding, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
     ),

@@ -119,6 +119,8 @@ class _Tracer(fx.Tracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, module, qualified_name):
+        if eligibility.has_own_forward(module):
+            return False  # read op by op: F.layer_norm and the like inside it have rules of their own
         return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
 
     def iter(self, proxy):

@@ -6,7 +6,17 @@ import torch.nn as nn
 from .registry import Rule, register, registered_base, unbatched_input_reason
 from .shared_weight import channelwise_diagonal
 
-_BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+class FunctionalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The module of an F.batch_norm call (timm's BatchNormAct2d, say): any (N, C, ...) input, as the function
+    takes; the graph engine puts the call's own tensors on it (functional.py)."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+_BATCHED_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,), FunctionalBatchNorm: (2, 3, 4, 5)}
 
 
 @register(*_BATCHED_DIMS)

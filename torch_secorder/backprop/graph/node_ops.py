@@ -17,6 +17,7 @@ paths can be added as vectors (engine.py). The ops, below the base class NodeOp:
 """
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -242,8 +243,18 @@ class GenericOp(NodeOp):
     def __init__(self, linear, param_args=(), callee=None):
         self.linear = linear  # known to be linear in its activation inputs: no residual term
         self.curved_possible = not linear
-        self.param_args = tuple(param_args)  # names of get_attr nodes holding trainable parameters
+        self.param_args = tuple(param_args)  # names of get_attr nodes holding trainable parameters, or of their views
+        self.param_views: dict = {}  # the views among param_args: name -> ParamView
         self.callee = callee  # a parameter-free module, for call_module nodes
+
+    def read_param_views(self, node, views):
+        """Takes the parameter views (ParamView) among the node's arguments as parameters it uses."""
+        for arg in _unique_nodes((node.fx_node.args, node.fx_node.kwargs)):
+            view = views.get(arg.name)
+            if view is not None and arg.name not in self.param_args:
+                self.param_args += (arg.name,)
+                self.param_views[arg.name] = view
+                node.params.append(view.qualified)
 
     def check(self, node, nodes):
         if node.params and not self.affine_in_params(node):
@@ -254,7 +265,9 @@ class GenericOp(NodeOp):
 
     def affine_in_params(self, node):
         target = node.fx_node.target
-        return target in _AFFINE_IN_PARAMS or (node.fx_node.op == "call_method" and target in _AFFINE_METHODS)
+        if node.fx_node.op == "call_method":
+            return target in _AFFINE_METHODS or target in _LINEAR_METHODS
+        return target in _AFFINE_IN_PARAMS or target in _LINEAR_FUNCTIONS  # linear ops: linear in every tensor
 
     # -- evaluation
     def function(self, node, values, replaced):
@@ -339,19 +352,28 @@ class GenericOp(NodeOp):
         return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
     def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
-        params = [(name, node.values[name]) for name in self.param_args if id(node.values[name]) in wanted]
+        params = []  # (argument name, the parameter, the view it is read through or None)
+        for name in self.param_args:
+            view = self.param_views.get(name)
+            param = node.values[view.source if view else name]
+            if id(param) in wanted:
+                params.append((name, param, view))
         if not params:
             return []
         inputs = [node.values[name] for name in node.input_names]
         samples, width = columns.shape[:2]
-        param_names = [name for name, _ in params]
+        param_names = [name for name, _, _ in params]
         call = self.function(node, node.values, node.input_names + param_names)
+
+        def argument(param, view):  # what one sample's call reads: the parameter, or its view recomputed from it
+            return param if view is None else view.recompute(param, node.values, samples)
 
         def one_sample(sample_inputs, sample_columns):
             def of_params(*tensors):
-                return call(*[t.unsqueeze(0) for t in sample_inputs], *tensors)
+                arguments = [argument(t, view) for t, (_, _, view) in zip(tensors, params)]
+                return call(*[t.unsqueeze(0) for t in sample_inputs], *arguments)
 
-            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in params])  # type: ignore[misc]
+            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p, _ in params])  # type: ignore[misc]
             return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
 
         try:
@@ -362,7 +384,7 @@ class GenericOp(NodeOp):
                 f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
             ) from None
         results = []
-        for (_, param), projection in zip(params, projections):
+        for (_, param, _), projection in zip(params, projections):
             squared = projection * projection
             if signs is not None:
                 squared = squared * signs.reshape(samples, width, *[1] * param.dim())
@@ -664,6 +686,62 @@ def _param_args(fx_node, root):
     return found
 
 
+@dataclass(frozen=True)
+class ParamView:
+    """A parameter seen through linear maps that read nothing else that has derivatives (reshape, expand,
+    indexing, transposes, scaling by a constant: timm's gamma.reshape(1, -1, 1, 1), ViT's cls_token.expand(N, -1,
+    -1)). A node affine in the view is affine in the parameter, so its per-sample projections are the vjp through
+    the view, summed over the places the view repeats the parameter before squaring: exact."""
+
+    source: str  # the get_attr node of the parameter
+    qualified: str  # the parameter's qualified name
+    chain: tuple  # the fx nodes from the parameter to the view, in order
+
+    def recompute(self, param, values, samples):
+        local = dict(values)
+        local[self.source] = param
+        for fx_node in self.chain:
+            local[fx_node.name] = _call(fx_node, local)
+        view = local[self.chain[-1].name]
+        if samples > 1 and view.dim() > 0 and view.shape[0] == samples and view.stride(0) == 0:
+            return view[:1]  # expanded over the batch: every sample reads the same copy, one sample's call one row
+        return view
+
+
+_VIEW_FUNCTIONS = (_LINEAR_FUNCTIONS | _RESHAPES) - {torch.cat, torch.concat, torch.stack, torch.hstack, torch.vstack}
+_VIEW_METHODS = _LINEAR_METHODS | _RESHAPE_METHODS
+
+
+def param_view(fx_node, root, views, derived):
+    """The ParamView a non-input node computes, or None: a linear map of exactly one trainable parameter (or of a
+    view of one), every other argument free of parameters. derived(arg): True when arg is computed from a
+    trainable parameter."""
+    if fx_node.op not in ("call_function", "call_method"):
+        return None
+    target = fx_node.target
+    is_method = fx_node.op == "call_method"
+    linear = (is_method and target in _VIEW_METHODS) or (not is_method and target in _VIEW_FUNCTIONS)
+    scaled = (is_method and target in _PRODUCT_METHODS) or (not is_method and target in _PRODUCT_FUNCTIONS)
+    if not (linear or scaled):
+        return None
+    sources = [arg for arg in _unique_nodes((fx_node.args, fx_node.kwargs)) if derived(arg)]
+    if len(sources) != 1:
+        return None
+    source = sources[0]
+    if scaled:
+        if target in _DIVISIONS and not (fx_node.args and fx_node.args[0] is source):
+            return None  # c / p is not linear in p
+    if source.name in views:
+        below = views[source.name]
+        return ParamView(below.source, below.qualified, below.chain + (fx_node,))
+    if source.op != "get_attr":
+        return None
+    value = attribute(root, source.target)
+    if not (isinstance(value, nn.Parameter) and value.requires_grad):
+        return None
+    return ParamView(source.name, source.target, (fx_node,))
+
+
 class ProductOp(GenericOp):
     """x * y, x / y, x @ y: linear when one side is a constant or a parameter; a curved node (its second
     derivative couples the operands) when both depend on the input."""
@@ -695,6 +773,8 @@ __all__ = [
     "ReshapeOp",
     "AddOp",
     "ProductOp",
+    "ParamView",
+    "param_view",
     "ConstantOp",
     "InputOp",
     "Unsupported",

@@ -219,16 +219,26 @@ def build_plan(model, traced):
             node.op = node_ops.ConstantOp()  # computed from parameters or constants only
         index_of[fx_node] = len(nodes)
         nodes.append(node)
+    views: dict = {}  # node name -> ParamView: a parameter reshaped, expanded, indexed or scaled before use
+    derived = {node.name: node for node in nodes if not node.activation and node.op.param_derived(node, nodes)}
+    derived.update((node.name, node) for node in nodes if node.params and node.fx_node.op == "get_attr")
     for node in nodes:
         if node.activation and not node.op.is_input:
+            if isinstance(node.op, node_ops.GenericOp):
+                node.op.read_param_views(node, views)
+            elif any(arg.name in views for arg in node.fx_node.all_input_nodes):
+                raise Unsupported(f"a view of a parameter used by {node.op.describe(node)} (no exact rule for it)")
             node.op.check(node, nodes)
-        elif not node.activation and node.op.param_derived(node, nodes):
-            # a parameter transformed before it meets the input (self.w * 2, a parametrization): the rules
-            # below would see a constant and give the parameter no curvature
-            raise Unsupported(
-                f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
-                f"{node.op.describe(node)} before use (only direct uses have exact rules)"
-            )
+        elif node.name in derived and node.fx_node.op != "get_attr":
+            view = node_ops.param_view(node.fx_node, root, views, lambda arg: arg.name in derived)
+            if view is None:
+                # a parameter transformed before it meets the input (exp(self.w), a parametrization): the rules
+                # below would see a constant and give the parameter no curvature
+                raise Unsupported(
+                    f"parameter(s) {node.op.param_names(node, nodes)} transformed by "
+                    f"{node.op.describe(node)} before use (only direct uses, views and scalings have exact rules)"
+                )
+            views[node.name] = view
     assert output is not None, "every fx graph ends in an output node"
     return GraphPlan(nodes, output, names, constants=constants)
 

@@ -1,0 +1,106 @@
+"""Models as they come from torchvision and timm (small instances, random weights, eval mode, batch 2 at 32 x 32):
+the engine takes them with method="auto" and no warning, exact against one float64 Hessian-vector product per
+sampled entry. Skipped where timm / torchvision are not installed (optional test dependencies:
+`pip install --no-deps torchvision==0.28.0 timm==1.0.31`, --no-deps so that pip keeps this torch).
+
+
+torchvision's CPU wheel does not import against another torch: tests/conftest.py loads its model definitions
+only."""
+
+import contextlib
+import importlib
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomise_batch_norm
+
+from torch_secorder import explain_method, model_hessian_diagonal
+from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
+
+
+def import_torchvision_models():
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed")
+    return importlib.import_module("torchvision.models")
+
+
+def import_timm():
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    import_torchvision_models()  # timm imports torchvision where it is installed
+    return importlib.import_module("timm")
+
+
+@contextlib.contextmanager
+def hard_activations_as_clamps():
+    """PyTorch has no second derivative of hardsigmoid (its backward is not differentiable): the reference
+    differentiates the same function written with clamp."""
+    hardsigmoid, hardswish = F.hardsigmoid, F.hardswish
+    F.hardsigmoid = lambda x, inplace=False: torch.clamp(x + 3, 0, 6) / 6
+    F.hardswish = lambda x, inplace=False: x * torch.clamp(x + 3, 0, 6) / 6
+    try:
+        yield
+    finally:
+        F.hardsigmoid, F.hardswish = hardsigmoid, hardswish
+
+
+def assert_auto_exact(model, per_parameter=3, tolerance=1e-10):
+    torch.manual_seed(0)
+    model = model.double().eval()
+    randomise_batch_norm(model, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=generator), torch.tensor([1, 3])
+    choice = explain_method(model, F.cross_entropy)
+    assert choice.method == "backprop", choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        actual = model_hessian_diagonal(model, F.cross_entropy, x, y)
+    params = list(model.parameters())
+    picks = [
+        (i, k) for i, p in enumerate(params) for k in torch.randperm(p.numel(), generator=generator)[:per_parameter]
+    ]
+    picks += [(i, int(a.reshape(-1).abs().argmax())) for i, a in enumerate(actual)]
+    with hard_activations_as_clamps():
+        expected = sampled_hessian_diagonal(model_loss_of_params(model, F.cross_entropy, x, y), params, picks)
+    scale = max(abs(value) for value in expected.values())
+    error = max(abs(actual[i].reshape(-1)[int(k)].item() - value) for (i, k), value in expected.items()) / scale
+    assert error < tolerance, error
+
+
+def torchvision_zoo():
+    def convnext(models):
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+        return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=10)
+
+    def efficientnet(models):
+        from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+        return EfficientNet([MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 16, 1)], 0.2, num_classes=10)
+
+    return {
+        "resnet18": lambda models: models.resnet18(num_classes=10),
+        "mobilenet_v2": lambda models: models.mobilenet_v2(num_classes=10, width_mult=0.25),
+        "mobilenet_v3_small": lambda models: models.mobilenet_v3_small(num_classes=10, width_mult=0.25),
+        "squeezenet": lambda models: models.squeezenet1_1(num_classes=10),
+        "shufflenet": lambda models: models.shufflenet_v2_x0_5(num_classes=10),
+        "convnext": convnext,
+        "efficientnet": efficientnet,
+    }
+
+
+@pytest.mark.parametrize("name", list(torchvision_zoo()))
+def test_torchvision_models(name):
+    models = import_torchvision_models()
+    assert_auto_exact(torchvision_zoo()[name](models))
+
+
+@pytest.mark.parametrize(
+    "name", ["test_resnet", "test_byobnet", "test_efficientnet", "test_convnext", "regnetx_002", "resnet18"]
+)
+def test_timm_models(name):
+    timm = import_timm()
+    assert_auto_exact(timm.create_model(name, num_classes=10))

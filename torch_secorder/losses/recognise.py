@@ -1,8 +1,11 @@
 """Which supported loss a loss_fn is (module or functional form, functools.partial with options)."""
 
 import functools
-from typing import Dict, Type, Union
+import inspect
+from typing import Dict, Optional, Tuple, Type, Union
 
+import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .._forward_hooks import hook_reason
@@ -36,6 +39,8 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
             if unknown:
                 return f"loss option(s) {sorted(unknown)} of {kind.function.__name__}"
             given = keywords
+    if kind is None and not isinstance(loss_fn, nn.Module):
+        kind, given = _read_function(loss_fn)
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
         return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
@@ -43,3 +48,41 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
     if options["reduction"] not in ("mean", "sum"):
         return f"reduction={options['reduction']!r} (the loss must be a scalar: 'mean' or 'sum')"
     return kind(options)
+
+
+def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict]:
+    """(kind, its options) when loss_fn is a function whose whole body is one call of a supported loss function on
+    its two arguments with constant options (lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)), else
+    (None, {}). Traced at each call, so the options are those the function reads now."""
+    if not callable(loss_fn) or not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
+        return None, {}
+    try:
+        if len(inspect.signature(loss_fn).parameters) != 2:
+            return None, {}
+        graph = fx.symbolic_trace(loss_fn).graph  # type: ignore[arg-type]
+    except Exception:
+        return None, {}
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    calls = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+    if len(placeholders) != 2 or len(calls) != 1 or calls[0].op != "call_function":
+        return None, {}
+    (call,) = calls
+    kind = _BY_FUNCTION.get(call.target)
+    output = next(node for node in graph.nodes if node.op == "output")
+    if kind is None or output.args[0] is not call:
+        return None, {}
+    try:
+        signature = inspect.signature(kind.function)
+        bound = signature.bind(*call.args, **call.kwargs).arguments
+    except TypeError:
+        return None, {}
+    for name in [name for name in bound if name not in kind.option_defaults and name not in ("input", "target")]:
+        if bound[name] is signature.parameters[name].default:  # fx spells out every default (size_average=None)
+            del bound[name]
+    if bound.pop("input", None) is not placeholders[0] or bound.pop("target", None) is not placeholders[1]:
+        return None, {}  # the loss of something else than (output, targets) as given
+    if any(isinstance(value, (fx.Node, torch.Tensor)) for value in bound.values()) or set(bound) - set(
+        kind.option_defaults
+    ):
+        return None, {}  # options computed in the function, tensors it holds, or options we do not know
+    return kind, bound

@@ -59,7 +59,7 @@ def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict]:
     try:
         if len(inspect.signature(loss_fn).parameters) != 2:
             return None, {}
-        graph = fx.symbolic_trace(loss_fn).graph  # type: ignore[arg-type]
+        graph = fx.symbolic_trace(loss_fn).graph
     except Exception:
         return None, {}
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]

@@ -1,30 +1,14 @@
-import importlib.util
-import sys
-import types
+import os
+import runpy
 
 import pytest
 import torch
 
+# torchvision's model definitions where its C ops cannot load against this torch; the examples' subprocesses get the
+# same through PYTHONPATH (tests/test_examples.py)
+runpy.run_path(os.path.join(os.path.dirname(__file__), "torchvision_loader", "sitecustomize.py"))
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _load_torchvision_models_only():
-    """torchvision's CPU wheel does not import against another torch: its module _meta_registrations registers
-    fake kernels for C ops that did not load ("operator torchvision::nms does not exist"). Its model definitions
-    are plain Python, so where that import fails the module is replaced by an empty one and torchvision imported
-    again (its C ops stay unusable). laplace-torch and timm import torchvision; the model zoo tests use it."""
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        import torchvision
-    except RuntimeError:
-        for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-        import torchvision  # noqa: F401
-
-
-_load_torchvision_models_only()
 
 
 @pytest.fixture(params=DEVICES)

@@ -12,12 +12,22 @@ pytestmark = pytest.mark.slow  # whole scripts, 10 to 20 s each (the GPU check r
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
+def _with_torchvision_loader():
+    """The environment with tests/torchvision_loader first on PYTHONPATH: its sitecustomize lets torchvision's
+    model definitions (imported by laplace-torch) load where its C ops cannot."""
+    loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_loader")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [loader, env.get("PYTHONPATH")]))
+    return env
+
+
 def run_example(name, out, *arguments):
     completed = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, name), "--out", str(out), *arguments],
         capture_output=True,
         text=True,
         timeout=300,
+        env=_with_torchvision_loader(),
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Warning" not in completed.stderr, completed.stderr  # nothing fell back to the generic method

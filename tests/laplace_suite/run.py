@@ -39,7 +39,9 @@ def outcomes(junit_path):
 
 
 def run_pytest(tests, selection, plugins, junit_path):
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    # torchvision_loader: torchvision's model definitions where it is installed but its C ops do not load
+    loader = os.path.join(os.path.dirname(HERE), "torchvision_loader")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, loader, os.environ.get("PYTHONPATH", "")]))
     command = [
         sys.executable,
         "-m",

@@ -67,19 +67,22 @@ def has_own_forward(module):
     methods = rule_for(module).forward_methods
     if any(name in vars(module) for name in methods + _CALL_METHODS):
         return False  # replaced on the instance: refused by name (module_reason)
-    if any(getattr(type(module), name, None) is not getattr(base, name, None) for name in _CALL_METHODS):
+    if _overridden(module, base, _CALL_METHODS) is not None:
         return False  # a changed __call__ (hooks aside) is not a forward fx can read
-    return any(getattr(type(module), name, None) is not getattr(base, name, None) for name in methods)
+    return _overridden(module, base, methods) is not None
+
+
+def _overridden(module, base, names):
+    """The first of names that module's class defines otherwise than base, or None."""
+    return next((name for name in names if getattr(type(module), name, None) is not getattr(base, name, None)), None)
 
 
 def _override_reason(module, base, methods):
     for name in methods:
         if name in vars(module):
             return f"{name} replaced on the instance"
-    for name in methods + _CALL_METHODS:
-        if getattr(type(module), name, None) is not getattr(base, name, None):
-            return f"{type(module).__name__} overrides {base.__name__}.{name}"
-    return None
+    name = _overridden(module, base, methods + _CALL_METHODS)
+    return None if name is None else f"{type(module).__name__} overrides {base.__name__}.{name}"
 
 
 def _foreign_tensor_reason(module):

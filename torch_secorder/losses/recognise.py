@@ -54,7 +54,7 @@ def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict]:
     """(kind, its options) when loss_fn is a function whose whole body is one call of a supported loss function on
     its two arguments with constant options (lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)), else
     (None, {}). Traced at each call, so the options are those the function reads now."""
-    if not callable(loss_fn) or not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
+    if not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
         return None, {}
     try:
         if len(inspect.signature(loss_fn).parameters) != 2:

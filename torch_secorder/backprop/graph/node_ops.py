@@ -16,6 +16,7 @@ paths can be added as vectors (engine.py). The ops, below the base class NodeOp:
   ProductOp (products of two inputs: curved), ItemOp (one item of a TupleOp: split, chunk, unbind).
 """
 
+import collections
 import operator
 from dataclasses import dataclass
 
@@ -698,8 +699,7 @@ class ParamView:
     chain: tuple  # the fx nodes from the parameter to the view, in order
 
     def recompute(self, param, values, samples):
-        local = dict(values)
-        local[self.source] = param
+        local = collections.ChainMap({self.source: param}, values)  # the chain's results go to the first map
         for fx_node in self.chain:
             local[fx_node.name] = _call(fx_node, local)
         view = local[self.chain[-1].name]
@@ -712,10 +712,10 @@ _VIEW_FUNCTIONS = (_LINEAR_FUNCTIONS | _RESHAPES) - {torch.cat, torch.concat, to
 _VIEW_METHODS = _LINEAR_METHODS | _RESHAPE_METHODS
 
 
-def param_view(fx_node, root, views, derived):
+def param_view(fx_node, views, derived):
     """The ParamView a non-input node computes, or None: a linear map of exactly one trainable parameter (or of a
-    view of one), every other argument free of parameters. derived(arg): True when arg is computed from a
-    trainable parameter."""
+    view of one), every other argument free of parameters. derived(arg): True when arg is a trainable parameter's
+    get_attr or computed from one; views: those computed so far (a derived node that is no view was refused)."""
     if fx_node.op not in ("call_function", "call_method"):
         return None
     target = fx_node.target
@@ -728,18 +728,12 @@ def param_view(fx_node, root, views, derived):
     if len(sources) != 1:
         return None
     source = sources[0]
-    if scaled:
-        if target in _DIVISIONS and not (fx_node.args and fx_node.args[0] is source):
-            return None  # c / p is not linear in p
+    if scaled and target in _DIVISIONS and not (fx_node.args and fx_node.args[0] is source):
+        return None  # c / p is not linear in p
     if source.name in views:
         below = views[source.name]
         return ParamView(below.source, below.qualified, below.chain + (fx_node,))
-    if source.op != "get_attr":
-        return None
-    value = attribute(root, source.target)
-    if not (isinstance(value, nn.Parameter) and value.requires_grad):
-        return None
-    return ParamView(source.name, source.target, (fx_node,))
+    return ParamView(source.name, source.target, (fx_node,))  # the parameter's own get_attr
 
 
 class ProductOp(GenericOp):

@@ -220,8 +220,13 @@ def build_plan(model, traced):
         index_of[fx_node] = len(nodes)
         nodes.append(node)
     views: dict = {}  # node name -> ParamView: a parameter reshaped, expanded, indexed or scaled before use
-    derived = {node.name: node for node in nodes if not node.activation and node.op.param_derived(node, nodes)}
-    derived.update((node.name, node) for node in nodes if node.params and node.fx_node.op == "get_attr")
+    # trainable parameters' get_attr nodes, and what is computed from them alone
+    derived = {
+        node.name
+        for node in nodes
+        if not node.activation
+        and (node.params if node.fx_node.op == "get_attr" else node.op.param_derived(node, nodes))
+    }
     for node in nodes:
         if node.activation and not node.op.is_input:
             if isinstance(node.op, node_ops.GenericOp):
@@ -230,7 +235,7 @@ def build_plan(model, traced):
                 raise Unsupported(f"a view of a parameter used by {node.op.describe(node)} (no exact rule for it)")
             node.op.check(node, nodes)
         elif node.name in derived and node.fx_node.op != "get_attr":
-            view = node_ops.param_view(node.fx_node, root, views, lambda arg: arg.name in derived)
+            view = node_ops.param_view(node.fx_node, views, lambda arg: arg.name in derived)
             if view is None:
                 # a parameter transformed before it meets the input (exp(self.w), a parametrization): the rules
                 # below would see a constant and give the parameter no curvature

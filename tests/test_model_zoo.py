@@ -81,6 +81,11 @@ def torchvision_zoo():
 
         return EfficientNet([MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 16, 1)], 0.2, num_classes=10)
 
+    def vision_transformer(models):
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=24, mlp_dim=48, num_classes=10)
+
     return {
         "resnet18": lambda models: models.resnet18(num_classes=10),
         "mobilenet_v2": lambda models: models.mobilenet_v2(num_classes=10, width_mult=0.25),
@@ -89,6 +94,7 @@ def torchvision_zoo():
         "shufflenet": lambda models: models.shufflenet_v2_x0_5(num_classes=10),
         "convnext": convnext,
         "efficientnet": efficientnet,
+        "vit": vision_transformer,  # nn.MultiheadAttention read as its ops (backprop/graph/attention.py)
     }
 
 
@@ -104,3 +110,20 @@ def test_torchvision_models(name):
 def test_timm_models(name):
     timm = import_timm()
     assert_auto_exact(timm.create_model(name, num_classes=10))
+
+
+SMALL_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=24, num_heads=2, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("vit_tiny_patch16_224", {}),  # qkv.permute(2, 0, 3, 1, 4): the batch axis moved inside attention
+        ("deit_tiny_distilled_patch16_224", {}),  # two tokens and two heads
+        ("vit_tiny_patch16_224", dict(init_values=0.1, class_token=False, global_pool="avg")),  # layer scale
+        ("vit_tiny_patch16_224", dict(qk_norm=True, reg_tokens=2)),
+    ],
+)
+def test_timm_vision_transformers(name, options):
+    timm = import_timm()
+    assert_auto_exact(timm.create_model(name, **{**SMALL_VIT, **options}))

@@ -144,3 +144,13 @@ class _TraceGate:
 _GATE = _TraceGate()
 library_call = _GATE.call  # around a whole library call: its forwards never overlap a trace
 exclusive_trace = _GATE.trace  # around a torch.fx trace
+
+
+def attention_twice_differentiable():
+    """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward and no
+    batching rule for their backward: passes that differentiate twice (the generic method) or under vmap (the
+    graph engine) record attention with the math backend (same numbers up to rounding)."""
+    # lazy: imports torch.nn.attention's submodules, rarely needed
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev
 
+from ._forward_pass import attention_twice_differentiable
+
 
 def _unflatten(flat, shapes):
     return [tensor[0] for tensor in _unflatten_batched(flat.unsqueeze(0), shapes)]
@@ -23,7 +25,8 @@ def dense_hessian_diagonal(loss_of_params, params):
     def loss_of_flat(vector):
         return loss_of_params(*_unflatten(vector, shapes))
 
-    hessian = jacrev(jacrev(loss_of_flat))(flat)
+    with attention_twice_differentiable():  # fused attention kernels have no double backward
+        hessian = jacrev(jacrev(loss_of_flat))(flat)
     return _unflatten(torch.diagonal(hessian), shapes)
 
 
@@ -31,7 +34,8 @@ def sampled_hessian_diagonal(loss_of_params, params, indices):
     """H[k, k] for flat indices k of parameter i, as {(i, k): value}; one HVP per entry."""
     values = {}
     leaves = [p.detach().requires_grad_(True) for p in params]
-    loss = loss_of_params(*leaves)
+    with attention_twice_differentiable():  # fused attention kernels have no double backward
+        loss = loss_of_params(*leaves)
     grads = torch.autograd.grad(loss, leaves, create_graph=True)
     for i, k in indices:
         (row,) = torch.autograd.grad(grads[i].reshape(-1)[k], leaves[i], retain_graph=True, allow_unused=True)

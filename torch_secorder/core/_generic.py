@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .._forward_pass import library_forward
+from .._forward_pass import attention_twice_differentiable, library_forward
 from .._gradient_hooks import tensor_hooks_off
 from ..losses import check_scalar_loss
 from . import _validation as validation
@@ -98,15 +98,6 @@ def first_order_grads(loss, params):
         for index, grad in zip(active, found):
             grads[index] = grad
     return grads
-
-
-def attention_twice_differentiable():
-    """scaled_dot_product_attention's fused kernels (flash, memory-efficient) have no double backward: the
-    generic method records the forward with the math backend, which has (same numbers up to rounding)."""
-    # lazy: imports torch.nn.attention's submodules, rarely needed
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def normal_inputs(inputs):

@@ -14,14 +14,13 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .._forward_pass import library_call, library_forward
+from .._forward_pass import attention_twice_differentiable, library_call, library_forward
 from .._gradient_hooks import gradient_hooks_off
 from ..losses import check_scalar_loss
 from ..memory import block_cache_scope
 from . import _validation as validation
 from ._batched_hvp import DEFAULT_MEMORY_BUDGET, choose_chunk_size, is_out_of_memory, saved_tensor_bytes
 from ._generic import (
-    attention_twice_differentiable,
     buffers_restored,
     first_order_grads,
     inference_tensors_explained,

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..._errors import Unsupported
+from ..._forward_pass import attention_twice_differentiable
 from .. import eligibility
 from ..curvature import Curvature
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
@@ -48,6 +49,7 @@ class NodeOp:
     is_input = False
     carries = True  # its value is a tensor that columns can reach
     curved_possible = False  # may have a residual term (needs dloss/doutput)
+    prelude: tuple = ()  # fx nodes moving the batch axis that this node computes itself, in graph order (inlined)
 
     def activation_args(self, fx_node):
         return _unique_nodes((fx_node.args, fx_node.kwargs))
@@ -86,6 +88,16 @@ def _unique_nodes(args):
     found = []
     fx.node.map_arg(args, lambda n: found.append(n) if n not in found else None)
     return found
+
+
+def _with_prelude(op, values):
+    """values, plus what the op's inlined nodes compute from them."""
+    if not op.prelude:
+        return values
+    local = collections.ChainMap({}, values)
+    for fx_node in op.prelude:
+        local[fx_node.name] = _call(fx_node, local)
+    return local
 
 
 # ---------------------------------------------------------------- leaves without columns
@@ -276,11 +288,13 @@ class GenericOp(NodeOp):
         fx_node = node.fx_node
 
         writes_inputs = _writes_its_inputs(fx_node, self.callee)
+        attention = fx_node.target is F.scaled_dot_product_attention
         read = [arg.name for arg in fx_node.all_input_nodes]
 
         def call(*tensors):
             local = dict(values)
             local.update(zip(replaced, tensors))
+            local = _with_prelude(self, local)
             if writes_inputs:  # an in-place call: on copies, so recorded values (and vjp primals) stay intact
                 for name in read:
                     if isinstance(local.get(name), torch.Tensor):
@@ -288,6 +302,9 @@ class GenericOp(NodeOp):
             if self.callee is not None:
                 args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: local[n.name])
                 return self.callee(*args, **kwargs)
+            if attention:  # the math backend: vmap and double backward go through it
+                with attention_twice_differentiable():
+                    return _call(fx_node, local)
             return _call(fx_node, local)
 
         return call
@@ -412,7 +429,7 @@ class TupleOp(NodeOp):
     carries = False
 
     def evaluate(self, node, values, root):
-        return _call(node.fx_node, values)
+        return _call(node.fx_node, _with_prelude(self, values))
 
 
 class ItemOp(GenericOp):
@@ -429,7 +446,7 @@ class ItemOp(GenericOp):
         def call(*tensors):
             local = dict(values)
             local.update(zip(replaced, tensors))
-            return _call(self.source, local)[self.index]
+            return _call(self.source, _with_prelude(self, local))[self.index]
 
         return call
 
@@ -597,7 +614,7 @@ class MetaOp(NodeOp):
     carries = False
 
     def evaluate(self, node, values, root):
-        value = _call(node.fx_node, values)
+        value = _call(node.fx_node, _with_prelude(self, values))
         if isinstance(value, torch.Tensor):  # carries no columns: a tensor here would cut the graph
             raise Unsupported(f"{self.describe(node)} returning a tensor")
         return value
@@ -669,6 +686,58 @@ def make_op(fx_node, root, modules, names):
     if (not is_method and target in _PRODUCT_FUNCTIONS) or (is_method and target in _PRODUCT_METHODS):
         return ProductOp(params), qualified
     return GenericOp(linear=False, param_args=params), qualified
+
+
+# ---------------------------------------------------------------- ops that move the batch axis
+_AXIS_SWAPS = {torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxes", "swapdims"}
+_AXIS_MOVES = {torch.movedim, torch.moveaxis, "movedim", "moveaxis"}
+
+
+def moved_axis(fx_node, axis):
+    """Where a permute / transpose / movedim puts the axis at position `axis` of its input (timm's
+    qkv.permute(2, 0, 3, 1, 4) takes the batch axis from 0 to 1; a transpose back returns it), or None: not such
+    an op, or axes it cannot place without the input's rank (negative ones). A tensor whose batch axis is not at 0
+    has no per-sample columns: each node that reads it computes it itself (trace.build_plan inlines it), and a
+    move this cannot place is found when the node is evaluated (a batch axis elsewhere than 0 is refused)."""
+    if fx_node.op not in ("call_function", "call_method"):
+        return None
+    target, args, kwargs = fx_node.target, fx_node.args[1:], fx_node.kwargs
+    if target in ("permute", torch.permute):
+        dims = kwargs.get("dims", args[0] if len(args) == 1 else args)
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % len(dims) for d in dims] if dims else []
+        return dims.index(axis) if axis in dims else None
+    if target in _AXIS_SWAPS:
+        pair = list(args[:2]) + [kwargs[k] for k in ("dim0", "dim1") if k in kwargs]
+        if len(pair) != 2 or not all(isinstance(d, int) and d >= 0 for d in pair):
+            return None
+        return pair[1] if axis == pair[0] else pair[0] if axis == pair[1] else axis
+    if target in _AXIS_MOVES:
+        pair = list(args[:2]) + [kwargs[k] for k in ("source", "destination") if k in kwargs]
+        if len(pair) != 2 or not all(isinstance(d, int) and d >= 0 for d in pair):
+            return None
+        source, destination = pair
+        if axis == source:
+            return destination
+        position = axis - (source < axis)
+        return position + (destination <= position)
+    return None
+
+
+def reading_moved(op, fx_node):
+    """The op for a node that reads inlined nodes (moved_axis): the specialised ops pull columns straight
+    to their arguments, so anything but a tuple op, an item of one or a plain GenericOp becomes a GenericOp of the
+    whole (differentiated through the inlined nodes)."""
+    if type(op) in (GenericOp, TupleOp, ItemOp, MetaOp):
+        return op
+    if isinstance(op, (ReshapeOp, AddOp)):
+        return GenericOp(linear=True, param_args=getattr(op, "param_args", ()))
+    if isinstance(op, ProductOp):
+        return GenericOp(linear=False, param_args=op.param_args)
+    raise Unsupported(
+        f"{fx_node.name} ({_target_name(fx_node)}) on a tensor whose batch axis was moved (no exact rule)"
+    )
 
 
 def _flatten_keeps_batch(fx_node):

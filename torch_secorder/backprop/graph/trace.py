@@ -22,7 +22,7 @@ from ..._forward_hooks import global_hook_reason, global_hooks, hook_reason
 from ..._forward_pass import exclusive_trace, library_forward
 from .. import eligibility
 from ..rules.registry import registered_base
-from . import node_ops
+from . import attention, node_ops
 
 
 @dataclass
@@ -101,6 +101,7 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.constants, self._constant_names = {}, {}
+        self._decomposing = None  # the nn.MultiheadAttention being read as its ops (attention.py)
 
     def create_arg(self, a):
         """A tensor that is neither a parameter nor a buffer of the model becomes a constant of the trace, not an
@@ -119,9 +120,18 @@ class _Tracer(fx.Tracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, module, qualified_name):
-        if eligibility.has_own_forward(module):
+        if eligibility.has_own_forward(module) or module is self._decomposing:
             return False  # read op by op: F.layer_norm and the like inside it have rules of their own
         return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        if not attention.decomposable(m, args, kwargs):
+            return super().call_module(m, forward, args, kwargs)
+        outer, self._decomposing = self._decomposing, m  # read as its ops: the projections get the Linear rule
+        try:
+            return super().call_module(m, lambda *a, **k: attention.multi_head_attention(m, *a, **k), args, kwargs)
+        finally:
+            self._decomposing = outer
 
     def iter(self, proxy):
         """fx follows `q, k, v = x.chunk(3, -1)` but not other iteration (map(f, x.chunk(3, -1)), a generator
@@ -200,16 +210,41 @@ def build_plan(model, traced):
     if len(placeholders) != 1:
         raise Unsupported(f"a forward with {len(placeholders)} arguments (the engine takes models of one input)")
     output = None
+    # fx nodes that move the batch axis away from 0 (node_ops.moved_axis), computed inside the nodes that read
+    # them: fx node -> (what it reads, the inlined nodes below it, where its batch axis is)
+    moved: dict = {}
+
+    def reads(args):  # (args with inlined nodes replaced by what they read, the inlined nodes reached)
+        found, prelude = [], set()
+        for arg in args:
+            below, inner, _ = moved.get(arg, ([arg], set(), 0))
+            found += [a for a in below if a not in found]
+            prelude |= inner | ({arg} if arg in moved else set())
+        return found, prelude
+
     for fx_node in graph.nodes:
         if fx_node.op == "output":
             result = fx_node.args[0]
+            if result in moved:
+                raise Unsupported("a forward that returns a tensor whose batch axis it moved")
             if not isinstance(result, fx.Node) or result not in index_of:
                 raise Unsupported("a forward that does not return one tensor")
             output = index_of[result]
             continue
+        source = fx_node.args[0] if fx_node.args and isinstance(fx_node.args[0], fx.Node) else None
+        axis = node_ops.moved_axis(fx_node, moved[source][2] if source in moved else 0)
+        if axis not in (0, None):
+            args, prelude = reads(node_ops.NodeOp().activation_args(fx_node))
+            if any(nodes[index_of[a]].activation for a in args if a in index_of):
+                moved[fx_node] = (args, prelude, axis)
+                continue
         op, params = node_ops.make_op(fx_node, root, modules, names)
+        args, prelude = reads(op.activation_args(fx_node))
+        if prelude:
+            op = node_ops.reading_moved(op, fx_node)
+            op.prelude = tuple(n for n in graph.nodes if n in prelude)
         node = GraphNode(fx_node.name, op, fx_node, params=params)
-        inputs = [index_of[arg] for arg in op.activation_args(fx_node) if arg in index_of]
+        inputs = [index_of[arg] for arg in args if arg in index_of]
         node.activation = op.is_input or (
             fx_node.op != "get_attr" and any(nodes[i].activation and nodes[i].op.carries for i in inputs)
         )

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import (
     Y5,
     D,
+    assert_backprop_exact,
     assert_sampled_exact,
     assert_steps_aside,
     brute_force,
@@ -288,15 +289,6 @@ def test_cross_entropy_on_outputs_with_positions():
 
 
 # ---------------------------------------------------------------- what the engine must refuse
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else self.fc(-x)
-
-
 class BatchMixing(nn.Module):
     def __init__(self, mix):
         super().__init__()
@@ -339,18 +331,44 @@ class TiedWeights(nn.Module):
 @pytest.mark.parametrize(
     "model, message",
     [
-        (DataDependent, "torch.fx cannot trace"),
         (lambda: BatchMixing("mean"), "changing the batch axis"),
         (lambda: BatchMixing("flip"), "mixing samples"),
         (lambda: BatchMixing("roll"), "mixing samples"),
         (Aliased, "a forward the trace does not reproduce"),
         (TiedWeights, "module 'a' (Linear): parameters used at two places"),
     ],
-    ids=["data-dependent", "batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"],
+    ids=["batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"],
 )
 def test_what_the_engine_cannot_do_exactly_steps_aside(model, message):
     torch.manual_seed(0)
     assert_steps_aside(model().double().eval(), vectors(6), Y5, message, explained=False)
+
+
+class ShapeDependent(nn.Module):
+    """Control flow a symbolic trace cannot follow: on a value, on a shape, len() and iteration over a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) if x.sum() > 0 else torch.sin(self.a(-x))
+        if h.shape[-1] == 6 and len(h) > 1:
+            h = h + sum(piece for piece in h.unsqueeze(1).transpose(1, 0))  # iterates over a size-1 axis
+        return self.b(h * torch.finfo(h.dtype).eps + h)
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["positive", "negative"])
+def test_control_flow_is_traced_with_the_call_values(sign):
+    """The branch this call's inputs take is the function it differentiates; another input, another plan."""
+    torch.manual_seed(0)
+    model = ShapeDependent().double()
+    x = vectors(6).abs() * sign
+    assert explain_method(model, F.cross_entropy, x, targets=Y5).method == "backprop"
+    assert "explain_method(..., inputs)" in explain_method(model, F.cross_entropy).reason
+    assert_backprop_exact(model, F.cross_entropy, x, Y5)
+    assert_backprop_exact(model, F.cross_entropy, -x, Y5)  # the other branch: traced again, a plan of its own
+    assert_backprop_exact(model, F.cross_entropy, x[:3], Y5[:3])  # another batch size
 
 
 def test_a_changed_python_flag_is_traced_again():

@@ -110,10 +110,6 @@ def test_plain_and_unchanged_subclass_are_exact(module_type):
 
 # what a subclass's own forward meets when it is read op by op, where that is not an exact rule
 OWN_FORWARD_STEPS_ASIDE = {
-    nn.BatchNorm1d: "torch.fx cannot trace",  # _BatchNorm.forward branches on input.dim()
-    nn.BatchNorm2d: "torch.fx cannot trace",
-    nn.BatchNorm3d: "torch.fx cannot trace",
-    FunctionalBatchNorm: "torch.fx cannot trace",
     nn.ConvTranspose1d: "used by conv_transpose1d (conv_transpose1d), which has no exact rule",
     nn.ConvTranspose2d: "used by conv_transpose2d (conv_transpose2d), which has no exact rule",
     nn.ConvTranspose3d: "used by conv_transpose3d (conv_transpose3d), which has no exact rule",
@@ -135,7 +131,8 @@ def test_subclass_with_its_own_forward_is_read_through(module_type):
     if module_type in OWN_FORWARD_STEPS_ASIDE:
         assert_steps_aside(model, x, y, OWN_FORWARD_STEPS_ASIDE[module_type])
     else:
-        assert explain_method(model, F.cross_entropy).method == "backprop"
+        # _BatchNorm.forward branches on input.dim(): traced with the call's values
+        assert explain_method(model, F.cross_entropy, x, targets=y).method == "backprop"
         assert_backprop_exact(model, F.cross_entropy, x, y)
 
 

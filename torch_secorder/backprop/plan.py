@@ -48,8 +48,9 @@ def flatten_chain(model: nn.Module, names: Optional[eligibility.ModuleNames] = N
     return [leaf for child in model for leaf in flatten_chain(child, names)]
 
 
-def plan_model(model: nn.Module, loss_fn: Callable) -> EnginePlan:
-    """The EnginePlan for model and loss_fn, or raises Unsupported naming what has no exact rule."""
+def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = None) -> EnginePlan:
+    """The EnginePlan for model and loss_fn, or raises Unsupported naming what has no exact rule. inputs (the
+    call's positional inputs): a forward a symbolic trace cannot follow is traced with them."""
     reason = global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
@@ -69,7 +70,7 @@ def plan_model(model: nn.Module, loss_fn: Callable) -> EnginePlan:
         and all(registered_base(m) is not None and not eligibility.has_own_forward(m) for m in layers)
     ):
         return EnginePlan(loss, model, _checked_chain(layers, names))
-    graph = trace.plan_for(model)
+    graph = trace.plan_for(model, inputs)
     if loss.reads_log_probabilities:
         graph = _strip_log_softmax(graph)
         assert graph.log_softmax_dim is not None  # what the stripped plan stops below

@@ -114,6 +114,6 @@ def backprop_plan(model, loss_fn, inputs=None):
         # the trace stands a tensor in for the input: a forward that branches on its type would differ
         return None, f"a model input that is a {type(inputs).__name__}, not a tensor (the engine takes one tensor)"
     try:
-        return plan_model(model, loss_fn), None
+        return plan_model(model, loss_fn, None if inputs is None else (inputs,)), None
     except Unsupported as error:
         return None, str(error)

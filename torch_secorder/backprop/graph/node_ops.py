@@ -151,7 +151,7 @@ def _call(fx_node, values):
     return fx_node.target(*args, **kwargs)
 
 
-def _writes_its_inputs(fx_node, callee):
+def writes_its_inputs(fx_node, callee):
     """True when the call may write into a tensor it reads: a module or function called with inplace=True, or
     an in-place method or function (x.clamp_(...), torch.relu_)."""
     if callee is not None and getattr(callee, "inplace", False):
@@ -287,7 +287,7 @@ class GenericOp(NodeOp):
         """The node's call as a function of the tensors named in `replaced` (in that order)."""
         fx_node = node.fx_node
 
-        writes_inputs = _writes_its_inputs(fx_node, self.callee)
+        writes_inputs = writes_its_inputs(fx_node, self.callee)
         attention = fx_node.target is F.scaled_dot_product_attention
         read = [arg.name for arg in fx_node.all_input_nodes]
 
@@ -555,6 +555,13 @@ _LINEAR_METHODS = {
     "unfold",
     "repeat_interleave",
     "__getitem__",
+    # dtype casts: autograd's derivative is the identity (cast back)
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
 }
 # parameter-free torch.nn modules that are linear in their input (the rest are checked for a second derivative)
 _LINEAR_MODULES = (

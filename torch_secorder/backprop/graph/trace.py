@@ -23,6 +23,7 @@ from ..._forward_pass import exclusive_trace, library_forward
 from .. import eligibility
 from ..rules.registry import registered_base
 from . import attention, node_ops
+from .value_trace import with_values
 
 
 @dataclass
@@ -144,6 +145,9 @@ class _Tracer(fx.Tracer):
         return iter([proxy[index] for index in range(count)])
 
 
+_ValueTracer = with_values(_Tracer)
+
+
 def _piece_count(node):
     """How many tensors a chunk / split call returns, when its arguments say so without the input's shape."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
@@ -164,9 +168,11 @@ def _short(error):
     return f"{type(error).__name__}: {first[:160]}"
 
 
-def trace(model):
+def trace(model, inputs=None):
     """(traced graph, its tensor constants); keyword arguments with defaults (forward(self, x, mask=None)) are
-    fixed to them, as model(inputs) calls it: control flow on them is resolved at trace time."""
+    fixed to them, as model(inputs) calls it: control flow on them is resolved at trace time. A forward that a
+    symbolic trace cannot follow is traced with values on `inputs` (a tuple of the call's positional inputs)
+    where given: a graph for inputs of that shape (value_trace.py)."""
     try:
         signature = inspect.signature(model.forward)
         defaults = {
@@ -176,14 +182,30 @@ def trace(model):
         }
     except (TypeError, ValueError):
         defaults = {}
-    tracer = _Tracer()
     try:
-        # no other forward may run while fx patches nn.Module.__call__; what the library's forward passes will
-        # run (a reentrant checkpoint directly)
-        with exclusive_trace(), library_forward():
-            return tracer.trace(model, concrete_args=defaults or None), tracer.constants
+        return _run_tracer(_Tracer(), model, defaults)
     except Exception as error:
-        raise Unsupported(f"a forward that torch.fx cannot trace ({_short(error)})") from None
+        symbolic = error
+    if inputs is None:  # explain_method without inputs
+        raise Unsupported(
+            f"a forward that torch.fx cannot trace symbolically ({_short(symbolic)}; a call traces it with its "
+            "inputs' values: explain_method(..., inputs) says whether that works)"
+        ) from None
+    try:
+        return _run_tracer(_ValueTracer(inputs), model, defaults)
+    except Unsupported:
+        raise
+    except Exception as error:
+        raise Unsupported(
+            f"a forward that torch.fx cannot trace ({_short(symbolic)}; with values: {_short(error)})"
+        ) from None
+
+
+def _run_tracer(tracer, model, defaults):
+    # no other forward may run while fx patches nn.Module.__call__; what the library's forward passes will
+    # run (a reentrant checkpoint directly)
+    with exclusive_trace(), library_forward():
+        return tracer.trace(model, concrete_args=defaults or None), tracer.constants
 
 
 def check_modules(model, names):
@@ -222,7 +244,10 @@ def build_plan(model, traced):
             prelude |= inner | ({arg} if arg in moved else set())
         return found, prelude
 
+    live = _live_nodes(graph, modules)
     for fx_node in graph.nodes:
+        if fx_node not in live:
+            continue  # computed for Python's sake only (a branch on x.sum() > 0 in a trace with values)
         if fx_node.op == "output":
             result = fx_node.args[0]
             if result in moved:
@@ -283,6 +308,26 @@ def build_plan(model, traced):
     return GraphPlan(nodes, output, names, constants=constants)
 
 
+def _live_nodes(graph, modules):
+    """The fx nodes the output depends on, the inputs, and calls that write into a tensor (with what they read)."""
+    live: set = set()
+    stack = [
+        n
+        for n in graph.nodes
+        if n.op in ("output", "placeholder")
+        or (
+            n.op != "get_attr"
+            and node_ops.writes_its_inputs(n, modules.get(n.target) if n.op == "call_module" else None)
+        )
+    ]
+    while stack:
+        fx_node = stack.pop()
+        if fx_node not in live:
+            live.add(fx_node)
+            stack.extend(fx_node.all_input_nodes)
+    return live
+
+
 # ---------------------------------------------------------------- cache
 # A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
 # forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
@@ -328,12 +373,13 @@ def _fingerprint(model):
     return tuple(parts)
 
 
-def plan_for(model):
-    """The GraphPlan of model as its forward reads now: traced on every call, the cached plan reused when the
+def plan_for(model, inputs=None):
+    """The GraphPlan of model as its forward reads now: traced on every call (with values on `inputs`, a tuple
+    of positional inputs, where a symbolic trace cannot follow the forward), the cached plan reused when the
     trace is the same graph and nothing else it depends on changed."""
     fingerprint = _fingerprint(model)
     check_modules(model, eligibility.ModuleNames(model))
-    traced = trace(model)
+    traced = trace(model, inputs)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint and same_trace(cached[1], traced):
         if isinstance(cached[2], Unsupported):
@@ -352,7 +398,9 @@ def same_trace(first, second):
     """True when two traces (graph, constants) compute the same: the same ops on the same arguments, Python
     constants equal, every other object (functions, tensor constants) the very same one."""
     (graph_a, constants_a), (graph_b, constants_b) = first, second
-    if constants_a.keys() != constants_b.keys() or any(constants_a[k] is not constants_b[k] for k in constants_a):
+    if constants_a.keys() != constants_b.keys() or not all(
+        _same_constant(constants_a[k], constants_b[k]) for k in constants_a
+    ):
         return False
     nodes_a, nodes_b = list(graph_a.nodes), list(graph_b.nodes)
     return len(nodes_a) == len(nodes_b) and all(
@@ -362,6 +410,20 @@ def same_trace(first, second):
         and _same_value(a.args, b.args)
         and _same_value(a.kwargs, b.kwargs)
         for a, b in zip(nodes_a, nodes_b)
+    )
+
+
+def _same_constant(a, b):
+    """The same tensor, or equal ones (a tensor a forward makes anew on each call: torch.ones(x.shape[0]) in a trace
+    with values)."""
+    return a is b or (
+        type(a) is type(b)
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.device == b.device
+        and not a.requires_grad
+        and not b.requires_grad
+        and torch.equal(a, b)
     )
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 import random
 import warnings
 
@@ -408,7 +409,9 @@ class RandomGraph(nn.Module):
         self.program, self.layers = [], nn.ModuleList()
         width = 4
         for step in range(steps):
-            kind = rng.choice(["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product"])
+            kind = rng.choice(
+                ["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product", "moved"]
+            )
             a = rng.randrange(step + 1)
             b = rng.randrange(step + 1)
             activation = rng.randrange(len(self.ACTIVATIONS))
@@ -441,14 +444,17 @@ class RandomGraph(nn.Module):
                 out = layer(values[a]) / (1 + torch.sigmoid(values[b]))
             elif kind == "mean-product":
                 out = layer(values[a]) * values[b].mean(1, keepdim=True)
+            elif kind == "moved":  # the batch axis moved to 1 and back by indexing
+                out = f(layer(values[a])).unsqueeze(2).permute(2, 0, 1)[0] * values[b]
             else:
                 out = 0.7 * f(layer(values[a]))
             values.append(out)
         return self.head(values[-1] + values[len(values) // 2])
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(int(os.environ.get("SECORDER_RANDOM_GRAPHS", "40"))))
 def test_random_graphs(seed):
+    """SECORDER_RANDOM_GRAPHS=300 runs the longer fuzz."""
     torch.manual_seed(seed)
     exact(RandomGraph(seed, steps=8), vectors(4))
 

@@ -1,7 +1,8 @@
-"""A loss written as a function of the model's output (a lambda, a def) whose body is one supported loss call on
-(output, targets) with constant options is read as that loss: the engine runs, exact; anything else in the body
-(a scaling, a sum of two losses, the arguments swapped, a tensor option) still goes to the generic method,
-naming the function."""
+"""A loss written as a function of the model's output (a lambda, a def) whose body is one supported loss call with
+constant options, on (output, targets) or on what per-sample ops make of them (out.logits, out[0], slices that keep
+every sample, transposes, reshapes folding the batch into rows: losses/reading.py), is read as that loss: the
+engine runs, exact; anything else in the body (a scaling, a sum of two losses, a tensor option, arithmetic on
+the output) still goes to the generic method, naming the function."""
 
 import pytest
 import torch
@@ -73,3 +74,80 @@ def test_the_options_are_read_at_each_call():
 def test_any_other_function_goes_to_the_generic_method_naming_it(loss_fn):
     model, x = model_and_data()
     assert_steps_aside(model, x, torch.tensor([0, 2, 1, 1, 0, 2]), "loss <lambda>", loss_fn=loss_fn)
+
+
+# ---------------------------------------------------------------- places in the output, ops before the loss call
+CLASSES, STEPS = 5, 4
+
+
+class Sequence(nn.Module):
+    """(N, STEPS, CLASSES) logits, returned as a tensor, a tuple (logits, features) or a dict."""
+
+    def __init__(self, returns="tensor"):
+        super().__init__()
+        self.returns = returns
+        self.embed, self.head = nn.Linear(3, 6), nn.Linear(6, CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        logits = self.head(h)
+        if self.returns == "tuple":
+            return logits, h
+        if self.returns == "dict":
+            return {"features": h, "logits": logits}
+        return logits
+
+
+def sequences():
+    torch.manual_seed(0)
+    x = torch.randn(3, STEPS, 3, dtype=D)
+    y = torch.randint(0, CLASSES, (3, STEPS))
+    y[1, 2:] = -100  # padding, ignored
+    return x, y
+
+
+READINGS = {
+    "rows": ("tensor", lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES), y.reshape(-1))),
+    "rows by size": ("tensor", lambda out, y: F.cross_entropy(out.view(-1, out.size(-1)), y.view(-1))),
+    "flatten": ("tensor", lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten(), label_smoothing=0.1)),
+    "class axis": ("tensor", lambda out, y: F.cross_entropy(out.transpose(1, 2), y, reduction="sum")),
+    "shifted": (
+        "tensor",
+        lambda out, y: F.cross_entropy(out[:, :-1].reshape(-1, CLASSES), y[:, 1:].reshape(-1), ignore_index=-100),
+    ),
+    "tuple item": ("tuple", lambda out, y: F.cross_entropy(out[0].transpose(1, 2), y)),
+    "dict key": ("dict", lambda out, y: F.cross_entropy(out["logits"].flatten(0, 1), y.flatten())),
+    "mse on rows": ("tensor", lambda out, y: F.mse_loss(out.reshape(-1, CLASSES), y.reshape(-1, CLASSES))),
+    "probabilities on rows": (
+        "tensor",
+        lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES), y.reshape(-1, CLASSES)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(READINGS))
+def test_ops_on_the_output_before_the_loss_call_run_on_the_engine(name):
+    returns, loss_fn = READINGS[name]
+    x, y = sequences()
+    if "mse" in name:
+        y = torch.randn(3, STEPS, CLASSES, dtype=D)
+    if "probabilities" in name:
+        y = torch.softmax(torch.randn(3, STEPS, CLASSES, dtype=D), dim=-1)
+    model = Sequence(returns).double()
+    assert explain_method(model, loss_fn, x, targets=y).method == "backprop"
+    assert_backprop_exact(model, loss_fn, x, y)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda out, y: F.cross_entropy(out[0], y[0]),  # one sample's loss
+        lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES), y.flip(0).reshape(-1)),  # targets reordered
+        lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES) * 2, y.reshape(-1)),  # arithmetic after the fold
+    ],
+    ids=["indexes-a-sample", "flipped-targets", "scaled-rows"],
+)
+def test_other_ops_before_the_loss_call_go_to_the_generic_method(loss_fn):
+    x, y = sequences()
+    y[y < 0] = 0
+    assert_steps_aside(Sequence().double(), x, y, "loss <lambda>", loss_fn=loss_fn)

@@ -15,7 +15,7 @@ from .plan import EnginePlan
 def run_plan(
     plan: EnginePlan,
     loss_fn: Callable,
-    inputs: Tensor,
+    inputs: Tuple[Tensor, ...],
     targets: Tensor,
     params: List[Tensor],
     *,
@@ -25,14 +25,14 @@ def run_plan(
 ) -> Tuple[Tensor, List[Tensor]]:
     """(loss, diagonals): the loss this call computed, and for params (a list of model parameters), in their
     order, the exact diagonals of the curvature `request` names (the Hessian by default; per sample:
-    (N, *shape) each)."""
+    (N, *shape) each). inputs: the model's positional inputs (a chain takes one)."""
     if plan.graph is not None:
         trace.check_call(plan.graph, plan.model, inputs)
     if plan.is_chain:
         return chain_diagonals(
             plan,
             loss_fn,
-            inputs,
+            inputs[0],
             targets,
             params,
             create_graph=create_graph,

@@ -13,6 +13,9 @@ from .curvature import Curvature
 def evaluate_loss(loss: Loss, loss_fn: Callable, output: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
     """(the loss's value, the targets as it saw them): loss_fn itself runs once, so its own checks (class
     indices in range, shapes) fire here too. Raises Unsupported where the pair has no exact rule."""
+    reading = loss.reading
+    if reading is not None:  # the loss function's own ops on the targets (the engine ran those on the output)
+        targets = reading.targets_for(targets, output, loss.class_axis)
     if targets.is_floating_point() and targets.dtype != output.dtype:
         # as F.mse_loss does: the loss of the promoted targets (F.cross_entropy and BCE would round parts of
         # it to the targets' precision; the engine's numbers are the exact ones)
@@ -20,7 +23,10 @@ def evaluate_loss(loss: Loss, loss_fn: Callable, output: Tensor, targets: Tensor
     reason = loss.output_reason(output, targets)
     if reason is not None:
         raise Unsupported(reason)
-    value = loss_fn(loss.loss_input(output), targets)
+    if reading is not None:
+        value = type(loss).function(output, targets, **loss.options)  # what loss_fn computes, read from its ops
+    else:
+        value = loss_fn(loss.as_model_output(loss.loss_input(output)), targets)
     check_scalar_loss(value, "loss_fn")
     return value, targets
 

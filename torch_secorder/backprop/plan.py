@@ -5,8 +5,9 @@ exact rule; the plan it returns is what engine.run_plan takes.
 """
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,11 +67,15 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
     # NLL goes through the trace, which finds the model's final LogSoftmax (module or F.log_softmax)
     if (
         not loss.reads_log_probabilities
+        and not loss.output_path
+        and loss.reading is None
         and layers is not None
         and all(registered_base(m) is not None and not eligibility.has_own_forward(m) for m in layers)
     ):
         return EnginePlan(loss, model, _checked_chain(layers, names))
-    graph = trace.plan_for(model, inputs)
+    if loss.reading is not None:
+        model = _reading_model(model, loss)
+    graph = trace.plan_for(model, inputs, loss.output_path)
     if loss.reads_log_probabilities:
         graph = _strip_log_softmax(graph)
         assert graph.log_softmax_dim is not None  # what the stripped plan stops below
@@ -78,6 +83,37 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
     if graph.is_chain():
         return EnginePlan(loss, model, _checked_chain(trace.chain_modules(graph), names), graph)
     return EnginePlan(loss, model, None, graph)
+
+
+class ReadOutput(nn.Module):
+    """The model followed by what its loss function does to the output before the loss call (losses/reading.py):
+    the engine differentiates those ops as part of the model. Where the loss call took the batch folded into rows,
+    cross-entropy's class axis goes to 1 and the positions after it (the same loss, one batch row per sample)."""
+
+    def __init__(self, model: nn.Module, reading: Any, class_axis: bool):
+        super().__init__()
+        self.model, self.reading, self.class_axis = model, reading, class_axis
+
+    def forward(self, *inputs: Any) -> Any:
+        output = trace.select_output(self.model(*inputs), self.reading.path)
+        if self.reading.output_ops is not None:
+            output = self.reading.output_ops(output)
+        if self.reading.rows and self.class_axis:
+            output = output.reshape(output.shape[0], -1, output.shape[-1]).transpose(1, 2)
+        return output
+
+
+# model -> {the reading's code and layout: its ReadOutput}: one per model and loss-function ops (the plan cache's key)
+_READ_OUTPUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _reading_model(model: nn.Module, loss: Loss) -> nn.Module:
+    assert loss.reading is not None
+    key = (loss.reading.code, loss.reading.path, loss.class_axis)
+    wrappers = _READ_OUTPUTS.setdefault(model, {})
+    if key not in wrappers:
+        wrappers[key] = ReadOutput(model, loss.reading, loss.class_axis)
+    return wrappers[key]
 
 
 def _strip_log_softmax(graph: GraphPlan) -> GraphPlan:
@@ -134,7 +170,7 @@ def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> L
     return layers
 
 
-def curved_nodes(plan: EnginePlan, inputs: Optional[torch.Tensor] = None) -> List[Tuple[str, Optional[int]]]:
+def curved_nodes(plan: EnginePlan, inputs: Optional[Any] = None) -> List[Tuple[str, Optional[int]]]:
     """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
     (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
     if plan.layers is None:
@@ -156,7 +192,7 @@ def curved_nodes(plan: EnginePlan, inputs: Optional[torch.Tensor] = None) -> Lis
     return widths
 
 
-def _graph_widths(cached: GraphPlan, model: nn.Module, inputs: torch.Tensor) -> Dict[str, int]:
+def _graph_widths(cached: GraphPlan, model: nn.Module, inputs: Any) -> Dict[str, int]:
     graph = cached.for_call()
     with torch.no_grad():
         values = trace.forward(graph, model, inputs)

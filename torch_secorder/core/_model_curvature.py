@@ -227,7 +227,7 @@ def _backprop(
         loss, diagonals = run_plan(
             plan,
             call.loss_fn,
-            call.inputs[0],
+            call.inputs,
             call.targets,
             call.params,
             create_graph=options.create_graph,

@@ -103,17 +103,19 @@ def engine_cost(plan, model, inputs=None):
 
 
 def backprop_plan(model, loss_fn, inputs=None):
-    """(the engine's EnginePlan, None) when it can run, else (None, why not)."""
-    if isinstance(inputs, (tuple, list)) and len(inputs) != 1:
-        return None, f"a model called with {len(inputs)} inputs (only chains of modules with one input)"
-    if isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    if isinstance(inputs, torch.Tensor) and inputs.dim() == 0:
-        return None, "0-D inputs"
-    if inputs is not None and not isinstance(inputs, torch.Tensor):
-        # the trace stands a tensor in for the input: a forward that branches on its type would differ
-        return None, f"a model input that is a {type(inputs).__name__}, not a tensor (the engine takes one tensor)"
+    """(the engine's EnginePlan, None) when it can run, else (None, why not). inputs: the model's positional
+    inputs (a tensor or a tuple of them), or None."""
+    if inputs is not None:
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        for value in inputs:
+            if not isinstance(value, torch.Tensor):
+                # the trace stands a tensor in for each input: a forward that branches on its type would differ
+                return None, f"a model input that is a {type(value).__name__}, not a tensor (the engine takes tensors)"
+            if value.dim() == 0:
+                return None, "0-D inputs"
+        if len({value.shape[0] for value in inputs}) > 1:
+            return None, "model inputs of different batch sizes"
     try:
-        return plan_model(model, loss_fn, None if inputs is None else (inputs,)), None
+        return plan_model(model, loss_fn, inputs), None
     except Unsupported as error:
         return None, str(error)

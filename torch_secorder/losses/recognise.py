@@ -13,6 +13,7 @@ from .base import Loss
 from .bce_with_logits import BCEWithLogits
 from .cross_entropy import NLL, CrossEntropy
 from .mse import MSE
+from .reading import LossReading, read
 
 LOSSES = (MSE, CrossEntropy, BCEWithLogits, NLL)
 _BY_MODULE: Dict[type, Type[Loss]] = {loss.module: loss for loss in LOSSES}
@@ -39,50 +40,59 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
             if unknown:
                 return f"loss option(s) {sorted(unknown)} of {kind.function.__name__}"
             given = keywords
+    reading = None
     if kind is None and not isinstance(loss_fn, nn.Module):
-        kind, given = _read_function(loss_fn)
+        kind, given, reading = _read_function(loss_fn)
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
         return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
     options = {name: given.get(name, default) for name, default in kind.option_defaults.items()}
     if options["reduction"] not in ("mean", "sum"):
         return f"reduction={options['reduction']!r} (the loss must be a scalar: 'mean' or 'sum')"
-    return kind(options)
+    loss = kind(options)
+    if reading is not None and (reading.output_ops or reading.target_ops or reading.rows):
+        loss.reading = reading  # the engine runs the ops: backprop/plan.py
+    elif reading is not None:
+        loss.output_path = reading.path  # loss_fn itself is called on a stand-in for the output
+    return loss
 
 
-def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict]:
-    """(kind, its options) when loss_fn is a function whose whole body is one call of a supported loss function on
-    its two arguments with constant options (lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)), else
-    (None, {}). Traced at each call, so the options are those the function reads now."""
+_NOT_READ: Tuple[None, dict, None] = (None, {}, None)
+
+
+def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict, Optional[LossReading]]:
+    """(kind, its options, how it reads the output and targets) when loss_fn is a function whose body is one call
+    of a supported loss function with constant options, on its two arguments (lambda out, y: F.cross_entropy(out,
+    y, label_smoothing=0.1)) or on what reading.py reads from them (out.logits, sliced, reshaped); else (None, {},
+    None). Traced at each call, so the options are those the function reads now."""
     if not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
-        return None, {}
+        return _NOT_READ
     try:
         if len(inspect.signature(loss_fn).parameters) != 2:
-            return None, {}
+            return _NOT_READ
         graph = fx.symbolic_trace(loss_fn).graph
     except Exception:
-        return None, {}
+        return _NOT_READ
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    calls = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
-    if len(placeholders) != 2 or len(calls) != 1 or calls[0].op != "call_function":
-        return None, {}
-    (call,) = calls
-    kind = _BY_FUNCTION.get(call.target)
     output = next(node for node in graph.nodes if node.op == "output")
-    if kind is None or output.args[0] is not call:
-        return None, {}
+    call = output.args[0]
+    kind = _BY_FUNCTION.get(getattr(call, "target", None)) if isinstance(call, fx.Node) else None
+    if len(placeholders) != 2 or kind is None or call.op != "call_function":
+        return _NOT_READ
     try:
         signature = inspect.signature(kind.function)
         bound = signature.bind(*call.args, **call.kwargs).arguments
     except TypeError:
-        return None, {}
+        return _NOT_READ
     for name in [name for name in bound if name not in kind.option_defaults and name not in ("input", "target")]:
         if bound[name] is signature.parameters[name].default:  # fx spells out every default (size_average=None)
             del bound[name]
-    if bound.pop("input", None) is not placeholders[0] or bound.pop("target", None) is not placeholders[1]:
-        return None, {}  # the loss of something else than (output, targets) as given
+    loss_input, loss_target = bound.pop("input", None), bound.pop("target", None)
     if any(isinstance(value, (fx.Node, torch.Tensor)) for value in bound.values()) or set(bound) - set(
         kind.option_defaults
     ):
-        return None, {}  # options computed in the function, tensors it holds, or options we do not know
-    return kind, bound
+        return _NOT_READ  # options computed in the function, tensors it holds, or options we do not know
+    reading = read(graph, loss_input, loss_target, *placeholders)
+    if reading is None or (kind.reads_log_probabilities and (reading.output_ops or reading.rows)):
+        return _NOT_READ
+    return kind, bound, reading

@@ -60,10 +60,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise Unsupported("a model output that is not a floating-point tensor")
         loss_value, targets = evaluate_loss(loss, loss_fn, output, targets)
-        if inputs.shape[0] == 0:
+        samples = trace.as_tuple(inputs)[0].shape[0]
+        if samples == 0:
             return loss_value, Diagonals(params, [], 0 if request.per_sample else None).result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
-        _check_residual_sizes(nodes, curved, inputs.shape[0], output.element_size(), memory_budget)
+        _check_residual_sizes(nodes, curved, samples, output.element_size(), memory_budget)
         if curved:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in curved], allow_unused=True)
             for index, grad in zip(curved, grads):
@@ -74,7 +75,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     diagonals = Diagonals(
         params,
         [node.op.module for node in nodes if isinstance(node.op, node_ops.ModuleOp)],
-        inputs.shape[0] if request.per_sample else None,
+        samples if request.per_sample else None,
     )
     wanted = diagonals.wanted
     for name, value in list(values.items()):
@@ -128,6 +129,8 @@ def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
         if columns is None:
             continue
         node = nodes[index]
+        if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
+            signs = signs.to(columns.dtype)
         for param, value in node.op.column_diagonals(node, columns, signs, wanted, per_sample):
             accumulate(param, value)
         positions = [p for p, source in enumerate(node.inputs) if needed[source]]

@@ -102,7 +102,12 @@ def _with_prelude(op, values):
 
 # ---------------------------------------------------------------- leaves without columns
 class InputOp(NodeOp):
+    """One of the model's positional inputs (position: which)."""
+
     is_input = True
+
+    def __init__(self, position=0):
+        self.position = position
 
     def evaluate(self, node, values, root):
         raise AssertionError("the input is set by the engine")
@@ -119,6 +124,9 @@ class ConstantOp(NodeOp):
             return fx_node.args[0]
         if fx_node.op == "get_attr":
             return attribute(root, fx_node.target)
+        if fx_node.op == "call_module":  # a parameter-free module on constants
+            args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: values[n.name])
+            return attribute(root, fx_node.target)(*args, **kwargs)
         return _call(fx_node, values)
 
     def param_derived(self, node, nodes):
@@ -179,12 +187,16 @@ class ModuleOp(NodeOp):
         self.binds_tensors = bind is not None
         self.curved_possible = rule.needs_output_grad(module)
         self.input_arg = None
+        # on a constant input (position ids): the input node whose batch size it is broadcast to (one row each)
+        self.batch_from = None
 
     def activation_args(self, fx_node):
         return [self.input_arg] if self.input_arg is not None else [fx_node.args[0]]
 
     def evaluate(self, node, values, root):
         x = values[node.fx_node.args[0].name] if self.input_arg is None else values[self.input_arg.name]
+        if self.batch_from is not None:
+            x = self._per_sample(node, x, values[self.batch_from].shape[0])
         if self._bind is not None:
             self._bind(self.module, node.fx_node, values)
         reason = self.rule.unsupported_input_reason(self.module, x)
@@ -193,6 +205,17 @@ class ModuleOp(NodeOp):
         output, extras = self.rule.forward(self.module, x)
         node.record = LayerRecord(self.module, x, output, extras=extras)
         return output
+
+    def _per_sample(self, node, x, samples):
+        """A constant input (the same for every sample: position ids) given a batch axis of `samples` rows, so
+        that the parameters' uses are per sample as everywhere else (the output broadcasts to the same values)."""
+        if x.dim() > 0 and x.shape[0] == samples:
+            return x
+        if x.dim() > 0 and x.shape[0] == 1:
+            return x.expand(samples, *x.shape[1:])
+        if self.rule.unsupported_input_reason(self.module, x) is not None:  # no batch axis: one for all samples
+            return x.unsqueeze(0).expand(samples, *x.shape)
+        raise Unsupported(f"{self.describe(node)} on a constant input of {x.shape[0]} rows for {samples} samples")
 
     def describe(self, node):
         if node.fx_node.op == "call_module":
@@ -634,7 +657,10 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type", "get_
 def make_op(fx_node, root, modules, names):
     """(op, [parameter names it uses directly]) for one traced node."""
     if fx_node.op == "placeholder":
-        return (ConstantOp(), []) if fx_node.args else (InputOp(), [])
+        if fx_node.args:  # a keyword argument fixed to its default
+            return ConstantOp(), []
+        position = [n for n in fx_node.graph.nodes if n.op == "placeholder" and not n.args].index(fx_node)
+        return InputOp(position), []
     if (
         fx_node.op == "call_function"
         and (fx_node.target is len or (fx_node.target is getattr and fx_node.args[1] in _META_ATTRIBUTES))

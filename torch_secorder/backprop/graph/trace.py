@@ -23,7 +23,7 @@ from ..._forward_pass import exclusive_trace, library_forward
 from .. import eligibility
 from ..rules.registry import registered_base
 from . import attention, node_ops
-from .value_trace import with_values
+from .value_trace import split_varargs, with_values
 
 
 @dataclass
@@ -53,6 +53,7 @@ class GraphPlan:
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
     constants: dict = field(default_factory=dict)  # tensors the trace met outside the model (get_attr targets)
     source: Optional["GraphPlan"] = None  # for a call's copy: the cached plan it was made from
+    output_path: tuple = ()  # where the loss reads the model's output from (losses.base.OutputPath)
 
     def for_call(self):
         """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
@@ -103,6 +104,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.constants, self._constant_names = {}, {}
         self._decomposing = None  # the nn.MultiheadAttention being read as its ops (attention.py)
+        self._installed: Optional[set] = None  # ids of the root's modules
 
     def create_arg(self, a):
         """A tensor that is neither a parameter nor a buffer of the model becomes a constant of the trace, not an
@@ -126,6 +128,10 @@ class _Tracer(fx.Tracer):
         return registered_base(module) is not None or super().is_leaf_module(module, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        if self._installed is None:
+            self._installed = {id(module) for module in self.root.modules()}
+        if id(m) not in self._installed:
+            return forward(*args, **kwargs)  # made in forward (nn.ReLU()(x)): read as the ops it runs
         if not attention.decomposable(m, args, kwargs):
             return super().call_module(m, forward, args, kwargs)
         outer, self._decomposing = self._decomposing, m  # read as its ops: the projections get the Linear rule
@@ -192,7 +198,8 @@ def trace(model, inputs=None):
             "inputs' values: explain_method(..., inputs) says whether that works)"
         ) from None
     try:
-        return _run_tracer(_ValueTracer(inputs), model, defaults)
+        graph, constants = _run_tracer(_ValueTracer(inputs), model, defaults)
+        return split_varargs(graph, len(inputs)), constants
     except Unsupported:
         raise
     except Exception as error:
@@ -220,8 +227,9 @@ def check_modules(model, names):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 
-def build_plan(model, traced):
-    """The GraphPlan of model from traced = trace(model); check_modules(model) has passed."""
+def build_plan(model, traced, output_path=()):
+    """The GraphPlan of model from traced = trace(model); check_modules(model) has passed. output_path: where in
+    the model's output (a ModelOutput, a dict, a tuple) the loss reads its tensor ((kind, key) pairs)."""
     names = {id(module): name for name, module in model.named_modules()}
     graph, constants = traced
     root = _root(model, constants)
@@ -229,8 +237,9 @@ def build_plan(model, traced):
     nodes: List[GraphNode] = []
     index_of: dict = {}  # fx node name -> index in nodes
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default
-    if len(placeholders) != 1:
-        raise Unsupported(f"a forward with {len(placeholders)} arguments (the engine takes models of one input)")
+    if not placeholders:
+        raise Unsupported("a forward without arguments")
+    result = _select_output(next(n for n in graph.nodes if n.op == "output").args[0], output_path)
     output = None
     # fx nodes that move the batch axis away from 0 (node_ops.moved_axis), computed inside the nodes that read
     # them: fx node -> (what it reads, the inlined nodes below it, where its batch axis is)
@@ -244,12 +253,11 @@ def build_plan(model, traced):
             prelude |= inner | ({arg} if arg in moved else set())
         return found, prelude
 
-    live = _live_nodes(graph, modules)
+    live = _live_nodes(graph, modules, result)
     for fx_node in graph.nodes:
-        if fx_node not in live:
+        if fx_node not in live and fx_node.op != "output":
             continue  # computed for Python's sake only (a branch on x.sum() > 0 in a trace with values)
         if fx_node.op == "output":
-            result = fx_node.args[0]
             if result in moved:
                 raise Unsupported("a forward that returns a tensor whose batch axis it moved")
             if not isinstance(result, fx.Node) or result not in index_of:
@@ -275,6 +283,10 @@ def build_plan(model, traced):
         )
         node.inputs = [i for i in inputs if nodes[i].activation and nodes[i].op.carries]
         node.input_names = [nodes[i].name for i in node.inputs]
+        if not node.activation and isinstance(op, node_ops.ModuleOp) and params:
+            # a module with parameters on a constant (Embedding(position_ids)): its parameters' curvature comes
+            # through its output like any other use, each sample's row apart
+            node.activation, op.batch_from = True, placeholders[0].name
         if not node.activation and not isinstance(op, node_ops.ConstantOp):
             node.op = node_ops.ConstantOp()  # computed from parameters or constants only
         index_of[fx_node] = len(nodes)
@@ -305,16 +317,31 @@ def build_plan(model, traced):
                 )
             views[node.name] = view
     assert output is not None, "every fx graph ends in an output node"
-    return GraphPlan(nodes, output, names, constants=constants)
+    return GraphPlan(nodes, output, names, constants=constants, output_path=output_path)
 
 
-def _live_nodes(graph, modules):
-    """The fx nodes the output depends on, the inputs, and calls that write into a tensor (with what they read)."""
+def _select_output(result, output_path):
+    """The traced value at output_path in what the forward returns (a ModelOutput traces to a dict)."""
+    for kind, key in output_path:
+        if isinstance(result, dict) and isinstance(key, int):  # ModelOutput[0]: its first field that is set
+            result = list(result.values())
+        try:
+            result = result[key]
+        except (KeyError, IndexError, TypeError):
+            described = f".{key}" if kind == "attribute" else f"[{key!r}]"
+            raise Unsupported(f"a model output without {described} (read by the loss)") from None
+    return result
+
+
+def _live_nodes(graph, modules, result):
+    """The fx nodes `result` (the output the loss reads) depends on, the inputs, and calls that write into a
+    tensor (with what they read)."""
     live: set = set()
-    stack = [
+    stack = [result] if isinstance(result, fx.Node) else []
+    stack += [
         n
         for n in graph.nodes
-        if n.op in ("output", "placeholder")
+        if n.op == "placeholder"
         or (
             n.op != "get_attr"
             and node_ops.writes_its_inputs(n, modules.get(n.target) if n.op == "call_module" else None)
@@ -332,7 +359,7 @@ def _live_nodes(graph, modules):
 # A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
 # forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
 # anything different traces to another graph (other ops, constants or control flow) and gets a new plan.
-# model -> (fingerprint, trace, plan or the Unsupported its graph raised)
+# model -> {output path: (fingerprint, trace, plan or the Unsupported its graph raised)}
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -373,24 +400,25 @@ def _fingerprint(model):
     return tuple(parts)
 
 
-def plan_for(model, inputs=None):
+def plan_for(model, inputs=None, output_path=()):
     """The GraphPlan of model as its forward reads now: traced on every call (with values on `inputs`, a tuple
     of positional inputs, where a symbolic trace cannot follow the forward), the cached plan reused when the
     trace is the same graph and nothing else it depends on changed."""
     fingerprint = _fingerprint(model)
     check_modules(model, eligibility.ModuleNames(model))
     traced = trace(model, inputs)
-    cached = _CACHE.get(model)
+    plans = _CACHE.setdefault(model, {})
+    cached = plans.get(output_path)
     if cached is not None and cached[0] == fingerprint and same_trace(cached[1], traced):
         if isinstance(cached[2], Unsupported):
             raise cached[2]
         return cached[2]
     try:
-        plan = build_plan(model, traced)
+        plan = build_plan(model, traced, output_path)
     except Unsupported as error:
-        _CACHE[model] = (fingerprint, traced, error)
+        plans[output_path] = (fingerprint, traced, error)
         raise
-    _CACHE[model] = (fingerprint, traced, plan)
+    plans[output_path] = (fingerprint, traced, plan)
     return plan
 
 
@@ -465,9 +493,10 @@ def check_call(plan, model, inputs):
     if shared.validated:
         return
     call = shared.for_call()
+    inputs = as_tuple(inputs)
     with torch.no_grad():
         with library_forward():
-            expected = model(inputs)
+            expected = select_output(model(*inputs), plan.output_path)
         try:
             traced = forward(call, model, inputs)[call.nodes[call.output].name]
         except (IndexError, ValueError) as error:  # e.g. fewer chunks than the trace took (_Tracer.iter)
@@ -500,12 +529,25 @@ def forward(plan, model, inputs):
     assert plan.source is not None, "a cached plan is shared between calls: evaluate a copy (for_call)"
     values: dict = {}
     root = plan.root(model)
+    inputs = as_tuple(inputs)
     with library_forward():  # a forward that registers a gradient hook: not part of the loss
         for node in plan.nodes[: plan.output + 1]:
-            value = inputs if node.op.is_input else node.op.evaluate(node, values, root)
+            value = inputs[node.op.position] if node.op.is_input else node.op.evaluate(node, values, root)
             values[node.name] = value
             node.value_shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
     return values
+
+
+def as_tuple(inputs):
+    """The model's positional inputs as a tuple (one tensor: a tuple of one)."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def select_output(output, output_path):
+    """What the loss reads from the model's real output: output.logits, output["logits"], output[0]."""
+    for kind, key in output_path:
+        output = getattr(output, key) if kind == "attribute" else output[key]
+    return output
 
 
 def chain_modules(plan):

@@ -14,6 +14,7 @@ Proxies are not tensors: a forward that branches on isinstance(x, torch.Tensor) 
 non-tensor, which the same check catches.
 """
 
+import operator
 from typing import Any
 
 import torch
@@ -97,6 +98,9 @@ def with_values(tracer_class: Any) -> Any:
             if kind == "placeholder":
                 if args:  # a keyword argument fixed to its default
                     return args[0]
+                if target.startswith("*"):  # forward(self, *values): the rest (split_varargs makes them one each)
+                    rest, self._inputs = tuple(self._inputs), []
+                    return rest
                 if not self._inputs:
                     raise Unsupported("a forward with more arguments than the call gives")
                 return self._inputs.pop(0)
@@ -150,3 +154,24 @@ def with_values(tracer_class: Any) -> Any:
             return self.value_of(obj).keys()
 
     return ValueTracer
+
+
+def split_varargs(graph, count):
+    """forward(self, *values) traces to one placeholder holding a tuple, read by values[i]: one placeholder per
+    item instead (what the engine takes: one input each), in the same order."""
+    varargs = [n for n in graph.nodes if n.op == "placeholder" and str(n.target).startswith("*")]
+    if not varargs:
+        return graph
+    (tuple_node,) = varargs
+    reads = list(tuple_node.users)
+    if not all(n.target is operator.getitem and isinstance(n.args[1], int) for n in reads):
+        raise Unsupported("a forward that uses its *args other than one item at a time")
+    items = {}
+    with graph.inserting_after(tuple_node):
+        for index in reversed(range(count)):  # each right after the tuple: in order in the end
+            items[index] = graph.placeholder(f"{str(tuple_node.target).lstrip('*')}_{index}")
+    for node in reads:
+        node.replace_all_uses_with(items[node.args[1]])
+        graph.erase_node(node)
+    graph.erase_node(tuple_node)
+    return graph

@@ -1,0 +1,134 @@
+"""Hugging Face models as people call them: tiny configs, random weights, eval mode, a dict batch (input_ids and
+an attention_mask with padding, or pixel_values), the loss a function of out.logits. The engine takes them with
+method="auto" and no warning (a trace with the call's values: backprop/graph/value_trace.py), exact against one
+float64 Hessian-vector product per sampled entry. Skipped where transformers is not installed (an optional test
+dependency: `pip install --no-deps transformers tokenizers regex httpx2 httpcore2`)."""
+
+import importlib
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from torch_secorder import explain_method, model_hessian_diagonal
+from torch_secorder.testing import sampled_hessian_diagonal
+
+VOCABULARY, WIDTH = 50, 16
+
+
+def import_transformers():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    return importlib.import_module("transformers")
+
+
+def build(name, transformers):
+    t = transformers
+    text = dict(vocab_size=VOCABULARY, num_attention_heads=2, intermediate_size=32)
+    if name == "bert":
+        config = t.BertConfig(hidden_size=WIDTH, num_hidden_layers=1, max_position_embeddings=16, num_labels=3, **text)
+        return t.BertForSequenceClassification(config)
+    if name == "distilbert":  # nn.ReLU() made inside its forward
+        config = t.DistilBertConfig(
+            vocab_size=VOCABULARY, dim=WIDTH, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16
+        )
+        config.num_labels = 3
+        return t.DistilBertForSequenceClassification(config)
+    if name == "roberta":  # position ids from the padding mask (cumsum)
+        config = t.RobertaConfig(
+            hidden_size=WIDTH, num_hidden_layers=1, max_position_embeddings=20, num_labels=3, **text
+        )
+        return t.RobertaForSequenceClassification(config)
+    assert name == "vit"
+    config = t.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    return t.ViTForImageClassification(config)
+
+
+def batch_for(name, generator):
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=generator)}
+    ids = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}  # padding
+
+
+def logits_cross_entropy(out, labels):
+    return F.cross_entropy(out.logits, labels)
+
+
+def assert_auto_exact(model, loss_fn, batch, targets, per_parameter=3, tolerance=1e-10):
+    generator = torch.Generator().manual_seed(3)
+    choice = explain_method(model, loss_fn, batch, targets=targets)
+    assert choice.method == "backprop", choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        actual = model_hessian_diagonal(model, loss_fn, batch, targets)
+    names, params = zip(*model.named_parameters())
+    picks = [
+        (i, k) for i, p in enumerate(params) for k in torch.randperm(p.numel(), generator=generator)[:per_parameter]
+    ]
+    picks += [(i, int(a.reshape(-1).abs().argmax())) for i, a in enumerate(actual)]
+
+    def loss_of_params(*values):
+        return loss_fn(functional_call(model, dict(zip(names, values)), args=(), kwargs=batch), targets)
+
+    expected = sampled_hessian_diagonal(loss_of_params, list(params), picks)
+    scale = max(abs(value) for value in expected.values())
+    error = max(abs(actual[i].reshape(-1)[int(k)].item() - value) for (i, k), value in expected.items()) / scale
+    assert error < tolerance, error
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "roberta", "vit"])
+def test_classifiers_with_dict_batches_and_a_loss_on_logits(name):
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    model = build(name, transformers).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    assert_auto_exact(model, logits_cross_entropy, batch_for(name, generator), torch.tensor([0, 2]))
+
+
+def test_loss_on_logits_by_key_and_with_options():
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    model = build("bert", transformers).double().eval()
+    batch = batch_for("bert", torch.Generator().manual_seed(1))
+    assert_auto_exact(
+        model, lambda out, y: F.cross_entropy(out["logits"], y, label_smoothing=0.1), batch, torch.tensor([1, 2])
+    )
+
+
+def shifted_language_model_loss(out, labels):
+    """The causal-LM loss as written in training scripts: logits for positions 0..L-2 predict tokens 1..L-1."""
+    return F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCABULARY), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def rms_norm_in_the_model_precision(module, hidden):
+    """LlamaRMSNorm computes in float32 whatever the model's dtype: the float64 reference and the engine would
+    both round there (differently). The same function without that cast, for a float64 check."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return module.weight * (hidden * torch.rsqrt(variance + module.variance_epsilon))
+
+
+def test_llama_with_a_shifted_language_model_loss(monkeypatch):
+    transformers = import_transformers()
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_the_model_precision)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCABULARY, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, max_position_embeddings=16,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    batch = batch_for("llama", generator)
+    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    labels[1, 4:] = -100  # the padding
+    assert_auto_exact(model, shifted_language_model_loss, batch, labels)
+    # the loss on out.logits with the class axis moved: the same engine, another reading
+    assert_auto_exact(model, lambda out, y: F.cross_entropy(out.logits.transpose(1, 2), y), batch, labels.clamp(0))

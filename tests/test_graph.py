@@ -122,11 +122,10 @@ def test_concatenation_gating_and_normalisation(model, shape):
     exact(model(), vectors(*shape))
 
 
-def test_sequence_model_with_a_parameter_used_twice_is_refused_naming_it():
+def test_a_module_applied_twice_side_by_side():
+    """self.b on two branches: its per-sample projections are added over the uses before squaring."""
     torch.manual_seed(0)
-    assert_steps_aside(
-        SequenceModel().double().eval(), vectors(3, 4), Y5, "parameter 'b.weight' used at 2 places", explained=False
-    )
+    exact(SequenceModel(), vectors(3, 4))
 
 
 # ---------------------------------------------------------------- embeddings
@@ -336,7 +335,7 @@ class TiedWeights(nn.Module):
         (lambda: BatchMixing("flip"), "mixing samples"),
         (lambda: BatchMixing("roll"), "mixing samples"),
         (Aliased, "a forward the trace does not reproduce"),
-        (TiedWeights, "module 'a' (Linear): parameters used at two places"),
+        (TiedWeights, "parameter 'a.weight' used at 2 places, one feeding another"),
     ],
     ids=["batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"],
 )
@@ -663,3 +662,56 @@ def test_the_projection_times_a_chunk_of_the_generic_method_itself():
     entries = sum(p.numel() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match=rf"projected roughly .*: {entries} Hessian-vector products .*, batched, "):
         model_hessian_diagonal(model.train(), F.cross_entropy, x, y)
+
+
+# ---------------------------------------------------------------- parameters used at several places
+class Siamese(nn.Module):
+    """One Linear on two halves of the input, a scale used by a product and a sum side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.head = nn.Linear(3, 4), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        u = torch.tanh(self.f(x[:, :3])) * self.scale
+        v = torch.sigmoid(self.f(x[:, 3:])) + self.scale
+        return self.head(torch.cat([u, v * u], 1))
+
+
+class TwoEmbeddingLookups(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, other):
+        return self.head(torch.tanh(self.embedding(ids).mean(1)) * self.embedding(other).mean(1))
+
+
+def test_parameters_used_side_by_side():
+    torch.manual_seed(0)
+    exact(Siamese(), vectors(6))
+    model, x = Siamese().double(), vectors(6)
+    full = assert_backprop_exact(model, F.cross_entropy, x, Y5, memory_budget=1)  # one column per chunk
+    per_sample = model_hessian_diagonal(model, F.cross_entropy, x, Y5, method="backprop", per_sample=True)
+    assert relative_error([p.sum(0) for p in per_sample], full) < 1e-12
+    ids, other = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 2))
+    assert_backprop_exact(TwoEmbeddingLookups().double(), F.cross_entropy, (ids, other), Y5)
+
+
+class TiedHead(nn.Module):
+    """A language model's head tied to its embedding: the head's use is fed by the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.mid = nn.Embedding(7, 4), nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.embedding(ids)))).transpose(1, 2)
+
+
+def test_a_tied_head_steps_aside_naming_the_mixed_term():
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))
+    assert_steps_aside(TiedHead().double(), ids, y, "one feeding another")

@@ -71,6 +71,7 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
         and loss.reading is None
         and layers is not None
         and all(registered_base(m) is not None and not eligibility.has_own_forward(m) for m in layers)
+        and not _shares_parameters(layers)
     ):
         return EnginePlan(loss, model, _checked_chain(layers, names))
     if loss.reading is not None:
@@ -80,7 +81,7 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
         graph = _strip_log_softmax(graph)
         assert graph.log_softmax_dim is not None  # what the stripped plan stops below
         loss.log_softmax_dim = graph.log_softmax_dim
-    if graph.is_chain():
+    if graph.is_chain() and not _shares_parameters(trace.chain_modules(graph)):
         return EnginePlan(loss, model, _checked_chain(trace.chain_modules(graph), names), graph)
     return EnginePlan(loss, model, None, graph)
 
@@ -147,6 +148,17 @@ def _strip_log_softmax(graph: GraphPlan) -> GraphPlan:
         validated=False,
     )
     return graph.variants["nll"]
+
+
+def _shares_parameters(layers: List[nn.Module]) -> bool:
+    """A module or parameter used at two places: the graph engine adds its projections over the uses."""
+    seen: set = set()
+    for module in layers:
+        own = {id(module)} | {id(p) for p in eligibility.module_parameters(module)}
+        if own & seen:
+            return True
+        seen |= own
+    return False
 
 
 def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> List[nn.Module]:

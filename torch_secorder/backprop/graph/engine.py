@@ -32,11 +32,12 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
         if not isinstance(node.op, node_ops.GenericOp) or node.op.linear:
             continue
         features = sum(node.values[name][0].numel() for name in node.input_names)
-        size = samples * features * features * itemsize
+        # the Hessian, its float64 copy, the eigenvectors and the columns cut from them: about 4 float64 copies
+        size = samples * features * features * max(itemsize, 8) * 4
         if size > max(memory_budget, RESIDUAL_FLOOR):
             raise Unsupported(
                 f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
-                f"matrix per sample ({size / 2**20:.0f} MiB > memory_budget)"
+                f"matrix per sample ({size / 2**20:.0f} MiB with its eigendecomposition > memory_budget)"
             )
 
 
@@ -47,7 +48,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
     needed = _needed(nodes, by_name, wanted_params)
-    _check_single_use(nodes, by_name, wanted_params)
+    shared = trace.shared_params(nodes, by_name, wanted_params)
     curved = [
         i
         for i, node in enumerate(nodes)
@@ -90,11 +91,17 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         with torch.no_grad():
             samples = output.shape[0]
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
+            budget_columns = _within_for_shared(shared, samples, budget_columns, output.element_size(), memory_budget)
             curvature = output_origin(
                 request, loss, output.detach(), targets, loss_fn, max_columns=None, memory_budget=memory_budget
             )
             sweep = functools.partial(
-                _sweep, needed=needed, wanted=wanted, accumulate=diagonals.add, per_sample=request.per_sample
+                _sweep,
+                needed=needed,
+                wanted=wanted,
+                shared=frozenset(id(p) for p in shared),
+                accumulate=diagonals.add,
+                per_sample=request.per_sample,
             )
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
@@ -121,9 +128,12 @@ def _widest(values):
     return max(widths, default=1)
 
 
-def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
-    """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters."""
+def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample):
+    """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters. A parameter
+    used at several places (shared) has its per-sample projections added over its uses, then squared: the cross
+    terms between the uses are in the square."""
     pending = dict(births)
+    projections: dict = {}  # id(shared parameter) -> (parameter, the sum of its projections so far)
     for index in range(max(births), -1, -1):
         columns = pending.pop(index, None)
         if columns is None:
@@ -131,8 +141,12 @@ def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
         node = nodes[index]
         if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
             signs = signs.to(columns.dtype)
-        for param, value in node.op.column_diagonals(node, columns, signs, wanted, per_sample):
+        for param, value in node.op.column_diagonals(node, columns, signs, wanted - shared, per_sample):
             accumulate(param, value)
+        if shared:
+            for param, projection in node.op.column_projections(node, columns, shared & wanted):
+                known = projections.get(id(param))
+                projections[id(param)] = (param, projection if known is None else known[1] + projection)
         positions = [p for p, source in enumerate(node.inputs) if needed[source]]
         if not positions:
             continue
@@ -142,9 +156,14 @@ def _sweep(nodes, births, signs, *, needed, wanted, accumulate, per_sample):
                 pending[source] = pending[source] + pulled  # another path of the same origin: add as vectors
             else:
                 # rules may scale their columns in place: a tensor that reaches two nodes must not be shared
-                shared = pulled is columns or any(pulled is other for other in pending.values())
-                pending[source] = pulled.clone() if shared and len(positions) > 1 else pulled
+                common = pulled is columns or any(pulled is other for other in pending.values())
+                pending[source] = pulled.clone() if common and len(positions) > 1 else pulled
         del columns
+    for param, projection in projections.values():
+        squared = projection * projection
+        if signs is not None:
+            squared = squared * signs.reshape(*signs.shape, *[1] * param.dim())
+        accumulate(param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1)))
 
 
 def _needed(nodes, by_name, wanted, values=None):
@@ -160,19 +179,16 @@ def _needed(nodes, by_name, wanted, values=None):
     return needed
 
 
-def _check_single_use(nodes, by_name, wanted):
-    """A parameter used at two places has cross terms between its uses: refused, naming it."""
-    users: dict = {}  # id(parameter) -> [(its name, the node using it)]
-    for node in nodes:
-        if not node.activation:
-            continue  # get_attr: the parameter itself, not a use
-        for name in node.params:
-            param = by_name.get(name)
-            if param is not None and id(param) in wanted:
-                users.setdefault(id(param), []).append((name, node.name))
-    for uses in users.values():
-        if len(uses) > 1:
-            raise Unsupported(
-                f"parameter {uses[0][0]!r} used at {len(uses)} places ({', '.join(n for _, n in uses)}): "
-                "its Hessian has terms between the uses"
-            )
+def _within_for_shared(shared, samples, columns, itemsize, memory_budget):
+    """Fewer columns per chunk where a shared parameter's per-sample projections (N x columns x its size) would
+    not fit the memory budget; refused when not even one column fits."""
+    if not shared:
+        return columns
+    size = samples * sum(p.numel() for p in shared) * itemsize
+    fitting = max(memory_budget, RESIDUAL_FLOOR) // max(1, size)
+    if fitting < 1:
+        raise Unsupported(
+            f"parameter(s) used at several places ({sum(p.numel() for p in shared)} entries): their per-sample "
+            f"projections take {size / 2**20:.0f} MiB per column (> memory_budget)"
+        )
+    return max(1, min(columns, fitting))

@@ -76,6 +76,16 @@ class NodeOp:
         """[(parameter, its diagonal from these columns)]: summed over samples, or (N, *shape) per_sample."""
         return []
 
+    def column_projections(self, node, columns, wanted):
+        """[(parameter, its per-sample projections (N, V, *shape))] for the wanted parameters it uses: B^T c_v
+        before squaring, for parameters used at several places (added over their uses, then squared)."""
+        if any(True for _ in self._used(node, wanted)):
+            raise Unsupported(f"{self.describe(node)}: a parameter it shares with another place (no projections)")
+        return []
+
+    def _used(self, node, wanted):
+        return iter(())
+
     def residual_origins(self, node, max_columns):
         """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
         return iter(())
@@ -238,6 +248,27 @@ class ModuleOp(NodeOp):
         for columns, signs in self.rule.residual_columns(node.record, max_columns):
             yield {0: columns}, signs
 
+    def column_projections(self, node, columns, wanted):
+        """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""
+        named = [(name, p) for name, p in self.module.named_parameters() if id(p) in wanted]
+        if not named:
+            return []
+        if self._bind is not None:
+            raise Unsupported(f"{self.describe(node)}: a parameter it shares with another place (a functional call)")
+        width = columns.shape[1]
+
+        def one_sample(x, sample_columns):
+            def of_params(*tensors):
+                state = {name: t for (name, _), t in zip(named, tensors)}
+                return torch.func.functional_call(self.module, state, (x.unsqueeze(0),))
+
+            output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in named])  # type: ignore[misc]
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
+
+        with torch.enable_grad():
+            projections = torch.func.vmap(one_sample)(node.record.input, columns)
+        return [(p, projection) for (_, p), projection in zip(named, projections)]
+
 
 def module_op(module, names):
     """ModuleOp for a traced leaf module, or Unsupported naming it."""
@@ -393,6 +424,16 @@ class GenericOp(NodeOp):
         return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
     def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
+        samples, width = columns.shape[:2]
+        results = []
+        for param, projection in self.column_projections(node, columns, wanted):
+            squared = projection * projection
+            if signs is not None:
+                squared = squared * signs.reshape(samples, width, *[1] * param.dim())
+            results.append((param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))))
+        return results
+
+    def column_projections(self, node, columns, wanted):
         params = []  # (argument name, the parameter, the view it is read through or None)
         for name in self.param_args:
             view = self.param_views.get(name)
@@ -424,13 +465,7 @@ class GenericOp(NodeOp):
             raise Unsupported(
                 f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
             ) from None
-        results = []
-        for (_, param, _), projection in zip(params, projections):
-            squared = projection * projection
-            if signs is not None:
-                squared = squared * signs.reshape(samples, width, *[1] * param.dim())
-            results.append((param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))))
-        return results
+        return [(param, projection) for (_, param, _), projection in zip(params, projections)]
 
     def residual_origins(self, node, max_columns):
         if self.linear or node.output_grad is None:

@@ -317,7 +317,49 @@ def build_plan(model, traced, output_path=()):
                 )
             views[node.name] = view
     assert output is not None, "every fx graph ends in an output node"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    shared_params(nodes[: output + 1], dict(model.named_parameters(remove_duplicate=False)), trainable)
     return GraphPlan(nodes, output, names, constants=constants, output_path=output_path)
+
+
+def shared_params(nodes, by_name, wanted):
+    """The asked-for parameters used at several places side by side (a module applied to two branches): their
+    projections add over the uses. Where one use feeds another (a module called on its own output, an embedding
+    tied to the head it feeds) the Hessian also has a mixed term at the later use (its output is bilinear in the
+    parameter and its input, which the earlier use moves): refused, naming the parameter."""
+    users: dict = {}  # id(parameter) -> (its name, the parameter, the indices of the nodes using it)
+    for index, node in enumerate(nodes):
+        if not node.activation:
+            continue  # get_attr: the parameter itself, not a use
+        for name in node.params:
+            param = by_name.get(name)
+            if param is not None and id(param) in wanted:
+                users.setdefault(id(param), (name, param, set()))[2].add(index)
+    shared = []
+    for name, param, places in users.values():
+        if len(places) < 2:
+            continue
+        for place in places:
+            earlier = _ancestors(nodes, place) & places
+            if earlier:
+                raise Unsupported(
+                    f"parameter {name!r} used at {len(places)} places, one feeding another "
+                    f"({nodes[min(earlier)].name} -> {nodes[place].name}): its Hessian has a mixed term between "
+                    "the uses"
+                )
+        shared.append(param)
+    return shared
+
+
+def _ancestors(nodes, index):
+    """The indices of the nodes whose values reach node `index`."""
+    found, stack = set(), list(nodes[index].inputs)
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found.add(current)
+            stack.extend(nodes[current].inputs)
+    return found
 
 
 def _select_output(result, output_path):

@@ -91,7 +91,8 @@ def row_residual_columns(rows, grad, weight, eps):
     u = P a - (m / D) x^:
         R = -1 / (D s^2) [m I - (m / D) 1 1^T + u x^^T + x^ u^T - (m / D) x^ x^^T],
     that is a diagonal k m I (k = -1 / (D s^2)) plus four columns: 1 and x^ (sign -k m), and
-    (u + x^), (u - x^) (signs k, -k) from u x^^T + x^ u^T = ((u + x^)(u + x^)^T - (u - x^)(u - x^)^T) / 2.
+    (a u + x^ / a), (a u - x^ / a) (signs k, -k) from u x^^T + x^ u^T = ((a u + x^ / a)(...)^T - (a u - x^ / a)(...)^T)
+    / 2, a = sqrt(|x^| / |u|) per row.
     Returns (M, D + 4, D) columns and (M, D + 4) signs."""
     features = rows.shape[1]
     centered = rows - rows.mean(dim=1, keepdim=True)
@@ -105,12 +106,18 @@ def row_residual_columns(rows, grad, weight, eps):
     unit = torch.diag_embed(diagonal.abs().sqrt())  # (M, D, D)
     rank_one = (k * m / features).abs().sqrt()  # for -(k m / D)(1 1^T + x^ x^^T)
     half = (k.abs() / 2).sqrt()
+    # u x^^T + x^ u^T split with u and x^ brought to one length (a u, x^ / a): with |u| << |x^| (a tiny
+    # layer scale after the norm) the two squares would cancel to far below their rounding
+    lengths_u, lengths_x = u.norm(dim=1, keepdim=True), normalized.norm(dim=1, keepdim=True)
+    balance = torch.where(
+        (lengths_u > 0) & (lengths_x > 0), (lengths_x / lengths_u.clamp_min(1e-300)).sqrt(), torch.ones_like(lengths_u)
+    )
     extra = torch.stack(
         [
             rank_one * torch.ones_like(normalized),
             rank_one * normalized,
-            half * (u + normalized),
-            half * (u - normalized),
+            half * (balance * u + normalized / balance),
+            half * (balance * u - normalized / balance),
         ],
         dim=1,
     )  # (M, 4, D)

@@ -26,7 +26,7 @@ def evaluate_loss(loss: Loss, loss_fn: Callable, output: Tensor, targets: Tensor
     if reading is not None:
         value = type(loss).function(output, targets, **loss.options)  # what loss_fn computes, read from its ops
     else:
-        value = loss_fn(loss.as_model_output(loss.loss_input(output)), targets)
+        value = loss_fn(loss.loss_input(output), targets)
     check_scalar_loss(value, "loss_fn")
     return value, targets
 

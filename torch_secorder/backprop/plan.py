@@ -67,7 +67,6 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
     # NLL goes through the trace, which finds the model's final LogSoftmax (module or F.log_softmax)
     if (
         not loss.reads_log_probabilities
-        and not loss.output_path
         and loss.reading is None
         and layers is not None
         and all(registered_base(m) is not None and not eligibility.has_own_forward(m) for m in layers)
@@ -76,7 +75,7 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
         return EnginePlan(loss, model, _checked_chain(layers, names))
     if loss.reading is not None:
         model = _reading_model(model, loss)
-    graph = trace.plan_for(model, inputs, loss.output_path)
+    graph = trace.plan_for(model, inputs)
     if loss.reads_log_probabilities:
         graph = _strip_log_softmax(graph)
         assert graph.log_softmax_dim is not None  # what the stripped plan stops below
@@ -96,7 +95,9 @@ class ReadOutput(nn.Module):
         self.model, self.reading, self.class_axis = model, reading, class_axis
 
     def forward(self, *inputs: Any) -> Any:
-        output = trace.select_output(self.model(*inputs), self.reading.path)
+        output = self.model(*inputs)
+        for kind, key in self.reading.path:  # out.logits, out["logits"], out[0] (a ModelOutput's first field)
+            output = getattr(output, key) if kind == "attribute" else output[key]
         if self.reading.output_ops is not None:
             output = self.reading.output_ops(output)
         if self.reading.rows and self.class_axis:

@@ -34,22 +34,12 @@ class Loss:
     def __init__(self, options: dict):
         self.options = options
 
-    # where loss_fn reads its tensor in the model's output: (("attribute", "logits"),) for out.logits, (("item",
-    # 0),) for out[0]; () for the output itself (recognise reads it from the loss function)
-    output_path: tuple = ()
-    # what the loss function does to the output and targets before its loss call (reading.py), where the engine
-    # runs those ops itself; then loss_fn is not called, the loss's own function is
+    # where the loss function reads the model output (out.logits) and what it does to it and to the targets
+    # before its loss call (reading.py): the engine runs those ops itself, and calls the loss's own function
     reading: Optional[Any] = None
 
     def loss_input(self, output: Tensor) -> Tensor:
         """What the loss function is called on, given what the engine treats as the model output."""
-        return output
-
-    def as_model_output(self, tensor: Tensor) -> Any:
-        """What loss_fn is called with where the engine holds the tensor it reads at output_path."""
-        output: Any = tensor
-        for kind, key in reversed(self.output_path):
-            output = OutputPlace(kind, key, output)
         return output
 
     def output_reason(self, output: Tensor, targets: Tensor) -> Optional[str]:
@@ -112,20 +102,3 @@ def class_rows(output: Tensor, targets: Tensor) -> tuple:
 
     return rows(output), (rows(targets) if targets.is_floating_point() else targets.reshape(-1)), positions
 
-
-class OutputPlace:
-    """Stands in for a model output (a ModelOutput, a dict, a tuple) that the loss function reads one tensor from:
-    out.logits, out["logits"] or out[0] give that tensor, anything else is an error naming the place."""
-
-    def __init__(self, kind: str, key: Any, value: Any):
-        self._kind, self._key, self._value = kind, key, value
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or self._kind != "attribute" or name != self._key:
-            raise AttributeError(f"the engine holds only the model output's .{self._key}, not .{name}")
-        return self._value
-
-    def __getitem__(self, key: Any) -> Any:
-        if self._kind == "item" and type(key) is type(self._key) and key == self._key:
-            return self._value
-        raise KeyError(f"the engine holds only the model output's [{self._key!r}], not [{key!r}]")

@@ -50,10 +50,8 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
     if options["reduction"] not in ("mean", "sum"):
         return f"reduction={options['reduction']!r} (the loss must be a scalar: 'mean' or 'sum')"
     loss = kind(options)
-    if reading is not None and (reading.output_ops or reading.target_ops or reading.rows):
-        loss.reading = reading  # the engine runs the ops: backprop/plan.py
-    elif reading is not None:
-        loss.output_path = reading.path  # loss_fn itself is called on a stand-in for the output
+    if reading is not None and (reading.path or reading.output_ops or reading.target_ops or reading.rows):
+        loss.reading = reading  # the engine reads that place and runs the ops: backprop/plan.py
     return loss
 
 

@@ -52,7 +52,10 @@ def fisher_columns(
     if request.kind == "fisher_empirical":
         with torch.enable_grad():
             leaf = output.detach().requires_grad_(True)
-            loss_value = loss_fn(loss.as_model_output(loss.loss_input(leaf)) if nll_logits else leaf, targets)
+            if loss.reading is not None:  # the loss function's own ops ran on the engine's output already
+                loss_value = type(loss).function(leaf, targets, **loss.options)
+            else:
+                loss_value = loss_fn(loss.loss_input(leaf) if nll_logits else leaf, targets)
             (grad,) = torch.autograd.grad(loss_value, leaf)
         return (grad * loss.mean_normaliser(output, targets) ** 0.5).reshape(samples, 1, features)
     return loss.sampled_columns(output.detach(), targets, request.mc_samples, request.generator)

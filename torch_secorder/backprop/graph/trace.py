@@ -53,7 +53,6 @@ class GraphPlan:
     variants: dict = field(default_factory=dict)  # derived plans, kept with the cached plan
     constants: dict = field(default_factory=dict)  # tensors the trace met outside the model (get_attr targets)
     source: Optional["GraphPlan"] = None  # for a call's copy: the cached plan it was made from
-    output_path: tuple = ()  # where the loss reads the model's output from (losses.base.OutputPath)
 
     def for_call(self):
         """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
@@ -227,9 +226,8 @@ def check_modules(model, names):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 
-def build_plan(model, traced, output_path=()):
-    """The GraphPlan of model from traced = trace(model); check_modules(model) has passed. output_path: where in
-    the model's output (a ModelOutput, a dict, a tuple) the loss reads its tensor ((kind, key) pairs)."""
+def build_plan(model, traced):
+    """The GraphPlan of model from traced = trace(model); check_modules(model) has passed."""
     names = {id(module): name for name, module in model.named_modules()}
     graph, constants = traced
     root = _root(model, constants)
@@ -239,7 +237,7 @@ def build_plan(model, traced, output_path=()):
     placeholders = [n for n in graph.nodes if n.op == "placeholder" and not n.args]  # args: a fixed default
     if not placeholders:
         raise Unsupported("a forward without arguments")
-    result = _select_output(next(n for n in graph.nodes if n.op == "output").args[0], output_path)
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
     output = None
     # fx nodes that move the batch axis away from 0 (node_ops.moved_axis), computed inside the nodes that read
     # them: fx node -> (what it reads, the inlined nodes below it, where its batch axis is)
@@ -319,7 +317,7 @@ def build_plan(model, traced, output_path=()):
     assert output is not None, "every fx graph ends in an output node"
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     shared_params(nodes[: output + 1], dict(model.named_parameters(remove_duplicate=False)), trainable)
-    return GraphPlan(nodes, output, names, constants=constants, output_path=output_path)
+    return GraphPlan(nodes, output, names, constants=constants)
 
 
 def shared_params(nodes, by_name, wanted):
@@ -362,19 +360,6 @@ def _ancestors(nodes, index):
     return found
 
 
-def _select_output(result, output_path):
-    """The traced value at output_path in what the forward returns (a ModelOutput traces to a dict)."""
-    for kind, key in output_path:
-        if isinstance(result, dict) and isinstance(key, int):  # ModelOutput[0]: its first field that is set
-            result = list(result.values())
-        try:
-            result = result[key]
-        except (KeyError, IndexError, TypeError):
-            described = f".{key}" if kind == "attribute" else f"[{key!r}]"
-            raise Unsupported(f"a model output without {described} (read by the loss)") from None
-    return result
-
-
 def _live_nodes(graph, modules, result):
     """The fx nodes `result` (the output the loss reads) depends on, the inputs, and calls that write into a
     tensor (with what they read)."""
@@ -401,7 +386,7 @@ def _live_nodes(graph, modules, result):
 # A plan is reused only when a trace made now is the same graph as the one it was built from: Python state the
 # forward reads (config dicts, globals, flags, a patched forward) is resolved by tracing, so a forward that reads
 # anything different traces to another graph (other ops, constants or control flow) and gets a new plan.
-# model -> {output path: (fingerprint, trace, plan or the Unsupported its graph raised)}
+# model -> (fingerprint, trace, plan or the Unsupported its graph raised)
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -442,25 +427,24 @@ def _fingerprint(model):
     return tuple(parts)
 
 
-def plan_for(model, inputs=None, output_path=()):
+def plan_for(model, inputs=None):
     """The GraphPlan of model as its forward reads now: traced on every call (with values on `inputs`, a tuple
     of positional inputs, where a symbolic trace cannot follow the forward), the cached plan reused when the
     trace is the same graph and nothing else it depends on changed."""
     fingerprint = _fingerprint(model)
     check_modules(model, eligibility.ModuleNames(model))
     traced = trace(model, inputs)
-    plans = _CACHE.setdefault(model, {})
-    cached = plans.get(output_path)
+    cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint and same_trace(cached[1], traced):
         if isinstance(cached[2], Unsupported):
             raise cached[2]
         return cached[2]
     try:
-        plan = build_plan(model, traced, output_path)
+        plan = build_plan(model, traced)
     except Unsupported as error:
-        plans[output_path] = (fingerprint, traced, error)
+        _CACHE[model] = (fingerprint, traced, error)
         raise
-    plans[output_path] = (fingerprint, traced, plan)
+    _CACHE[model] = (fingerprint, traced, plan)
     return plan
 
 
@@ -538,7 +522,7 @@ def check_call(plan, model, inputs):
     inputs = as_tuple(inputs)
     with torch.no_grad():
         with library_forward():
-            expected = select_output(model(*inputs), plan.output_path)
+            expected = model(*inputs)
         try:
             traced = forward(call, model, inputs)[call.nodes[call.output].name]
         except (IndexError, ValueError) as error:  # e.g. fewer chunks than the trace took (_Tracer.iter)
@@ -583,13 +567,6 @@ def forward(plan, model, inputs):
 def as_tuple(inputs):
     """The model's positional inputs as a tuple (one tensor: a tuple of one)."""
     return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def select_output(output, output_path):
-    """What the loss reads from the model's real output: output.logits, output["logits"], output[0]."""
-    for kind, key in output_path:
-        output = getattr(output, key) if kind == "attribute" else output[key]
-    return output
 
 
 def chain_modules(plan):

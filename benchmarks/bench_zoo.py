@@ -160,11 +160,6 @@ def measure(name, method, generic_limit):
                 warnings.simplefilter("error")  # a fallback: reported with its reason, the generic column times it
                 return model_hessian_diagonal(model, loss_fn, x, y)
 
-        try:
-            run()
-        except RuntimeWarning as warning:
-            reason = str(warning).split("does not support ", 1)[-1].split("; using the generic")[0]
-            return {**measured, "method": "generic", "skipped": "falls back to the generic method: " + reason}
     elif method == "backpack":
         try:
             from backpack import backpack, extend
@@ -202,7 +197,11 @@ def measure(name, method, generic_limit):
             return {**measured, "projected_seconds": float(error.args[0])}
         guarding[0] = False
     base = _rss_bytes()
-    run()
+    try:
+        run()
+    except RuntimeWarning as warning:  # auto fell back
+        reason = str(warning).split("does not support ", 1)[-1].split("; using the generic")[0]
+        return {**measured, "method": "generic", "skipped": "falls back to the generic method: " + reason}
     measured["peak_extra_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
     start = time.perf_counter()
     run()

@@ -101,4 +101,3 @@ def class_rows(output: Tensor, targets: Tensor) -> tuple:
         return tensor.reshape(samples, classes, positions).transpose(1, 2).reshape(-1, classes)
 
     return rows(output), (rows(targets) if targets.is_floating_point() else targets.reshape(-1)), positions
-

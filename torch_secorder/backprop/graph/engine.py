@@ -32,6 +32,8 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
         if not isinstance(node.op, node_ops.GenericOp) or node.op.linear:
             continue
         features = sum(node.values[name][0].numel() for name in node.input_names)
+        if samples * features * features * 32 > RESIDUAL_FLOOR and not node.op.has_second_derivative(node):
+            continue  # linear after all (stochastic depth or dropout in eval mode): no dense term is formed
         # the Hessian, its float64 copy, the eigenvectors and the columns cut from them: about 4 float64 copies
         size = samples * features * features * max(itemsize, 8) * 4
         if size > max(memory_budget, RESIDUAL_FLOOR):
@@ -65,12 +67,12 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         if samples == 0:
             return loss_value, Diagonals(params, [], 0 if request.per_sample else None).result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
-        _check_residual_sizes(nodes, curved, samples, output.element_size(), memory_budget)
         if curved:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in curved], allow_unused=True)
             for index, grad in zip(curved, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
+        _check_residual_sizes(nodes, curved, samples, output.element_size(), memory_budget)
     needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     # after the forward: pruning hooks computed this call's effective weights
     diagonals = Diagonals(
@@ -90,7 +92,8 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     if any(needed):
         with torch.no_grad():
             samples = output.shape[0]
-            budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget)
+            # half the budget: the pulls of a graph keep more than one chunk in flight (pending merges, vmapped vjps)
+            budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget // 2)
             budget_columns = _within_for_shared(shared, samples, budget_columns, output.element_size(), memory_budget)
             curvature = output_origin(
                 request, loss, output.detach(), targets, loss_fn, max_columns=None, memory_budget=memory_budget

@@ -467,6 +467,17 @@ class GenericOp(NodeOp):
             ) from None
         return [(param, projection) for (_, param, _), projection in zip(params, projections)]
 
+    def has_second_derivative(self, node):
+        """False when g . f has no second derivative in the node's inputs (one backward pass tells)."""
+        differentiable = self._differentiable(node)
+        if not differentiable or node.output_grad is None:
+            return False
+        leaves = [node.values[name].detach().requires_grad_(True) for name in differentiable]
+        with torch.enable_grad():
+            output = self.function(node, node.values, differentiable)(*leaves)
+            grads = torch.autograd.grad((output * node.output_grad).sum(), leaves, create_graph=True, allow_unused=True)
+        return any(grad is not None and grad.requires_grad for grad in grads)
+
     def residual_origins(self, node, max_columns):
         if self.linear or node.output_grad is None:
             return
@@ -894,6 +905,50 @@ class ProductOp(GenericOp):
             raise Unsupported(
                 f"parameter(s) {node.params} used as a divisor by {self.describe(node)} (not affine in the parameter)"
             )
+
+    def residual_origins(self, node, max_columns):
+        """a * b of two inputs of one shape (GLU, SwiGLU gates): per element the term is g [[0, 1], [1, 0]] =
+        (g / 2)((1, 1)(1, 1)^T - (1, -1)(1, -1)^T), two columns of two entries each, in closed form; other
+        products (broadcast gates, matmul, division) form the dense per-sample Hessian."""
+        pair = self._same_shape_operands(node)
+        if pair is None:
+            yield from super().residual_origins(node, max_columns)
+            return
+        first, second = pair
+        grad = node.output_grad.reshape(node.output_grad.shape[0], -1)
+        samples, features = grad.shape
+        scale, sign = (grad.abs() / 2).sqrt(), torch.sign(grad)
+        step = max(1, max_columns // 2)
+        for start in range(0, features, step):
+            stop = min(features, start + step)
+            width = torch.arange(stop - start, device=grad.device)
+            unit = grad.new_zeros(samples, stop - start, features)
+            unit[:, width, start + width] = scale[:, start:stop]
+            signs = torch.cat([sign[:, start:stop], -sign[:, start:stop]], dim=1)
+            yield {first: torch.cat([unit, unit], dim=1), second: torch.cat([unit, -unit], dim=1)}, signs
+
+    def _same_shape_operands(self, node):
+        """The input positions of a and b when the node is a * b of two different floating inputs of one shape."""
+        fx_node = node.fx_node
+        if self.linear or node.output_grad is None or self.prelude or fx_node.target not in _ELEMENTWISE_PRODUCTS:
+            return None
+        operands = fx_node.args[:2]
+        if len(operands) != 2 or not all(isinstance(a, fx.Node) for a in operands) or operands[0] is operands[1]:
+            return None
+        names = [a.name for a in operands]
+        if not all(name in node.input_names for name in names):
+            return None
+        a, b = (node.values[name] for name in names)
+        if (
+            a.shape != b.shape
+            or a.shape != node.output_grad.shape
+            or not (a.is_floating_point() and b.is_floating_point())
+        ):
+            return None
+        return node.input_names.index(names[0]), node.input_names.index(names[1])
+
+
+_ELEMENTWISE_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "__mul__"}
 
 
 __all__ = [

@@ -31,7 +31,9 @@ def per_sample_hessian(function, inputs, output_grad, max_columns):
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
     total = sum(sizes)
     hessian = inputs[0].new_zeros(samples, total, total)
-    step = max(1, min(total, max_columns))
+    # each batched tangent keeps the function's own intermediates (attention: its score matrices), several
+    # times its inputs: an eighth of the columns a pull would take at once
+    step = max(1, min(total, max_columns // 8))
     for start in range(0, total, step):
         stop = min(total, start + step)
         tangents = []
@@ -63,6 +65,7 @@ def per_sample_hessian_columns(function, inputs, output_grad, max_columns):
     kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()[:, 0]
     columns = (eigenvectors[:, :, kept] * magnitude[:, kept].sqrt().unsqueeze(1)).transpose(1, 2)  # (N, V, D)
     columns, signs = columns.to(hessian.dtype), torch.sign(eigenvalues[:, kept]).to(hessian.dtype)
+    del hessian, eigenvalues, eigenvectors, magnitude  # not held while the columns are swept down
     sizes = [x[0].numel() for x in inputs]
     for start in range(0, columns.shape[1], max(1, max_columns)):
         stop = start + max(1, max_columns)

@@ -87,13 +87,16 @@ class LayerNormRule(Rule):
 def row_residual_columns(rows, grad, weight, eps):
     """Signed columns of R = d2(g . layer_norm(x))/dx2 for each row x (M, D), in closed form.
 
-    With x^ = (x - mean) / s, s = sqrt(var + eps), a = g * w, m = a . x^, P = I - 1 1^T / D and
-    u = P a - (m / D) x^:
-        R = -1 / (D s^2) [m I - (m / D) 1 1^T + u x^^T + x^ u^T - (m / D) x^ x^^T],
-    that is a diagonal k m I (k = -1 / (D s^2)) plus four columns: 1 and x^ (sign -k m), and
-    (a u + x^ / a), (a u - x^ / a) (signs k, -k) from u x^^T + x^ u^T = ((a u + x^ / a)(...)^T - (a u - x^ / a)(...)^T)
-    / 2, a = sqrt(|x^| / |u|) per row.
-    Returns (M, D + 4, D) columns and (M, D + 4) signs."""
+    With x^ = (x - mean) / s, s = sqrt(var + eps), a = g * w, m = a . x^, k = -1 / (D s^2) and
+    u = a - mean(a) - (m / D) x^:
+        R = k [m (I - 1 1^T / D - x^ x^^T / D) + u x^^T + x^ u^T].
+    The first part is k m times a projector Pi (onto what is orthogonal to 1 and x^) plus the rank-one rest
+    (1 - |x^|^2 / D) x^ x^^T / |x^|^2 that eps leaves: D columns sqrt|k m| Pi e_i and one along x^, all of one
+    sign (k m), so nothing cancels (as unit columns minus 1 and x^ it did, far below float32 rounding, where
+    the rows below carry mostly 1 and x^: BERT's residual stream). u x^^T + x^ u^T is
+    ((b u + x^ / b)(...)^T - (b u - x^ / b)(...)^T) / 2 with b = sqrt(|x^| / |u|), one length for both (with
+    |u| << |x^|, a tiny layer scale after the norm, unbalanced squares cancel too).
+    Returns (M, D + 3, D) columns and (M, D + 3) signs."""
     features = rows.shape[1]
     centered = rows - rows.mean(dim=1, keepdim=True)
     scale = (centered.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()
@@ -102,26 +105,23 @@ def row_residual_columns(rows, grad, weight, eps):
     m = (a * normalized).sum(dim=1, keepdim=True)  # (M, 1)
     u = a - a.mean(dim=1, keepdim=True) - m / features * normalized
     k = -1.0 / (features * scale * scale)  # (M, 1)
-    diagonal = (k * m).expand(-1, features)  # the k m I part, as scaled unit columns
-    unit = torch.diag_embed(diagonal.abs().sqrt())  # (M, D, D)
-    rank_one = (k * m / features).abs().sqrt()  # for -(k m / D)(1 1^T + x^ x^^T)
-    half = (k.abs() / 2).sqrt()
-    # u x^^T + x^ u^T split with u and x^ brought to one length (a u, x^ / a): with |u| << |x^| (a tiny
-    # layer scale after the norm) the two squares would cancel to far below their rounding
     lengths_u, lengths_x = u.norm(dim=1, keepdim=True), normalized.norm(dim=1, keepdim=True)
+    direction = torch.where(lengths_x > 0, normalized / lengths_x.clamp_min(torch.finfo(rows.dtype).tiny), 0.0)
+    eye = torch.eye(features, dtype=rows.dtype, device=rows.device)
+    projector = eye - 1.0 / features - direction.unsqueeze(2) * direction.unsqueeze(1)  # (M, D, D), symmetric
+    km = (k * m).abs().sqrt()
+    rest = (km * km * (1 - lengths_x * lengths_x / features).clamp_min(0)).sqrt()  # the rank-one rest eps leaves
     balance = torch.where(
-        (lengths_u > 0) & (lengths_x > 0), (lengths_x / lengths_u.clamp_min(1e-300)).sqrt(), torch.ones_like(lengths_u)
+        (lengths_u > 0) & (lengths_x > 0),
+        (lengths_x / lengths_u.clamp_min(torch.finfo(rows.dtype).tiny)).sqrt(),
+        torch.ones_like(lengths_u),
     )
+    half = (k.abs() / 2).sqrt()
     extra = torch.stack(
-        [
-            rank_one * torch.ones_like(normalized),
-            rank_one * normalized,
-            half * (balance * u + normalized / balance),
-            half * (balance * u - normalized / balance),
-        ],
+        [rest * direction, half * (balance * u + normalized / balance), half * (balance * u - normalized / balance)],
         dim=1,
-    )  # (M, 4, D)
-    columns = torch.cat([unit, extra], dim=1)
+    )  # (M, 3, D)
+    columns = torch.cat([km.unsqueeze(2) * projector, extra], dim=1)
     sign_km, sign_k = torch.sign(k * m), torch.sign(k)
-    signs = torch.cat([torch.sign(diagonal), -sign_km, -sign_km, sign_k, -sign_k], dim=1)
+    signs = torch.cat([sign_km.expand(-1, features + 1), sign_k, -sign_k], dim=1)
     return columns, signs

@@ -41,38 +41,24 @@ class ValueProxy(fx.Proxy):
     def __index__(self):
         return self._value().__index__()
 
-    @property
-    def shape(self):
-        return self._value().shape
-
-    @property
-    def dtype(self):
-        return self._value().dtype
-
-    @property
-    def device(self):
-        return self._value().device
-
-    @property
-    def ndim(self):
-        return self._value().ndim
-
-    @property
-    def is_cuda(self):
-        return self._value().is_cuda
-
     def size(self, dim=None):
         value = self._value()
         return value.size() if dim is None else value.size(dim)
 
-    def dim(self):
-        return self._value().dim()
 
-    def numel(self):
-        return self._value().numel()
+def _answered(name: str, call: bool) -> Any:
+    def answer(self: ValueProxy) -> Any:
+        found = getattr(self._value(), name)
+        return found() if call else found
 
-    def is_floating_point(self):
-        return self._value().is_floating_point()
+    return answer if call else property(answer)
+
+
+# what a forward asks a tensor about itself, answered from the value (constants of the graph)
+for _name in ("shape", "dtype", "device", "ndim", "is_cuda"):
+    setattr(ValueProxy, _name, _answered(_name, call=False))
+for _name in ("dim", "numel", "is_floating_point"):
+    setattr(ValueProxy, _name, _answered(_name, call=True))
 
 
 def with_values(tracer_class: Any) -> Any:

@@ -2,7 +2,7 @@
 an attention_mask with padding, or pixel_values), the loss a function of out.logits. The engine takes them with
 method="auto" and no warning (a trace with the call's values: backprop/graph/value_trace.py), exact against one
 float64 Hessian-vector product per sampled entry. Skipped where transformers is not installed (an optional test
-dependency: `pip install --no-deps transformers tokenizers regex httpx2 httpcore2`)."""
+dependency: `pip install --no-deps transformers tokenizers regex httpx2 httpcore2 truststore`)."""
 
 import importlib
 import importlib.util

@@ -193,10 +193,12 @@ def curved_nodes(plan: EnginePlan, inputs: Optional[Any] = None) -> List[Tuple[s
             for node in plan.graph.nodes
             if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)
         ]
-        counted = _graph_widths(plan.graph, plan.model, inputs) if inputs is not None and nodes else {}
-        return [(node.name, counted.get(node.name)) for node in nodes]
+        if inputs is None or not nodes:
+            return [(node.name, None) for node in nodes]
+        counted = _graph_widths(plan.graph, plan.model, inputs)  # floating-point nodes only: masks have no term
+        return [(node.name, counted[node.name]) for node in nodes if node.name in counted]
     widths: List[Tuple[str, Optional[int]]] = []
-    x = inputs
+    x = inputs[0] if isinstance(inputs, tuple) else inputs
     with torch.no_grad():
         for module in plan.layers:
             if rule_for(module).needs_output_grad(module):
@@ -210,7 +212,10 @@ def _graph_widths(cached: GraphPlan, model: nn.Module, inputs: Any) -> Dict[str,
     with torch.no_grad():
         values = trace.forward(graph, model, inputs)
     return {
-        node.name: sum(values[name][0].numel() for name in node.input_names)
+        node.name: sum(values[name][0].numel() for name in node.input_names if values[name].is_floating_point())
         for node in graph.nodes[: graph.output + 1]
-        if node.activation and node.inputs
+        if node.activation
+        and node.inputs
+        and isinstance(values[node.name], torch.Tensor)
+        and values[node.name].is_floating_point()
     }

@@ -46,7 +46,7 @@ def _explain(model, loss_fn, inputs, method, targets):
         return MethodChoice(
             "backprop",
             "every module and the loss have exact Hessian-backprop rules",
-            engine_cost(plan, called, call_inputs),
+            engine_cost(plan, call_inputs),
         )
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
 
@@ -65,18 +65,18 @@ def generic_cost(model):
     return f"{entries} Hessian-vector products, one per parameter entry, batched; each costs about a gradient or more"
 
 
-def engine_cost(plan, model, inputs=None):
+def engine_cost(plan, inputs=None):
     """Origins and their columns: the loss's per-sample curvature, and one origin per curved node (counted
     with a forward pass without gradients when inputs are given)."""
     classes = plan.loss.class_axis
     loss_columns = "C - 1 (classes - 1) columns" if classes else "one column per output feature"
-    if isinstance(inputs, (tuple, list)):
-        inputs = inputs[0] if len(inputs) == 1 else None
+    if inputs is not None:
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     curved, counted = None, None
-    if isinstance(inputs, torch.Tensor):
+    if inputs is not None and all(isinstance(x, torch.Tensor) for x in inputs):
         try:
             with torch.no_grad():
-                output = model(inputs)
+                output = plan.model(*inputs)  # what the loss reads (plan.model reads out.logits, say)
             positions = output[0, 0].numel() if output.dim() > 2 else 1
             counted = (output.shape[1] - 1) * positions if classes else output[0].numel()
             loss_columns = f"{counted} columns"

@@ -101,7 +101,7 @@ class ReadOutput(nn.Module):
         if self.reading.output_ops is not None:
             output = self.reading.output_ops(output)
         if self.reading.rows and self.class_axis:
-            output = output.reshape(output.shape[0], -1, output.shape[-1]).transpose(1, 2)
+            output = self.reading.per_sample(output)
         return output
 
 

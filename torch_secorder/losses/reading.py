@@ -9,8 +9,8 @@ on it (output_ops: slices that keep the batch axis, transposes, reshapes, casts)
 targets (target_ops). The engine runs output_ops as part of the model (backprop/plan.py wraps the model), so their
 derivatives are the graph engine's like any other op's. A last reshape that folds the batch axis into rows
 (reshape(-1, C) on logits, reshape(-1) on labels) is not run: the loss over those rows equals the same loss with
-the class axis at 1 and the positions after it (cross-entropy) or over the unfolded elements (elementwise losses),
-which keeps one batch row per sample, as the engine needs (`rows`).
+the rows of each sample on one batch row, the class axis at 1 (cross-entropy: LossReading.per_sample) or over
+the unfolded elements (elementwise losses), which keeps one batch row per sample, as the engine needs (`fold`).
 """
 
 import operator
@@ -46,19 +46,34 @@ class LossReading:
     path: tuple  # the place in the model output: (("attribute", "logits"),), (("item", 0),) or ()
     output_ops: Optional[fx.GraphModule]  # the tensor at `path` -> what the loss call takes (None: as it is)
     target_ops: Optional[fx.GraphModule]  # targets -> what the loss call takes (None: as they are)
-    rows: bool  # the call took the batch folded into rows; output_ops and target_ops stop before that fold
+    # how the call folded the batch into rows (output_ops and target_ops stop before the fold): None, ("first",)
+    # for flatten(0, 1), ("last", K) for rows of K (reshape(-1, K); K None: the tensor's own last size)
+    fold: Optional[tuple]
     code: str  # the ops' source: two readings with the same code compute the same
 
+    @property
+    def rows(self) -> bool:
+        return self.fold is not None
+
+    def per_sample(self, output: Tensor) -> Tensor:
+        """The folded rows one batch row per sample, the rows' class axis at 1 and the rows after it: the same
+        cross-entropy as on the rows themselves (rows of a sample never mix with another's)."""
+        if self.fold == ("first",):  # (N, rows, C, ...): the sample's rows are already its axis 1
+            return output.transpose(1, 2)
+        width = self.fold[1] if self.fold is not None and self.fold[1] is not None else output.shape[-1]
+        return output.reshape(output.shape[0], -1, width).transpose(1, 2)
+
     def targets_for(self, targets: Tensor, output: Tensor, class_axis: bool) -> Tensor:
-        """The targets as the engine's loss takes them, for the engine's output."""
+        """The targets as the engine's loss takes them, for the engine's output (per_sample's for cross-entropy)."""
         if self.target_ops is not None:
             targets = self.target_ops(targets)
         if self.rows and not class_axis:
             targets = targets.reshape(output.shape)
-        elif self.rows and targets.is_floating_point():  # class probabilities: (N, C, positions) like the output
-            targets = targets.reshape(output.shape[0], -1, output.shape[1]).transpose(1, 2)
+        elif self.rows and targets.is_floating_point():  # class probabilities: laid out like the output
+            samples, classes, rows = output.shape[0], output.shape[1], output.shape[2]
+            targets = targets.reshape(samples, rows, classes, *output.shape[3:]).transpose(1, 2)
         elif self.rows:
-            targets = targets.reshape(output.shape[0], -1)
+            targets = targets.reshape(output.shape[0], *output.shape[2:])
         return targets
 
 
@@ -70,15 +85,17 @@ def read(
     if not isinstance(loss_input, fx.Node) or not isinstance(loss_target, fx.Node):
         return None
     path, selected = _path(loss_input, output)
-    rows = _folds_rows(loss_input) and (loss_target is targets or _flattens(loss_target) or _folds_rows(loss_target))
-    end_output = loss_input.args[0] if rows else loss_input
-    end_target = loss_target.args[0] if rows and loss_target is not targets else loss_target
+    fold = _fold(loss_input)
+    if fold is not None and not (loss_target is targets or _flattens(loss_target) or _fold(loss_target)):
+        fold = None
+    end_output = loss_input.args[0] if fold else loss_input
+    end_target = loss_target.args[0] if fold and loss_target is not targets else loss_target
     output_ops = _ops(graph, selected, end_output, forbidden=targets)
     target_ops = _ops(graph, targets, end_target, forbidden=output)
     if output_ops is False or target_ops is False:
         return None
     code = "\n".join(ops.code if ops is not None else "" for ops in (output_ops, target_ops))
-    return LossReading(path, output_ops or None, target_ops or None, rows, code + f"\nrows={rows}")
+    return LossReading(path, output_ops or None, target_ops or None, fold, code + f"\nfold={fold}")
 
 
 def _path(node: Any, output: fx.Node) -> Tuple[tuple, fx.Node]:
@@ -103,18 +120,38 @@ def _path(node: Any, output: fx.Node) -> Tuple[tuple, fx.Node]:
     return tuple(path), end
 
 
-def _folds_rows(node: fx.Node) -> bool:
-    """x.view(-1, C) / x.reshape(-1, C) / x.flatten(0, -2) / x.flatten(end_dim=-2) / x.flatten(0, 1)."""
+def _fold(node: fx.Node) -> Optional[tuple]:
+    """How node folds the batch axis into rows (LossReading.fold): x.flatten(0, 1) -> ("first",);
+    x.flatten(0, -2) / x.flatten(end_dim=-2) / x.view(-1, x.size(-1)) -> ("last", None); x.reshape(-1, K) with
+    an int K -> ("last", K); anything else None."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
     args = node.args[1:]
     if name in ("view", "reshape"):
         sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        return len(sizes) == 2 and isinstance(sizes[0], int) and sizes[0] == -1
+        if len(sizes) != 2 or not (isinstance(sizes[0], int) and sizes[0] == -1):
+            return None
+        width = sizes[1]
+        if isinstance(width, int):
+            return ("last", width)
+        return ("last", None) if _last_size_of(width, node.args[0]) else None
     if name == "flatten":
         start = args[0] if args else node.kwargs.get("start_dim", 0)
         end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
-        return bool(start == 0 and end in (1, -2))
-    return False
+        if start == 0 and end == -2:
+            return ("last", None)
+        if start == 0 and end == 1:
+            return ("first",)
+    return None
+
+
+def _last_size_of(width: Any, tensor: Any) -> bool:
+    """width is tensor.size(-1) or tensor.shape[-1]."""
+    if not isinstance(width, fx.Node):
+        return False
+    if width.op == "call_method" and width.target == "size":
+        return bool(width.args[0] is tensor and tuple(width.args[1:]) == (-1,))
+    shape = width.args[0] if width.target is operator.getitem else None
+    return bool(isinstance(shape, fx.Node) and width.args[1] == -1 and _is_shape(shape) and shape.args[0] is tensor)
 
 
 def _flattens(node: fx.Node) -> bool:

@@ -163,16 +163,9 @@ def _shares_parameters(layers: List[nn.Module]) -> bool:
 
 
 def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> List[nn.Module]:
-    seen_modules, seen_params = set(), set()
+    """The layers when each has a rule matching its forward (a chain whose layers share parameters is a graph:
+    _shares_parameters sends it there first)."""
     for module in layers:
-        # a module or parameter used twice couples layers: its Hessian has cross-layer terms
-        own = [id(p) for p in eligibility.module_parameters(module)]
-        if id(module) in seen_modules or any(p in seen_params for p in own):
-            raise Unsupported(
-                f"{eligibility.describe_module(module, names)}: parameters used at two places in the chain"
-            )
-        seen_modules.add(id(module))
-        seen_params.update(own)
         base = registered_base(module)
         if base is None:
             raise Unsupported(eligibility.describe_module(module, names))

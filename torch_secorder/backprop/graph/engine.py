@@ -32,11 +32,10 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
         if not isinstance(node.op, node_ops.GenericOp) or node.op.linear:
             continue
         features = sum(node.values[name][0].numel() for name in node.input_names)
-        if samples * features * features * 32 > RESIDUAL_FLOOR and not node.op.has_second_derivative(node):
-            continue  # linear after all (stochastic depth or dropout in eval mode): no dense term is formed
         # the Hessian, its float64 copy, the eigenvectors and the columns cut from them: about 4 float64 copies
         size = samples * features * features * max(itemsize, 8) * 4
-        if size > max(memory_budget, RESIDUAL_FLOOR):
+        # a node linear after all (stochastic depth or dropout in eval mode) forms no dense term
+        if size > max(memory_budget, RESIDUAL_FLOOR) and node.op.has_second_derivative(node):
             raise Unsupported(
                 f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
                 f"matrix per sample ({size / 2**20:.0f} MiB with its eigendecomposition > memory_budget)"
@@ -91,7 +90,6 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
 
     if any(needed):
         with torch.no_grad():
-            samples = output.shape[0]
             # half the budget: the pulls of a graph keep more than one chunk in flight (pending merges, vmapped vjps)
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget // 2)
             budget_columns = _within_for_shared(shared, samples, budget_columns, output.element_size(), memory_budget)
@@ -163,10 +161,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
                 pending[source] = pulled.clone() if common and len(positions) > 1 else pulled
         del columns
     for param, projection in projections.values():
-        squared = projection * projection
-        if signs is not None:
-            squared = squared * signs.reshape(*signs.shape, *[1] * param.dim())
-        accumulate(param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1)))
+        accumulate(param, node_ops.signed_square_sum(projection, signs, per_sample))
 
 
 def _needed(nodes, by_name, wanted, values=None):

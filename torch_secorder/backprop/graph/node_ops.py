@@ -32,7 +32,7 @@ from ..curvature import Curvature
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
 from .functional import attribute, module_for_call
-from .residuals import per_sample_hessian_columns
+from .residuals import has_second_derivative, per_sample_hessian_columns
 
 # One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
@@ -79,12 +79,7 @@ class NodeOp:
     def column_projections(self, node, columns, wanted):
         """[(parameter, its per-sample projections (N, V, *shape))] for the wanted parameters it uses: B^T c_v
         before squaring, for parameters used at several places (added over their uses, then squared)."""
-        if any(True for _ in self._used(node, wanted)):
-            raise Unsupported(f"{self.describe(node)}: a parameter it shares with another place (no projections)")
         return []
-
-    def _used(self, node, wanted):
-        return iter(())
 
     def residual_origins(self, node, max_columns):
         """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
@@ -92,6 +87,14 @@ class NodeOp:
 
     def describe(self, node):
         return f"{node.name} ({_target_name(node.fx_node)})"
+
+
+def signed_square_sum(projections, signs, per_sample):
+    """sum_v signs[n, v] * projections[n, v]^2 over the columns, and over the samples unless per_sample."""
+    squared = projections * projections
+    if signs is not None:
+        squared = squared * signs.reshape(*signs.shape, *[1] * (projections.dim() - 2))
+    return squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))
 
 
 def _unique_nodes(args):
@@ -424,14 +427,10 @@ class GenericOp(NodeOp):
         return [pulled[differentiable.index(node.input_names[p])] for p in positions]
 
     def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
-        samples, width = columns.shape[:2]
-        results = []
-        for param, projection in self.column_projections(node, columns, wanted):
-            squared = projection * projection
-            if signs is not None:
-                squared = squared * signs.reshape(samples, width, *[1] * param.dim())
-            results.append((param, squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))))
-        return results
+        return [
+            (param, signed_square_sum(projection, signs, per_sample))
+            for param, projection in self.column_projections(node, columns, wanted)
+        ]
 
     def column_projections(self, node, columns, wanted):
         params = []  # (argument name, the parameter, the view it is read through or None)
@@ -468,15 +467,12 @@ class GenericOp(NodeOp):
         return [(param, projection) for (_, param, _), projection in zip(params, projections)]
 
     def has_second_derivative(self, node):
-        """False when g . f has no second derivative in the node's inputs (one backward pass tells)."""
+        """False when g . f has no second derivative in the node's inputs."""
         differentiable = self._differentiable(node)
         if not differentiable or node.output_grad is None:
             return False
-        leaves = [node.values[name].detach().requires_grad_(True) for name in differentiable]
-        with torch.enable_grad():
-            output = self.function(node, node.values, differentiable)(*leaves)
-            grads = torch.autograd.grad((output * node.output_grad).sum(), leaves, create_graph=True, allow_unused=True)
-        return any(grad is not None and grad.requires_grad for grad in grads)
+        inputs = [node.values[name] for name in differentiable]
+        return has_second_derivative(self.function(node, node.values, differentiable), inputs, node.output_grad)
 
     def residual_origins(self, node, max_columns):
         if self.linear or node.output_grad is None:

@@ -16,14 +16,24 @@ from ..curvature import symmetric_eigen
 _RELATIVE_ZERO = 1e-13
 
 
-def per_sample_hessian(function, inputs, output_grad, max_columns):
-    """(N, D, D) per-sample Hessians of g . f over the inputs' per-sample features concatenated, or None
-    when f is linear in them (no second derivative)."""
+def _first_derivatives(function, inputs, output_grad):
+    """(leaves, d(g . f)/d(inputs) with their graph, the indices of those that have a derivative themselves)."""
     leaves = [x.detach().requires_grad_(True) for x in inputs]
     with torch.enable_grad():
         scalar = (function(*leaves) * output_grad).sum()
         grads = torch.autograd.grad(scalar, leaves, create_graph=True, allow_unused=True)
-    live = [index for index, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+    return leaves, grads, [index for index, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+
+
+def has_second_derivative(function, inputs, output_grad):
+    """False when g . f is linear in the inputs (one backward pass tells)."""
+    return bool(_first_derivatives(function, inputs, output_grad)[2])
+
+
+def per_sample_hessian(function, inputs, output_grad, max_columns):
+    """(N, D, D) per-sample Hessians of g . f over the inputs' per-sample features concatenated, or None
+    when f is linear in them (no second derivative)."""
+    leaves, grads, live = _first_derivatives(function, inputs, output_grad)
     if not live:
         return None
     samples = inputs[0].shape[0]

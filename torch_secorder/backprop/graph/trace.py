@@ -265,7 +265,7 @@ def build_plan(model, traced):
         source = fx_node.args[0] if fx_node.args and isinstance(fx_node.args[0], fx.Node) else None
         axis = node_ops.moved_axis(fx_node, moved[source][2] if source in moved else 0)
         if axis not in (0, None):
-            args, prelude = reads(node_ops.NodeOp().activation_args(fx_node))
+            args, prelude = reads(fx_node.all_input_nodes)
             if any(nodes[index_of[a]].activation for a in args if a in index_of):
                 moved[fx_node] = (args, prelude, axis)
                 continue

@@ -218,7 +218,6 @@ class Custom(nn.Module):
             nn.MSELoss(),
             r"Dropout\(p=0.3\) in training mode",
         ),
-        (nn.Sequential(nn.Linear(3, 2)), nn.SmoothL1Loss(), r"loss SmoothL1Loss"),
         (nn.Sequential(nn.Linear(3, 2)), nn.NLLLoss(), r"NLLLoss without a plain LogSoftmax"),
     ],
 )

@@ -132,3 +132,20 @@ def test_llama_with_a_shifted_language_model_loss(monkeypatch):
     assert_auto_exact(model, shifted_language_model_loss, batch, labels)
     # the loss on out.logits with the class axis moved: the same engine, another reading
     assert_auto_exact(model, lambda out, y: F.cross_entropy(out.logits.transpose(1, 2), y), batch, labels.clamp(0))
+
+
+def test_sums_and_scalings_of_losses_on_logits():
+    """Read by what they compute (losses/output_function.py): the per-sample Hessian in out.logits from
+    Hessian-vector products of the loss function alone."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    model = build("bert", transformers).double().eval()
+    batch = batch_for("bert", torch.Generator().manual_seed(1))
+
+    def with_z_loss(out, y):  # a classifier's loss plus a penalty on the log-normaliser
+        return F.cross_entropy(out.logits, y) + 1e-2 * out.logits.logsumexp(-1).pow(2).mean()
+
+    assert_auto_exact(model, with_z_loss, batch, torch.tensor([0, 2]))
+    model = build("vit", transformers).double().eval()
+    batch = batch_for("vit", torch.Generator().manual_seed(1))
+    assert_auto_exact(model, lambda out, y: F.huber_loss(out.logits, y, delta=0.5), batch, torch.randn(2, 3).double())

@@ -1,8 +1,8 @@
 """A loss written as a function of the model's output (a lambda, a def) whose body is one supported loss call with
 constant options, on (output, targets) or on what per-sample ops make of them (out.logits, out[0], slices that keep
 every sample, transposes, reshapes folding the batch into rows: losses/reading.py), is read as that loss: the
-engine runs, exact; anything else in the body (a scaling, a sum of two losses, a tensor option, arithmetic on
-the output) still goes to the generic method, naming the function."""
+engine runs, exact, with the loss's own fast rule; anything else in the body (a scaling, a sum of two losses, a
+tensor option, arithmetic on the output) is read by what it computes (test_output_functions.py)."""
 
 import pytest
 import torch
@@ -59,21 +59,6 @@ def test_the_options_are_read_at_each_call():
     finally:
         SMOOTHING = 0.1
     assert max((a - b).abs().max().item() for a, b in zip(first, second)) > 1e-4
-
-
-@pytest.mark.parametrize(
-    "loss_fn",
-    [
-        lambda out, y: 2 * F.cross_entropy(out, y),
-        lambda out, y: F.cross_entropy(out, y) + F.cross_entropy(out, y, label_smoothing=0.2),
-        lambda out, y: F.cross_entropy(out, y, weight=torch.tensor([1.0, 2.0, 0.5], dtype=D)),
-        lambda out, y: F.cross_entropy(out * 2, y),
-    ],
-    ids=["scaled", "sum-of-two", "tensor-option", "output-transformed"],
-)
-def test_any_other_function_goes_to_the_generic_method_naming_it(loss_fn):
-    model, x = model_and_data()
-    assert_steps_aside(model, x, torch.tensor([0, 2, 1, 1, 0, 2]), "loss <lambda>", loss_fn=loss_fn)
 
 
 # ---------------------------------------------------------------- places in the output, ops before the loss call
@@ -141,16 +126,25 @@ def test_ops_on_the_output_before_the_loss_call_run_on_the_engine(name):
 @pytest.mark.parametrize(
     "loss_fn",
     [
-        lambda out, y: F.cross_entropy(out[0], y[0]),  # one sample's loss
         lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES), y.flip(0).reshape(-1)),  # targets reordered
         lambda out, y: F.cross_entropy(out.reshape(-1, CLASSES) * 2, y.reshape(-1)),  # arithmetic after the fold
     ],
-    ids=["indexes-a-sample", "flipped-targets", "scaled-rows"],
+    ids=["flipped-targets", "scaled-rows"],
 )
-def test_other_ops_before_the_loss_call_go_to_the_generic_method(loss_fn):
+def test_other_ops_on_the_output_are_read_by_what_they_compute(loss_fn):
+    """Not one loss call on per-sample ops: read as a function of the output (test_output_functions.py)."""
     x, y = sequences()
     y[y < 0] = 0
-    assert_steps_aside(Sequence().double(), x, y, "loss <lambda>", loss_fn=loss_fn)
+    assert_backprop_exact(Sequence().double(), loss_fn, x, y)
+
+
+def test_a_loss_on_one_sample_of_a_tensor_output_steps_aside():
+    """out[0] of a tensor is its first sample, not a field of a tuple: the engine, which keeps one row per
+    sample, steps aside where the forward shows it."""
+    x, y = sequences()
+    y[y < 0] = 0
+    loss_fn = lambda out, y: F.cross_entropy(out[0], y[0])  # noqa: E731
+    assert_steps_aside(Sequence().double(), x, y, "changing the batch axis", loss_fn=loss_fn, explained=False)
 
 
 class Grid(nn.Module):

@@ -16,7 +16,7 @@ from ..losses import CurvatureRequest
 from . import eligibility
 from .curvature import Curvature, columns_within
 from .diagonals import Diagonals
-from .loss_step import evaluate_loss, output_origin
+from .loss_step import add_parameter_terms, evaluate_loss, output_origin
 from .plan import EnginePlan
 from .rules import LayerRecord, PropagationContext, Rule, rule_for
 
@@ -51,6 +51,7 @@ def chain_diagonals(
         loss, targets = evaluate_loss(plan.loss, loss_fn, x, targets)
         samples = inputs.shape[0]
         diagonals = Diagonals(params, layers, samples if request.per_sample else None)
+        add_parameter_terms(plan.loss, x, targets, diagonals)
         if samples == 0:  # no samples: every Hessian entry is an empty sum
             return loss, diagonals.result()
         needing = [

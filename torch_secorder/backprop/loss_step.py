@@ -8,27 +8,28 @@ from torch import Tensor
 from .._errors import Unsupported
 from ..losses import CurvatureRequest, Loss, check_scalar_loss, fisher_columns
 from .curvature import Curvature
+from .diagonals import Diagonals
 
 
 def evaluate_loss(loss: Loss, loss_fn: Callable, output: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
     """(the loss's value, the targets as it saw them): loss_fn itself runs once, so its own checks (class
     indices in range, shapes) fire here too. Raises Unsupported where the pair has no exact rule."""
-    reading = loss.reading
-    if reading is not None:  # the loss function's own ops on the targets (the engine ran those on the output)
-        targets = reading.targets_for(targets, output, loss.class_axis)
-    if targets.is_floating_point() and targets.dtype != output.dtype:
-        # as F.mse_loss does: the loss of the promoted targets (F.cross_entropy and BCE would round parts of
-        # it to the targets' precision; the engine's numbers are the exact ones)
-        targets = targets.to(output.dtype)
+    targets = loss.targets_for(output, targets)
     reason = loss.output_reason(output, targets)
     if reason is not None:
         raise Unsupported(reason)
-    if reading is not None:
-        value = type(loss).function(output, targets, **loss.options)  # what loss_fn computes, read from its ops
-    else:
-        value = loss_fn(loss.loss_input(output), targets)
+    value = loss.evaluate(loss_fn, output, targets)
     check_scalar_loss(value, "loss_fn")
     return value, targets
+
+
+def add_parameter_terms(loss: Loss, output: Tensor, targets: Tensor, diagonals: Diagonals) -> None:
+    """The loss's own terms in tensors it reads besides the output (a penalty on parameters) into diagonals."""
+    terms = loss.parameter_diagonals(output, targets)
+    if terms and diagonals.samples is not None:
+        raise Unsupported("per-sample diagonals of a loss function with a parameter term (it belongs to no sample)")
+    for tensor, diagonal in terms:
+        diagonals.add(tensor, diagonal)
 
 
 def output_origin(

@@ -55,7 +55,7 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
     reason = global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
-    loss = recognise(loss_fn)
+    loss = recognise(loss_fn, functions=True)
     if isinstance(loss, str):
         raise Unsupported(loss)
     names = eligibility.ModuleNames(model)

@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Type
+from typing import Any, Callable, ClassVar, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,27 @@ class Loss:
     def loss_input(self, output: Tensor) -> Tensor:
         """What the loss function is called on, given what the engine treats as the model output."""
         return output
+
+    def targets_for(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The targets as the loss call takes them, for what the engine treats as the model output."""
+        if self.reading is not None:  # the loss function's own ops on the targets (the engine ran those on the output)
+            targets = self.reading.targets_for(targets, output, self.class_axis)
+        if targets.is_floating_point() and targets.dtype != output.dtype:
+            # as F.mse_loss does: the loss of the promoted targets (F.cross_entropy and BCE would round parts of
+            # it to the targets' precision; the engine's numbers are the exact ones)
+            targets = targets.to(output.dtype)
+        return targets
+
+    def evaluate(self, loss_fn: Callable, output: Tensor, targets: Tensor) -> Tensor:
+        """The loss on what the engine treats as the model output, with targets_for's targets."""
+        if self.reading is not None:
+            return type(self).function(output, targets, **self.options)  # what loss_fn computes, read from its ops
+        return loss_fn(self.loss_input(output), targets)
+
+    def parameter_diagonals(self, output: Tensor, targets: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """[(tensor, the Hessian diagonal of the loss's own term in it)] for tensors the loss reads besides the
+        output (a penalty on parameters); none for a loss of the output alone."""
+        return []
 
     def output_reason(self, output: Tensor, targets: Tensor) -> Optional[str]:
         """Why the engine has no exact rule for this output/target pair, or None."""

@@ -2,7 +2,8 @@
 
 import functools
 import inspect
-from typing import Dict, Optional, Tuple, Type, Union
+import operator
+from typing import Callable, Dict, Optional, Tuple, Type, Union, cast
 
 import torch
 import torch.fx as fx
@@ -13,6 +14,7 @@ from .base import Loss
 from .bce_with_logits import BCEWithLogits
 from .cross_entropy import NLL, CrossEntropy
 from .mse import MSE
+from .output_function import OutputFunction
 from .reading import LossReading, read
 
 LOSSES = (MSE, CrossEntropy, BCEWithLogits, NLL)
@@ -20,16 +22,18 @@ _BY_MODULE: Dict[type, Type[Loss]] = {loss.module: loss for loss in LOSSES}
 _BY_FUNCTION: Dict[object, Type[Loss]] = {loss.function: loss for loss in LOSSES}
 
 
-def recognise(loss_fn: object) -> Union[Loss, str]:
-    """A Loss for a supported loss, or a string saying why it is not supported."""
+def recognise(loss_fn: object, functions: bool = False) -> Union[Loss, str]:
+    """A Loss for a supported loss, or a string saying why it is not supported. functions: any other scalar
+    function of one place of the model output is read by what it computes (output_function.py), for the Hessian."""
     kind, given = None, {}
     if isinstance(loss_fn, nn.Module):
         kind = _BY_MODULE.get(type(loss_fn))  # the exact class: a subclass may compute something else
         if kind is not None:
             given = {name: getattr(loss_fn, name) for name in kind.option_defaults if hasattr(loss_fn, name)}
             hooked = hook_reason(loss_fn)
-            if hooked is not None:
-                return f"loss {type(loss_fn).__name__} with {hooked}"
+            if hooked is not None:  # the module's own call runs its hooks: read by what it computes
+                description = f"loss {type(loss_fn).__name__} with {hooked}"
+                return OutputFunction(loss_fn, (), description) if functions else description
     else:
         function, keywords = loss_fn, {}
         if isinstance(loss_fn, functools.partial) and not loss_fn.args:
@@ -45,6 +49,8 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
         kind, given, reading = _read_function(loss_fn)
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
+        if functions:
+            return _output_function(cast(Callable, loss_fn), f"loss {name}")
         return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
     options = {name: given.get(name, default) for name, default in kind.option_defaults.items()}
     if options["reduction"] not in ("mean", "sum"):
@@ -53,6 +59,59 @@ def recognise(loss_fn: object) -> Union[Loss, str]:
     if reading is not None and (reading.path or reading.output_ops or reading.target_ops or reading.rows):
         loss.reading = reading  # the engine reads that place and runs the ops: backprop/plan.py
     return loss
+
+
+def _output_function(loss_fn: Callable, description: str) -> Union[Loss, str]:
+    """An OutputFunction reading the one place of the model output loss_fn reads (fx shows where; a function fx
+    cannot trace is taken to read the output itself, which the engine checks is a tensor)."""
+    path = _place_read(loss_fn)
+    if isinstance(path, str):
+        return f"{description}: {path}"
+    loss = OutputFunction(loss_fn, path, description)
+    if path:
+        loss.reading = LossReading(path, None, None, None, "")  # the engine's output is the tensor there
+    return loss
+
+
+def _place_read(loss_fn: object) -> Union[tuple, str]:
+    """The path (reading.py's LossReading.path) of the one place of its first argument loss_fn reads, () for the
+    argument itself or an untraceable function; a string where it reads several places."""
+    if not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
+        return ()
+    try:
+        graph = fx.symbolic_trace(loss_fn).graph
+    except Exception:
+        return ()
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if not placeholders:
+        return ()
+    paths = {_selection_path(use) for use in placeholders[0].users}
+    if len(paths) > 1:
+        shown = ", ".join(sorted(_spelled(path) for path in paths))
+        return f"it reads {len(paths)} places of the model output ({shown}); the engine reads one"
+    return paths.pop() if paths else ()
+
+
+_TENSOR_ATTRIBUTES = {"shape", "dtype", "device", "T", "mT", "H", "mH", "data", "real", "imag", "ndim"}
+
+
+def _selection_path(node: fx.Node) -> tuple:
+    """The path of out.name / out["key"] / out[i] reads starting at node (a user of the output placeholder)."""
+    path: list = []
+    while node.target in (getattr, operator.getitem) and isinstance(node.args[1], (str, int)):
+        key = node.args[1]
+        if (isinstance(key, int) and (path or node.target is getattr)) or key in _TENSOR_ATTRIBUTES:
+            break  # an int only on the output itself (out[0] of a tuple), as reading.py reads it
+        path.append(("attribute" if node.target is getattr else "item", key))
+        users = list(node.users)
+        if len(users) != 1 or users[0].target not in (getattr, operator.getitem):
+            break
+        node = users[0]
+    return tuple(path)
+
+
+def _spelled(path: tuple) -> str:
+    return "out" + "".join(f".{key}" if kind == "attribute" else f"[{key!r}]" for kind, key in path)
 
 
 _NOT_READ: Tuple[None, dict, None] = (None, {}, None)

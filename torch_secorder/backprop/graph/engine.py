@@ -17,7 +17,7 @@ import torch
 from ..._errors import Unsupported
 from ..curvature import columns_within
 from ..diagonals import Diagonals
-from ..loss_step import evaluate_loss, output_origin
+from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
 from . import node_ops, trace
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
@@ -63,8 +63,10 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             raise Unsupported("a model output that is not a floating-point tensor")
         loss_value, targets = evaluate_loss(loss, loss_fn, output, targets)
         samples = trace.as_tuple(inputs)[0].shape[0]
-        if samples == 0:
-            return loss_value, Diagonals(params, [], 0 if request.per_sample else None).result()
+        if samples == 0:  # every entry an empty sum, but for the loss's own parameter terms
+            empty = Diagonals(params, [], 0 if request.per_sample else None)
+            add_parameter_terms(loss, output, targets, empty)
+            return loss_value, empty.result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
         if curved:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in curved], allow_unused=True)
@@ -79,6 +81,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         [node.op.module for node in nodes if isinstance(node.op, node_ops.ModuleOp)],
         samples if request.per_sample else None,
     )
+    add_parameter_terms(loss, output, targets, diagonals)
     wanted = diagonals.wanted
     for name, value in list(values.items()):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):  # parameters are found by id

@@ -202,7 +202,7 @@ def test_the_ggn_differs_from_the_hessian_only_by_the_second_derivatives_of_the_
 def test_a_model_the_engine_refuses_falls_back_once_for_the_ggn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    model[1].register_forward_hook(lambda module, inputs, output: None)
+    model.register_forward_hook(lambda module, inputs, output: None)  # on the container: refused
     x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -150,13 +150,13 @@ def test_forward_replaced_on_the_instance_steps_aside(module_type):
 def test_hooks_step_aside(module_type, kind):
     module, shape = built(module_type)
     model, x, y = chain_around(module, shape)
-    handle = None
-    if kind == "forward":
+    handle, explained = None, True
+    if kind == "forward":  # found where the engine runs the module's hooks around its rule: in the call
         model[1].register_forward_hook(lambda m, inputs, output: output * 1.5)
-        message = "module '1'"
+        message, explained = "forward hook (test_hooks_step_aside.<locals>.<lambda>) that changes the output", False
     elif kind == "forward_pre":
         model[1].register_forward_pre_hook(lambda m, inputs: (torch.sin(inputs[0]),))
-        message = "forward pre-hook"
+        message, explained = "forward pre-hook (test_hooks_step_aside.<locals>.<lambda>) that changes the input", False
     elif kind == "full_backward":
         # a backward hook changes gradients, not the loss: the engine runs and the hook stays out of it
         expected = brute_force(model, F.cross_entropy, x, y)  # (torch.func cannot run backward hooks)
@@ -176,10 +176,59 @@ def test_hooks_step_aside(module_type, kind):
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, inputs, output: None)
         message = "a global module forward hook"
     try:
-        assert_steps_aside(model, x, y, message)
+        assert_steps_aside(model, x, y, message, explained=explained)
     finally:
         if handle is not None:
             handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["in place", "kwargs pre-hook"])
+def test_hooks_writing_in_place_or_with_kwargs_step_aside(kind):
+    module, shape = built(nn.Linear)
+    model, x, y = chain_around(module, shape)
+    if kind == "in place":
+        model[1].register_forward_hook(lambda m, inputs, output: output.mul_(2))
+        message = "that changes the output"
+    else:
+        model[1].register_forward_pre_hook(lambda m, args, kwargs: ((2 * args[0],), kwargs), with_kwargs=True)
+        message = "that changes the input"
+    assert_steps_aside(model, x, y, message, explained=False)
+
+
+class Observed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x))
+        return self.second(hidden + hidden.pow(2))
+
+
+@pytest.mark.parametrize("shape", ["chain", "graph"])
+def test_hooks_that_watch_run_in_the_engine_forward(shape):
+    """Hooks recording activations (as feature extractors and K-FAC do) run once per engine forward, see the
+    values the model's own forward gives them, and leave the engine exact."""
+    torch.manual_seed(0)
+    model = (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)) if shape == "chain" else Observed()).double()
+    x, y = torch.randn(6, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen = []
+    for index, linear in enumerate(linears):
+        linear.register_forward_pre_hook(lambda m, inputs, index=index: seen.append(("in", index, inputs[0].detach())))
+        linear.register_forward_hook(lambda m, inputs, out, index=index: seen.append(("out", index, out.detach())))
+    model_hessian_diagonal(model, F.cross_entropy, x, y)  # the first call checks its plan against the model
+    seen.clear()
+    assert explain_method(model, F.cross_entropy).method == "backprop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = model_hessian_diagonal(model, F.cross_entropy, x, y, method="backprop")
+    engine_seen, seen[:] = list(seen), []
+    with torch.no_grad():
+        model(x)
+    assert [(kind, index) for kind, index, _ in engine_seen] == [(kind, index) for kind, index, _ in seen]
+    assert all(torch.allclose(a, b, rtol=1e-14, atol=0) for (_, _, a), (_, _, b) in zip(engine_seen, seen))
+    assert relative_error(actual, brute_force(model, F.cross_entropy, x, y)) < 1e-10
 
 
 @pytest.mark.parametrize("module_type", TYPES, ids=lambda t: t.__name__)

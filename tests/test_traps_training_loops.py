@@ -182,6 +182,7 @@ def _hook_module_backward_scale(model):
 
 
 def _hook_forward_registers_reversal(model):
+    """A forward hook that watches (the engine runs it) and puts a gradient hook on the output (not registered)."""
     module = model.mid if hasattr(model, "mid") else model[1]
 
     def reverse(m, inputs, output):
@@ -216,10 +217,6 @@ def test_gradient_hooks_do_not_change_the_result(hook, kind, method):
     model = built(kind)
     handles = HOOKS[hook](model)
     try:
-        if hook == "reversal" and method == "backprop":  # a forward hook may change the output: named, not run
-            with pytest.raises(NotImplementedError, match="forward hook"):
-                model_hessian_diagonal(model, F.cross_entropy, x, y, method=method)
-            return
         assert relative_error(computed(model, x, y, method), expected) < 1e-10
         ggn = model_ggn_diagonal(model, F.cross_entropy, x, y, method="autograd")
         assert relative_error(ggn, model_ggn_diagonal(built(kind), F.cross_entropy, x, y)) < 1e-10

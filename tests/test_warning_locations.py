@@ -12,7 +12,7 @@ import torch_secorder as ts
 
 def hooked_model():
     model = nn.Sequential(nn.Linear(3, 2))
-    model[0].register_forward_hook(lambda *args: None)  # the engine steps aside: the fallback warning
+    model.register_forward_hook(lambda *args: None)  # on the container: the engine steps aside, the fallback warning
     return model
 
 

@@ -1,8 +1,10 @@
-"""Forward hooks (a module's own, or global ones): they may change what a forward computes, so a module or
-loss that has one is not what its rule describes. Backward hooks change gradients, not the loss, and every
+"""Forward hooks (a module's own, or global ones): they may change what a forward computes. A module with a rule
+runs its own hooks around the rule's forward (run_with_hooks): hooks that watch are part of what runs, hooks
+that change the input or output are named and the engine steps aside; elsewhere (containers, global hooks) a
+hook rules the engine out. Backward hooks change gradients, not the loss, and every
 call of the library runs without them (_gradient_hooks.py)."""
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.modules.module as module_globals
@@ -39,3 +41,42 @@ def hook_reason(module: torch.nn.Module) -> Optional[str]:
                 continue
             return f"a {kind} ({_hook_name(hook)})"
     return None
+
+
+def run_with_hooks(module: torch.nn.Module, x: torch.Tensor, forward: Callable) -> Any:
+    """forward(x) (what the rule computes for module(x)) with the module's own forward hooks run around it in the
+    order nn.Module.__call__ runs them, so that hooks which watch (record activations, count calls) see the
+    engine's forward as they see the model's. Raises HookChanged naming a hook that replaces or overwrites the
+    input or the output: the rule would no longer describe what runs."""
+    for key, hook in list(module._forward_pre_hooks.items()):  # pruning's too: it sets the weight the rule reads
+        version = x._version
+        if key in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, (x,), {})
+            changed = result is not None and not (_same(result[0], (x,)) and not result[1])
+        else:
+            result = hook(module, (x,))
+            changed = result is not None and not _same(result, (x,))
+        if changed or x._version != version:
+            raise HookChanged(f"a forward pre-hook ({_hook_name(hook)}) that changes the input")
+    result = forward(x)
+    output = result[0] if isinstance(result, tuple) else result
+    for key, hook in list(module._forward_hooks.items()):
+        version = output._version
+        if key in module._forward_hooks_with_kwargs:
+            returned = hook(module, (x,), {}, output)
+        else:
+            returned = hook(module, (x,), output)
+        if (returned is not None and returned is not output) or output._version != version:
+            raise HookChanged(f"a forward hook ({_hook_name(hook)}) that changes the output")
+    return result
+
+
+def _same(value: Any, inputs: tuple) -> bool:
+    """A pre-hook's result that passes the inputs on as they are."""
+    if not isinstance(value, tuple):
+        value = (value,)
+    return len(value) == len(inputs) and all(a is b for a, b in zip(value, inputs))
+
+
+class HookChanged(Exception):
+    """A module's forward hook changed what the module computes; the message names it."""

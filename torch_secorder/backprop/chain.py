@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._errors import Unsupported
+from .._forward_pass import library_forward
 from ..losses import CurvatureRequest
 from . import eligibility
 from .curvature import Curvature, columns_within
@@ -41,13 +42,14 @@ def chain_diagonals(
     )
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
-        for module, rule in zip(layers, rules):
-            reason = rule.unsupported_input_reason(module, x)
-            if reason is not None:
-                raise Unsupported(f"{type(module).__name__} on {reason}")
-            output, extras = rule.forward(module, x)
-            records.append(LayerRecord(module, x, output, extras=extras))
-            x = output
+        with library_forward():  # a forward hook that puts a gradient hook on an activation: not part of the loss
+            for module, rule in zip(layers, rules):
+                reason = rule.unsupported_input_reason(module, x)
+                if reason is not None:
+                    raise Unsupported(f"{type(module).__name__} on {reason}")
+                output, extras = eligibility.forward_with_hooks(rule, module, x, lambda m=module: type(m).__name__)
+                records.append(LayerRecord(module, x, output, extras=extras))
+                x = output
         loss, targets = evaluate_loss(plan.loss, loss_fn, x, targets)
         samples = inputs.shape[0]
         diagonals = Diagonals(params, layers, samples if request.per_sample else None)

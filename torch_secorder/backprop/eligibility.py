@@ -1,18 +1,22 @@
 """Whether what a module runs is exactly what its rule assumes.
 
 A rule describes the registered class's own computation. A subclass or an instance that overrides
-it, a forward hook (the module's own, or a global one) that may change inputs or outputs, a
+it, a forward hook that changes inputs or outputs (a module's own hooks run around its rule and are
+checked there, forward_with_hooks; a container's or a global hook rules the engine out), a
 parametrization, or a weight that is not the module's own parameter make the module compute
 something else, so the engine steps aside for it. torch.nn.utils.prune is the one exception:
 weight = weight_orig * mask is exact to differentiate (see pruned_tensors).
 """
+
+import functools
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
-from .._forward_hooks import hook_reason
+from .._errors import Unsupported
+from .._forward_hooks import HookChanged, hook_reason, run_with_hooks
 from .rules import registered_base, rule_for
 
 _CALL_METHODS = ("__call__", "_call_impl")  # overriding these changes how forward is called
@@ -98,12 +102,25 @@ def _is_parametrized(module):
     return "parametrizations" in module._modules and parametrize.is_parametrized(module)
 
 
-def module_reason(module, base, methods):
+def module_reason(module, base, methods, hooks_run=False):
     """None when module computes exactly what the rule for its registered class `base` assumes, else why not.
-    methods: the names of base's methods that decide what it computes (Rule.forward_methods)."""
+    methods: the names of base's methods that decide what it computes (Rule.forward_methods). hooks_run: the
+    engine runs the module's own forward hooks around the rule (forward_with_hooks), else they rule it out."""
     if _is_parametrized(module):
         return "a parametrization (torch.nn.utils.parametrize); remove it or use method='autograd'"
-    return _override_reason(module, base, methods) or hook_reason(module) or _foreign_tensor_reason(module)
+    hooked = None if hooks_run else hook_reason(module)
+    return _override_reason(module, base, methods) or hooked or _foreign_tensor_reason(module)
+
+
+def forward_with_hooks(rule, module, x, describe):
+    """rule.forward(module, x) with the module's own forward hooks run around it; describe() names the module
+    where a hook changes what it computes (Unsupported)."""
+    if not module._forward_hooks and not module._forward_pre_hooks:
+        return rule.forward(module, x)
+    try:
+        return run_with_hooks(module, x, functools.partial(rule.forward, module))
+    except HookChanged as error:
+        raise Unsupported(f"{describe()}: {error}") from None
 
 
 def container_reason(container):

@@ -170,7 +170,8 @@ def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> L
         if base is None:
             raise Unsupported(eligibility.describe_module(module, names))
         rule = rule_for(module)
-        reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
+        reason = eligibility.module_reason(module, base, rule.forward_methods, hooks_run=True)
+        reason = reason or rule.unsupported_reason(module)
         if reason is not None:
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
     return layers

@@ -215,7 +215,7 @@ class ModuleOp(NodeOp):
         reason = self.rule.unsupported_input_reason(self.module, x)
         if reason is not None:
             raise Unsupported(f"{self.describe(node)} on {reason}")
-        output, extras = self.rule.forward(self.module, x)
+        output, extras = eligibility.forward_with_hooks(self.rule, self.module, x, lambda: self.describe(node))
         node.record = LayerRecord(self.module, x, output, extras=extras)
         return output
 
@@ -281,7 +281,9 @@ def module_op(module, names):
             raise Unsupported(f"{eligibility.describe_module(module, names)} (no exact rule for its parameters)")
         return None  # a parameter-free torch.nn module: a GenericOp calls it
     rule = rule_for(module)
-    reason = eligibility.module_reason(module, base, rule.forward_methods) or rule.unsupported_reason(module)
+    reason = eligibility.module_reason(module, base, rule.forward_methods, hooks_run=True) or rule.unsupported_reason(
+        module
+    )
     if reason is not None:
         raise Unsupported(f"{eligibility.describe_module(module, names)}: {reason}")
     return ModuleOp(module, rule)

@@ -215,14 +215,16 @@ def _run_tracer(tracer, model, defaults):
 
 
 def check_modules(model, names):
-    """Every module must compute what its traced form says: no hooks anywhere, no parametrization, and a
-    module with a rule must run that rule's forward (the reasons are those of the chain engine)."""
+    """Every module must compute what its traced form says: no global hooks, forward hooks only on modules kept
+    whole under a rule (ModuleOp runs them and checks they change nothing), no parametrization, and a module
+    with a rule must run that rule's forward (the reasons are those of the chain engine)."""
     reason = global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
     for module in model.modules():
         hooked = hook_reason(module)
-        if hooked is not None and registered_base(module) is None:
+        # a module kept whole under its rule runs its own hooks around it (ModuleOp); one read op by op cannot
+        if hooked is not None and (registered_base(module) is None or eligibility.has_own_forward(module)):
             raise Unsupported(f"{eligibility.describe_module(module, names)}: {hooked}")
 
 

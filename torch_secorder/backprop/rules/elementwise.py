@@ -41,7 +41,7 @@ def elementwise_derivatives(module, x, y, create_graph, want_second=True):
         return known
     with torch.enable_grad():
         inp = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        out = module(inp.clone() if getattr(module, "inplace", False) else inp)
+        out = module.forward(inp.clone() if getattr(module, "inplace", False) else inp)  # hooks ran in the forward
         (first,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
         second = None
         if want_second and first.requires_grad and not isinstance(module, PIECEWISE_LINEAR):

@@ -66,8 +66,9 @@ class Rule:
         return False
 
     def forward(self, module, x):
-        """(output, extras) for the recorded forward pass; extras land in LayerRecord.extras."""
-        return module(x.clone() if getattr(module, "inplace", False) else x), None
+        """(output, extras) for the recorded forward pass; extras land in LayerRecord.extras. The module's forward
+        itself: the engine runs its hooks around the rule (eligibility.forward_with_hooks)."""
+        return module.forward(x.clone() if getattr(module, "inplace", False) else x), None
 
     def unsupported_reason(self, module):
         """None when the exact rule applies to this module instance, else why not."""

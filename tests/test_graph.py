@@ -654,7 +654,7 @@ def test_a_squeeze_excitation_gate_in_float32_is_as_accurate_as_the_generic_meth
 
 
 def test_the_projection_times_a_chunk_of_the_generic_method_itself():
-    """The fallback warning measures one batched chunk of Hessian-vector products (a gradient's time alone was 5-15x
+    """The fallback warning measures batched chunks of Hessian-vector products (a gradient's time alone was 5-15x
     too high on small models, whose batched products cost a fraction of a gradient). No timing is asserted."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))

@@ -124,30 +124,47 @@ class _HvpRows:
                 )
 
 
-def seconds_per_entry(loss, params, grads, memory_budget):
-    """What one diagonal entry costs the generic method here, measured: one chunk of the largest parameter's
-    unit rows, batched as batched_hessian_diagonal batches them (the second, warm run of it). None when it
-    cannot be measured (no parameter with a second derivative, a graph vmap cannot batch)."""
+def projected_seconds(loss, params, grads, memory_budget):
+    """What batched_hessian_diagonal will take here, measured on the largest parameter: a chunk of its unit rows
+    as large as the method takes them and one a sixteenth of that (each a second, warm run), a straight line
+    through the two for a chunk of any size (a vmapped backward through the whole graph has a fixed part that a
+    model's many small tensors, one chunk each, pay again and again), summed over every chunk of every parameter.
+    None when it cannot be measured (no parameter with a second derivative, a graph vmap cannot batch)."""
     candidates = [(p, g) for p, g in zip(params, grads) if g is not None and g.grad_fn is not None and p.numel()]
     if not candidates:
         return None
+    graph_bytes = saved_tensor_bytes(loss)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    def step_for(param):
+        return choose_chunk_size(
+            param.numel(), param.element_size(), graph_bytes, param_bytes, memory_budget, param.device.type
+        )
+
     param, grad = max(candidates, key=lambda pair: pair[0].numel())
     entries, grad_flat = param.numel(), grad.reshape(-1)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    step = choose_chunk_size(
-        entries, param.element_size(), saved_tensor_bytes(loss), param_bytes, memory_budget, param.device.type
-    )
-    rows, _ = _unit_rows(0, step, entries, grad_flat)
+    large = step_for(param)
+    small = max(1, large // 16)
+    timed = {}
     try:
-        for _ in range(2):
-            start = time.perf_counter()
-            _rows_by_func_vmap(grad_flat, param, rows, False)
-            if rows.is_cuda:
-                torch.cuda.synchronize(rows.device)
-            seconds = time.perf_counter() - start
+        for size in {large, small}:
+            rows, _ = _unit_rows(0, size, entries, grad_flat)
+            for _ in range(2):
+                start = time.perf_counter()
+                _rows_by_func_vmap(grad_flat, param, rows, False)
+                if rows.is_cuda:
+                    torch.cuda.synchronize(rows.device)
+                timed[size] = time.perf_counter() - start
     except RuntimeError:
         return None
-    return seconds / step
+    slope = (timed[large] - timed[small]) / (large - small) if large > small else timed[large] / large
+    fixed = max(timed[small] - slope * small, 0.0)
+    total = 0.0
+    for candidate, _ in candidates:
+        step, count = step_for(candidate), candidate.numel()
+        full, rest = divmod(count, step)
+        total += full * (fixed + slope * step) + (fixed + slope * rest if rest else 0.0)
+    return total
 
 
 def _is_unused_input_error(error):

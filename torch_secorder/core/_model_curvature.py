@@ -12,12 +12,12 @@ from torch import Tensor
 
 from .._forward_pass import library_call, library_forward, same_random_draws
 from .._gradient_hooks import gradient_hooks_off
-from ..backprop import EnginePlan, Unsupported, run_plan
+from ..backprop import EnginePlan, Unsupported, predicted_gradients, run_plan
 from ..losses import CurvatureRequest, check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
 from . import _validation as validation
-from ._batched_hvp import seconds_per_entry
+from ._batched_hvp import projected_seconds
 from ._generic import (
     buffers_restored,
     check_strict_requires_grad,
@@ -30,6 +30,7 @@ from ._matching import ParameterDiagonals, tag_flat
 from ._validation import ModelInputs
 from .method_choice import backprop_plan
 
+COST_FLOOR = 0.5  # seconds the engine is predicted to take below which auto never trades it for the generic method
 PROJECTION_THRESHOLD = 1000  # Hessian-vector products (each about a gradient) beyond which the fallback says how long
 
 _NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_mc": "Monte-Carlo Fisher", "fisher_empirical": "empirical Fisher"}
@@ -148,22 +149,28 @@ def _dispatch(
     """(the loss the passes computed, or None where they computed none; diagonals)."""
     if options.method != "autograd":
         plan, reason = backprop_plan(call.model, call.loss_fn, call.inputs)
-        if reason is None:
+        cheaper = None
+        if plan is not None and options.method == "auto":
+            cheaper = _cheaper_generic(plan, call, request, options.memory_budget)
+        if plan is not None and cheaper is None:
             try:
                 return _backprop(plan, call, request, options)
             except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
                 reason = str(error)
-        reason = f"Hessian backpropagation does not support {reason}"
-        if options.method == "backprop":
-            raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
-        if _first_time(call.user_model, call.loss_fn, reason):
-            repeats = _batch_size(call.inputs, call.targets) if request.per_sample else 1
-            warnings.warn(
-                f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
-                f"{_projection(call, options.memory_budget, repeats)}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        if cheaper is None:
+            reason = f"Hessian backpropagation does not support {reason}"
+            if options.method == "backprop":
+                raise NotImplementedError(f"method='backprop': {reason}; use method='auto' or 'autograd'")
+        if _first_time(call.user_model, call.loss_fn, cheaper or reason):
+            if cheaper is not None:
+                message = f"torch_secorder: {cheaper}; using the generic autograd method (exact)"
+            else:
+                repeats = _batch_size(call.inputs, call.targets) if request.per_sample else 1
+                message = (
+                    f"torch_secorder: {reason}; using the generic autograd method (exact, slower)"
+                    f"{_projection(call, options.memory_budget, repeats)}"
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
     model, loss_fn, targets = call.model, call.loss_fn, call.targets
 
     def forward(*args: Any) -> Any:
@@ -244,11 +251,31 @@ def _projection(call: ModelCall, memory_budget: int, repeats: int = 1) -> str:
     """'; projected ...' for the fallback warning when the generic method will take more than about 1,000
     gradients: one gradient is timed (a small price next to what follows), else ''. repeats: per-sample
     diagonals take one pass per sample."""
-    model, loss_fn, input_tuple, targets, params = call.model, call.loss_fn, call.inputs, call.targets, call.params
-    entries = sum(p.numel() for p in params if p.requires_grad) * repeats
+    entries = sum(p.numel() for p in call.params if p.requires_grad) * repeats
     if entries <= PROJECTION_THRESHOLD:
         return ""
-    active = [p for p in params if p.requires_grad]
+    timing = _generic_timing(call, memory_budget)
+    if timing is None:
+        return ""
+    seconds, generic = timing
+    per = " per sample" if repeats > 1 else ""
+    if generic is None:
+        return (
+            f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
+            f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)"
+        )
+    return (
+        f"; projected roughly {_duration(repeats * (generic + seconds))}: {entries} Hessian-vector products (one per "
+        f"parameter entry{per}), batched, timed on two chunks here (a gradient: {seconds * 1e3:.1f} ms)"
+    )
+
+
+def _generic_timing(call: ModelCall, memory_budget: int) -> Optional[Tuple[float, Optional[float]]]:
+    """(seconds of one gradient, the generic method's projected seconds or None where the loss has no gradient),
+    timed on this call (a warm gradient, then two chunks of the generic method: projected_seconds); None where
+    the timing itself fails."""
+    model, loss_fn, input_tuple, targets = call.model, call.loss_fn, call.inputs, call.targets
+    active = [p for p in call.params if p.requires_grad]
     try:
         with buffers_restored(model), torch.enable_grad():
             for _ in range(2):  # the second one warm
@@ -260,25 +287,59 @@ def _projection(call: ModelCall, memory_budget: int, repeats: int = 1) -> str:
                 if loss.is_cuda:
                     torch.cuda.synchronize(loss.device)
                 seconds = time.perf_counter() - start
-            # one chunk of the generic method itself, timed: batched products cost from a tenth of a gradient
+            # chunks of the generic method itself, timed: batched products cost from a tenth of a gradient
             # (small models) to several, so a gradient's time alone misjudges it by that much
-            each = None
+            generic = None
             if loss.requires_grad:
                 with library_forward():
                     loss = loss_fn(model(*input_tuple), targets)
                 grads = torch.autograd.grad(loss, active, allow_unused=True, create_graph=True)
-                each = seconds_per_entry(loss, active, grads, memory_budget)
+                generic = projected_seconds(loss, active, grads, memory_budget)
     except Exception:
-        return ""
-    per = " per sample" if repeats > 1 else ""
-    if each is None:
-        return (
-            f"; projected roughly {_duration(entries * seconds)}: {entries} Hessian-vector products (one per "
-            f"parameter entry{per}), each 0.1 to 2 times a gradient ({seconds * 1e3:.1f} ms here)"
-        )
+        return None
+    return seconds, generic
+
+
+# model -> {(input shapes and dtypes, loss kind): why the generic method is cheaper, or None}: auto's cost choice
+_COST_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cheaper_generic(plan: EnginePlan, call: ModelCall, request: CurvatureRequest, memory_budget: int) -> Optional[str]:
+    """Why auto takes the generic method for a model the engine supports: the engine's predicted cost (in gradients,
+    backprop/cost.py) is above the generic method's, timed on this call; None where the engine is cheaper. Made
+    once per model, input shapes and loss; the generic method is timed only where the engine predicts more than
+    a tenth of a gradient per parameter entry (the generic method's least), and chosen only where the engine
+    would take more than COST_FLOOR."""
+    if request.kind != "hessian" or request.per_sample:  # those the generic method takes once per sample or more
+        return None
+    signature = (
+        tuple((tuple(x.shape), x.dtype, x.device.type) for x in validation.tensor_leaves(call.inputs)),
+        getattr(call.loss_fn, "__qualname__", type(call.loss_fn)),
+    )
+    choices = _COST_CHOICES.setdefault(call.user_model, {})
+    if signature not in choices:
+        choices[signature] = _cost_choice(plan, call, memory_budget)
+    return choices[signature]
+
+
+def _cost_choice(plan: EnginePlan, call: ModelCall, memory_budget: int) -> Optional[str]:
+    entries = sum(p.numel() for p in call.params if p.requires_grad)
+    try:
+        gradients, columns = predicted_gradients(plan, call.inputs)
+    except Exception:  # the prediction's own forward: the call itself will say what is wrong
+        return None
+    if gradients <= 0.1 * entries:
+        return None
+    seconds, products = _generic_timing(call, memory_budget) or (0.0, None)
+    if products is None:  # the generic method cannot run here (a vmap without batching rules, no derivative)
+        return None
+    engine, generic = gradients * seconds, products + seconds
+    if engine <= max(generic, COST_FLOOR):  # under half a second either way: no warning, the engine's numbers
+        return None
     return (
-        f"; projected roughly {_duration(entries * each + repeats * seconds)}: {entries} Hessian-vector products "
-        f"(one per parameter entry{per}), batched, {each * 1e3:.3g} ms each here (a gradient: {seconds * 1e3:.1f} ms)"
+        f"the generic method is predicted faster here: the engine's {columns} columns per sample cost about "
+        f"{gradients:.0f} gradients ({_duration(engine)}), the generic method's {entries} Hessian-vector products "
+        f"{_duration(generic)} (backprop/cost.py; method='backprop' runs the engine)"
     )
 
 

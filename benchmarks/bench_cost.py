@@ -1,0 +1,192 @@
+"""Auto's cost choice, measured: the engine's predicted cost (backprop/cost.py, in gradients of the batch) against
+its measured time, the generic method's time, and which method auto ran, in one run.
+
+The models of bench_zoo.py plus two where the engine does much more work than the generic method (wide smooth
+activations, few parameters) or about as much (an MLP-Mixer). Float32, batch 8, one process per model: a
+gradient (median of warm runs), the prediction, method="backprop" (median of warm runs), method="auto" (its first
+call makes the choice; then timed), the generic method (stopped when its progress projects more than
+--generic-limit seconds: the projection is reported).
+
+    python benchmarks/bench_cost.py [--only NAME] [--generic-limit 60]
+
+Writes benchmarks/results/cost_cpu.json and .md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from bench_zoo import BATCH, _torchvision, build, workloads
+from timing import measured_commit, median_seconds, run_child
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extra_models():
+    def wide_smooth():
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10),
+        )  # fmt: skip
+
+    def mixer():
+        _torchvision()
+        import timm
+
+        return timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
+
+    return {
+        "small CNN, SiLU on 48x48 maps (910 parameters)": wide_smooth,
+        "timm MLP-Mixer (2 blocks, width 32, patch 8)": mixer,
+    }
+
+
+def built(name):
+    if name in extra_models():
+        torch.manual_seed(0)
+        size = 48 if "48x48" in name else 32
+        return (
+            extra_models()[name]().eval(),
+            torch.randn(BATCH, 3, size, size),
+            torch.randint(0, 10, (BATCH,)),
+            F.cross_entropy,
+        )
+    return build(name)
+
+
+def measure(name, generic_limit):
+    from torch_secorder import model_hessian_diagonal
+    from torch_secorder.backprop import predicted_gradients
+    from torch_secorder.core._validation import model_call
+    from torch_secorder.core.method_choice import backprop_plan
+
+    model, x, y, loss_fn = built(name)
+    params = list(model.parameters())
+    row = {"parameters": sum(p.numel() for p in params)}
+
+    def gradient():
+        output = model(**x) if isinstance(x, dict) else model(x)
+        return torch.autograd.grad(loss_fn(output, y), params)
+
+    row["gradient_seconds"] = median_seconds(gradient, torch.device("cpu"), repeats=10, warmup=2)
+    called, inputs = model_call(model, x)
+    plan, reason = backprop_plan(called, loss_fn, inputs)
+    if plan is None:
+        return {**row, "skipped": f"no engine plan: {reason[:200]}"}
+    start = time.perf_counter()
+    row["predicted_gradients"], row["columns"] = predicted_gradients(plan, inputs)
+    row["prediction_seconds"] = time.perf_counter() - start
+    try:
+        model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+    except NotImplementedError as error:
+        return {**row, "skipped": f"the engine steps aside: {str(error)[:200]}"}
+    row["engine_seconds"] = median_seconds(
+        lambda: model_hessian_diagonal(model, loss_fn, x, y, method="backprop"), torch.device("cpu"), repeats=3
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        model_hessian_diagonal(model, loss_fn, x, y)
+        row["auto_first_seconds"] = time.perf_counter() - start
+    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
+    row["auto_method"] = "generic" if ours else "engine"
+    row["auto_warning"] = ours[0][:400] if ours else None
+    row["auto_seconds"] = median_seconds(lambda: model_hessian_diagonal(model, loss_fn, x, y), torch.device("cpu"), 3)
+    started = [time.perf_counter()]
+
+    def guard(done, total):
+        elapsed = time.perf_counter() - started[0]
+        if elapsed > 5 and elapsed / done * total > generic_limit:
+            raise TimeoutError(elapsed / done * total)
+
+    try:
+        model_hessian_diagonal(model, loss_fn, x, y, method="autograd", progress=guard)
+        row["generic_seconds"] = time.perf_counter() - started[0]
+    except TimeoutError as error:
+        row["generic_projected_seconds"] = float(error.args[0])
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generic-limit", type=float, default=60.0)
+    parser.add_argument("--only", default=None)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.generic_limit)))
+        return
+    rows = []
+    for name in list(workloads()) + list(extra_models()):
+        if args.only and args.only not in name:
+            continue
+        command = [sys.executable, os.path.abspath(__file__), "--generic-limit", str(args.generic_limit)]
+        row = {"workload": name, **run_child(command + ["--child", name])}
+        print(row, flush=True)
+        rows.append(row)
+    write_results(rows, args)
+
+
+def _seconds(value):
+    return "-" if value is None else (f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.1f} s")
+
+
+def write_results(rows, args):
+    meta = {
+        "commit": measured_commit(),
+        "device": "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "batch": BATCH,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cost_cpu.json"), "w") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+    lines = [
+        "| model (batch 8) | parameters | gradient | engine predicted | engine measured | predicted / measured | "
+        "generic | auto ran | auto (after its first call) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "skipped" in row or "error" in row:
+            lines.append(f"| {row['workload']} | {row.get('parameters', '-')} | - | - | - | - | - | "
+                         f"{row.get('skipped', row.get('error', ''))[:150]} | - |")  # fmt: skip
+            continue
+        predicted = row["predicted_gradients"] * row["gradient_seconds"]
+        generic = row.get("generic_seconds")
+        generic_cell = _seconds(generic) if generic is not None else (
+            f"projected {_seconds(row['generic_projected_seconds'])}"
+        )  # fmt: skip
+        lines.append(
+            f"| {row['workload']} | {row['parameters']} | {_seconds(row['gradient_seconds'])} | "
+            f"{_seconds(predicted)} ({row['predicted_gradients']:.0f} gradients, {row['columns']} columns) | "
+            f"{_seconds(row['engine_seconds'])} | {predicted / row['engine_seconds']:.2f} | {generic_cell} | "
+            f"{row['auto_method']} | {_seconds(row['auto_seconds'])} |"
+        )
+    header = [
+        "# Auto's cost choice: the engine's predicted time against its measured time and the generic method",
+        "",
+        f"Commit {meta['commit']}, cpu, torch {meta['torch']}, {meta['threads']} threads, float32, batch {BATCH}. "
+        "Predicted: backprop/cost.py's gradients times a measured gradient. Engine: method='backprop', median of "
+        "warm runs. Generic: one run, or its projection when that passes "
+        f"{args.generic_limit:.0f} s. Auto takes the generic method only where the engine is predicted above half "
+        "a second and above the generic method's timed projection. Written by `benchmarks/bench_cost.py`.",
+        "",
+    ]
+    with open(os.path.join(args.out, "cost_cpu.md"), "w") as handle:
+        handle.write("\n".join(header + lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

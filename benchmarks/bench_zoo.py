@@ -97,6 +97,12 @@ def text_models():
                 return t.BertForSequenceClassification(
                     t.BertConfig(hidden_size=32, max_position_embeddings=32, num_labels=10, **common)
                 )
+            if kind == "gpt2":  # a classifier head on the last token, as for Llama
+                config = t.GPT2Config(
+                    vocab_size=VOCABULARY, n_positions=32, n_embd=32, n_layer=2, n_head=2, num_labels=10,
+                    pad_token_id=0,
+                )  # fmt: skip
+                return t.GPT2ForSequenceClassification(config)
             return t.LlamaForSequenceClassification(
                 t.LlamaConfig(hidden_size=32, max_position_embeddings=32, num_labels=10, pad_token_id=0, **common)
             )
@@ -106,6 +112,7 @@ def text_models():
     return {
         "Hugging Face BERT (2 layers, width 32), 16 tokens": hugging_face("bert"),
         "Hugging Face Llama (2 layers, width 32), 16 tokens": hugging_face("llama"),
+        "Hugging Face GPT-2 (2 layers, width 32), 16 tokens": hugging_face("gpt2"),
     }
 
 

@@ -1,5 +1,6 @@
 """Hugging Face models as people call them: tiny configs, random weights, eval mode, a dict batch (input_ids and
-an attention_mask with padding, or pixel_values), the loss a function of out.logits. The engine takes them with
+an attention_mask with padding, or pixel_values), the loss a function of out.logits (BERT, DistilBERT, RoBERTa,
+ViT, Llama, GPT-2 with its own head; GPT-2 with a tied head steps aside, named). The engine takes them with
 method="auto" and no warning (a trace with the call's values: backprop/graph/value_trace.py), exact against one
 float64 Hessian-vector product per sampled entry. Skipped where transformers is not installed (an optional test
 dependency: `pip install --no-deps transformers tokenizers regex httpx2 httpcore2 truststore`)."""
@@ -158,3 +159,39 @@ def test_sums_and_scalings_of_losses_on_logits():
     model = build("vit", transformers).double().eval()
     batch = batch_for("vit", torch.Generator().manual_seed(1))
     assert_auto_exact(model, lambda out, y: F.huber_loss(out.logits, y, delta=0.5), batch, torch.randn(2, 3).double())
+
+
+def gpt2(transformers, tied):
+    config = transformers.GPT2Config(
+        vocab_size=VOCABULARY, n_positions=16, n_embd=WIDTH, n_layer=1, n_head=2, tie_word_embeddings=tied,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_gpt2_with_its_own_head():
+    """GPT-2's Conv1D projections (addmm on the batch folded into rows) are read as x @ weight + bias
+    (backprop/graph/hf_conv1d.py)."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    model = gpt2(transformers, tied=False)
+    generator = torch.Generator().manual_seed(1)
+    batch = batch_for("gpt2", generator)
+    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    labels[1, 4:] = -100
+    assert_auto_exact(model, shifted_language_model_loss, batch, labels)
+
+
+def test_gpt2_with_its_head_tied_to_the_embedding_steps_aside_named():
+    """The tied head's use of wte.weight is fed by its embedding use: the Hessian has a mixed term there that the
+    engine does not form yet. One warning naming it, the generic method's exact numbers."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    model = gpt2(transformers, tied=True)
+    generator = torch.Generator().manual_seed(1)
+    batch = batch_for("gpt2", generator)
+    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    with pytest.warns(RuntimeWarning, match=r"transformer.wte.weight' used at 2 places, one feeding another"):
+        auto = model_hessian_diagonal(model, shifted_language_model_loss, batch, labels)
+    generic = model_hessian_diagonal(model, shifted_language_model_loss, batch, labels, method="autograd")
+    assert max((a - g).abs().max().item() for a, g in zip(auto, generic)) == 0

@@ -213,3 +213,13 @@ def test_float32_is_as_accurate_as_the_generic_method():
     generic = model_hessian_diagonal(model32, loss_fn, x.float(), targets.float(), method="autograd")
     generic_error = relative_error([d.double() for d in generic], expected)
     assert relative_error([d.double() for d in engine], expected) <= 10 * max(generic_error, 1e-7)
+
+
+def test_the_checks_leave_the_random_state_alone():
+    """The random tangents come from a generator of their own: a training loop's next draws do not depend on
+    whether its loss was read by what it computes."""
+    model, x = model_and_data()
+    loss_fn, targets = LOSSES["kl-divergence"]
+    before = torch.get_rng_state()
+    model_hessian_diagonal(model, loss_fn, x, targets, method="backprop")
+    assert torch.equal(torch.get_rng_state(), before)

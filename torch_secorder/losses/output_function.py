@@ -82,7 +82,7 @@ class OutputFunction(Loss):
             tangents = torch.cat(
                 [
                     units.unsqueeze(1).expand(features, samples, features),  # e_j for every sample at once
-                    torch.randn(1, samples, features, dtype=output.dtype, device=output.device),
+                    _random_like(output.new_empty(1, samples, features)),
                 ]
             ).reshape(features + 1, *output.shape)
             products = _batched_products(grad, leaf, tangents).reshape(features + 1, samples, features)
@@ -111,9 +111,7 @@ class OutputFunction(Loss):
                 return []
             grads = torch.autograd.grad(value, [leaf, *read], create_graph=True, allow_unused=True)
             if grads[0] is not None and grads[0].requires_grad:
-                mixed = torch.autograd.grad(
-                    grads[0], read, torch.randn_like(leaf), retain_graph=True, allow_unused=True
-                )
+                mixed = torch.autograd.grad(grads[0], read, _random_like(leaf), retain_graph=True, allow_unused=True)
                 if any(m is not None and bool(m.any()) for m in mixed):
                     raise Unsupported(
                         f"{self.description} mixes the model output with tensors it reads itself (a parameter "
@@ -124,7 +122,7 @@ class OutputFunction(Loss):
                 return []
             tensors, first = [t for t, _ in curved], [g for _, g in curved]
             ones = [torch.ones_like(t) for t in tensors]
-            randoms = [torch.randn_like(t) for t in tensors]
+            randoms = [_random_like(t) for t in tensors]
             on_ones = torch.autograd.grad(first, tensors, ones, retain_graph=True, allow_unused=True)
             on_randoms = torch.autograd.grad(first, tensors, randoms, allow_unused=True)
         diagonals = [torch.zeros_like(t) if d is None else d.detach() for t, d in zip(tensors, on_ones)]
@@ -185,6 +183,13 @@ def _leaves_read(value: Tensor, leaf: Tensor) -> List[Tensor]:
             found.append(variable)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+def _random_like(tensor: Tensor) -> Tensor:
+    """Standard normal draws shaped like tensor, from a generator of their own: the checks leave the caller's
+    random state as it was (a training loop's next dropout mask must not depend on the method)."""
+    generator = torch.Generator(device=tensor.device).manual_seed(0x5EC0)
+    return torch.randn(tensor.shape, dtype=tensor.dtype, device=tensor.device, generator=generator)
 
 
 def _tolerance(dtype: torch.dtype, features: int) -> float:

@@ -22,7 +22,7 @@ from ..._forward_hooks import global_hook_reason, global_hooks, hook_reason
 from ..._forward_pass import exclusive_trace, library_forward
 from .. import eligibility
 from ..rules.registry import registered_base
-from . import attention, node_ops
+from . import attention, hf_conv1d, node_ops
 from .value_trace import split_varargs, with_values
 
 
@@ -131,6 +131,8 @@ class _Tracer(fx.Tracer):
             self._installed = {id(module) for module in self.root.modules()}
         if id(m) not in self._installed:
             return forward(*args, **kwargs)  # made in forward (nn.ReLU()(x)): read as the ops it runs
+        if hf_conv1d.decomposable(m) and len(args) == 1 and not kwargs:
+            return super().call_module(m, lambda x: hf_conv1d.forward(m, x), args, kwargs)
         if not attention.decomposable(m, args, kwargs):
             return super().call_module(m, forward, args, kwargs)
         outer, self._decomposing = self._decomposing, m  # read as its ops: the projections get the Linear rule

@@ -126,3 +126,13 @@ def expected_fallback(model, loss_fn):
     if explain_method(model, loss_fn).method == "autograd":
         return pytest.warns(RuntimeWarning, match="using the generic autograd method")
     return contextlib.nullcontext()
+
+
+def assert_engine_or_cheaper(model, loss_fn, inputs, targets):
+    """auto runs the engine with no warning, or the generic method where it is predicted cheaper (one warning
+    saying so: core/_model_curvature.py's cost choice), never a fallback for want of a rule."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_hessian_diagonal(model, loss_fn, inputs, targets)
+    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
+    assert all("the generic method is predicted faster here" in message for message in ours), ours

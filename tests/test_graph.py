@@ -558,11 +558,28 @@ def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work(
             self.a, self.b, self.out = nn.Linear(4, 750), nn.Linear(4, 750), nn.Linear(750, 3)
 
         def forward(self, x):
-            return self.out(self.a(x) * self.b(x))  # 1,500 features per sample meet in one product
+            return self.out(self.a(x) / (2 + torch.tanh(self.b(x))))  # 1,500 features per sample meet in one quotient
 
     model = WideProduct().double()
     with pytest.raises(NotImplementedError, match="its second-order term is a dense 1500 x 1500 matrix per sample"):
         model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
+
+
+def test_a_product_of_two_same_shape_inputs_is_never_formed_densely():
+    """a * b of one shape has its closed-form columns (two per element): no dense term, so no refusal however
+    wide (GPT-2's NewGELU, x * (1 + tanh(...)), over 16 tokens of 128 features was refused before)."""
+
+    class WideGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 400), nn.Linear(400, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.out(h * (1 + torch.tanh(h)))  # densely: 5 x 800 x 800, 98 MiB with its eigenvectors
+
+    torch.manual_seed(0)
+    assert_backprop_exact(WideGate().double(), F.cross_entropy, vectors(4), Y5, memory_budget=16 << 20)
 
 
 class IndexedByTheInput(nn.Module):

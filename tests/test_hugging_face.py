@@ -7,11 +7,11 @@ dependency: `pip install --no-deps transformers tokenizers regex httpx2 httpcore
 
 import importlib
 import importlib.util
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_engine_or_cheaper
 from torch.func import functional_call
 
 from torch_secorder import explain_method, model_hessian_diagonal
@@ -60,16 +60,6 @@ def batch_for(name, generator):
 
 def logits_cross_entropy(out, labels):
     return F.cross_entropy(out.logits, labels)
-
-
-def assert_engine_or_cheaper(model, loss_fn, inputs, targets):
-    """auto runs the engine with no warning, or the generic method where it is predicted cheaper (one warning
-    saying so: core/_model_curvature.py's cost choice), never a fallback for want of a rule."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model_hessian_diagonal(model, loss_fn, inputs, targets)
-    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
-    assert all("the generic method is predicted faster here" in message for message in ours), ours
 
 
 def assert_auto_exact(model, loss_fn, batch, targets, per_parameter=3, tolerance=1e-10):
@@ -161,36 +151,32 @@ def test_sums_and_scalings_of_losses_on_logits():
     assert_auto_exact(model, lambda out, y: F.huber_loss(out.logits, y, delta=0.5), batch, torch.randn(2, 3).double())
 
 
-def gpt2(transformers, tied):
+def gpt2(tied):
+    """(a one-layer GPT2LMHeadModel, a dict batch, its labels with the padding ignored)."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=VOCABULARY, n_positions=16, n_embd=WIDTH, n_layer=1, n_head=2, tie_word_embeddings=tied,
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    batch = batch_for("gpt2", generator)
+    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    labels[1, 4:] = -100
+    return transformers.GPT2LMHeadModel(config).double().eval(), batch, labels
 
 
 def test_gpt2_with_its_own_head():
     """GPT-2's Conv1D projections (addmm on the batch folded into rows) are read as x @ weight + bias
     (backprop/graph/hf_conv1d.py)."""
-    transformers = import_transformers()
-    torch.manual_seed(0)
-    model = gpt2(transformers, tied=False)
-    generator = torch.Generator().manual_seed(1)
-    batch = batch_for("gpt2", generator)
-    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
-    labels[1, 4:] = -100
+    model, batch, labels = gpt2(tied=False)
     assert_auto_exact(model, shifted_language_model_loss, batch, labels)
 
 
 def test_gpt2_with_its_head_tied_to_the_embedding_steps_aside_named():
     """The tied head's use of wte.weight is fed by its embedding use: the Hessian has a mixed term there that the
     engine does not form yet. One warning naming it, the generic method's exact numbers."""
-    transformers = import_transformers()
-    torch.manual_seed(0)
-    model = gpt2(transformers, tied=True)
-    generator = torch.Generator().manual_seed(1)
-    batch = batch_for("gpt2", generator)
-    labels = torch.randint(0, VOCABULARY, (2, 6), generator=generator)
+    model, batch, labels = gpt2(tied=True)
     with pytest.warns(RuntimeWarning, match=r"transformer.wte.weight' used at 2 places, one feeding another"):
         auto = model_hessian_diagonal(model, shifted_language_model_loss, batch, labels)
     generic = model_hessian_diagonal(model, shifted_language_model_loss, batch, labels, method="autograd")

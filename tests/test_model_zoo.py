@@ -10,12 +10,11 @@ only."""
 import contextlib
 import importlib
 import importlib.util
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomise_batch_norm
+from helpers import assert_engine_or_cheaper, randomise_batch_norm
 
 from torch_secorder import explain_method, model_hessian_diagonal
 from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
@@ -45,16 +44,6 @@ def hard_activations_as_clamps():
         yield
     finally:
         F.hardsigmoid, F.hardswish = hardsigmoid, hardswish
-
-
-def assert_engine_or_cheaper(model, loss_fn, inputs, targets):
-    """auto runs the engine with no warning, or the generic method where it is predicted cheaper (one warning
-    saying so: core/_model_curvature.py's cost choice), never a fallback for want of a rule."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model_hessian_diagonal(model, loss_fn, inputs, targets)
-    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
-    assert all("the generic method is predicted faster here" in message for message in ours), ours
 
 
 def assert_auto_exact(model, per_parameter=3, tolerance=1e-10):

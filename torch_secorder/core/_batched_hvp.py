@@ -129,7 +129,8 @@ def projected_seconds(loss, params, grads, memory_budget):
     as large as the method takes them and one a sixteenth of that (each a second, warm run), a straight line
     through the two for a chunk of any size (a vmapped backward through the whole graph has a fixed part that a
     model's many small tensors, one chunk each, pay again and again), summed over every chunk of every parameter.
-    None when it cannot be measured (no parameter with a second derivative, a graph vmap cannot batch)."""
+    Timed with the strategy the method will use (_HvpRows: the first that runs on this graph). None when it
+    cannot be measured (no parameter with a second derivative, no strategy runs)."""
     candidates = [(p, g) for p, g in zip(params, grads) if g is not None and g.grad_fn is not None and p.numel()]
     if not candidates:
         return None
@@ -145,20 +146,28 @@ def projected_seconds(loss, params, grads, memory_budget):
     entries, grad_flat = param.numel(), grad.reshape(-1)
     large = step_for(param)
     small = max(1, large // 16)
-    timed = {}
-    try:
-        for size in {large, small}:
-            rows, _ = _unit_rows(0, size, entries, grad_flat)
-            for _ in range(2):
-                start = time.perf_counter()
-                _rows_by_func_vmap(grad_flat, param, rows, False)
-                if rows.is_cuda:
-                    torch.cuda.synchronize(rows.device)
-                timed[size] = time.perf_counter() - start
-    except RuntimeError:
+    for strategy in _STRATEGIES:  # the one the method will use: the first that runs on this graph
+        sizes = {small} if strategy is _rows_one_by_one else {large, small}  # one by one: rows cost alike
+        timed = {}
+        try:
+            for size in sizes:
+                rows, _ = _unit_rows(0, size, entries, grad_flat)
+                for _ in range(2):
+                    start = time.perf_counter()
+                    strategy(grad_flat, param, rows, False)
+                    if rows.is_cuda:
+                        torch.cuda.synchronize(rows.device)
+                    timed[size] = time.perf_counter() - start
+            break
+        except RuntimeError:
+            continue
+    else:
         return None
-    slope = (timed[large] - timed[small]) / (large - small) if large > small else timed[large] / large
-    fixed = max(timed[small] - slope * small, 0.0)
+    if len(timed) == 2:
+        slope = (timed[large] - timed[small]) / (large - small)
+        fixed = max(timed[small] - slope * small, 0.0)
+    else:
+        slope, fixed = timed[small] / small, 0.0
     total = 0.0
     for candidate, _ in candidates:
         step, count = step_for(candidate), candidate.numel()

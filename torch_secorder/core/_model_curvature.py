@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._forward_pass import library_call, library_forward, same_random_draws
+from .._forward_pass import attention_twice_differentiable, library_call, library_forward, same_random_draws
 from .._gradient_hooks import gradient_hooks_off
 from ..backprop import EnginePlan, Unsupported, predicted_gradients, run_plan
 from ..losses import CurvatureRequest, check_scalar_loss, recognise
@@ -291,7 +291,7 @@ def _generic_timing(call: ModelCall, memory_budget: int) -> Optional[Tuple[float
             # (small models) to several, so a gradient's time alone misjudges it by that much
             generic = None
             if loss.requires_grad:
-                with library_forward():
+                with library_forward(), attention_twice_differentiable():  # as the generic method records it
                     loss = loss_fn(model(*input_tuple), targets)
                 grads = torch.autograd.grad(loss, active, allow_unused=True, create_graph=True)
                 generic = projected_seconds(loss, active, grads, memory_budget)

@@ -29,7 +29,7 @@ def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
     small ones always go), as attention over long sequences would."""
     for index in curved:
         node = nodes[index]
-        if not isinstance(node.op, node_ops.GenericOp) or node.op.linear:
+        if not isinstance(node.op, node_ops.GenericOp) or node.op.linear or not node.op.forms_dense_term(node):
             continue
         features = sum(node.values[name][0].numel() for name in node.input_names)
         # the Hessian, its float64 copy, the eigenvectors and the columns cut from them: about 4 float64 copies

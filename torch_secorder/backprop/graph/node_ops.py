@@ -468,6 +468,10 @@ class GenericOp(NodeOp):
             ) from None
         return [(param, projection) for (_, param, _), projection in zip(params, projections)]
 
+    def forms_dense_term(self, node):
+        """True when residual_origins forms the node's dense per-sample Hessian (bounded by the memory check)."""
+        return True
+
     def has_second_derivative(self, node):
         """False when g . f has no second derivative in the node's inputs."""
         differentiable = self._differentiable(node)
@@ -924,6 +928,9 @@ class ProductOp(GenericOp):
             unit[:, width, start + width] = scale[:, start:stop]
             signs = torch.cat([sign[:, start:stop], -sign[:, start:stop]], dim=1)
             yield {first: torch.cat([unit, unit], dim=1), second: torch.cat([unit, -unit], dim=1)}, signs
+
+    def forms_dense_term(self, node):
+        return self._same_shape_operands(node) is None
 
     def _same_shape_operands(self, node):
         """The input positions of a and b when the node is a * b of two different floating inputs of one shape."""

@@ -15,7 +15,6 @@ Writes benchmarks/results/cost_cpu.json and .md.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bench_zoo import BATCH, _torchvision, build, workloads
-from timing import measured_commit, median_seconds, run_child
+from timing import cpu_run_meta, median_seconds, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -142,15 +141,7 @@ def _seconds(value):
 
 
 def write_results(rows, args):
-    meta = {
-        "commit": measured_commit(),
-        "device": "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "batch": BATCH,
-    }
+    meta = cpu_run_meta(dtype="float32", batch=BATCH)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cost_cpu.json"), "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)

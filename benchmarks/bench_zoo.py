@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -26,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import measured_commit, median_seconds, memory_cell, run_child, time_cell
+from timing import cpu_run_meta, median_seconds, memory_cell, run_child, time_cell
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -258,13 +257,7 @@ def _speedup(row):
 
 def write_results(rows, args):
     meta = {
-        "commit": measured_commit(),
-        "device": "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "batch": BATCH,
+        **cpu_run_meta(dtype="float32", batch=BATCH),
         "timing": "median of warm runs after one untimed run, one process per (model, method)",
         "memory": "peak extra bytes over the process's state before the first call (high-water mark)",
         "generic": f"stopped after 5 s when its progress projected more than {args.generic_limit:.0f} s",

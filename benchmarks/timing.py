@@ -63,6 +63,22 @@ def memory_cell(row, method, digits=1):
     return f"{result['peak_extra_bytes'] / 2**20:.{digits}f}" if "peak_extra_bytes" in result else "-"
 
 
+def cpu_run_meta(**extra):
+    """What every CPU results file says about its run: the commit, the versions, the threads; then `extra`."""
+    import platform
+
+    import torch
+
+    return {
+        "commit": measured_commit(),
+        "device": "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
 def run_child(command):
     """What a child measuring process printed last (JSON), or {"skipped": why it failed}."""
     done = subprocess.run(command, capture_output=True, text=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bench_zoo import BATCH, _torchvision, build, workloads
-from timing import cpu_run_meta, median_seconds, run_child
+from timing import cpu_run_meta, median_seconds, run_child, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -142,9 +142,7 @@ def _seconds(value):
 
 def write_results(rows, args):
     meta = cpu_run_meta(dtype="float32", batch=BATCH)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cost_cpu.json"), "w") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+    write_json(args.out, "cost_cpu.json", meta, rows)
     lines = [
         "| model (batch 8) | parameters | gradient | engine predicted | engine measured | predicted / measured | "
         "generic | auto ran | auto (after its first call) |",

@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import cpu_run_meta, median_seconds, memory_cell, run_child, time_cell
+from timing import cpu_run_meta, median_seconds, memory_cell, run_child, time_cell, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -262,9 +262,7 @@ def write_results(rows, args):
         "memory": "peak extra bytes over the process's state before the first call (high-water mark)",
         "generic": f"stopped after 5 s when its progress projected more than {args.generic_limit:.0f} s",
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "zoo_cpu.json"), "w") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+    write_json(args.out, "zoo_cpu.json", meta, rows)
     lines = [
         "| model (batch 8) | parameters | gradient | auto | generic | generic / auto | BackPACK DiagGGNExact | "
         "peak MiB gradient / auto / generic |",

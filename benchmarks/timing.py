@@ -79,6 +79,15 @@ def cpu_run_meta(**extra):
     }
 
 
+def write_json(folder, name, meta, rows):
+    """folder/name as {"meta": meta, "rows": rows}, the folder made if needed."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+
+
 def run_child(command):
     """What a child measuring process printed last (JSON), or {"skipped": why it failed}."""
     done = subprocess.run(command, capture_output=True, text=True)

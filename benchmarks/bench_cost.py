@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bench_zoo import BATCH, _torchvision, build, workloads
-from timing import cpu_run_meta, median_seconds, run_child, write_json
+from timing import cpu_run_meta, median_seconds, run_child, write_json, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -177,9 +177,7 @@ def write_results(rows, args):
         "a second and above the generic method's timed projection. Written by `benchmarks/bench_cost.py`.",
         "",
     ]
-    with open(os.path.join(args.out, "cost_cpu.md"), "w") as handle:
-        handle.write("\n".join(header + lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, "cost_cpu.md", header, lines)
 
 
 if __name__ == "__main__":

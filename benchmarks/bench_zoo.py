@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timing import cpu_run_meta, median_seconds, memory_cell, run_child, time_cell, write_json
+from timing import cpu_run_meta, median_seconds, memory_cell, run_child, time_cell, write_json, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -286,9 +286,7 @@ def write_results(rows, args):
         f"batch {BATCH}. {meta['timing']}; {meta['generic']}. Written by `benchmarks/bench_zoo.py`.",
         "",
     ]
-    with open(os.path.join(args.out, "zoo_cpu.md"), "w") as handle:
-        handle.write("\n".join(header + lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, "zoo_cpu.md", header, lines)
 
 
 if __name__ == "__main__":

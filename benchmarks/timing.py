@@ -88,6 +88,13 @@ def write_json(folder, name, meta, rows):
         json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 
 
+def write_markdown(folder, name, header, lines):
+    """folder/name: the header lines, then the table lines (also printed)."""
+    with open(os.path.join(folder, name), "w") as handle:
+        handle.write("\n".join(header + lines) + "\n")
+    print("\n".join(lines))
+
+
 def run_child(command):
     """What a child measuring process printed last (JSON), or {"skipped": why it failed}."""
     done = subprocess.run(command, capture_output=True, text=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .graph import node_ops, trace
+from .plan import has_own_term
 from .rules import rule_for
 
 _CONTRACTING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear", "__matmul__"}
@@ -29,10 +30,10 @@ def predicted_gradients(plan: Any, inputs: tuple) -> Tuple[float, int]:
     """(the engine's predicted cost in gradients of this batch, its columns per sample) for an EnginePlan."""
     steps = _graph_steps(plan, inputs) if plan.layers is None else _chain_steps(plan, inputs)
     total = sum(step[0] for step in steps) or 1.0
-    output = steps[-1][2] if steps and len(steps[-1]) > 2 else None
+    output = steps[-1][2] if steps else None
     loss_columns = _loss_columns(plan, output)
     work, below, columns = loss_columns * total, 0.0, loss_columns
-    for flops, width, *_ in steps:
+    for flops, width, _ in steps:
         work += width * below  # a curved node's columns start at its input, below its own work
         columns += width
         below += flops
@@ -70,7 +71,7 @@ def _graph_steps(plan: Any, inputs: tuple) -> List[tuple]:
         if not node.activation or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
-        curved = node.op.curved_possible and not getattr(node.op, "linear", False)
+        curved = has_own_term(node)
         width = sum(x[0].numel() for x in read if x.is_floating_point() and x.dim() > 0) if curved else 0
         steps.append((_node_flops(node, value, read), width, value))
     return steps

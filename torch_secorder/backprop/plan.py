@@ -177,16 +177,17 @@ def _checked_chain(layers: List[nn.Module], names: eligibility.ModuleNames) -> L
     return layers
 
 
+def has_own_term(node: Any) -> bool:
+    """A graph node that may add a second-order term of its own (an origin of columns)."""
+    return bool(node.op.curved_possible and not getattr(node.op, "linear", False))
+
+
 def curved_nodes(plan: EnginePlan, inputs: Optional[Any] = None) -> List[Tuple[str, Optional[int]]]:
     """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
     (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
     if plan.layers is None:
         assert plan.graph is not None
-        nodes = [
-            node
-            for node in plan.graph.nodes
-            if node.activation and node.op.curved_possible and not getattr(node.op, "linear", False)
-        ]
+        nodes = [node for node in plan.graph.nodes if node.activation and has_own_term(node)]
         if inputs is None or not nodes:
             return [(node.name, None) for node in nodes]
         counted = _graph_widths(plan.graph, plan.model, inputs)  # floating-point nodes only: masks have no term

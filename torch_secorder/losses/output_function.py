@@ -23,6 +23,9 @@ DENSE_FLOOR = 64 << 20  # bytes of per-sample Hessians the function may always f
 
 
 class OutputFunction(Loss):
+    """Read for the Hessian only (recognise(..., functions=True)): the GGN and Fisher take the known losses, so
+    it has no quadratic form, Fisher columns or mean normaliser of its own."""
+
     name = "loss function"
 
     def __init__(self, loss_fn: Callable, path: tuple = (), description: str = "loss_fn"):
@@ -136,14 +139,6 @@ class OutputFunction(Loss):
                 "couples entries)"
             )
         return list(zip(tensors, diagonals))
-
-    def quadratic_form(self, output: Tensor, targets: Any, u: Tensor) -> Tensor:
-        hessian = self.per_sample_hessian(output.detach(), targets)
-        flat = u.reshape(u.shape[0], -1)
-        return torch.einsum("ni,nij,nj->", flat, hessian.to(flat.dtype), flat)
-
-    def mean_normaliser(self, output: Tensor, targets: Any) -> float:
-        return 1.0
 
 
 def _stand_in(path: tuple, tensor: Tensor) -> Any:

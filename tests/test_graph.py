@@ -26,7 +26,7 @@ from models import GLU, Attention, ClassMLP, DenseBlock, FunctionalCNN, FusedGLU
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision_style import BasicBlock, Bottleneck, ResNet
 
-from torch_secorder import explain_method, model_hessian_diagonal
+from torch_secorder import explain_method, model_ggn_diagonal, model_hessian_diagonal
 
 # ---------------------------------------------------------------- models written as classes
 
@@ -335,9 +335,8 @@ class TiedWeights(nn.Module):
         (lambda: BatchMixing("flip"), "mixing samples"),
         (lambda: BatchMixing("roll"), "mixing samples"),
         (Aliased, "a forward the trace does not reproduce"),
-        (TiedWeights, "parameter 'a.weight' used at 2 places, one feeding another"),
     ],
-    ids=["batch-mean", "batch-flip", "batch-roll", "aliased-in-place", "tied"],
+    ids=["batch-mean", "batch-flip", "batch-roll", "aliased-in-place"],
 )
 def test_what_the_engine_cannot_do_exactly_steps_aside(model, message):
     torch.manual_seed(0)
@@ -398,7 +397,8 @@ def test_hooks_anywhere_step_aside():
 
 # ---------------------------------------------------------------- random graphs
 class RandomGraph(nn.Module):
-    """A random program over tensors of width 4: residual sums, concatenations, gates, norms, activations."""
+    """A random program over tensors of width 4: residual sums, concatenations, gates, norms, activations, and an
+    earlier step's layer used again (its weights tied across two places, the second possibly fed by the first)."""
 
     ACTIVATIONS = [torch.tanh, torch.sigmoid, F.relu, F.gelu, F.softplus, F.silu]
 
@@ -409,12 +409,21 @@ class RandomGraph(nn.Module):
         width = 4
         for step in range(steps):
             kind = rng.choice(
-                ["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product", "moved"]
+                ["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product", "moved", "reuse"]
             )
             a = rng.randrange(step + 1)
             b = rng.randrange(step + 1)
             activation = rng.randrange(len(self.ACTIVATIONS))
-            if kind == "cat":
+            square = [
+                j for j, layer in enumerate(self.layers) if isinstance(layer, nn.Linear) and layer.in_features == 4
+            ]
+            if kind == "reuse" and square:
+                b = rng.choice(square)  # the earlier layer this step calls again
+                self.layers.append(nn.Identity())
+            elif kind == "reuse":
+                kind = "linear"
+                self.layers.append(nn.Linear(width, width))
+            elif kind == "cat":
                 self.layers.append(nn.Linear(2 * width, width))
             elif kind == "norm":
                 self.layers.append(nn.LayerNorm(width))
@@ -443,6 +452,8 @@ class RandomGraph(nn.Module):
                 out = layer(values[a]) / (1 + torch.sigmoid(values[b]))
             elif kind == "mean-product":
                 out = layer(values[a]) * values[b].mean(1, keepdim=True)
+            elif kind == "reuse":
+                out = f(self.layers[b](values[a]))
             elif kind == "moved":  # the batch axis moved to 1 and back by indexing
                 out = f(layer(values[a])).unsqueeze(2).permute(2, 0, 1)[0] * values[b]
             else:
@@ -729,6 +740,36 @@ class TiedHead(nn.Module):
         return self.head(torch.tanh(self.mid(self.embedding(ids)))).transpose(1, 2)
 
 
-def test_a_tied_head_steps_aside_naming_the_mixed_term():
+class ScaleTwice(nn.Module):
+    """One scale read by two products, the second fed by the first (through tanh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.out = nn.Parameter(torch.randn(6)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x * self.scale) * self.scale.reshape(1, -1))
+
+
+@pytest.mark.parametrize("model", [TiedWeights, ScaleTwice], ids=["module-on-its-own-output", "scale-twice"])
+def test_a_parameter_whose_use_feeds_another_use_is_exact(model):
+    """The later use's mixed second derivative (input x parameter) times the earlier use's projections."""
+    torch.manual_seed(0)
+    model = model().double().eval()
+    assert explain_method(model, F.cross_entropy).method == "backprop"
+    assert_backprop_exact(model, F.cross_entropy, vectors(6), Y5)
+    per_sample = model_hessian_diagonal(model, F.cross_entropy, vectors(6), Y5, method="backprop", per_sample=True)
+    for n in range(5):  # each sample's own Hessian (mean reduction: 1/N of one sample's loss)
+        one = brute_force(model, F.cross_entropy, vectors(6)[n : n + 1], Y5[n : n + 1])
+        assert relative_error([p[n] * 5 for p in per_sample], one) < 1e-10
+
+
+def test_a_tied_head_is_exact():
+    """A language model's head reading its embedding's table: per-sample columns and the head's mixed term."""
+    torch.manual_seed(0)
     ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))
-    assert_steps_aside(TiedHead().double(), ids, y, "one feeding another")
+    model = TiedHead().double()
+    assert_backprop_exact(model, F.cross_entropy, ids, y)
+    # the GGN has no mixed term: the projections summed over the uses, squared, are all of it
+    ggn = model_ggn_diagonal(model, F.cross_entropy, ids, y, method="backprop")
+    assert relative_error(ggn, model_ggn_diagonal(model, F.cross_entropy, ids, y, method="autograd")) < 1e-10

@@ -1,9 +1,10 @@
 """What the engine will cost, in gradients of the same batch, predicted from one forward pass without gradients.
 
-Every origin's columns (the loss's at the output, each curved node's at its inputs) are pulled down through the
-nodes below it, one sample at a time, and each parameter's projections are formed on the way: a column costs
-about two forward passes of one sample over the nodes it crosses. A gradient costs about three forward passes
-of the whole batch. So the engine costs about
+Every origin's columns (the loss's at the output, each curved node's at its inputs, a tied parameter's mixed term
+at the input of each use another use feeds) are pulled down through the nodes below it, one sample at a time,
+and each parameter's projections are formed on the way: a column costs about two forward passes of one sample
+over the nodes it crosses. A gradient costs about three forward passes of the whole batch. So the engine costs
+about
 
     (loss columns x F_all + sum over curved nodes o of columns_o x F_below(o)) x 2 / (3 F_all)  gradients,
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .graph import node_ops, trace
-from .plan import has_own_term
+from .plan import origin_nodes
 from .rules import rule_for
 
 _CONTRACTING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear", "__matmul__"}
@@ -66,12 +67,13 @@ def _graph_steps(plan: Any, inputs: tuple) -> List[tuple]:
     with torch.no_grad():
         values = trace.forward(graph, plan.model, inputs)
     steps: List[tuple] = []
-    for node in graph.nodes[: graph.output + 1]:
+    origins = set(origin_nodes(graph, plan.model))
+    for index, node in enumerate(graph.nodes[: graph.output + 1]):
         value = values.get(node.name)
         if not node.activation or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
-        curved = has_own_term(node)
+        curved = index in origins
         width = sum(x[0].numel() for x in read if x.is_floating_point() and x.dim() > 0) if curved else 0
         steps.append((_node_flops(node, value, read), width, value))
     return steps

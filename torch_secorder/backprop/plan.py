@@ -182,12 +182,22 @@ def has_own_term(node: Any) -> bool:
     return bool(node.op.curved_possible and not getattr(node.op, "linear", False))
 
 
+def origin_nodes(graph: GraphPlan, model: nn.Module) -> List[int]:
+    """The indices of the graph's nodes that are origins of columns for the Hessian: those with a second-order
+    term of their own, and the uses of a trainable parameter fed by another of its uses (their mixed term)."""
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for p in by_name.values() if p.requires_grad}
+    tied = {index for _, _, index in trace.tied_uses(graph.nodes[: graph.output + 1], by_name, trainable)}
+    return [i for i, node in enumerate(graph.nodes) if node.activation and (has_own_term(node) or i in tied)]
+
+
 def curved_nodes(plan: EnginePlan, inputs: Optional[Any] = None) -> List[Tuple[str, Optional[int]]]:
     """[(name, features per sample at its input or None)] for the nodes with a second-order term of their own
-    (each an origin of that many columns); the features are counted with a forward pass when inputs are given."""
+    or a tied parameter's mixed term (each an origin of that many columns); the features are counted with a
+    forward pass when inputs are given."""
     if plan.layers is None:
         assert plan.graph is not None
-        nodes = [node for node in plan.graph.nodes if node.activation and has_own_term(node)]
+        nodes = [plan.graph.nodes[i] for i in origin_nodes(plan.graph, plan.model)]
         if inputs is None or not nodes:
             return [(node.name, None) for node in nodes]
         counted = _graph_widths(plan.graph, plan.model, inputs)  # floating-point nodes only: masks have no term

@@ -55,8 +55,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         for i, node in enumerate(nodes)
         if request.residuals and node.activation and node.op.curved_possible and any(needed[j] for j in node.inputs)
     ]
+    # a Hessian term only: the GGN and the Fisher have none between a parameter's uses beyond their projections
+    tied = trace.tied_uses(nodes, by_name, wanted_params) if request.residuals else []
+    graded = sorted(set(curved) | {index for _, _, index in tied})  # the nodes that need dloss/doutput
 
-    with torch.set_grad_enabled(bool(curved)):
+    with torch.set_grad_enabled(bool(graded)):
         values = trace.forward(plan, root, inputs)
         output = values[nodes[plan.output].name]
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
@@ -68,9 +71,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             add_parameter_terms(loss, output, targets, empty)
             return loss_value, empty.result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
-        if curved:
-            grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in curved], allow_unused=True)
-            for index, grad in zip(curved, grads):
+        tied = [(name, param, i) for name, param, i in tied if _differentiable(values[nodes[i].name])]
+        graded = [i for i in graded if i in curved or any(i == index for _, _, index in tied)]
+        if graded:
+            grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in graded], allow_unused=True)
+            for index, grad in zip(graded, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
         _check_residual_sizes(nodes, curved, samples, output.element_size(), memory_budget)
@@ -120,7 +125,36 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                             births[source] = columns.clone() if source not in births else births[source] + columns
                     if births:
                         sweep(nodes, births, signs)
+            for name, param, index in tied:
+                _mixed_terms(nodes, index, name, param, sweep, by_name, values, budget_columns, memory_budget)
     return loss_value, diagonals.result()
+
+
+def _mixed_terms(nodes, index, name, param, sweep, by_name, values, max_columns, memory_budget):
+    """A node using `param` whose input another use of it moves: the Hessian's term between the two uses through
+    this node's mixed second derivative, 2 sum_n sum_c P_c . Q_c on the diagonal. One unit column c per input
+    feature is pulled down to the other uses (P_c: their summed per-sample projections, d x_c / d param) and
+    Q_c = d/dparam (g . df/dx c) is formed at the node (g the loss's gradient at its output)."""
+    node = nodes[index]
+    needed = _needed(nodes, by_name, {id(param)}, values)
+    for position, source in enumerate(node.inputs):
+        if not needed[source]:
+            continue
+        x = values[nodes[source].name]
+        samples, width = x.shape[0], x[0].numel()
+        # the projections and the mixed terms: two (N, columns, *param.shape) tensors per chunk
+        chunk = _within_for_shared([param, param], samples, max_columns, x.element_size(), memory_budget)
+        for start in range(0, width, chunk):
+            count = min(chunk, width - start)
+            columns = torch.zeros(samples, count, width, dtype=x.dtype, device=x.device)
+            columns[:, torch.arange(count), torch.arange(start, start + count)] = 1
+            mixed = node.op.mixed_projections(node, position, columns, param)
+            if mixed is None:
+                raise Unsupported(
+                    f"parameter {name!r} used by {node.op.describe(node)}, fed by another of its uses: no mixed "
+                    "second-order term there"
+                )
+            sweep(nodes, {source: columns}, None, needed=needed, wanted={id(param)}, partners={id(param): mixed})
 
 
 def _differentiable(value):
@@ -132,11 +166,13 @@ def _widest(values):
     return max(widths, default=1)
 
 
-def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample):
+def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample, partners=None):
     """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters. A parameter
     used at several places (shared) has its per-sample projections added over its uses, then squared: the cross
-    terms between the uses are in the square."""
+    terms between the uses are in the square. With partners (id(parameter) -> (N, V, *shape)), a mixed term's
+    columns: each projection is multiplied by its partner instead, 2 P Q, and nothing else is added."""
     pending = dict(births)
+    single = wanted - shared  # the parameters used at one place: their squares add at once
     projections: dict = {}  # id(shared parameter) -> (parameter, the sum of its projections so far)
     for index in range(max(births), -1, -1):
         columns = pending.pop(index, None)
@@ -145,8 +181,9 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
         node = nodes[index]
         if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
             signs = signs.to(columns.dtype)
-        for param, value in node.op.column_diagonals(node, columns, signs, wanted - shared, per_sample):
-            accumulate(param, value)
+        if single:
+            for param, value in node.op.column_diagonals(node, columns, signs, single, per_sample):
+                accumulate(param, value)
         if shared:
             for param, projection in node.op.column_projections(node, columns, shared & wanted):
                 known = projections.get(id(param))
@@ -164,7 +201,11 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
                 pending[source] = pulled.clone() if common and len(positions) > 1 else pulled
         del columns
     for param, projection in projections.values():
-        accumulate(param, node_ops.signed_square_sum(projection, signs, per_sample))
+        if partners is None:
+            accumulate(param, node_ops.signed_square_sum(projection, signs, per_sample))
+        else:
+            product = 2 * projection * partners[id(param)]
+            accumulate(param, product.sum(dim=1) if per_sample else product.sum(dim=(0, 1)))
 
 
 def _needed(nodes, by_name, wanted, values=None):

@@ -85,6 +85,12 @@ class NodeOp:
         """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
         return iter(())
 
+    def mixed_projections(self, node, position, columns, param):
+        """(N, V, *param.shape): per sample, d/dparam of g . (df/dx_position c_v), g the loss's gradient at the
+        node's output: its mixed second derivative in an input and a parameter it uses, along each column. None
+        where the node cannot form it (a tied parameter used there, fed by another of its uses, is refused)."""
+        return None
+
     def describe(self, node):
         return f"{node.name} ({_target_name(node.fx_node)})"
 
@@ -95,6 +101,26 @@ def signed_square_sum(projections, signs, per_sample):
     if signs is not None:
         squared = squared * signs.reshape(*signs.shape, *[1] * (projections.dim() - 2))
     return squared.sum(dim=1) if per_sample else squared.sum(dim=(0, 1))
+
+
+def _mixed_by_columns(output_at, inputs, position, output_grad, columns, param):
+    """Per sample n: r_n(param) = J_x^T g_n (x the input at `position`, g_n the loss's gradient at the output), then
+    the vjp of r_n in the parameter at each column c_nv: d/dparam (g_n . J_x c_nv), (N, V, *param.shape). Reverse
+    mode twice (forward mode would load torch's jvp decompositions, which warn in torch 2.13).
+    output_at(sample inputs, parameter, x): the node's output for one sample, x in place of its input."""
+
+    def one_sample(sample_inputs, g, sample_columns):
+        x = sample_inputs[position]
+
+        def pulled(weight):
+            _, vjp_x = torch.func.vjp(lambda moved: output_at(sample_inputs, weight, moved), x)  # type: ignore[misc]
+            return vjp_x(g.unsqueeze(0))[0]
+
+        _, vjp_param = torch.func.vjp(pulled, param)  # type: ignore[misc]
+        return torch.func.vmap(vjp_param)(sample_columns.reshape(sample_columns.shape[0], *x.shape))[0]
+
+    with torch.enable_grad():
+        return torch.func.vmap(one_sample)(inputs, output_grad, columns)
 
 
 def _unique_nodes(args):
@@ -271,6 +297,16 @@ class ModuleOp(NodeOp):
         with torch.enable_grad():
             projections = torch.func.vmap(one_sample)(node.record.input, columns)
         return [(p, projection) for (_, p), projection in zip(named, projections)]
+
+    def mixed_projections(self, node, position, columns, param):
+        if self._bind is not None or not any(p is param for p in self.module.parameters()):
+            return None
+        name = next(name for name, p in self.module.named_parameters() if p is param)
+
+        def output_at(sample_inputs, weight, x):
+            return torch.func.functional_call(self.module, {name: weight}, (x.unsqueeze(0),))
+
+        return _mixed_by_columns(output_at, (node.record.input,), 0, node.output_grad, columns, param)
 
 
 def module_op(module, names):
@@ -467,6 +503,29 @@ class GenericOp(NodeOp):
                 f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
             ) from None
         return [(param, projection) for (_, param, _), projection in zip(params, projections)]
+
+    def mixed_projections(self, node, position, columns, param):
+        params = [(name, self.param_views.get(name)) for name in self.param_args]
+        params = [(name, view) for name, view in params if node.values[view.source if view else name] is param]
+        if not params:
+            return None
+        inputs = [node.values[name] for name in node.input_names]
+        samples = inputs[0].shape[0]
+        call = self.function(node, node.values, node.input_names + [name for name, _ in params])
+
+        def output_at(sample_inputs, weight, x):
+            arguments = [weight if view is None else view.recompute(weight, node.values, samples) for _, view in params]
+            moved = list(sample_inputs)
+            moved[position] = x
+            return call(*[t.unsqueeze(0) for t in moved], *arguments)
+
+        try:
+            return _mixed_by_columns(output_at, tuple(inputs), position, node.output_grad, columns, param)
+        except Exception as error:
+            raise Unsupported(
+                f"{self.describe(node)}: its mixed term in {node.params} cannot be formed per sample "
+                f"({type(error).__name__})"
+            ) from None
 
     def forms_dense_term(self, node):
         """True when residual_origins forms the node's dense per-sample Hessian (bounded by the memory check)."""

@@ -319,16 +319,28 @@ def build_plan(model, traced):
                 )
             views[node.name] = view
     assert output is not None, "every fx graph ends in an output node"
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    shared_params(nodes[: output + 1], dict(model.named_parameters(remove_duplicate=False)), trainable)
     return GraphPlan(nodes, output, names, constants=constants)
 
 
 def shared_params(nodes, by_name, wanted):
-    """The asked-for parameters used at several places side by side (a module applied to two branches): their
-    projections add over the uses. Where one use feeds another (a module called on its own output, an embedding
-    tied to the head it feeds) the Hessian also has a mixed term at the later use (its output is bilinear in the
-    parameter and its input, which the earlier use moves): refused, naming the parameter."""
+    """The asked-for parameters used at several places: their per-sample projections add over the uses."""
+    return [param for _, param, places in _uses(nodes, by_name, wanted) if len(places) > 1]
+
+
+def tied_uses(nodes, by_name, wanted):
+    """[(parameter name, parameter, index of a use fed by another use)]: where one use feeds another (a module
+    called on its own output, an embedding tied to the head it feeds) the later use's output is bilinear in the
+    parameter and in an input the earlier use moves, so the Hessian has a mixed term there (engine._mixed_terms)."""
+    found = []
+    for name, param, places in _uses(nodes, by_name, wanted):
+        for place in sorted(places):
+            if len(places) > 1 and _ancestors(nodes, place) & places:
+                found.append((name, param, place))
+    return found
+
+
+def _uses(nodes, by_name, wanted):
+    """[(name, parameter, the indices of the nodes using it)] for the asked-for parameters."""
     users: dict = {}  # id(parameter) -> (its name, the parameter, the indices of the nodes using it)
     for index, node in enumerate(nodes):
         if not node.activation:
@@ -337,20 +349,7 @@ def shared_params(nodes, by_name, wanted):
             param = by_name.get(name)
             if param is not None and id(param) in wanted:
                 users.setdefault(id(param), (name, param, set()))[2].add(index)
-    shared = []
-    for name, param, places in users.values():
-        if len(places) < 2:
-            continue
-        for place in places:
-            earlier = _ancestors(nodes, place) & places
-            if earlier:
-                raise Unsupported(
-                    f"parameter {name!r} used at {len(places)} places, one feeding another "
-                    f"({nodes[min(earlier)].name} -> {nodes[place].name}): its Hessian has a mixed term between "
-                    "the uses"
-                )
-        shared.append(param)
-    return shared
+    return list(users.values())
 
 
 def _ancestors(nodes, index):

@@ -655,21 +655,35 @@ def test_channel_diagonal_reads_factors_dense_and_diagonal_parts_alike(positions
         assert relative_error(channelwise_diagonal(curvature, values, positions_first), expected) < 1e-12
 
 
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels=8, side=8):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = (
+            nn.Conv2d(3, channels, 3, padding=1),
+            nn.Linear(channels, 4),
+            nn.Linear(4, channels),
+        )
+        self.head = nn.Linear(channels * (side // 2) ** 2, 5)
+
+    def forward(self, x):
+        h = F.silu(self.conv(x))
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(h.mean((2, 3))))))
+        return self.head(F.avg_pool2d(h * gate[:, :, None, None], 2).flatten(1))
+
+
+def test_a_broadcast_gate_is_exact_without_a_dense_term():
+    """h * gate with gate (N, C, 1, 1): its dense per-sample term would be (C H W + C)^2 (16 x 24 x 24 features:
+    2.7 GiB per sample with its eigendecomposition, over the budget); in closed form it is 2 columns per channel."""
+    torch.manual_seed(0)
+    model = SqueezeExcitation(channels=16, side=24).double()
+    x, y = torch.randn(2, 3, 24, 24, dtype=D), torch.randint(0, 5, (2,))
+    assert explain_method(model, F.cross_entropy, x, targets=y).method == "backprop"
+    assert_sampled_exact(model, F.cross_entropy, x, y, per_parameter=8)
+
+
 def test_a_squeeze_excitation_gate_in_float32_is_as_accurate_as_the_generic_method():
-    """The gate's product is a curved node whose per-sample second-order term is dense: its eigendecomposition runs
-    in float64 (float32's did not always converge, and lost accuracy)."""
-
-    class SqueezeExcitation(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4), nn.Linear(4, 8)
-            self.head = nn.Linear(8 * 4 * 4, 5)
-
-        def forward(self, x):
-            h = F.silu(self.conv(x))
-            gate = torch.sigmoid(self.fc2(F.silu(self.fc1(h.mean((2, 3))))))
-            return self.head(F.avg_pool2d(h * gate[:, :, None, None], 2).flatten(1))
-
+    """The gate's product is a curved node (its closed form: 2 columns per channel); float32's eigendecomposition
+    of its dense term did not always converge, and lost accuracy, before."""
     for seed in range(3):
         torch.manual_seed(seed)
         model, x, y = SqueezeExcitation(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))

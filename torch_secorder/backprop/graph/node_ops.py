@@ -17,6 +17,7 @@ paths can be added as vectors (engine.py). The ops, below the base class NodeOp:
 """
 
 import collections
+import math
 import operator
 from dataclasses import dataclass
 
@@ -968,31 +969,49 @@ class ProductOp(GenericOp):
             )
 
     def residual_origins(self, node, max_columns):
-        """a * b of two inputs of one shape (GLU, SwiGLU gates): per element the term is g [[0, 1], [1, 0]] =
-        (g / 2)((1, 1)(1, 1)^T - (1, -1)(1, -1)^T), two columns of two entries each, in closed form; other
-        products (broadcast gates, matmul, division) form the dense per-sample Hessian."""
-        pair = self._same_shape_operands(node)
+        """a * b where a has the output's shape and b is broadcast over it (GLU and SwiGLU gates: b of the same
+        shape; squeeze-excitation: b of (N, C, 1, 1)): in closed form. The term g . (a * b) is a^T A b, A[i, j] =
+        g_i where output element i reads b_j; each element of a is read by one output element, so A's columns
+        have disjoint supports, A[:, j] of norm s_j, and the term is sum_j of two signed outer products,
+        +(A[:, j] / sqrt(2 s_j), sqrt(s_j / 2) e_j) and -(A[:, j] / sqrt(2 s_j), -sqrt(s_j / 2) e_j): 2 columns
+        per element of b. Other products (outer products, matmul, division) form the dense per-sample Hessian."""
+        pair = self._gated_operands(node)
         if pair is None:
             yield from super().residual_origins(node, max_columns)
             return
-        first, second = pair
-        grad = node.output_grad.reshape(node.output_grad.shape[0], -1)
-        samples, features = grad.shape
-        scale, sign = (grad.abs() / 2).sqrt(), torch.sign(grad)
+        full, gate = pair
+        grad = node.output_grad
+        samples = grad.shape[0]
+        gate_shape = node.values[node.input_names[gate]].shape
+        # which element of b each output element reads, flat per sample
+        reads = torch.arange(math.prod(gate_shape[1:]), device=grad.device).reshape(1, *gate_shape[1:])
+        reads = reads.expand(grad.shape).reshape(samples, -1)[0]
+        flat = grad.reshape(samples, -1)
+        norms = grad.square().sum_to_size(gate_shape).reshape(samples, -1).sqrt()  # s_j per sample
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        full_scale = torch.where(norms > 0, (2 * safe).rsqrt(), torch.zeros_like(norms))
+        gate_scale = (norms / 2).sqrt()
         step = max(1, max_columns // 2)
-        for start in range(0, features, step):
-            stop = min(features, start + step)
-            width = torch.arange(stop - start, device=grad.device)
-            unit = grad.new_zeros(samples, stop - start, features)
-            unit[:, width, start + width] = scale[:, start:stop]
-            signs = torch.cat([sign[:, start:stop], -sign[:, start:stop]], dim=1)
-            yield {first: torch.cat([unit, unit], dim=1), second: torch.cat([unit, -unit], dim=1)}, signs
+        elements = norms.shape[1]
+        for start in range(0, elements, step):
+            chunk = torch.arange(start, min(elements, start + step), device=grad.device)
+            selects = (reads.unsqueeze(0) == chunk.unsqueeze(1)).to(flat.dtype)  # (k, D_a)
+            full_part = flat.unsqueeze(1) * selects.unsqueeze(0) * full_scale[:, chunk].unsqueeze(2)
+            gate_part = grad.new_zeros(samples, len(chunk), elements)
+            gate_part[:, torch.arange(len(chunk), device=grad.device), chunk] = gate_scale[:, chunk]
+            signs = torch.ones(samples, 2 * len(chunk), dtype=flat.dtype, device=grad.device)
+            signs[:, len(chunk) :] = -1
+            yield (
+                {full: torch.cat([full_part, full_part], dim=1), gate: torch.cat([gate_part, -gate_part], dim=1)},
+                signs,
+            )
 
     def forms_dense_term(self, node):
-        return self._same_shape_operands(node) is None
+        return self._gated_operands(node) is None
 
-    def _same_shape_operands(self, node):
-        """The input positions of a and b when the node is a * b of two different floating inputs of one shape."""
+    def _gated_operands(self, node):
+        """The input positions (a, b) when the node is a * b of two different floating inputs, a of the output's
+        shape and b of as many axes, one row per sample, broadcast over a's other axes."""
         fx_node = node.fx_node
         if self.linear or node.output_grad is None or self.prelude or fx_node.target not in _ELEMENTWISE_PRODUCTS:
             return None
@@ -1002,14 +1021,16 @@ class ProductOp(GenericOp):
         names = [a.name for a in operands]
         if not all(name in node.input_names for name in names):
             return None
-        a, b = (node.values[name] for name in names)
-        if (
-            a.shape != b.shape
-            or a.shape != node.output_grad.shape
-            or not (a.is_floating_point() and b.is_floating_point())
-        ):
+        values = [node.values[name] for name in names]
+        shape = node.output_grad.shape
+        if not all(v.is_floating_point() for v in values):
             return None
-        return node.input_names.index(names[0]), node.input_names.index(names[1])
+        for full, gate in ((0, 1), (1, 0)):
+            a, b = values[full], values[gate]
+            if a.shape == shape and b.dim() == len(shape) and b.shape[0] == shape[0]:
+                if all(size in (1, whole) for size, whole in zip(b.shape, shape)):
+                    return node.input_names.index(names[full]), node.input_names.index(names[gate])
+        return None
 
 
 _ELEMENTWISE_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "__mul__"}

@@ -563,17 +563,43 @@ def test_a_replaced_module_is_traced_again():
 
 
 def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work():
-    class WideProduct(nn.Module):
+    class WideSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 1500), nn.Linear(1500, 3)
+
+        def forward(self, x):
+            return self.out(torch.softmax(self.a(x), dim=1))  # one row of 1,500 features: one block of 1500 x 1500
+
+    model = WideSoftmax().double()
+    with pytest.raises(NotImplementedError, match="has blocks of up to 1500 x 1500 per sample"):
+        model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
+
+
+def test_a_second_order_term_is_formed_block_by_block():
+    """a / (2 + tanh(b)) elementwise couples a_i with b_i only: 750 blocks of 2 (found from the term's pattern),
+    not one 1500 x 1500 matrix per sample (which the budget below would refuse); a softmax over rows and attention
+    over heads split the same way."""
+
+    class WideQuotient(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b, self.out = nn.Linear(4, 750), nn.Linear(4, 750), nn.Linear(750, 3)
 
         def forward(self, x):
-            return self.out(self.a(x) / (2 + torch.tanh(self.b(x))))  # 1,500 features per sample meet in one quotient
+            return self.out(self.a(x) / (2 + torch.tanh(self.b(x))))
 
-    model = WideProduct().double()
-    with pytest.raises(NotImplementedError, match="its second-order term is a dense 1500 x 1500 matrix per sample"):
-        model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
+    class RowSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 60), nn.Linear(60, 3)
+
+        def forward(self, x):
+            return self.out(torch.softmax(self.a(x).reshape(-1, 6, 10), dim=2).flatten(1))
+
+    torch.manual_seed(0)
+    assert_backprop_exact(WideQuotient().double(), F.cross_entropy, vectors(4), Y5, memory_budget=16 << 20)
+    assert_backprop_exact(RowSoftmax().double(), F.cross_entropy, vectors(4), Y5)
 
 
 def test_a_product_of_two_same_shape_inputs_is_never_formed_densely():

@@ -18,27 +18,36 @@ from ..._errors import Unsupported
 from ..curvature import columns_within
 from ..diagonals import Diagonals
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
-from . import node_ops, trace
+from . import node_ops, residuals, trace
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
 
-def _check_residual_sizes(nodes, curved, samples, itemsize, memory_budget):
-    """A generic curved node forms its per-sample Hessians densely (N x D x D for D input features per sample),
-    not in chunks: refuse before any work when they exceed the memory budget (or 64 MiB, whichever is more:
-    small ones always go), as attention over long sequences would."""
+def _check_residual_sizes(nodes, curved, samples, memory_budget, max_columns):
+    """A generic curved node forms its per-sample Hessians whole, block by block (attention's heads, a softmax's
+    rows: residuals.py), N x s x s for a block of s features: refuse before the sweeps when they exceed the memory
+    budget (or 64 MiB, whichever is more: small ones always go), as attention over long sequences would. Finding
+    the blocks takes a D x D pattern of D input features per sample, refused first where that does not fit."""
+    limit = max(memory_budget, RESIDUAL_FLOOR)
     for index in curved:
         node = nodes[index]
         if not isinstance(node.op, node_ops.GenericOp) or node.op.linear or not node.op.forms_dense_term(node):
             continue
-        features = sum(node.values[name][0].numel() for name in node.input_names)
-        # the Hessian, its float64 copy, the eigenvectors and the columns cut from them: about 4 float64 copies
-        size = samples * features * features * max(itemsize, 8) * 4
-        # a node linear after all (stochastic depth or dropout in eval mode) forms no dense term
-        if size > max(memory_budget, RESIDUAL_FLOOR) and node.op.has_second_derivative(node):
+        features = sum(node.values[name][0].numel() for name in node.op.residual_inputs(node))
+        pattern = features * features * 2  # the pattern and its transpose, as bytes
+        if pattern > limit and node.op.has_second_derivative(node):
             raise Unsupported(
-                f"{node.op.describe(node)}: its second-order term is a dense {features} x {features} "
-                f"matrix per sample ({size / 2**20:.0f} MiB with its eigendecomposition > memory_budget)"
+                f"{node.op.describe(node)}: its second-order term is a {features} x {features} matrix per sample "
+                f"(its pattern alone {pattern / 2**20:.0f} MiB > memory_budget)"
+            )
+        labels = node.op.residual_labels(node, max_columns)
+        # a node linear after all (stochastic depth or dropout in eval mode) forms no term
+        size = 0 if labels is None else residuals.block_bytes(labels, samples)
+        if size > limit:
+            largest = int(torch.unique(labels, return_counts=True)[1].max())
+            raise Unsupported(
+                f"{node.op.describe(node)}: its second-order term has blocks of up to {largest} x {largest} per "
+                f"sample ({size / 2**20:.0f} MiB with their eigendecompositions > memory_budget)"
             )
 
 
@@ -78,8 +87,9 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             for index, grad in zip(graded, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
-        _check_residual_sizes(nodes, curved, samples, output.element_size(), memory_budget)
     needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
+    for index in curved:
+        nodes[index].carrying = [p for p, source in enumerate(nodes[index].inputs) if needed[source]]
     # after the forward: pruning hooks computed this call's effective weights
     diagonals = Diagonals(
         params,
@@ -101,6 +111,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             # half the budget: the pulls of a graph keep more than one chunk in flight (pending merges, vmapped vjps)
             budget_columns = columns_within(samples, _widest(values), output.element_size(), memory_budget // 2)
             budget_columns = _within_for_shared(shared, samples, budget_columns, output.element_size(), memory_budget)
+            _check_residual_sizes(nodes, curved, samples, memory_budget, budget_columns)
             curvature = output_origin(
                 request, loss, output.detach(), targets, loss_fn, max_columns=None, memory_budget=memory_budget
             )

@@ -33,7 +33,7 @@ from ..curvature import Curvature
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
 from .functional import attribute, module_for_call
-from .residuals import has_second_derivative, per_sample_hessian_columns
+from .residuals import block_labels, has_second_derivative, per_sample_hessian_columns
 
 # One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
@@ -540,15 +540,40 @@ class GenericOp(NodeOp):
         inputs = [node.values[name] for name in differentiable]
         return has_second_derivative(self.function(node, node.values, differentiable), inputs, node.output_grad)
 
+    def residual_inputs(self, node):
+        """The floating inputs whose columns reach asked-for parameters (all floating ones unless the engine said):
+        the term's rows and columns on the others (an additive attention mask) would be pulled nowhere."""
+        names = self._differentiable(node)
+        if node.carrying is not None:
+            carrying = {node.input_names[p] for p in node.carrying}
+            names = [name for name in names if name in carrying]
+        return names
+
+    def residual_labels(self, node, max_columns):
+        """The blocks of the node's per-sample second-order term (residuals.block_labels), kept on the call's node."""
+        names = self.residual_inputs(node)
+        if self.linear or node.output_grad is None or not names:
+            return None
+        if node.residual_labels is None:
+            inputs = [node.values[name] for name in names]
+            node.residual_labels = block_labels(
+                self.function(node, node.values, names), inputs, node.output_grad, max_columns
+            )
+        return node.residual_labels
+
     def residual_origins(self, node, max_columns):
         if self.linear or node.output_grad is None:
             return
-        differentiable = self._differentiable(node)
+        differentiable = self.residual_inputs(node)
         if not differentiable:
             return
         inputs = [node.values[name] for name in differentiable]
         for piece, signs in per_sample_hessian_columns(
-            self.function(node, node.values, differentiable), inputs, node.output_grad, max_columns
+            self.function(node, node.values, differentiable),
+            inputs,
+            node.output_grad,
+            max_columns,
+            node.residual_labels,
         ):
             yield {node.input_names.index(differentiable[k]): columns for k, columns in piece.items()}, signs
 

@@ -41,6 +41,10 @@ class GraphNode:
     output_grad: Optional[torch.Tensor] = None
     record: Optional[object] = None
     batch_checked: Optional[tuple] = None
+    # set by the engine for curved nodes: the input positions whose columns reach asked-for parameters, and the
+    # block label of each of their per-sample features in the node's second-order term (residuals.block_labels)
+    carrying: Optional[List[int]] = None
+    residual_labels: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -58,7 +62,16 @@ class GraphPlan:
         """A copy whose nodes hold one call's values: the cached plan is shared by every call (threads too),
         so nothing of a call may live on it."""
         nodes = [
-            dataclasses.replace(node, values=None, value_shape=None, output_grad=None, record=None, batch_checked=None)
+            dataclasses.replace(
+                node,
+                values=None,
+                value_shape=None,
+                output_grad=None,
+                record=None,
+                batch_checked=None,
+                carrying=None,
+                residual_labels=None,
+            )
             for node in self.nodes
         ]
         return dataclasses.replace(self, nodes=nodes, source=self.source or self)

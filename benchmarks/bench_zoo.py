@@ -2,11 +2,12 @@
 and BackPACK, in one run.
 
 Small instances of each family (random weights, eval mode, float32), CIFAR-sized images (3x32x32) or 16 tokens,
-batch 8, cross-entropy (on out.logits for Hugging Face). Methods: a plain gradient; method="auto" (which method
-it ran is recorded: "engine" or "generic" after a fallback); the generic method (stopped when its progress
-projects more than --generic-limit seconds: the projection is reported instead); BackPACK's DiagGGNExact with
-its converter where BackPACK takes the model. One process per (model, method), so that the peak memory is that
-process's high-water mark above its state before the call.
+batch 8, cross-entropy (on out.logits for Hugging Face; next-token prediction for the GPT-2 language model).
+Methods: a plain gradient; method="auto" (which method it ran is recorded: "engine" or "generic" after a
+fallback); the generic method (stopped when its progress projects more than --generic-limit seconds: the
+projection is reported instead); BackPACK's DiagGGNExact with its converter where BackPACK takes the model. One
+process per (model, method), so that the peak memory is that process's high-water mark above its state before
+the call.
 
     python benchmarks/bench_zoo.py [--only NAME] [--generic-limit 60]
 
@@ -96,6 +97,9 @@ def text_models():
                 return t.BertForSequenceClassification(
                     t.BertConfig(hidden_size=32, max_position_embeddings=32, num_labels=10, **common)
                 )
+            if kind == "gpt2-lm":  # its default: the head tied to the token embedding
+                config = t.GPT2Config(vocab_size=VOCABULARY, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+                return t.GPT2LMHeadModel(config)
             if kind == "gpt2":  # a classifier head on the last token, as for Llama
                 config = t.GPT2Config(
                     vocab_size=VOCABULARY, n_positions=32, n_embd=32, n_layer=2, n_head=2, num_labels=10,
@@ -112,6 +116,7 @@ def text_models():
         "Hugging Face BERT (2 layers, width 32), 16 tokens": hugging_face("bert"),
         "Hugging Face Llama (2 layers, width 32), 16 tokens": hugging_face("llama"),
         "Hugging Face GPT-2 (2 layers, width 32), 16 tokens": hugging_face("gpt2"),
+        LANGUAGE_MODEL: hugging_face("gpt2-lm"),
     }
 
 
@@ -119,8 +124,16 @@ def workloads():
     return {**image_models(), **text_models()}
 
 
+LANGUAGE_MODEL = "Hugging Face GPT-2 LM, head tied to the embedding (2 layers, width 32), 16 tokens"
+
+
 def logits_cross_entropy(out, y):
     return F.cross_entropy(out.logits, y)
+
+
+def next_token_cross_entropy(out, ids):
+    logits = out.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 def build(name):
@@ -131,6 +144,8 @@ def build(name):
         ids = torch.randint(1, VOCABULARY, (BATCH, TOKENS))
         mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
         mask[1, TOKENS // 2 :] = 0  # padding in one sample
+        if name == LANGUAGE_MODEL:  # next-token prediction on every position
+            return model, {"input_ids": ids, "attention_mask": torch.ones_like(mask)}, ids, next_token_cross_entropy
         return model, {"input_ids": ids, "attention_mask": mask}, y, logits_cross_entropy
     return model, torch.randn(BATCH, 3, 32, 32), y, F.cross_entropy
 

@@ -150,23 +150,26 @@ def per_sample_hessian_columns(function, inputs, output_grad, max_columns, label
         return
     sizes = [x[0].numel() for x in inputs]
     total, samples = sum(sizes), inputs[0].shape[0]
-    for members, hessian in blocks:
+    while blocks:
+        members, hessian = blocks.pop(0)  # not held while its columns are swept down
+        dtype = hessian.dtype
         if not bool(hessian.any()):
             continue
         eigenvalues, eigenvectors = symmetric_eigen(hessian)  # (N, B, s), (N, B, s, s) in float64
+        del hessian
         magnitude = eigenvalues.abs()
         kept = (magnitude > _RELATIVE_ZERO * magnitude.amax()).any(0).nonzero()  # (block, eigenvector) pairs
-        scaled = eigenvectors * magnitude.sqrt().unsqueeze(2)  # column k of block b: scaled[n, b, :, k]
-        signs_all = torch.sign(eigenvalues)
-        del eigenvalues, magnitude
+        scaled = (eigenvectors * magnitude.sqrt().unsqueeze(2)).to(dtype)  # column k of block b: scaled[n, b, :, k]
+        signs_all = torch.sign(eigenvalues).to(dtype)
+        del eigenvalues, eigenvectors, magnitude
         step = max(1, max_columns)
         for start in range(0, kept.shape[0], step):
             pairs = kept[start : start + step]
             block, k = pairs[:, 0], pairs[:, 1]
-            columns = hessian.new_zeros(samples, len(pairs), total)
-            values = scaled.permute(1, 3, 0, 2)[block, k].transpose(0, 1).to(hessian.dtype)  # (N, V, s)
+            columns = scaled.new_zeros(samples, len(pairs), total)
+            values = scaled.permute(1, 3, 0, 2)[block, k].transpose(0, 1)  # (N, V, s)
             columns.scatter_(2, members[block].unsqueeze(0).expand(samples, -1, -1), values)
-            signs = signs_all[:, block, k].to(hessian.dtype)
+            signs = signs_all[:, block, k]
             piece, offset = {}, 0
             for index, size in enumerate(sizes):
                 piece[index] = columns[:, :, offset : offset + size]

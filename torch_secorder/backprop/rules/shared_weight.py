@@ -63,7 +63,9 @@ def factor_weight_diagonal(factors, signs, inputs, max_elements=1 << 24, force_p
     pairs = positions * (positions + 1) // 2
     # Measured on CPU (N = 32, O K = 74k-590k): the kernel's cost follows its (V O, K) products while P is
     # small (its GEMMs are skinny) and V O K P beyond P = 8; the pairs' follows O K T at a lower rate.
-    if (3 * pairs >= width * max(8, positions) or samples == 0) and not force_pairs:
+    # the pairs' Gram blocks cost O P^2 V more: never cheaper than the projections where P >= K (a bias: K = 1,
+    # over 16 tokens it was 3x slower on BERT's columns)
+    if (3 * pairs >= width * max(8, positions) or positions >= inputs.shape[1] or samples == 0) and not force_pairs:
         if per_sample:
             return _per_sample_projections(factors, signs, inputs, max_elements)
         return ops.affine_weight_diagonal(factors, signs, inputs)

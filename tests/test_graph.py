@@ -576,6 +576,26 @@ def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work(
         model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
 
 
+def test_the_blocks_of_a_second_order_term_are_its_connected_groups():
+    from torch_secorder.backprop.graph.residuals import block_labels, per_sample_hessian_blocks
+
+    x = torch.randn(3, 50, dtype=D)
+
+    def neighbours(v):  # x_i x_{i+1}: one chain through all 50 features
+        return v[:, 1:] * v[:, :-1]
+
+    def rows(v):  # a softmax over 10 rows of 5: 10 blocks of 5
+        return v.reshape(-1, 10, 5).softmax(-1).reshape(-1, 50)
+
+    assert torch.unique(block_labels(neighbours, [x], torch.randn(3, 49, dtype=D), 64)).numel() == 1
+    g = torch.randn(3, 50, dtype=D)
+    assert torch.unique(block_labels(rows, [x], g, 64)).numel() == 10
+    ((members, blocks),) = per_sample_hessian_blocks(rows, [x], g, 64)
+    full = torch.func.vmap(torch.func.hessian(lambda v, gv: (rows(v.unsqueeze(0))[0] * gv).sum()))(x, g)
+    for b in range(10):  # each block is the full Hessian's restriction to its features
+        assert torch.allclose(blocks[:, b], full[:, members[b]][:, :, members[b]], atol=1e-14)
+
+
 def test_a_second_order_term_is_formed_block_by_block():
     """a / (2 + tanh(b)) elementwise couples a_i with b_i only: 750 blocks of 2 (found from the term's pattern),
     not one 1500 x 1500 matrix per sample (which the budget below would refuse); a softmax over rows and attention

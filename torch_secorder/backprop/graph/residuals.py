@@ -2,9 +2,11 @@
 
 For a per-sample function f with inputs x and dloss/doutput g, the term is R_n = d2(g_n . f(x_n))/dx_n2
 (all inputs together: a product x * y couples them). A batched double backward with the unit tangent
-e_j in every sample at once gives column j of every R_n (samples do not mix), so R costs D_in
-Hessian-vector products for the whole batch; its eigendecomposition gives the signed columns
-R_n = sum_v sign(l_v) (sqrt|l_v| q_v)(sqrt|l_v| q_v)^T.
+e_j in every sample at once gives column j of every R_n (samples do not mix). R is made of blocks with no
+entry between them (attention's heads, a softmax's rows): D_in such products give its pattern and so its
+blocks; a tangent with a unit in every block at once then gives one column of each block, so the blocks' Hessians
+take as many products as the largest block has features. Each block's eigendecomposition gives its signed
+columns R_n = sum_v sign(l_v) (sqrt|l_v| q_v)(sqrt|l_v| q_v)^T.
 """
 
 import torch
@@ -31,8 +33,8 @@ def has_second_derivative(function, inputs, output_grad):
 
 
 def _products(leaves, grads, live, tangents_for, count):
-    """Batched double backward: [(N, k, D) products] for tangent chunks; tangents_for(start, stop) gives the
-    (stop - start, N, D) tangents (over the inputs' per-sample features concatenated)."""
+    """Batched double backwards, one per chunk (start, stop) of `count`: yields (start, stop, (N, k, D) products),
+    tangents_for(start, stop) giving the (k, N, D) tangents (over the inputs' per-sample features concatenated)."""
     sizes = [x[0].numel() for x in leaves]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
     samples = leaves[0].shape[0]
@@ -80,6 +82,7 @@ def _step(inputs, max_columns):
 
 
 def _blocks(leaves, grads, live, step):
+    """(D,) labels: the least feature index of each feature's connected group in the term's pattern."""
     total = sum(x[0].numel() for x in leaves)
     samples = leaves[0].shape[0]
     pattern = torch.zeros(total, total, dtype=torch.bool, device=leaves[0].device)
@@ -97,6 +100,7 @@ def _blocks(leaves, grads, live, step):
     labels = torch.arange(total, device=pattern.device)
     while True:  # each feature takes the least label among its neighbours until none changes
         lowest = torch.where(pattern, labels.unsqueeze(0), total).amin(1)
+        lowest = lowest[lowest]  # and its label's own label: a long chain of features takes log steps, not its length
         if torch.equal(lowest, labels):
             return labels
         labels = lowest

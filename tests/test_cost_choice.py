@@ -67,8 +67,6 @@ def test_auto_takes_the_generic_method_where_the_engine_would_cost_far_more():
     on 2 cores. One warning giving both predictions, the generic method's numbers, and no warning on the next call."""
     model, x, y = wide_smooth()
     assert explain_method(model, F.cross_entropy, x).method == "backprop"  # the engine could run it
-    choice = explain_method(model, F.cross_entropy, x, targets=y)  # with targets: auto's cost choice, as the call
-    assert choice.method == "autograd" and "the generic method is predicted faster here" in choice.reason, choice
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         auto = model_hessian_diagonal(model, F.cross_entropy, x, y)

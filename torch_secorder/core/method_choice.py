@@ -23,9 +23,7 @@ def explain_method(model, loss_fn, inputs=None, method="auto", targets=None):
     """The method model_hessian_diagonal(model, loss_fn, inputs, targets, ..., method=method) will use, why, and
     what it will cost. With `inputs` (a tensor, a tuple, or a dict as model_hessian_diagonal takes them), the
     engine's column counts come from a forward pass without gradients; with `targets` too, what only the loss
-    on that output shows (targets the loss would broadcast, say) is checked as the call will check it, and auto's
-    choice by predicted cost (a gradient and chunks of the generic method timed where the engine's prediction is
-    high, as the call does: the call then reuses the choice) is made.
+    on that output shows (targets the loss would broadcast, say) is checked as the call will check it.
 
     >>> explain_method(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss())
     MethodChoice(method='backprop', reason='every module and the loss have exact Hessian-backprop rules', cost='...')
@@ -45,33 +43,12 @@ def _explain(model, loss_fn, inputs, method, targets):
     if plan is not None and targets is not None and call_inputs is not None:
         reason = _output_reason(plan, called, call_inputs[0], targets)
     if plan is not None and reason is None:
-        cheaper = None
-        if method == "auto" and targets is not None and call_inputs is not None:
-            cheaper = _cheaper_generic(model, called, loss_fn, call_inputs, targets, plan)
-        if cheaper is not None:
-            return MethodChoice("autograd", cheaper, generic_cost(model))
         return MethodChoice(
             "backprop",
             "every module and the loss have exact Hessian-backprop rules",
             engine_cost(plan, call_inputs),
         )
     return MethodChoice("autograd", f"Hessian backpropagation does not support {reason}", generic_cost(model))
-
-
-def _cheaper_generic(model, called, loss_fn, inputs, targets, plan):
-    """auto's cost choice for this call (made once per model, input shapes and loss, and kept for the call):
-    why the generic method is predicted faster, or None."""
-    from ..losses import HESSIAN
-    from ._batched_hvp import DEFAULT_MEMORY_BUDGET
-    from ._model_curvature import ModelCall
-    from ._model_curvature import _cheaper_generic as cheaper_generic
-
-    if not isinstance(targets, torch.Tensor):
-        return None
-    params = list(model.parameters())
-    call = ModelCall(model, called, loss_fn, None, tuple(inputs), targets, params)
-    with library_forward():
-        return cheaper_generic(plan, call, HESSIAN, DEFAULT_MEMORY_BUDGET)
 
 
 def _output_reason(plan, model, inputs, targets):

@@ -235,7 +235,9 @@ def test_torch_transformer_layers(model, device):
         warnings.simplefilter("always")
         auto = model_hessian_diagonal(model, F.cross_entropy, x, y)
     fallback = isinstance(model, EncoderClassifier)
-    assert len([w for w in caught if "torch_secorder" in str(w.message)]) == int(fallback)
+    # auto's cost choice (timed) may take the generic method where the two are close: not a fallback for want of a rule
+    ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
+    assert len([m for m in ours if "the generic method is predicted faster here" not in m]) == int(fallback), ours
     with sdpa_kernel([SDPBackend.MATH]):
         expected = brute_force(model, F.cross_entropy, x, y)
     assert relative_error(auto, expected) < 1e-10

@@ -66,9 +66,8 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     ]
     # a Hessian term only: the GGN and the Fisher have none between a parameter's uses beyond their projections
     tied = trace.tied_uses(nodes, by_name, wanted_params) if request.residuals else []
-    graded = sorted(set(curved) | {index for _, _, index in tied})  # the nodes that need dloss/doutput
 
-    with torch.set_grad_enabled(bool(graded)):
+    with torch.set_grad_enabled(bool(curved or tied)):
         values = trace.forward(plan, root, inputs)
         output = values[nodes[plan.output].name]
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
@@ -81,7 +80,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             return loss_value, empty.result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
         tied = [(name, param, i) for name, param, i in tied if _differentiable(values[nodes[i].name])]
-        graded = [i for i in graded if i in curved or any(i == index for _, _, index in tied)]
+        graded = sorted(set(curved) | {index for _, _, index in tied})  # the nodes that need dloss/doutput
         if graded:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in graded], allow_unused=True)
             for index, grad in zip(graded, grads):

@@ -124,6 +124,11 @@ def _mixed_by_columns(output_at, inputs, position, output_grad, columns, param):
         return torch.func.vmap(one_sample)(inputs, output_grad, columns)
 
 
+def _read_through(view, param, values, samples):
+    """What one sample's call reads of a parameter: the parameter itself, or its ParamView recomputed from it."""
+    return param if view is None else view.recompute(param, values, samples)
+
+
 def _unique_nodes(args):
     found = []
     fx.node.map_arg(args, lambda n: found.append(n) if n not in found else None)
@@ -485,12 +490,9 @@ class GenericOp(NodeOp):
         param_names = [name for name, _, _ in params]
         call = self.function(node, node.values, node.input_names + param_names)
 
-        def argument(param, view):  # what one sample's call reads: the parameter, or its view recomputed from it
-            return param if view is None else view.recompute(param, node.values, samples)
-
         def one_sample(sample_inputs, sample_columns):
             def of_params(*tensors):
-                arguments = [argument(t, view) for t, (_, _, view) in zip(tensors, params)]
+                arguments = [_read_through(view, t, node.values, samples) for t, (_, _, view) in zip(tensors, params)]
                 return call(*[t.unsqueeze(0) for t in sample_inputs], *arguments)
 
             output, vjp_fn = torch.func.vjp(of_params, *[p for _, p, _ in params])  # type: ignore[misc]
@@ -515,7 +517,7 @@ class GenericOp(NodeOp):
         call = self.function(node, node.values, node.input_names + [name for name, _ in params])
 
         def output_at(sample_inputs, weight, x):
-            arguments = [weight if view is None else view.recompute(weight, node.values, samples) for _, view in params]
+            arguments = [_read_through(view, weight, node.values, samples) for _, view in params]
             moved = list(sample_inputs)
             moved[position] = x
             return call(*[t.unsqueeze(0) for t in moved], *arguments)

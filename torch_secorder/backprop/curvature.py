@@ -232,6 +232,31 @@ def diagonal_columns(diag, max_columns):
         yield columns, sign[:, start:stop]
 
 
+def balanced_squares(left, right, signs):
+    """A signed pair s (l r^T + r l^T) as two signed squares, s/2 (b l + r/b)(...)^T - s/2 (b l - r/b)(...)^T,
+    b = sqrt(|r| / |l|) per column so that the two halves have one length. left / right: {input position:
+    (N, V, ...)} (a position missing from one side is zero there), signs (N, V). Returns ({position:
+    (N, 2V, ...)}, signs (N, 2V)). Exact, but below a map J that grows J r far beyond J l the two squares
+    cancel: where it can, the graph engine keeps the product 2 s (J l)(J r) instead."""
+    positions = sorted(set(left) | set(right))
+
+    def norms(side):
+        return sum(side[p].flatten(2).square().sum(dim=2) for p in positions if p in side)
+
+    length_l, length_r = norms(left), norms(right)
+    tiny = torch.finfo(signs.dtype).tiny
+    usable = (length_l > 0) & (length_r > 0)
+    balance = torch.where(usable, (length_r.sqrt() / length_l.sqrt().clamp_min(tiny)).sqrt(), torch.ones_like(signs))
+    squares = {}
+    for p in positions:
+        some = left.get(p, right.get(p))
+        shape = (*balance.shape, *[1] * (some.dim() - 2))
+        scaled_l = left[p] * balance.reshape(shape) if p in left else torch.zeros_like(some)
+        scaled_r = right[p] / balance.reshape(shape) if p in right else torch.zeros_like(some)
+        squares[p] = torch.cat([scaled_l + scaled_r, scaled_l - scaled_r], dim=1) * 0.5**0.5
+    return squares, torch.cat([signs, -signs], dim=1)
+
+
 def _split(factors, signs, max_columns):
     width = factors.shape[1]
     if width <= max_columns:

@@ -5,8 +5,10 @@ columns: the loss's per-sample factor at the model output, and the second-order 
 curved node at its inputs. An origin's columns are pulled down through the graph in reverse
 topological order; where a tensor feeds several nodes, the columns arriving from each are added as
 vectors (never squared first), and each node with parameters adds sum_v sign_v (B^T c_v)^2 to
-their diagonals. A chunk of columns goes through the whole sweep before the next one starts, so
-memory stays within the budget; origins are independent, so their contributions simply add.
+their diagonals; a pair s (l r^T + r l^T) goes down as two columns side by side and adds
+2 s (B^T l)(B^T r) (a product: as two squares it would cancel in float32). A chunk of columns goes through
+the whole sweep before the next one starts, so memory stays within the budget; origins are independent, so
+their contributions simply add.
 """
 
 import functools
@@ -15,7 +17,7 @@ from typing import List
 import torch
 
 from ..._errors import Unsupported
-from ..curvature import columns_within
+from ..curvature import balanced_squares, columns_within
 from ..diagonals import Diagonals
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
 from . import node_ops, residuals, trace
@@ -128,14 +130,14 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             for columns, signs in curvature.signed_factor_chunks(budget_columns):
                 if needed[plan.output]:
                     sweep(nodes, {plan.output: columns.clone()}, signs)
+            pair_columns = _pair_columns(nodes, by_name, wanted, shared, samples, budget_columns, output, memory_budget)
             for index in curved:
                 node = nodes[index]
-                for piece, signs in node.op.residual_origins(node, budget_columns):
-                    births: dict = {}  # node index -> the columns born there
-                    for position, columns in piece.items():
-                        source = node.inputs[position]
-                        if needed[source]:
-                            births[source] = columns.clone() if source not in births else births[source] + columns
+                for left, right, signs in node.op.residual_terms(node, budget_columns, pair_columns):
+                    if right is not None:
+                        _sweep_pair(nodes, node, left, right, signs, needed, sweep)
+                        continue
+                    births = _births(node, left, needed)
                     if births:
                         sweep(nodes, births, signs)
             for name, param, index in tied:
@@ -179,22 +181,74 @@ def _widest(values):
     return max(widths, default=1)
 
 
-def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample, partners=None):
+def _births(node, piece, needed):
+    """{node index: the columns born there} from a curved node's {input position: columns}."""
+    births: dict = {}
+    for position, columns in piece.items():
+        source = node.inputs[position]
+        if needed[source]:
+            births[source] = columns.clone() if source not in births else births[source] + columns
+    return births
+
+
+def _sweep_pair(nodes, node, left, right, signs, needed, sweep):
+    """One chunk of signed pairs s (l r^T + r l^T) born at a curved node: l and r go down side by side as 2V
+    columns and each parameter gets 2 s (J l)(J r) from its per-sample projections. Where a node cannot give
+    those (a module called functionally, pruned weights) the pair goes down as two balanced squares instead:
+    exact too, less accurate in float32 (curvature.balanced_squares). Nothing is added before the sweep ends."""
+    width = signs.shape[1]
+    sides = {}
+    for position in set(left) | set(right):
+        some = left.get(position, right.get(position))
+        zeros = torch.zeros_like(some)
+        sides[position] = torch.cat([left.get(position, zeros), right.get(position, zeros)], dim=1)
+    births = _births(node, sides, needed)
+    if not births:
+        return
+    try:
+        sweep(nodes, births, signs, paired=width)
+    except Unsupported:
+        squares, square_signs = balanced_squares(left, right, signs)
+        sweep(nodes, _births(node, squares, needed), square_signs)
+
+
+def _pair_products(projection, signs, per_sample):
+    """2 sum_v s_v P[:, v] P[:, V + v] over the pairs (and the samples unless per_sample)."""
+    width = signs.shape[1]
+    product = 2 * projection[:, :width] * projection[:, width:]
+    product = product * signs.reshape(*signs.shape, *[1] * (projection.dim() - 2))
+    return product.sum(dim=1) if per_sample else product.sum(dim=(0, 1))
+
+
+def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample, partners=None, paired=0):
     """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters. A parameter
     used at several places (shared) has its per-sample projections added over its uses, then squared: the cross
     terms between the uses are in the square. With partners (id(parameter) -> (N, V, *shape)), a mixed term's
-    columns: each projection is multiplied by its partner instead, 2 P Q, and nothing else is added."""
+    columns: each projection is multiplied by its partner instead, 2 P Q, and nothing else is added. With
+    paired = V, the columns are V pairs side by side (_sweep_pair): projections multiplied pairwise, added at
+    the end (a node that cannot project raises Unsupported before anything was added)."""
     pending = dict(births)
     single = wanted - shared  # the parameters used at one place: their squares add at once
     projections: dict = {}  # id(shared parameter) -> (parameter, the sum of its projections so far)
+    products: dict = {}  # paired: id(parameter) -> (parameter, its products so far)
+
+    def add_products(param, projection):
+        value = _pair_products(projection, signs, per_sample)
+        known = products.get(id(param))
+        products[id(param)] = (param, value if known is None else known[1] + value)
+
+    pull_signs = signs if not paired else torch.cat([signs, signs], dim=1)
     for index in range(max(births), -1, -1):
         columns = pending.pop(index, None)
         if columns is None:
             continue
         node = nodes[index]
         if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
-            signs = signs.to(columns.dtype)
-        if single:
+            signs, pull_signs = signs.to(columns.dtype), pull_signs.to(columns.dtype)
+        if single and paired:
+            for param, projection in node.op.column_projections(node, columns, single):
+                add_products(param, projection)
+        elif single:
             for param, value in node.op.column_diagonals(node, columns, signs, single, per_sample):
                 accumulate(param, value)
         if shared:
@@ -204,7 +258,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
         positions = [p for p, source in enumerate(node.inputs) if needed[source]]
         if not positions:
             continue
-        for position, pulled in zip(positions, node.op.pull(node, columns, signs, positions)):
+        for position, pulled in zip(positions, node.op.pull(node, columns, pull_signs, positions)):
             source = node.inputs[position]
             if source in pending:
                 pending[source] = pending[source] + pulled  # another path of the same origin: add as vectors
@@ -214,11 +268,15 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
                 pending[source] = pulled.clone() if common and len(positions) > 1 else pulled
         del columns
     for param, projection in projections.values():
-        if partners is None:
+        if paired:
+            add_products(param, projection)
+        elif partners is None:
             accumulate(param, node_ops.signed_square_sum(projection, signs, per_sample))
         else:
             product = 2 * projection * partners[id(param)]
             accumulate(param, product.sum(dim=1) if per_sample else product.sum(dim=(0, 1)))
+    for param, value in products.values():
+        accumulate(param, value)
 
 
 def _needed(nodes, by_name, wanted, values=None):
@@ -232,6 +290,18 @@ def _needed(nodes, by_name, wanted, values=None):
         )
         needed.append(bool(floating and (own or any(needed[j] for j in node.inputs))))
     return needed
+
+
+def _pair_columns(nodes, by_name, wanted, shared, samples, columns, output, memory_budget):
+    """Pairs per chunk: 2 columns each within the sweep's columns, and the per-sample projections of the node with
+    the most wanted entries (2 x N x pairs x its size) and of the shared parameters, held to the end, in budget."""
+    heaviest: list = []
+    for node in nodes:
+        tensors = [by_name[name] for name in node.params if name in by_name and id(by_name[name]) in wanted]
+        if sum(t.numel() for t in tensors) > sum(t.numel() for t in heaviest):
+            heaviest = tensors
+    held = 2 * (heaviest + list(shared))
+    return _within_for_shared(held, samples, max(1, columns // 2), output.element_size(), memory_budget)
 
 
 def _within_for_shared(shared, samples, columns, itemsize, memory_budget):

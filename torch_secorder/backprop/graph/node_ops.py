@@ -33,7 +33,7 @@ from ..curvature import Curvature
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
 from .functional import attribute, module_for_call
-from .residuals import block_labels, has_second_derivative, per_sample_hessian_columns
+from .residuals import block_labels, has_second_derivative, per_sample_hessian_terms
 
 # One-to-one column pulls: no chunking, no dense or diagonal forms (those are legal only on chains).
 COLUMNS = PropagationContext(max_columns=1 << 62, mixing_below=False, diagonal_only=False)
@@ -82,8 +82,12 @@ class NodeOp:
         before squaring, for parameters used at several places (added over their uses, then squared)."""
         return []
 
-    def residual_origins(self, node, max_columns):
-        """Signed column chunks ({input position: (N, V, D_in)}, signs (N, V)) of the node's own second-order term."""
+    def residual_terms(self, node, max_columns, pair_columns):
+        """The node's own second-order term in its inputs, as chunks (left, right, signs): right None for signed
+        squares (left: {input position: (N, V, D_in)} columns, signs (N, V)), else signed pairs s (l r^T + r l^T)
+        (right like left). A pair's diagonal below is a product, 2 s (J l)(J r), that stays accurate in float32
+        where two balanced squares would cancel (curvature.balanced_squares). At most max_columns squares or
+        pair_columns pairs per chunk; none by default."""
         return iter(())
 
     def mixed_projections(self, node, position, columns, param):
@@ -279,17 +283,24 @@ class ModuleOp(NodeOp):
         node.record.wanted = wanted
         return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs), per_sample=per_sample)
 
-    def residual_origins(self, node, max_columns):
+    def residual_terms(self, node, max_columns, pair_columns):
         for columns, signs in self.rule.residual_columns(node.record, max_columns):
-            yield {0: columns}, signs
+            yield {0: columns}, None, signs
+        for left, right, signs in self.rule.residual_pairs(node.record, pair_columns):
+            yield {0: left}, {0: right}, signs
 
     def column_projections(self, node, columns, wanted):
         """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""
-        named = [(name, p) for name, p in self.module.named_parameters() if id(p) in wanted]
-        if not named:
+        held = [  # its parameters, and tensors put on it as plain attributes: a functional call's, a pruned weight
+            v for v in (*self.module.parameters(), *vars(self.module).values()) if isinstance(v, torch.Tensor)
+        ]
+        if not any(id(v) in wanted for v in held):
             return []
         if self._bind is not None:
-            raise Unsupported(f"{self.describe(node)}: a parameter it shares with another place (a functional call)")
+            raise Unsupported(f"{self.describe(node)}: per-sample projections of a functional call's parameters")
+        if any(id(v) in wanted and not isinstance(v, torch.nn.Parameter) for v in held):
+            raise Unsupported(f"{self.describe(node)}: per-sample projections of a pruned weight")
+        named = [(name, p) for name, p in self.module.named_parameters() if id(p) in wanted]
         width = columns.shape[1]
 
         def one_sample(x, sample_columns):
@@ -300,8 +311,13 @@ class ModuleOp(NodeOp):
             output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in named])  # type: ignore[misc]
             return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
 
-        with torch.enable_grad():
-            projections = torch.func.vmap(one_sample)(node.record.input, columns)
+        try:
+            with torch.enable_grad():
+                projections = torch.func.vmap(one_sample)(node.record.input, columns)
+        except Exception as error:
+            raise Unsupported(
+                f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
+            ) from None
         return [(p, projection) for (_, p), projection in zip(named, projections)]
 
     def mixed_projections(self, node, position, columns, param):
@@ -531,7 +547,7 @@ class GenericOp(NodeOp):
             ) from None
 
     def forms_dense_term(self, node):
-        """True when residual_origins forms the node's dense per-sample Hessian (bounded by the memory check)."""
+        """True when residual_terms forms the node's dense per-sample Hessian (bounded by the memory check)."""
         return True
 
     def has_second_derivative(self, node):
@@ -563,21 +579,27 @@ class GenericOp(NodeOp):
             )
         return node.residual_labels
 
-    def residual_origins(self, node, max_columns):
+    def residual_terms(self, node, max_columns, pair_columns):
+        """The node's dense per-sample term, cut along its inputs (residuals.per_sample_hessian_terms)."""
         if self.linear or node.output_grad is None:
             return
         differentiable = self.residual_inputs(node)
         if not differentiable:
             return
         inputs = [node.values[name] for name in differentiable]
-        for piece, signs in per_sample_hessian_columns(
+
+        def positions(piece):
+            return None if piece is None else {node.input_names.index(differentiable[k]): c for k, c in piece.items()}
+
+        for left, right, signs in per_sample_hessian_terms(
             self.function(node, node.values, differentiable),
             inputs,
             node.output_grad,
             max_columns,
+            pair_columns,
             node.residual_labels,
         ):
-            yield {node.input_names.index(differentiable[k]): columns for k, columns in piece.items()}, signs
+            yield positions(left), positions(right), signs
 
 
 class TupleOp(NodeOp):
@@ -995,16 +1017,19 @@ class ProductOp(GenericOp):
                 f"parameter(s) {node.params} used as a divisor by {self.describe(node)} (not affine in the parameter)"
             )
 
-    def residual_origins(self, node, max_columns):
+    def residual_terms(self, node, max_columns, pair_columns):
+        if self._gated_operands(node) is None:  # outer products, matmul, division: the dense per-sample Hessian
+            yield from super().residual_terms(node, max_columns, pair_columns)
+        else:
+            yield from self._gate_pairs(node, pair_columns)
+
+    def _gate_pairs(self, node, max_columns):
         """a * b where a has the output's shape and b is broadcast over it (GLU and SwiGLU gates: b of the same
         shape; squeeze-excitation: b of (N, C, 1, 1)): in closed form. The term g . (a * b) is a^T A b, A[i, j] =
-        g_i where output element i reads b_j; each element of a is read by one output element, so A's columns
-        have disjoint supports, A[:, j] of norm s_j, and the term is sum_j of two signed outer products,
-        +(A[:, j] / sqrt(2 s_j), sqrt(s_j / 2) e_j) and -(A[:, j] / sqrt(2 s_j), -sqrt(s_j / 2) e_j): 2 columns
-        per element of b. Other products (outer products, matmul, division) form the dense per-sample Hessian."""
+        g_i where output element i reads b_j, so its Hessian in (a, b) is sum_j of the pairs (A[:, j] at a, e_j
+        at b): one pair per element of b, sign +1."""
         pair = self._gated_operands(node)
         if pair is None:
-            yield from super().residual_origins(node, max_columns)
             return
         full, gate = pair
         grad = node.output_grad
@@ -1014,24 +1039,14 @@ class ProductOp(GenericOp):
         reads = torch.arange(math.prod(gate_shape[1:]), device=grad.device).reshape(1, *gate_shape[1:])
         reads = reads.expand(grad.shape).reshape(samples, -1)[0]
         flat = grad.reshape(samples, -1)
-        norms = grad.square().sum_to_size(gate_shape).reshape(samples, -1).sqrt()  # s_j per sample
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        full_scale = torch.where(norms > 0, (2 * safe).rsqrt(), torch.zeros_like(norms))
-        gate_scale = (norms / 2).sqrt()
-        step = max(1, max_columns // 2)
-        elements = norms.shape[1]
-        for start in range(0, elements, step):
-            chunk = torch.arange(start, min(elements, start + step), device=grad.device)
+        elements = math.prod(gate_shape[1:])
+        for start in range(0, elements, max_columns):
+            chunk = torch.arange(start, min(elements, start + max_columns), device=grad.device)
             selects = (reads.unsqueeze(0) == chunk.unsqueeze(1)).to(flat.dtype)  # (k, D_a)
-            full_part = flat.unsqueeze(1) * selects.unsqueeze(0) * full_scale[:, chunk].unsqueeze(2)
-            gate_part = grad.new_zeros(samples, len(chunk), elements)
-            gate_part[:, torch.arange(len(chunk), device=grad.device), chunk] = gate_scale[:, chunk]
-            signs = torch.ones(samples, 2 * len(chunk), dtype=flat.dtype, device=grad.device)
-            signs[:, len(chunk) :] = -1
-            yield (
-                {full: torch.cat([full_part, full_part], dim=1), gate: torch.cat([gate_part, -gate_part], dim=1)},
-                signs,
-            )
+            units = grad.new_zeros(samples, len(chunk), elements)
+            units[:, torch.arange(len(chunk), device=grad.device), chunk] = 1
+            signs = torch.ones(samples, len(chunk), dtype=flat.dtype, device=grad.device)
+            yield {full: flat.unsqueeze(1) * selects.unsqueeze(0)}, {gate: units}, signs
 
     def forms_dense_term(self, node):
         return self._gated_operands(node) is None

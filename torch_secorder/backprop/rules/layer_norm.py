@@ -2,13 +2,13 @@
 
 Affine in w and b, so their diagonals come from the columns at the output alone. In x it is curved:
 its second-order term is one (D x D) block per row, R = d2(g . y)/dx2, in closed form as signed
-columns (a diagonal and four columns per row, row_residual_columns), each living in one row."""
+columns (D + 1 per row) and one signed pair per row (row_residual_terms), each living in one row."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..curvature import Curvature
+from ..curvature import Curvature, balanced_squares
 from .columns import linear_transpose_columns
 from .registry import Rule, register, unbatched_input_reason
 from .shared_weight import channelwise_diagonal
@@ -63,29 +63,58 @@ class LayerNormRule(Rule):
         if curvature.primary:
             for columns, signs in self.residual_columns(record, context.max_columns):
                 yield Curvature(x.shape[1:], columns, signs)
+            # the chain engine squares every column: the pair as two balanced squares (the graph engine keeps
+            # the product, graph/engine.py)
+            for left, right, signs in self.residual_pairs(record, max(1, context.max_columns // 2)):
+                columns, signs = balanced_squares({0: left}, {0: right}, signs)
+                yield Curvature(x.shape[1:], columns[0], signs)
 
     def residual_columns(self, record, max_columns):
         module, x = record.module, record.input
         rows = _rows(module, x)
         samples, count, features = rows.shape
-        weight = None if module.weight is None else module.weight.reshape(-1)
-        grad = record.output_grad.reshape(samples * count, features)
-        columns, signs = row_residual_columns(rows.reshape(samples * count, features), grad, weight, module.eps)
+        columns, signs, _ = self._row_terms(record)
         width = columns.shape[1]
         columns = columns.reshape(samples, count, width, features)
-        signs = signs.reshape(samples, count * width)
-        # row r's columns are zero outside row r: (N, R * V, R * D)
-        per_row = max(1, max_columns // max(1, width))
-        for start in range(0, count, per_row):
-            stop = min(count, start + per_row)
-            block = columns.new_zeros(samples, stop - start, width, count, features)
-            index = torch.arange(stop - start, device=x.device)
-            block[:, index, :, start + index, :] = columns[:, start:stop].transpose(0, 1)
-            yield block.reshape(samples, (stop - start) * width, -1), signs[:, start * width : stop * width]
+        signs = signs.reshape(samples, count, width)
+        for start, stop, block in _row_blocks(columns, max_columns):
+            yield block, signs[:, start:stop].reshape(samples, -1)
+
+    def residual_pairs(self, record, max_columns):
+        module, x = record.module, record.input
+        samples, count, features = _rows(module, x).shape
+        _, _, (left, right, signs) = self._row_terms(record)
+        left, right = left.reshape(samples, count, 1, features), right.reshape(samples, count, 1, features)
+        signs = signs.reshape(samples, count)
+        for (start, stop, lefts), (_, _, rights) in zip(
+            _row_blocks(left, max_columns), _row_blocks(right, max_columns)
+        ):
+            yield lefts, rights, signs[:, start:stop]
+
+    def _row_terms(self, record):
+        module, x = record.module, record.input
+        rows = _rows(module, x)
+        samples, count, features = rows.shape
+        weight = None if module.weight is None else module.weight.reshape(-1)
+        grad = record.output_grad.reshape(samples * count, features)
+        return row_residual_terms(rows.reshape(samples * count, features), grad, weight, module.eps)
 
 
-def row_residual_columns(rows, grad, weight, eps):
-    """Signed columns of R = d2(g . layer_norm(x))/dx2 for each row x (M, D), in closed form.
+def _row_blocks(columns, max_columns):
+    """(start, stop, block) for per-row columns (N, R, W, D): row r's columns are zero outside row r, so a chunk
+    of rows start:stop is (N, (stop - start) * W, R * D), at most about max_columns columns."""
+    samples, count, width, features = columns.shape
+    per_row = max(1, max_columns // max(1, width))
+    for start in range(0, count, per_row):
+        stop = min(count, start + per_row)
+        block = columns.new_zeros(samples, stop - start, width, count, features)
+        index = torch.arange(stop - start, device=columns.device)
+        block[:, index, :, start + index, :] = columns[:, start:stop].transpose(0, 1)
+        yield start, stop, block.reshape(samples, (stop - start) * width, -1)
+
+
+def row_residual_terms(rows, grad, weight, eps):
+    """R = d2(g . layer_norm(x))/dx2 for each row x (M, D), in closed form, as signed columns plus one signed pair.
 
     With x^ = (x - mean) / s, s = sqrt(var + eps), a = g * w, m = a . x^, k = -1 / (D s^2) and
     u = a - mean(a) - (m / D) x^:
@@ -93,10 +122,11 @@ def row_residual_columns(rows, grad, weight, eps):
     The first part is k m times a projector Pi (onto what is orthogonal to 1 and x^) plus the rank-one rest
     (1 - |x^|^2 / D) x^ x^^T / |x^|^2 that eps leaves: D columns sqrt|k m| Pi e_i and one along x^, all of one
     sign (k m), so nothing cancels (as unit columns minus 1 and x^ it did, far below float32 rounding, where
-    the rows below carry mostly 1 and x^: BERT's residual stream). u x^^T + x^ u^T is
-    ((b u + x^ / b)(...)^T - (b u - x^ / b)(...)^T) / 2 with b = sqrt(|x^| / |u|), one length for both (with
-    |u| << |x^|, a tiny layer scale after the norm, unbalanced squares cancel too).
-    Returns (M, D + 3, D) columns and (M, D + 3) signs."""
+    the rows below carry mostly 1 and x^: BERT's residual stream). u x^^T + x^ u^T stays a pair (l r^T + r l^T,
+    l = sqrt|k| u, r = sqrt|k| x^, sign of k): its diagonal below is 2 (J l)(J r), a product. As a difference of
+    two squares it cancelled far below float32 rounding where J x^ >> J u, whatever the balance at the row
+    (DeiT's patch embedding, under the last norm: 140x the generic method's float32 error).
+    Returns (columns (M, D + 1, D), signs (M, D + 1)) and the pair (left (M, D), right (M, D), signs (M,))."""
     features = rows.shape[1]
     centered = rows - rows.mean(dim=1, keepdim=True)
     scale = (centered.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()
@@ -105,23 +135,13 @@ def row_residual_columns(rows, grad, weight, eps):
     m = (a * normalized).sum(dim=1, keepdim=True)  # (M, 1)
     u = a - a.mean(dim=1, keepdim=True) - m / features * normalized
     k = -1.0 / (features * scale * scale)  # (M, 1)
-    lengths_u, lengths_x = u.norm(dim=1, keepdim=True), normalized.norm(dim=1, keepdim=True)
+    lengths_x = normalized.norm(dim=1, keepdim=True)
     direction = torch.where(lengths_x > 0, normalized / lengths_x.clamp_min(torch.finfo(rows.dtype).tiny), 0.0)
     eye = torch.eye(features, dtype=rows.dtype, device=rows.device)
     projector = eye - 1.0 / features - direction.unsqueeze(2) * direction.unsqueeze(1)  # (M, D, D), symmetric
     km = (k * m).abs().sqrt()
     rest = (km * km * (1 - lengths_x * lengths_x / features).clamp_min(0)).sqrt()  # the rank-one rest eps leaves
-    balance = torch.where(
-        (lengths_u > 0) & (lengths_x > 0),
-        (lengths_x / lengths_u.clamp_min(torch.finfo(rows.dtype).tiny)).sqrt(),
-        torch.ones_like(lengths_u),
-    )
-    half = (k.abs() / 2).sqrt()
-    extra = torch.stack(
-        [rest * direction, half * (balance * u + normalized / balance), half * (balance * u - normalized / balance)],
-        dim=1,
-    )  # (M, 3, D)
-    columns = torch.cat([km.unsqueeze(2) * projector, extra], dim=1)
-    sign_km, sign_k = torch.sign(k * m), torch.sign(k)
-    signs = torch.cat([sign_km.expand(-1, features + 1), sign_k, -sign_k], dim=1)
-    return columns, signs
+    columns = torch.cat([km.unsqueeze(2) * projector, (rest * direction).unsqueeze(1)], dim=1)
+    signs = torch.sign(k * m).expand(-1, features + 1)
+    root = k.abs().sqrt()
+    return columns, signs, (root * u, root * normalized, torch.sign(k).reshape(-1))

@@ -90,6 +90,11 @@ class Rule:
         if diagonal is not None:
             yield from diagonal_columns(diagonal, max_columns)
 
+    def residual_pairs(self, record, max_columns):
+        """The rest of the residual term as signed pairs s (l r^T + r l^T): chunks (left (N, V, D_in), right
+        (N, V, D_in), signs (N, V)); none by default. The graph engine keeps their diagonal as a product."""
+        return iter(())
+
     def param_diagonals(self, record, curvature, per_sample=False):
         """[(parameter, diagonal contribution)] from the curvature at the module output, summed over the samples,
         or per_sample: (N, *parameter.shape) each. Rules without parameters keep this default."""

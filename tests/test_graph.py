@@ -721,7 +721,7 @@ class SqueezeExcitation(nn.Module):
 
 def test_a_broadcast_gate_is_exact_without_a_dense_term():
     """h * gate with gate (N, C, 1, 1): its dense per-sample term would be (C H W + C)^2 (16 x 24 x 24 features:
-    2.7 GiB per sample with its eigendecomposition, over the budget); in closed form it is 2 columns per channel."""
+    2.7 GiB per sample with its eigendecomposition, over the budget); in closed form it is one pair per channel."""
     torch.manual_seed(0)
     model = SqueezeExcitation(channels=16, side=24).double()
     x, y = torch.randn(2, 3, 24, 24, dtype=D), torch.randint(0, 5, (2,))
@@ -730,7 +730,7 @@ def test_a_broadcast_gate_is_exact_without_a_dense_term():
 
 
 def test_a_squeeze_excitation_gate_in_float32_is_as_accurate_as_the_generic_method():
-    """The gate's product is a curved node (its closed form: 2 columns per channel); float32's eigendecomposition
+    """The gate's product is a curved node (its closed form: one pair per channel); float32's eigendecomposition
     of its dense term did not always converge, and lost accuracy, before."""
     for seed in range(3):
         torch.manual_seed(seed)

@@ -284,10 +284,8 @@ class ModuleOp(NodeOp):
         return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs), per_sample=per_sample)
 
     def residual_terms(self, node, max_columns, pair_columns):
-        for columns, signs in self.rule.residual_columns(node.record, max_columns):
-            yield {0: columns}, None, signs
-        for left, right, signs in self.rule.residual_pairs(node.record, pair_columns):
-            yield {0: left}, {0: right}, signs
+        for left, right, signs in self.rule.residual_terms(node.record, max_columns, pair_columns):
+            yield {0: left}, None if right is None else {0: right}, signs
 
     def column_projections(self, node, columns, wanted):
         """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""
@@ -1018,20 +1016,18 @@ class ProductOp(GenericOp):
             )
 
     def residual_terms(self, node, max_columns, pair_columns):
-        if self._gated_operands(node) is None:  # outer products, matmul, division: the dense per-sample Hessian
+        operands = self._gated_operands(node)
+        if operands is None:  # outer products, matmul, division: the dense per-sample Hessian
             yield from super().residual_terms(node, max_columns, pair_columns)
         else:
-            yield from self._gate_pairs(node, pair_columns)
+            yield from self._gate_pairs(node, operands, pair_columns)
 
-    def _gate_pairs(self, node, max_columns):
+    def _gate_pairs(self, node, operands, max_columns):
         """a * b where a has the output's shape and b is broadcast over it (GLU and SwiGLU gates: b of the same
         shape; squeeze-excitation: b of (N, C, 1, 1)): in closed form. The term g . (a * b) is a^T A b, A[i, j] =
         g_i where output element i reads b_j, so its Hessian in (a, b) is sum_j of the pairs (A[:, j] at a, e_j
         at b): one pair per element of b, sign +1."""
-        pair = self._gated_operands(node)
-        if pair is None:
-            return
-        full, gate = pair
+        full, gate = operands
         grad = node.output_grad
         samples = grad.shape[0]
         gate_shape = node.values[node.input_names[gate]].shape

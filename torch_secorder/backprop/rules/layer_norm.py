@@ -61,43 +61,35 @@ class LayerNormRule(Rule):
 
         yield from linear_transpose_columns(function, x, curvature, context.max_columns)
         if curvature.primary:
-            for columns, signs in self.residual_columns(record, context.max_columns):
-                yield Curvature(x.shape[1:], columns, signs)
-            # the chain engine squares every column: the pair as two balanced squares (the graph engine keeps
-            # the product, graph/engine.py)
-            for left, right, signs in self.residual_pairs(record, max(1, context.max_columns // 2)):
-                columns, signs = balanced_squares({0: left}, {0: right}, signs)
-                yield Curvature(x.shape[1:], columns[0], signs)
+            # the chain engine squares every column: a pair as two balanced squares (the graph engine keeps the
+            # product, graph/engine.py)
+            for left, right, signs in self.residual_terms(
+                record, context.max_columns, max(1, context.max_columns // 2)
+            ):
+                if right is not None:
+                    squares, signs = balanced_squares({0: left}, {0: right}, signs)
+                    left = squares[0]
+                yield Curvature(x.shape[1:], left, signs)
 
-    def residual_columns(self, record, max_columns):
-        module, x = record.module, record.input
-        rows = _rows(module, x)
-        samples, count, features = rows.shape
-        columns, signs, _ = self._row_terms(record)
-        width = columns.shape[1]
-        columns = columns.reshape(samples, count, width, features)
-        signs = signs.reshape(samples, count, width)
-        for start, stop, block in _row_blocks(columns, max_columns):
-            yield block, signs[:, start:stop].reshape(samples, -1)
-
-    def residual_pairs(self, record, max_columns):
-        module, x = record.module, record.input
-        samples, count, features = _rows(module, x).shape
-        _, _, (left, right, signs) = self._row_terms(record)
-        left, right = left.reshape(samples, count, 1, features), right.reshape(samples, count, 1, features)
-        signs = signs.reshape(samples, count)
-        for (start, stop, lefts), (_, _, rights) in zip(
-            _row_blocks(left, max_columns), _row_blocks(right, max_columns)
-        ):
-            yield lefts, rights, signs[:, start:stop]
-
-    def _row_terms(self, record):
+    def residual_terms(self, record, max_columns, pair_columns):
         module, x = record.module, record.input
         rows = _rows(module, x)
         samples, count, features = rows.shape
         weight = None if module.weight is None else module.weight.reshape(-1)
         grad = record.output_grad.reshape(samples * count, features)
-        return row_residual_terms(rows.reshape(samples * count, features), grad, weight, module.eps)
+        columns, signs, (left, right, pair_signs) = row_residual_terms(
+            rows.reshape(samples * count, features), grad, weight, module.eps
+        )
+        width = columns.shape[1]
+        signs = signs.reshape(samples, count, width)
+        for start, stop, block in _row_blocks(columns.reshape(samples, count, width, features), max_columns):
+            yield block, None, signs[:, start:stop].reshape(samples, -1)
+        left, right = left.reshape(samples, count, 1, features), right.reshape(samples, count, 1, features)
+        pair_signs = pair_signs.reshape(samples, count)
+        for (start, stop, lefts), (_, _, rights) in zip(
+            _row_blocks(left, pair_columns), _row_blocks(right, pair_columns)
+        ):
+            yield lefts, rights, pair_signs[:, start:stop]
 
 
 def _row_blocks(columns, max_columns):

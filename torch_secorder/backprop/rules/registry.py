@@ -83,17 +83,15 @@ class Rule:
         """The residual term sum_k g_k d2f_k/dx2 at the input when it is diagonal, (N, D); None when zero."""
         return None
 
-    def residual_columns(self, record, max_columns):
-        """The residual term as signed column chunks (S (N, V, D_in), signs (N, V)) at the input; none when zero
-        (the graph engine sweeps each as an origin of its own)."""
+    def residual_terms(self, record, max_columns, pair_columns):
+        """The residual term at the input as chunks (left, right, signs): right None for signed squares (columns
+        (N, V, D_in), signs (N, V)), else signed pairs s (l r^T + r l^T) (left and right (N, V, D_in)), at most
+        max_columns squares or pair_columns pairs each; none when zero. The graph engine sweeps each as an origin
+        of its own and keeps a pair's diagonal as a product. By default the residual diagonal as squares."""
         diagonal = self.residual_diagonal(record)
         if diagonal is not None:
-            yield from diagonal_columns(diagonal, max_columns)
-
-    def residual_pairs(self, record, max_columns):
-        """The rest of the residual term as signed pairs s (l r^T + r l^T): chunks (left (N, V, D_in), right
-        (N, V, D_in), signs (N, V)); none by default. The graph engine keeps their diagonal as a product."""
-        return iter(())
+            for columns, signs in diagonal_columns(diagonal, max_columns):
+                yield columns, None, signs
 
     def param_diagonals(self, record, curvature, per_sample=False):
         """[(parameter, diagonal contribution)] from the curvature at the module output, summed over the samples,

@@ -1,5 +1,5 @@
-"""Auto's cost choice, measured: the engine's predicted cost (backprop/cost.py, in gradients of the batch) against
-its measured time, the generic method's time, and which method auto ran, in one run.
+"""Auto's cost choice, measured: the engine's predicted time (backprop/cost.py, priced with this machine's speed)
+against its measured time, the generic method's time, and which method auto ran, in one run.
 
 The models of bench_zoo.py plus two where the engine does much more work than the generic method (wide smooth
 activations, few parameters) or about as much (an MLP-Mixer). Float32, batch 8, one process per model: a
@@ -62,7 +62,9 @@ def built(name):
 
 def measure(name, generic_limit):
     from torch_secorder import model_hessian_diagonal
-    from torch_secorder.backprop import predicted_gradients
+    from torch_secorder.backprop import predicted_cost
+    from torch_secorder.backprop.cost import machine_speed
+    from torch_secorder.core._batched_hvp import DEFAULT_MEMORY_BUDGET
     from torch_secorder.core._validation import model_call
     from torch_secorder.core.method_choice import backprop_plan
 
@@ -80,14 +82,21 @@ def measure(name, generic_limit):
     if plan is None:
         return {**row, "skipped": f"no engine plan: {reason[:200]}"}
     start = time.perf_counter()
-    row["predicted_gradients"], row["columns"] = predicted_gradients(plan, inputs)
+    cost = predicted_cost(plan, inputs, DEFAULT_MEMORY_BUDGET)
+    row["predicted_seconds"] = cost.seconds(torch.device("cpu"), torch.float32)  # includes the speed's measurement
     row["prediction_seconds"] = time.perf_counter() - start
+    row.update(columns=cost.columns, multiply_adds=cost.multiply_adds, steps=cost.steps)
+    speed = machine_speed(torch.device("cpu"), torch.float32)
+    row["product_multiply_adds_per_second"], row["tiny_operation_seconds"] = speed
     try:
+        start = time.perf_counter()
         model_hessian_diagonal(model, loss_fn, x, y, method="backprop")
+        first = time.perf_counter() - start
     except NotImplementedError as error:
         return {**row, "skipped": f"the engine steps aside: {str(error)[:200]}"}
+    repeats = 1 if first > 20 else 3  # a run of minutes varies less than the machine does between them
     row["engine_seconds"] = median_seconds(
-        lambda: model_hessian_diagonal(model, loss_fn, x, y, method="backprop"), torch.device("cpu"), repeats=3
+        lambda: model_hessian_diagonal(model, loss_fn, x, y, method="backprop"), torch.device("cpu"), repeats, 0
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,7 +106,9 @@ def measure(name, generic_limit):
     ours = [str(w.message) for w in caught if "torch_secorder" in str(w.message)]
     row["auto_method"] = "generic" if ours else "engine"
     row["auto_warning"] = ours[0][:400] if ours else None
-    row["auto_seconds"] = median_seconds(lambda: model_hessian_diagonal(model, loss_fn, x, y), torch.device("cpu"), 3)
+    row["auto_seconds"] = median_seconds(
+        lambda: model_hessian_diagonal(model, loss_fn, x, y), torch.device("cpu"), repeats, 0
+    )
     started = [time.perf_counter()]
 
     def guard(done, total):
@@ -153,7 +164,7 @@ def write_results(rows, args):
             lines.append(f"| {row['workload']} | {row.get('parameters', '-')} | - | - | - | - | - | "
                          f"{row.get('skipped', row.get('error', ''))[:150]} | - |")  # fmt: skip
             continue
-        predicted = row["predicted_gradients"] * row["gradient_seconds"]
+        predicted = row["predicted_seconds"]
         generic = row.get("generic_seconds")
         if "generic_fails" in row:
             generic_cell = f"fails: {row['generic_fails']}"
@@ -163,7 +174,8 @@ def write_results(rows, args):
             generic_cell = _seconds(generic)
         lines.append(
             f"| {row['workload']} | {row['parameters']} | {_seconds(row['gradient_seconds'])} | "
-            f"{_seconds(predicted)} ({row['predicted_gradients']:.0f} gradients, {row['columns']} columns) | "
+            f"{_seconds(predicted)} ({row['columns']} columns, {row['multiply_adds']:.2g} multiply-adds, "
+            f"{row['steps']} steps) | "
             f"{_seconds(row['engine_seconds'])} | {predicted / row['engine_seconds']:.2f} | {generic_cell} | "
             f"{row['auto_method']} | {_seconds(row['auto_seconds'])} |"
         )
@@ -171,7 +183,8 @@ def write_results(rows, args):
         "# Auto's cost choice: the engine's predicted time against its measured time and the generic method",
         "",
         f"Commit {meta['commit']}, cpu, torch {meta['torch']}, {meta['threads']} threads, float32, batch {BATCH}. "
-        "Predicted: backprop/cost.py's gradients times a measured gradient. Engine: method='backprop', median of "
+        "Predicted: backprop/cost.py's multiply-adds and steps priced with this machine's measured speed (a matrix "
+        "product, a tiny operation). Engine: method='backprop', median of "
         "warm runs. Generic: one run, or its projection when that passes "
         f"{args.generic_limit:.0f} s. Auto takes the generic method only where the engine is predicted above half "
         "a second and above the generic method's timed projection. Written by `benchmarks/bench_cost.py`.",

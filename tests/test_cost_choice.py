@@ -11,32 +11,43 @@ import torch.nn.functional as F
 from helpers import D, relative_error
 
 from torch_secorder import explain_method, model_hessian_diagonal
-from torch_secorder.backprop import predicted_gradients
+from torch_secorder.backprop import EngineCost, predicted_cost
+from torch_secorder.backprop import cost as cost_module
 from torch_secorder.core import _model_curvature
 from torch_secorder.core.method_choice import backprop_plan
+
+GiB = 1 << 30
 
 
 def prediction(model, x, loss_fn=F.cross_entropy):
     plan, reason = backprop_plan(model, loss_fn, (x,))
     assert reason is None, reason
-    return predicted_gradients(plan, (x,))
+    return predicted_cost(plan, (x,), GiB)
 
 
 def test_the_loss_alone_costs_its_columns():
-    """No curved node: (C - 1) columns over the whole forward, 2/3 of a gradient each."""
+    """No curved node: Linear(4, 8) (32 multiply-adds a sample), ReLU (8), Linear(8, 5) (40): the loss's C - 1 = 4
+    columns cross all 80 for each of the 3 samples, one chunk through the 3 layers."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
-    gradients, columns = prediction(model, torch.randn(3, 4))
-    assert columns == 4
-    assert gradients == pytest.approx(4 * 2 / 3)
+    assert prediction(model, torch.randn(3, 4)) == EngineCost(
+        3 * 4 * 80, steps=3, columns=4, forward_multiply_adds=3 * 80
+    )
 
 
 def test_a_curved_node_adds_its_columns_over_what_lies_below_it():
     """Linear(4, 6) (24 multiply-adds a sample), Tanh (6), Linear(6, 3) (18): the loss's 2 columns cross all 48, the
-    Tanh's 6 cross the first Linear's 24: (2 x 48 + 6 x 24) x 2 / (3 x 48) gradients."""
+    Tanh's 6 cross the first Linear's 24; one chunk each, through 3 layers and 1."""
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    gradients, columns = prediction(model, torch.randn(3, 4))
-    assert columns == 8
-    assert gradients == pytest.approx((2 * 48 + 6 * 24) * 2 / (3 * 48))
+    assert prediction(model, torch.randn(3, 4)) == EngineCost(3 * (2 * 48 + 6 * 24), 4, 8, forward_multiply_adds=3 * 48)
+
+
+def test_chunks_follow_the_memory_budget():
+    """A budget that holds 2 of the Tanh's 6 columns at a time (4 copies of 3 x 6 float32 values each): 3 chunks
+    of it cross the first Linear, the loss's 2 columns go in one chunk through all 3 layers."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    plan, _ = backprop_plan(model, F.cross_entropy, (torch.randn(3, 4),))
+    budget = 2 * 4 * 3 * 6 * 4 * (8 if plan.layers is None else 1)
+    assert predicted_cost(plan, (torch.randn(3, 4),), budget).steps == 3 * 1 + 1 * 3
 
 
 class Residual(nn.Module):
@@ -49,8 +60,23 @@ class Residual(nn.Module):
 
 
 def test_graphs_are_predicted_too():
-    gradients, columns = prediction(Residual(), torch.randn(3, 4))
-    assert columns == 2 + 4 and gradients > 2 * 2 / 3
+    cost = prediction(Residual(), torch.randn(3, 4))
+    assert cost.columns == 2 + 4 and cost.multiply_adds > 3 * 2 * (16 + 12)
+
+
+def test_seconds_price_both_parts_with_the_machine_speed(monkeypatch):
+    monkeypatch.setattr(cost_module, "machine_speed", lambda device, dtype: (1e9, 1e-6))
+    seconds = EngineCost(multiply_adds=2e9, steps=1000, columns=1).seconds(torch.device("cpu"), torch.float32)
+    slowdown, step = cost_module.MULTIPLY_ADD_SLOWDOWN, cost_module.STEP_IN_TINY_OPS
+    assert seconds == pytest.approx(slowdown * 2 + step * 1000 * 1e-6)
+    cost = EngineCost(0.0, 0, 0, forward_multiply_adds=1e6)  # a generic Hessian-vector product: >= 0.3 forwards
+    assert cost.least_generic_seconds(1000, torch.device("cpu"), torch.float32) == pytest.approx(0.3 * 1000 * 1e-3)
+
+
+def test_machine_speed_is_measured_once_and_is_plausible():
+    rate, tiny = cost_module.machine_speed(torch.device("cpu"), torch.float64)
+    assert 1e6 < rate < 1e14 and 1e-9 < tiny < 1e-2
+    assert cost_module.machine_speed(torch.device("cpu"), torch.float64) == (rate, tiny)
 
 
 def wide_smooth():

@@ -1,44 +1,125 @@
-"""What the engine will cost, in gradients of the same batch, predicted from one forward pass without gradients.
+"""What the engine will cost, in seconds, predicted from one forward pass without gradients.
 
 Every origin's columns (the loss's at the output, each curved node's at its inputs, a tied parameter's mixed term
-at the input of each use another use feeds) are pulled down through the nodes below it, one sample at a time,
-and each parameter's projections are formed on the way: a column costs about two forward passes of one sample
-over the nodes it crosses. A gradient costs about three forward passes of the whole batch. So the engine costs
-about
+at the input of each use another use feeds) are pulled down through the nodes below it in chunks, and each
+parameter's projections are formed on the way. Two things cost:
 
-    (loss columns x F_all + sum over curved nodes o of columns_o x F_below(o)) x 2 / (3 F_all)  gradients,
+- multiply-adds: a column crossing a node costs about what one sample's forward does there, so the batch's
+  columns cost N x (loss columns x F_all + sum over curved nodes o of columns_o x F_below(o)), F the multiply-adds
+  of one sample's forward (for a layer with a weight, weight.numel() per output position; for a matrix product
+  or attention, the output times the contracted size; for the rest, the elements it writes);
+- steps: one chunk of columns crossing one node is a few dozen small tensor operations and some Python, whatever
+  its size; on small models (MobileNetV3 at width 0.25, 159 nodes) these dominate.
 
-F the multiply-adds of one sample's forward: for a layer with a weight, weight.numel() per output position; for
-a matrix product or attention, the output times the contracted size; for the rest, the elements it writes. A
-column from a curved node crosses the nodes before it in the graph's order (its ancestors, and a few others:
-an upper bound). Measured against the engine on the benchmark models in benchmarks/results/cost_cpu.md.
+The two are priced on this machine by timing a large matrix product and a tiny tensor operation once per device
+and dtype (a few milliseconds). A column from a curved node crosses the nodes before it in the graph's order (its
+ancestors, and a few others: an upper bound). Measured against the engine on the benchmark models in
+benchmarks/results/cost_cpu.md.
 """
 
 import math
-from typing import Any, List, Tuple
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
+from .curvature import columns_within
 from .graph import node_ops, trace
 from .plan import origin_nodes
 from .rules import rule_for
 
 _CONTRACTING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear", "__matmul__"}
 
+# Fitted on two runs of the 13 models of benchmarks/bench_cost.py (2 cores, float32; the second in
+# results/cost_cpu.md): the engine's multiply-adds run about 7 times slower than a 512 x 512 matrix product's
+# (per-sample products of small operands), and a chunk's step across one node costs about 700 tiny tensor
+# operations (about 1 ms there); with these every prediction in both runs was within 2.8x of the measured time.
+MULTIPLY_ADD_SLOWDOWN = 7.0
+STEP_IN_TINY_OPS = 700.0
 
-def predicted_gradients(plan: Any, inputs: tuple) -> Tuple[float, int]:
-    """(the engine's predicted cost in gradients of this batch, its columns per sample) for an EnginePlan."""
-    steps = _graph_steps(plan, inputs) if plan.layers is None else _chain_steps(plan, inputs)
-    total = sum(step[0] for step in steps) or 1.0
-    output = steps[-1][2] if steps else None
-    loss_columns = _loss_columns(plan, output)
-    work, below, columns = loss_columns * total, 0.0, loss_columns
-    for flops, width, _ in steps:
+
+@dataclass(frozen=True)
+class EngineCost:
+    multiply_adds: float  # over the whole batch
+    steps: int  # chunks of columns times the nodes each crosses
+    columns: int  # per sample, over all origins
+    forward_multiply_adds: float = 0.0  # one forward pass of the batch
+
+    def least_generic_seconds(self, entries: int, device: torch.device, dtype: torch.dtype) -> float:
+        """A floor under the generic method's time: its Hessian-vector products, one per parameter entry, batched,
+        cost a tenth of a gradient (three forwards) or more, each at no more than a large product's speed."""
+        rate, _ = machine_speed(device, dtype)
+        return 0.1 * entries * 3 * self.forward_multiply_adds / rate
+
+    def seconds(self, device: torch.device, dtype: torch.dtype) -> float:
+        """The predicted time of the engine on this device and dtype."""
+        rate, tiny = machine_speed(device, dtype)
+        return MULTIPLY_ADD_SLOWDOWN * self.multiply_adds / rate + STEP_IN_TINY_OPS * tiny * self.steps
+
+
+def predicted_cost(plan: Any, inputs: tuple, memory_budget: int) -> EngineCost:
+    """The engine's work for an EnginePlan on these inputs (chunked as memory_budget makes it)."""
+    graph = plan.layers is None
+    steps = _graph_steps(plan, inputs) if graph else _chain_steps(plan, inputs)
+    if not steps:
+        return EngineCost(0.0, 0, 0)
+    samples = max(1, steps[-1][2].shape[0] if steps[-1][2].dim() > 0 else 1)
+    widest = max((step[2][0].numel() for step in steps if step[2].dim() > 0), default=1)
+    # the engine's own chunking: an eighth of the budget in a graph (engine.py), all of it in a chain (chain.py)
+    chunk = columns_within(samples, widest, steps[-1][2].element_size(), memory_budget // 8 if graph else memory_budget)
+    total = sum(step[0] for step in steps)
+    loss_columns = _loss_columns(plan, steps[-1][2])
+    work, count, columns = loss_columns * total, math.ceil(loss_columns / chunk) * len(steps), loss_columns
+    below = 0.0
+    for crossed, (flops, width, _) in enumerate(steps):
         work += width * below  # a curved node's columns start at its input, below its own work
+        count += math.ceil(width / chunk) * crossed
         columns += width
         below += flops
-    return 2.0 * work / (3.0 * total), columns
+    return EngineCost(samples * work, count, columns, samples * total)
+
+
+_SPEEDS: Dict[Tuple[str, torch.dtype], Tuple[float, float]] = {}
+_SPEEDS_LOCK = threading.Lock()
+
+
+def machine_speed(device: torch.device, dtype: torch.dtype) -> Tuple[float, float]:
+    """(multiply-adds per second of a 512 x 512 matrix product, seconds of one tiny tensor operation) on this
+    device and dtype, the best of three timings, measured once per process."""
+    device = torch.device(device)
+    key = (str(device), dtype)
+    with _SPEEDS_LOCK:
+        if key not in _SPEEDS:
+            _SPEEDS[key] = _measure_speed(device, dtype)
+        return _SPEEDS[key]
+
+
+def _measure_speed(device: torch.device, dtype: torch.dtype) -> Tuple[float, float]:
+    if not dtype.is_floating_point or dtype.itemsize < 4:
+        dtype = torch.float32  # half precision products: priced as float32 (an upper bound)
+    size = 512
+    with torch.no_grad():
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        tiny = torch.ones(64, device=device, dtype=dtype)
+        product, operation = math.inf, math.inf
+        for _ in range(4):  # the first warms up
+            product = min(product, _timed(lambda: a @ a, device, 1))
+            operation = min(operation, _timed(lambda: tiny.add(tiny), device, 100))
+    return size**3 / product, operation
+
+
+def _timed(work, device: torch.device, repeats: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(time.perf_counter() - start, 1e-9) / repeats
 
 
 def _loss_columns(plan: Any, output: Any) -> int:
@@ -99,4 +180,4 @@ def _module_flops(module: nn.Module, output: torch.Tensor) -> float:
     return float(per_sample)
 
 
-__all__: Tuple[str, ...] = ("predicted_gradients",)
+__all__: Tuple[str, ...] = ("EngineCost", "machine_speed", "predicted_cost")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._forward_pass import attention_twice_differentiable, library_call, library_forward, same_random_draws
 from .._gradient_hooks import gradient_hooks_off
-from ..backprop import EnginePlan, Unsupported, predicted_gradients, run_plan
+from ..backprop import EnginePlan, Unsupported, predicted_cost, run_plan
 from ..losses import CurvatureRequest, check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
@@ -305,11 +305,10 @@ _COST_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cheaper_generic(plan: EnginePlan, call: ModelCall, request: CurvatureRequest, memory_budget: int) -> Optional[str]:
-    """Why auto takes the generic method for a model the engine supports: the engine's predicted cost (in gradients,
-    backprop/cost.py) is above the generic method's, timed on this call; None where the engine is cheaper. Made
-    once per model, input shapes and loss; the generic method is timed only where the engine predicts more than
-    a tenth of a gradient per parameter entry (the generic method's least), and chosen only where the engine
-    would take more than COST_FLOOR."""
+    """Why auto takes the generic method for a model the engine supports: the engine's predicted time
+    (backprop/cost.py) is above the generic method's, timed on this call; None where the engine is cheaper. Made
+    once per model, input shapes and loss; the generic method is timed only where the engine is predicted to take
+    more than COST_FLOOR (below that, auto never trades it) and more than the generic method's floor."""
     if request.kind != "hessian" or request.per_sample:  # those the generic method takes once per sample or more
         return None
     signature = (
@@ -325,21 +324,25 @@ def _cheaper_generic(plan: EnginePlan, call: ModelCall, request: CurvatureReques
 def _cost_choice(plan: EnginePlan, call: ModelCall, memory_budget: int) -> Optional[str]:
     entries = sum(p.numel() for p in call.params if p.requires_grad)
     try:
-        gradients, columns = predicted_gradients(plan, call.inputs)
+        cost = predicted_cost(plan, call.inputs, memory_budget)
+        leaves = validation.tensor_leaves(call.inputs)
+        device, dtype = leaves[0].device, next((p.dtype for p in call.params), leaves[0].dtype)
+        engine = cost.seconds(device, dtype)
+        least_generic = cost.least_generic_seconds(entries, device, dtype)
     except Exception:  # the prediction's own forward: the call itself will say what is wrong
         return None
-    if gradients <= 0.1 * entries:
+    if engine <= max(COST_FLOOR, least_generic):  # the generic method is timed only where it could be faster
         return None
     seconds, products = _generic_timing(call, memory_budget) or (0.0, None)
     if products is None:  # the generic method cannot run here (a vmap without batching rules, no derivative)
         return None
-    engine, generic = gradients * seconds, products + seconds
-    if engine <= max(generic, COST_FLOOR):  # under half a second either way: no warning, the engine's numbers
+    generic = products + seconds
+    if engine <= generic:
         return None
     return (
-        f"the generic method is predicted faster here: the engine's {columns} columns per sample cost about "
-        f"{gradients:.0f} gradients ({_duration(engine)}), the generic method's {entries} Hessian-vector products "
-        f"{_duration(generic)} (backprop/cost.py; method='backprop' runs the engine)"
+        f"the generic method is predicted faster here: the engine's {cost.columns} columns per sample cost about "
+        f"{_duration(engine)} ({engine / max(seconds, 1e-9):.0f} gradients), the generic method's {entries} "
+        f"Hessian-vector products {_duration(generic)} (backprop/cost.py; method='backprop' runs the engine)"
     )
 
 

@@ -33,10 +33,11 @@ from .rules import rule_for
 
 _CONTRACTING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear", "__matmul__"}
 
-# Fitted on two runs of the 13 models of benchmarks/bench_cost.py (2 cores, float32; the second in
-# results/cost_cpu.md): the engine's multiply-adds run about 7 times slower than a 512 x 512 matrix product's
-# (per-sample products of small operands), and a chunk's step across one node costs about 700 tiny tensor
-# operations (about 1 ms there); with these every prediction in both runs was within 2.8x of the measured time.
+# Fitted on two runs of the 13 models of benchmarks/bench_cost.py (2 cores, float32): the engine's multiply-adds run
+# about 7 times slower than a 512 x 512 matrix product's (per-sample products of small operands), and a chunk's step
+# across one node costs about 700 tiny tensor operations (about 1 ms there). A third run, in results/cost_cpu.md,
+# came within 0.33-2.22x of the measured times (BERT's attention terms, formed by batched double backwards at the
+# node, are counted in neither).
 MULTIPLY_ADD_SLOWDOWN = 7.0
 STEP_IN_TINY_OPS = 700.0
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call (at most ~9 minutes: step limits sum to 535 s), from the repository root:
+# The whole GPU check in one device call (at most ~9.5 minutes: step limits sum to 580 s), from the repository root:
 #   build -> tests (not slow; every device-parametrised test on cuda) -> compute-sanitizer memcheck of
 #   the CUDA op tests -> kernel benchmarks -> engine benchmarks (one process, CUDA events after warm-up) ->
-#   the graph engine on ResNet-18 at batch 128 -> the SophiaDiagonal example on cuda (loss curves PNG).
+#   the graph engine on ResNet-18 at batch 128 -> one timm and one Hugging Face model (benchmarks/gpu_zoo.py)
+#   -> the SophiaDiagonal example on cuda (loss curves PNG).
 # Each step has its own time limit and reports its exit status and elapsed seconds. Everything lands
 # in $OUT as two files: summary.txt and gpu_check.tar.gz (logs, benchmark JSON and markdown).
 #   usage: bash benchmarks/gpu_check.sh [--dry-run]
 # --dry-run: on a machine without a GPU, runs the plumbing with the CUDA steps skipped and the
 # benchmarks shrunk (CPU, tiny batches); tests/test_gpu_check.py runs it so the script cannot rot.
-# BackPACK travels as wheels: bash benchmarks/fetch_gpu_wheels.sh here, then carry .gpu_wheels.
+# BackPACK, timm and transformers travel as wheels: bash benchmarks/fetch_gpu_wheels.sh here, then carry .gpu_wheels.
 set -uo pipefail
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -55,11 +56,18 @@ if [ -d .gpu_wheels ]; then
 else
   say "=== backpack-wheels: no .gpu_wheels folder (BackPACK columns will say skipped)"
 fi
+if [ "$DRY" = 0 ] && [ -d .gpu_wheels/zoo ]; then  # numpy only where the machine has none: it must match torch's
+  "$PYTHON" -c "import numpy" 2> /dev/null && ZOO_WHEELS=$(ls .gpu_wheels/zoo/*.whl | grep -v /numpy-) \
+    || ZOO_WHEELS=$(ls .gpu_wheels/zoo/*.whl)
+  # shellcheck disable=SC2086
+  step zoo-wheels 15 "$PYTHON" -m pip install --no-index --no-deps --target "$WORK/site" $ZOO_WHEELS \
+    && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ "$DRY" = 1 ]; then
   step tests 110 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -k "traps and zero_size" tests
 else
-  TAIL=6 step tests 100 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
+  TAIL=6 step tests 95 "$PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider -rA tests
   say "    tests run on cuda: $(grep -c '^PASSED.*cuda' "$WORK/tests.log") passed, $(grep -c '^SKIPPED.*cuda\|^FAILED.*cuda' "$WORK/tests.log") skipped or failed"
 fi
 
@@ -90,8 +98,11 @@ TAIL=14 step kernel-benchmarks 40 "$PYTHON" benchmarks/bench_kernels.py --device
 TAIL=12 step engine-benchmarks 60 "$PYTHON" benchmarks/bench_backprop.py --device "$DEVICE" --in-process \
   --generic-limit 2 --rounds 2 --out "$WORK" "${ENGINE_ARGS[@]}"
 # ResNet-18 (torchvision's definition, CIFAR size, eval) at batch 128: gradient, engine, BackPACK DiagGGNExact
-TAIL=6 step graph-benchmarks 70 "$PYTHON" benchmarks/bench_graph.py --device "$DEVICE" --rounds 1 --generic-limit 5 \
+TAIL=6 step graph-benchmarks 55 "$PYTHON" benchmarks/bench_graph.py --device "$DEVICE" --rounds 1 --generic-limit 5 \
   --out "$WORK" "${GRAPH_ARGS[@]}"
+# timm's ViT and Hugging Face BERT: auto without a warning, its time against a gradient, float64 exactness
+if [ "$DRY" = 1 ]; then ZOO_ARGS=(--only BERT); else ZOO_ARGS=(); fi
+TAIL=6 step zoo-models 50 "$PYTHON" benchmarks/gpu_zoo.py --device "$DEVICE" --out "$WORK" "${ZOO_ARGS[@]}"
 # the optimizer example (SophiaDiagonal vs Adam, CNN and transformer); its JSON and PNG go into the tar file
 if [ "$DRY" = 1 ]; then EXAMPLE_ARGS=(--steps 4 --train-samples 64 --test-samples 16); else EXAMPLE_ARGS=(); fi
 TAIL=5 step sophia-example 35 "$PYTHON" examples/sophia_training.py --device "$DEVICE" --out "$WORK/examples" \

@@ -20,7 +20,7 @@ def test_dry_run_leaves_a_summary_and_one_tar_file(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    for step in ("device", "build", "tests", "kernel-benchmarks", "engine-benchmarks", "sophia-example"):
+    for step in ("device", "build", "tests", "kernel-benchmarks", "engine-benchmarks", "zoo-models", "sophia-example"):
         assert f"=== {step}: ok, " in summary, summary  # each step says how it ended and how long it took
     assert "=== memcheck: skipped (dry run: no GPU)" in summary
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
@@ -32,6 +32,7 @@ def test_dry_run_leaves_a_summary_and_one_tar_file(tmp_path):
         "kernels_cpu.json",
         "backprop_cpu_batch4.json",
         "sophia_training.json",
+        "gpu_zoo_cpu.json",
     } <= names, names
 
 

@@ -10,7 +10,7 @@ rounding of the result itself).
 
     python benchmarks/bench_float32.py [--only NAME]
 
-Writes benchmarks/results/float32_cpu.json and .md.
+Writes benchmarks/results/float32_cpu.json and .md (with --only, the other models' rows are kept from the file).
 """
 
 import argparse
@@ -65,6 +65,26 @@ def models():
             if kind == "bert":
                 config = t.BertConfig(hidden_size=32, max_position_embeddings=32, num_labels=10, **common)
                 return t.BertForSequenceClassification(config)
+            if kind == "roberta":  # position ids from the padding mask (cumsum)
+                config = t.RobertaConfig(hidden_size=32, max_position_embeddings=40, num_labels=10, **common)
+                return t.RobertaForSequenceClassification(config)
+            if kind == "distilbert":
+                config = t.DistilBertConfig(
+                    vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32
+                )
+                config.num_labels = 10
+                return t.DistilBertForSequenceClassification(config)
+            if kind == "gpt2":
+                config = t.GPT2Config(
+                    vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2, num_labels=10, pad_token_id=0
+                )
+                return t.GPT2ForSequenceClassification(config)
+            if kind == "vit":
+                config = t.ViTConfig(
+                    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=10,
+                )  # fmt: skip
+                return t.ViTForImageClassification(config)
             config = t.LlamaConfig(hidden_size=32, max_position_embeddings=32, num_labels=10, pad_token_id=0, **common)
             return t.LlamaForSequenceClassification(config)
 
@@ -82,6 +102,10 @@ def models():
         "torchvision ConvNeXt (2 stages, 16-32 channels)": convnext,
         "Hugging Face BERT (2 layers, width 32), 16 tokens": hugging_face("bert"),
         "Hugging Face Llama (2 layers, width 32), 16 tokens": hugging_face("llama"),
+        "Hugging Face GPT-2 (2 layers, width 32), 16 tokens": hugging_face("gpt2"),
+        "Hugging Face RoBERTa (2 layers, width 32), 16 tokens": hugging_face("roberta"),
+        "Hugging Face DistilBERT (2 layers, width 32), 16 tokens": hugging_face("distilbert"),
+        "Hugging Face ViT (2 layers, width 32, patch 8)": hugging_face("vit"),
     }
 
 
@@ -95,7 +119,10 @@ def measure(name):
     torch.manual_seed(0)
     model = models()[name]().eval()
     y = torch.randint(0, 10, (BATCH,))
-    if name.startswith("Hugging Face"):
+    if name.startswith("Hugging Face ViT"):
+        pixels = torch.randn(BATCH, 3, 32, 32)
+        x, wide_x, loss_fn = {"pixel_values": pixels}, {"pixel_values": pixels.double()}, logits_cross_entropy
+    elif name.startswith("Hugging Face"):
         ids, mask = torch.randint(1, 100, (BATCH, 16)), torch.ones(BATCH, 16, dtype=torch.long)
         mask[1, 8:] = 0
         x, loss_fn = {"input_ids": ids, "attention_mask": mask}, logits_cross_entropy
@@ -126,27 +153,47 @@ def measure(name):
     }
 
 
+def _merged(path, rows):
+    """The rows of an earlier run at `path` with these rows in place of (or after) their namesakes, in models()'s
+    order."""
+    import json
+
+    earlier = json.load(open(path)) if os.path.exists(path) else {"meta": {}, "rows": []}
+    for row in earlier["rows"]:
+        row.setdefault("commit", earlier["meta"].get("commit", "-"))  # older files named it in their meta only
+    by_model = {row["model"]: row for row in earlier["rows"] + rows}
+    return [by_model[name] for name in models() if name in by_model]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = [measure(name) for name in models() if args.only is None or args.only.lower() in name.lower()]
     meta = cpu_run_meta(batch=BATCH, rounding_floor=ROUNDING)
+    rows = [
+        {**measure(name), "commit": meta["commit"]}
+        for name in models()
+        if args.only is None or args.only.lower() in name.lower()
+    ]
+    if args.only is not None:  # the other models' rows stay as their own runs measured them
+        rows = _merged(os.path.join(args.out, "float32_cpu.json"), rows)
     write_json(args.out, "float32_cpu.json", meta, rows)
     header = [
         "# Float32 accuracy: the engine against the generic method (errors against float64, per parameter tensor)",
         "",
-        f"Commit {meta['commit']}, cpu, torch {meta['torch']}, batch {BATCH}; the first and last parameter tensors "
-        "asked for. Worst tensor by engine error / max(generic error, 1e-7). Written by `benchmarks/bench_float32.py`.",
+        f"Commit {meta['commit']} (each row names its own: --only reruns some), cpu, torch {meta['torch']}, batch "
+        f"{BATCH}; the first and last parameter tensors asked for. Worst tensor by engine error / max(generic error, "
+        "1e-7). Written by `benchmarks/bench_float32.py`.",
         "",
     ]
-    lines = ["| model | worst tensor | engine error | generic error | ratio |", "|---|---|---|---|---|"]
+    lines = ["| model | worst tensor | engine error | generic error | ratio | commit |", "|---|---|---|---|---|---|"]
     for row in rows:
         w = row["worst"]
         lines.append(
-            f"| {row['model']} | {w['tensor']} | {w['engine']:.2e} | {w['generic']:.2e} | {row['ratio']:.1f}x |"
+            f"| {row['model']} | {w['tensor']} | {w['engine']:.2e} | {w['generic']:.2e} | {row['ratio']:.1f}x | "
+            f"{row.get('commit', '-')} |"
         )
     write_markdown(args.out, "float32_cpu.md", header, lines)
 

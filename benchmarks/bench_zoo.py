@@ -9,9 +9,9 @@ projection is reported instead); BackPACK's DiagGGNExact with its converter wher
 process per (model, method), so that the peak memory is that process's high-water mark above its state before
 the call.
 
-    python benchmarks/bench_zoo.py [--only NAME] [--generic-limit 60]
+    python benchmarks/bench_zoo.py [--only NAME] [--generic-limit 60] [--published]
 
-Writes benchmarks/results/zoo_cpu.json and .md.
+Writes benchmarks/results/zoo_cpu.json and .md (zoo_published_cpu.* with --published).
 """
 
 import argparse
@@ -124,6 +124,26 @@ def workloads():
     return {**image_models(), **text_models()}
 
 
+def published_models():
+    """Transformers at the sizes their names are published with (random weights): where the generic method's cost,
+    one Hessian-vector product per parameter entry, meets the engine's, which grows with the activations instead.
+    Run with --published; results in zoo_published_cpu.*. BERT-tiny falls back there: one attention head's
+    per-sample term is 3072 x 3072 (3 x 16 tokens x 64), 4.6 GiB for batch 8 with its eigendecompositions; with
+    memory_budget=8 GiB the engine ran past 7 minutes (stopped) against the generic method's projected 11 hours."""
+
+    def bert_tiny():  # google/bert_uncased_L-2_H-128_A-2's configuration
+        _torchvision()
+        import transformers as t
+
+        config = t.BertConfig(
+            vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+            num_labels=10,
+        )  # fmt: skip
+        return t.BertForSequenceClassification(config)
+
+    return {"Hugging Face BERT-tiny as published (2 layers, width 128, vocabulary 30522), 16 tokens": bert_tiny}
+
+
 LANGUAGE_MODEL = "Hugging Face GPT-2 LM, head tied to the embedding (2 layers, width 32), 16 tokens"
 
 
@@ -138,9 +158,9 @@ def next_token_cross_entropy(out, ids):
 
 def build(name):
     torch.manual_seed(0)
-    model = workloads()[name]().eval()
+    model = {**workloads(), **published_models()}[name]().eval()
     y = torch.randint(0, 10, (BATCH,))
-    if name in text_models():
+    if name in text_models() or name in published_models():
         ids = torch.randint(1, VOCABULARY, (BATCH, TOKENS))
         mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
         mask[1, TOKENS // 2 :] = 0  # padding in one sample
@@ -237,13 +257,14 @@ def main():
     parser.add_argument("--generic-limit", type=float, default=60.0)
     parser.add_argument("--only", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--published", action="store_true", help="the published-size transformers instead")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.generic_limit)))
         return
     rows = []
-    for name in workloads():
+    for name in published_models() if args.published else workloads():
         if args.only and args.only not in name:
             continue
         row = {"workload": name}
@@ -277,7 +298,8 @@ def write_results(rows, args):
         "memory": "peak extra bytes over the process's state before the first call (high-water mark)",
         "generic": f"stopped after 5 s when its progress projected more than {args.generic_limit:.0f} s",
     }
-    write_json(args.out, "zoo_cpu.json", meta, rows)
+    stem = "zoo_published_cpu" if args.published else "zoo_cpu"
+    write_json(args.out, f"{stem}.json", meta, rows)
     lines = [
         "| model (batch 8) | parameters | gradient | auto | generic | generic / auto | BackPACK DiagGGNExact | "
         "peak MiB gradient / auto / generic |",
@@ -301,7 +323,7 @@ def write_results(rows, args):
         f"batch {BATCH}. {meta['timing']}; {meta['generic']}. Written by `benchmarks/bench_zoo.py`.",
         "",
     ]
-    write_markdown(args.out, "zoo_cpu.md", header, lines)
+    write_markdown(args.out, f"{stem}.md", header, lines)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,10 @@ def _merged(path, rows):
     order."""
     import json
 
-    earlier = json.load(open(path)) if os.path.exists(path) else {"meta": {}, "rows": []}
+    earlier = {"meta": {}, "rows": []}
+    if os.path.exists(path):
+        with open(path) as handle:
+            earlier = json.load(handle)
     for row in earlier["rows"]:
         row.setdefault("commit", earlier["meta"].get("commit", "-"))  # older files named it in their meta only
     by_model = {row["model"]: row for row in earlier["rows"] + rows}

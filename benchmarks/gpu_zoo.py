@@ -72,7 +72,7 @@ def _as_double(x):
 
 def measure(name, device):
     from torch_secorder import explain_method, model_hessian_diagonal
-    from torch_secorder.testing import sampled_hessian_diagonal
+    from torch_secorder.testing import model_loss_of_params, sampled_hessian_diagonal
 
     torch.manual_seed(0)
     try:
@@ -94,21 +94,14 @@ def measure(name, device):
     row["auto_seconds"] = median_seconds(lambda: model_hessian_diagonal(model, loss_fn, x, y), device, 2, warmup=0)
 
     wide, wide_x = copy.deepcopy(model).double(), _as_double(x)
-    names, wide_params = zip(*wide.named_parameters())
+    wide_params = list(wide.parameters())
     actual = model_hessian_diagonal(wide, loss_fn, wide_x, y, method="backprop")
     generator = torch.Generator().manual_seed(1)
     picks = [(i, k) for i, p in enumerate(wide_params) for k in torch.randperm(p.numel(), generator=generator)[:3]]
     picks += [(i, int(a.reshape(-1).abs().argmax())) for i, a in enumerate(actual)]
 
-    def loss_of_params(*values):
-        output = (
-            torch.func.functional_call(wide, dict(zip(names, values)), args=(), kwargs=wide_x)
-            if isinstance(wide_x, dict)
-            else torch.func.functional_call(wide, dict(zip(names, values)), (wide_x,))
-        )
-        return loss_fn(output, y)
-
-    expected = sampled_hessian_diagonal(loss_of_params, list(wide_params), [(i, int(k)) for i, k in picks])
+    loss_of_params = model_loss_of_params(wide, loss_fn, wide_x, y)
+    expected = sampled_hessian_diagonal(loss_of_params, wide_params, [(i, int(k)) for i, k in picks])
     scale = max(abs(v) for v in expected.values())
     row["sampled_entries"] = len(expected)
     row["float64_relative_error"] = max(

@@ -115,3 +115,29 @@ def test_cuda_matches_cpu():
     on_gpu = model_hessian_diagonal(model.cuda(), F.cross_entropy, x.cuda(), y.cuda())
     assert all(d.device.type == "cuda" for d in on_gpu)
     assert relative_error(on_gpu, on_cpu) < 1e-10
+
+
+class KeywordModel(nn.Module):
+    """Called as model(**batch), as Hugging Face models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, features, scale):
+        return self.b(torch.tanh(self.a(features))) * scale
+
+
+def test_model_loss_of_params_takes_a_dict_batch_as_keywords():
+    """The brute force the benchmarks check the engine against: a dict batch goes in as keyword arguments, and its
+    dense Hessian diagonal is the engine's, to float64 rounding."""
+    torch.manual_seed(0)
+    model = KeywordModel().double()
+    batch = {"features": torch.randn(5, 3, dtype=torch.float64), "scale": torch.rand(5, 1, dtype=torch.float64)}
+    y = torch.randint(0, 2, (5,))
+    loss_of_params = model_loss_of_params(model, F.cross_entropy, batch, y)
+    params = list(model.parameters())
+    assert loss_of_params(*params).item() == pytest.approx(F.cross_entropy(model(**batch), y).item(), rel=1e-15)
+    expected = dense_hessian_diagonal(loss_of_params, params)
+    actual = model_hessian_diagonal(model, F.cross_entropy, batch, y, method="backprop")
+    assert relative_error(actual, expected) < 1e-12

@@ -44,15 +44,17 @@ def sampled_hessian_diagonal(loss_of_params, params, indices):
 
 
 def model_loss_of_params(model, loss_fn, inputs, targets):
-    """loss_fn(model(inputs), targets) as a function of the model's parameters (in model.parameters() order)."""
+    """loss_fn(model(inputs), targets) as a function of the model's parameters (in model.parameters() order);
+    inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs (a Hugging Face batch)."""
     names = [name for name, _ in model.named_parameters()]
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    input_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+    keywords = inputs if isinstance(inputs, dict) else {}
+    input_tuple = () if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) else (inputs,)
 
     def loss_of_params(*params):
         state = dict(zip(names, params))
         state.update({name: buffer.clone() for name, buffer in buffers.items()})
-        return loss_fn(functional_call(model, state, input_tuple), targets)
+        return loss_fn(functional_call(model, state, input_tuple, keywords), targets)
 
     return loss_of_params
 

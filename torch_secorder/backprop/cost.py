@@ -89,7 +89,8 @@ _SPEEDS_LOCK = threading.Lock()
 
 def machine_speed(device: torch.device, dtype: torch.dtype) -> Tuple[float, float]:
     """(multiply-adds per second of a 512 x 512 matrix product, seconds of one tiny tensor operation) on this
-    device and dtype, the best of three timings, measured once per process."""
+    device and dtype, the best of four timings (the first warms up; a minimum passes over it), measured once per
+    process."""
     device = torch.device(device)
     key = (str(device), dtype)
     with _SPEEDS_LOCK:
@@ -106,7 +107,7 @@ def _measure_speed(device: torch.device, dtype: torch.dtype) -> Tuple[float, flo
         a = torch.randn(size, size, device=device, dtype=dtype)
         tiny = torch.ones(64, device=device, dtype=dtype)
         product, operation = math.inf, math.inf
-        for _ in range(4):  # the first warms up
+        for _ in range(4):
             product = min(product, _timed(lambda: a @ a, device, 1))
             operation = min(operation, _timed(lambda: tiny.add(tiny), device, 100))
     return size**3 / product, operation

@@ -180,3 +180,30 @@ def test_gpt2_with_its_head_tied_to_the_embedding():
     model, batch, labels = gpt2(tied=True)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert_auto_exact(model, shifted_language_model_loss, batch, labels, per_parameter=40)
+
+
+def test_sums_of_language_model_losses_keep_their_structure():
+    """A sum of cross-entropies on the shifted logits (one with label smoothing, one scaled) plus a parameter
+    penalty: read as the losses' own factors added (losses/loss_sum.py), not as a dense per-sample Hessian of all
+    sequence x vocabulary logits; the penalty adds its own diagonal."""
+    from torch_secorder.losses.loss_sum import LossSum
+    from torch_secorder.losses.recognise import recognise
+
+    model, batch, labels = gpt2(tied=True)
+
+    def smoothed(out, labels):
+        logits = out.logits[:, :-1].reshape(-1, VOCABULARY)
+        return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, label_smoothing=0.1)
+
+    def summed(out, y):
+        return shifted_language_model_loss(out, y) - 0.25 * smoothed(out, y) / 2
+
+    def penalised(out, y):
+        return summed(out, y) + 1e-3 * sum(p.pow(2).sum() for p in model.parameters())
+
+    assert isinstance(recognise(summed, functions=True), LossSum)
+    assert_auto_exact(model, summed, batch, labels, per_parameter=20)
+    plain = model_hessian_diagonal(model, summed, batch, labels, method="backprop")
+    with_penalty = model_hessian_diagonal(model, penalised, batch, labels, method="backprop")
+    for a, b in zip(with_penalty, plain):  # the penalty's own Hessian: 2e-3 on every entry
+        torch.testing.assert_close(a - b, torch.full_like(a, 2e-3), rtol=0, atol=1e-12)

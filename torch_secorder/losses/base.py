@@ -26,7 +26,7 @@ class Loss:
     module: ClassVar[Type[nn.Module]]  # the nn loss module (exact type)
     function: ClassVar[Callable[..., Tensor]]  # its torch.nn.functional form
     option_defaults: ClassVar[dict]  # the options it takes, with PyTorch's defaults
-    class_axis: ClassVar[bool] = False  # its per-sample Hessian is C x C over a class axis (C - 1 columns)
+    class_axis: bool = False  # its per-sample Hessian is C x C over a class axis (C - 1 columns)
     # it reads log-probabilities: the engine stops below the model's final LogSoftmax (log_softmax_dim)
     reads_log_probabilities: ClassVar[bool] = False
     log_softmax_dim: int = 1  # where it does: the dim of that LogSoftmax (must be the class axis)

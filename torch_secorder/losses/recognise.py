@@ -3,7 +3,7 @@
 import functools
 import inspect
 import operator
-from typing import Callable, Dict, Optional, Tuple, Type, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union, cast
 
 import torch
 import torch.fx as fx
@@ -13,6 +13,7 @@ from .._forward_hooks import hook_reason
 from .base import Loss
 from .bce_with_logits import BCEWithLogits
 from .cross_entropy import NLL, CrossEntropy
+from .loss_sum import LossSum
 from .mse import MSE
 from .output_function import OutputFunction
 from .reading import LossReading, read
@@ -50,8 +51,13 @@ def recognise(loss_fn: object, functions: bool = False) -> Union[Loss, str]:
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
         if functions:
-            return _output_function(cast(Callable, loss_fn), f"loss {name}")
+            summed = _read_sum(loss_fn, f"loss {name}")
+            return summed if summed is not None else _output_function(cast(Callable, loss_fn), f"loss {name}")
         return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
+    return _built(kind, given, reading)
+
+
+def _built(kind: Type[Loss], given: dict, reading: Optional[LossReading]) -> Union[Loss, str]:
     options = {name: given.get(name, default) for name, default in kind.option_defaults.items()}
     if options["reduction"] not in ("mean", "sum"):
         return f"reduction={options['reduction']!r} (the loss must be a scalar: 'mean' or 'sum')"
@@ -117,23 +123,37 @@ def _spelled(path: tuple) -> str:
 _NOT_READ: Tuple[None, dict, None] = (None, {}, None)
 
 
+def _traced(loss_fn: object) -> Optional[fx.GraphModule]:
+    """loss_fn's fx trace when it is a function of two arguments fx can trace, else None."""
+    if not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
+        return None
+    try:
+        if len(inspect.signature(loss_fn).parameters) != 2:
+            return None
+        return fx.symbolic_trace(loss_fn)
+    except Exception:
+        return None
+
+
 def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict, Optional[LossReading]]:
     """(kind, its options, how it reads the output and targets) when loss_fn is a function whose body is one call
     of a supported loss function with constant options, on its two arguments (lambda out, y: F.cross_entropy(out,
     y, label_smoothing=0.1)) or on what reading.py reads from them (out.logits, sliced, reshaped); else (None, {},
     None). Traced at each call, so the options are those the function reads now."""
-    if not (inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn)):
+    traced = _traced(loss_fn)
+    if traced is None:
         return _NOT_READ
-    try:
-        if len(inspect.signature(loss_fn).parameters) != 2:
-            return _NOT_READ
-        graph = fx.symbolic_trace(loss_fn).graph
-    except Exception:
+    graph = traced.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    return _read_call(graph, output.args[0])
+
+
+def _read_call(graph: fx.Graph, call: object) -> Tuple[Optional[Type[Loss]], dict, Optional[LossReading]]:
+    """_read_function's answer for one node of the function's graph (the loss call)."""
+    if not isinstance(call, fx.Node):
         return _NOT_READ
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    output = next(node for node in graph.nodes if node.op == "output")
-    call = output.args[0]
-    kind = _BY_FUNCTION.get(getattr(call, "target", None)) if isinstance(call, fx.Node) else None
+    kind = _BY_FUNCTION.get(call.target)
     if len(placeholders) != 2 or kind is None or call.op != "call_function":
         return _NOT_READ
     try:
@@ -153,3 +173,113 @@ def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict, Optiona
     if reading is None or (kind.reads_log_probabilities and (reading.output_ops or reading.rows)):
         return _NOT_READ
     return kind, bound, reading
+
+
+# ---------------------------------------------------------------- sums of losses (loss_sum.py)
+_SUMS = {operator.add: 1.0, operator.sub: -1.0}
+_NUMBER = (int, float)
+
+
+def _terms(node: Any, weight: float, found: List[Tuple[float, Any]]) -> None:
+    """The additive terms of node as (weight, node): sums, differences, negations and products or quotients by
+    Python numbers are unfolded; anything else is a term."""
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        args = node.args
+        if node.target in _SUMS and len(args) == 2 and not node.kwargs:
+            _terms(args[0], weight, found)
+            _terms(args[1], weight * _SUMS[node.target], found)
+            return
+        if node.target is operator.neg and len(args) == 1:
+            _terms(args[0], -weight, found)
+            return
+        if node.target is operator.mul and len(args) == 2:
+            number = [a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool)]
+            other = [a for a in args if not isinstance(a, _NUMBER)]
+            if len(number) == 1 and len(other) == 1:
+                _terms(other[0], weight * float(number[0]), found)
+                return
+        if node.target is operator.truediv and len(args) == 2 and isinstance(args[1], _NUMBER) and args[1] != 0:
+            _terms(args[0], weight / float(args[1]), found)
+            return
+    found.append((weight, node))
+
+
+def _reads(node: Any, placeholder: fx.Node) -> bool:
+    """True when node is computed from placeholder (the model output)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, fx.Node) or current in seen:
+            continue
+        if current is placeholder:
+            return True
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def _read_sum(loss_fn: object, description: str) -> Optional[Loss]:
+    """A LossSum when loss_fn adds supported losses on one place of the output (read with the same ops) and terms
+    that do not read the output; None otherwise (then read by what it computes)."""
+    traced = _traced(loss_fn)
+    if traced is None:
+        return None
+    graph = traced.graph
+    output_placeholder = next(node for node in graph.nodes if node.op == "placeholder")
+    result = next(node for node in graph.nodes if node.op == "output").args[0]
+    found: List[Tuple[float, Any]] = []
+    _terms(result, 1.0, found)
+    losses, rest = [], []
+    for weight, node in found:
+        if not _reads(node, output_placeholder):
+            rest.append((weight, node))
+            continue
+        kind, given, reading = _read_call(graph, node)
+        if kind is None or kind.reads_log_probabilities:
+            return None  # a term of the output that is no known loss (NLL: the engine's output moves below it)
+        loss = _built(kind, given, reading)
+        if isinstance(loss, str):
+            return None
+        losses.append((weight, loss))
+    if not losses or (len(losses) == 1 and not rest and losses[0][0] == 1.0):
+        return None  # a single loss is read by _read_function (this one has ops it does not take)
+    layouts = {(_layout(loss.reading), loss.class_axis) for _, loss in losses}
+    if len(layouts) > 1:
+        return None  # the terms read the output differently: the engine has one output
+    return LossSum(losses, _rest_function(traced, rest), description)
+
+
+def _layout(reading: Optional[LossReading]) -> tuple:
+    """What the engine's output is for a reading: its place, its ops on the output (named apart from their fx
+    names: two loss calls in one function read through differently named copies) and its fold."""
+    if reading is None:
+        return ()
+    ops = None
+    if reading.output_ops is not None:
+        index = {node: k for k, node in enumerate(reading.output_ops.graph.nodes)}
+        ops = tuple(
+            (node.op, node.target, repr(fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")))
+            for node in reading.output_ops.graph.nodes
+        )
+    return (ops, reading.path, reading.fold)
+
+
+def _rest_function(traced: fx.GraphModule, rest: List[Tuple[float, Any]]) -> Optional[Callable]:
+    """The sum of the terms that do not read the output, as a function of (output, targets) (from the function's
+    own graph: constants it computed at trace time, a penalty on parameters, keep their autograd history)."""
+    if not rest:
+        return None
+    graph = fx.Graph()
+    copies: Dict[fx.Node, Any] = {}
+    for node in traced.graph.nodes:
+        if node.op == "output":
+            break
+        copies[node] = graph.node_copy(node, lambda n: copies[n])
+    total: Any = None
+    for weight, node in rest:
+        value = copies[node] if isinstance(node, fx.Node) else node
+        term = graph.call_function(operator.mul, (value, weight))
+        total = term if total is None else graph.call_function(operator.add, (total, term))
+    graph.output(total)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(traced, graph)

@@ -564,18 +564,29 @@ def test_a_replaced_module_is_traced_again():
     exact(model, vectors(6))
 
 
+class WideRow(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+        self.a, self.out = nn.Linear(4, 1500), nn.Linear(1500, 3)
+
+    def forward(self, x):
+        return self.out(self.function(self.a(x)))  # one row of 1,500 features
+
+
 def test_a_dense_second_order_term_beyond_the_budget_is_refused_before_any_work():
-    class WideSoftmax(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.out = nn.Linear(4, 1500), nn.Linear(1500, 3)
-
-        def forward(self, x):
-            return self.out(torch.softmax(self.a(x), dim=1))  # one row of 1,500 features: one block of 1500 x 1500
-
-    model = WideSoftmax().double()
+    model = WideRow(lambda h: F.normalize(h, dim=1)).double()  # one block of 1500 x 1500
     with pytest.raises(NotImplementedError, match="has blocks of up to 1500 x 1500 per sample"):
         model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
+
+
+def test_a_wide_softmax_has_its_term_in_closed_form():
+    """softmax over 1,500 features: unit columns and one pair per row (graph/softmax_terms.py), within a 16 MiB
+    budget where its dense block would not fit."""
+    torch.manual_seed(0)
+    model = WideRow(lambda h: torch.softmax(h, dim=1)).double()
+    assert_sampled_exact(model, F.cross_entropy, vectors(4), Y5)
+    model_hessian_diagonal(model, F.cross_entropy, vectors(4), Y5, method="backprop", memory_budget=16 << 20)
 
 
 def test_the_blocks_of_a_second_order_term_are_its_connected_groups():

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .curvature import columns_within
-from .graph import node_ops, trace
+from .graph import attention_terms, folded_residuals, node_ops, trace
 from .plan import origin_nodes
 from .rules import rule_for
 
@@ -149,17 +149,37 @@ def _graph_steps(plan: Any, inputs: tuple) -> List[tuple]:
     graph = plan.graph.for_call()
     with torch.no_grad():
         values = trace.forward(graph, plan.model, inputs)
-    steps: List[tuple] = []
+    nodes = graph.nodes[: graph.output + 1]
     origins = set(origin_nodes(graph, plan.model))
-    for index, node in enumerate(graph.nodes[: graph.output + 1]):
+    by_name = dict(plan.model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for p in by_name.values() if p.requires_grad}
+    shared = {id(p) for p in trace.shared_params(nodes, by_name, trainable)}
+    widths = {index: _origin_width(node, values) for index, node in enumerate(nodes) if index in origins}
+    for index in list(widths):  # an activation folded through the Linear below: columns start below that Linear
+        below = folded_residuals.linear_below(nodes, nodes[index], [True] * len(nodes), shared)
+        if below is not None:
+            del widths[index]
+            start = nodes.index(below)
+            widths[start] = widths.get(start, 0) + below.record.input[0].numel()
+    steps: List[tuple] = []
+    for index, node in enumerate(nodes):
         value = values.get(node.name)
         if not node.activation or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
-        curved = index in origins
-        width = sum(x[0].numel() for x in read if x.is_floating_point() and x.dim() > 0) if curved else 0
-        steps.append((_node_flops(node, value, read), width, value))
+        # a curved node's columns start at its input, below its own work; a folded one's below the Linear's
+        steps.append((_node_flops(node, value, read), widths.get(index, 0), value))
     return steps
+
+
+def _origin_width(node: Any, values: dict) -> int:
+    """The columns per sample an origin sends down."""
+    if isinstance(node.op, node_ops.AttentionOp):
+        found = node.op.closed_form(node)
+        if found is not None:  # scores' unit columns and pairs (attention_terms.py)
+            return attention_terms.term_columns(found[0])
+    read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
+    return sum(x[0].numel() for x in read if x.is_floating_point() and x.dim() > 0)
 
 
 def _node_flops(node: Any, value: torch.Tensor, read: List[torch.Tensor]) -> float:

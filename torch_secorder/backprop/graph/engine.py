@@ -20,7 +20,7 @@ from ..._errors import Unsupported
 from ..curvature import balanced_squares, columns_within
 from ..diagonals import Diagonals
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
-from . import node_ops, residuals, trace
+from . import folded_residuals, node_ops, residuals, trace
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
@@ -133,6 +133,16 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             pair_columns = _pair_columns(nodes, by_name, wanted, shared, samples, budget_columns, output, memory_budget)
             for index in curved:
                 node = nodes[index]
+                below = folded_residuals.linear_below(nodes, node, needed, {id(p) for p in shared})
+                if below is not None:  # an activation on a widening Linear: its term in closed form there
+                    params, chunks = folded_residuals.folded_terms(
+                        node, below, wanted, request.per_sample, budget_columns
+                    )
+                    for param, value in params:
+                        diagonals.add(param, value)
+                    for columns, signs in chunks:
+                        sweep(nodes, {below.inputs[0]: columns}, signs)
+                    continue
                 for left, right, signs in node.op.residual_terms(node, budget_columns, pair_columns):
                     if right is not None:
                         _sweep_pair(nodes, node, left, right, signs, needed, sweep)
@@ -246,8 +256,14 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
         if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
             signs, pull_signs = signs.to(columns.dtype), pull_signs.to(columns.dtype)
         if single and paired:
-            for param, projection in node.op.column_projections(node, columns, single):
-                add_products(param, projection)
+            direct = node.op.pair_diagonals(node, columns, signs, single, per_sample)
+            if direct is not None:  # formed by the rule (an embedding's rows, a Linear over positions)
+                for param, value in direct:
+                    known = products.get(id(param))
+                    products[id(param)] = (param, value if known is None else known[1] + value)
+            else:
+                for param, projection in node.op.column_projections(node, columns, single):
+                    add_products(param, projection)
         elif single:
             for param, value in node.op.column_diagonals(node, columns, signs, single, per_sample):
                 accumulate(param, value)
@@ -294,9 +310,12 @@ def _needed(nodes, by_name, wanted, values=None):
 
 def _pair_columns(nodes, by_name, wanted, shared, samples, columns, output, memory_budget):
     """Pairs per chunk: 2 columns each within the sweep's columns, and the per-sample projections of the node with
-    the most wanted entries (2 x N x pairs x its size) and of the shared parameters, held to the end, in budget."""
+    the most wanted entries that has no products of its own (2 x N x pairs x its size) and of the shared
+    parameters, held to the end, in budget."""
     heaviest: list = []
     for node in nodes:
+        if isinstance(node.op, node_ops.ModuleOp) and hasattr(node.op.rule, "pair_diagonals"):
+            continue  # forms the products itself, from the columns (an embedding's rows, a Linear's positions)
         tensors = [by_name[name] for name in node.params if name in by_name and id(by_name[name]) in wanted]
         if sum(t.numel() for t in tensors) > sum(t.numel() for t in heaviest):
             heaviest = tensors

@@ -32,6 +32,7 @@ from .. import eligibility
 from ..curvature import Curvature
 from ..rules import LayerRecord, PropagationContext, registered_base, rule_for
 from ..rules.columns import pull_columns
+from . import attention_terms, softmax_terms
 from .functional import attribute, module_for_call
 from .residuals import block_labels, has_second_derivative, per_sample_hessian_terms
 
@@ -81,6 +82,11 @@ class NodeOp:
         """[(parameter, its per-sample projections (N, V, *shape))] for the wanted parameters it uses: B^T c_v
         before squaring, for parameters used at several places (added over their uses, then squared)."""
         return []
+
+    def pair_diagonals(self, node, columns, signs, wanted, per_sample=False):
+        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for V pairs side by side (columns (N, 2V, D)) where the
+        op forms them without per-sample projections, else None (the engine multiplies the projections)."""
+        return None
 
     def residual_terms(self, node, max_columns, pair_columns):
         """The node's own second-order term in its inputs, as chunks (left, right, signs): right None for signed
@@ -286,6 +292,17 @@ class ModuleOp(NodeOp):
     def residual_terms(self, node, max_columns, pair_columns):
         for left, right, signs in self.rule.residual_terms(node.record, max_columns, pair_columns):
             yield {0: left}, None if right is None else {0: right}, signs
+
+    def pair_diagonals(self, node, columns, signs, wanted, per_sample=False):
+        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for V pairs side by side (columns (N, 2V, D)) where the
+        rule forms them directly (no per-sample projections of the weight), else None."""
+        if not hasattr(self.rule, "pair_diagonals"):
+            return None
+        node.record.wanted = wanted
+        width = signs.shape[1]
+        output_shape = node.record.output.shape[1:]
+        left, right = (part.reshape(part.shape[0], width, *output_shape) for part in columns.split(width, dim=1))
+        return self.rule.pair_diagonals(node.record, left, right, signs, per_sample=per_sample)
 
     def column_projections(self, node, columns, wanted):
         """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""
@@ -873,6 +890,10 @@ def make_op(fx_node, root, modules, names):
         return GenericOp(linear=True, param_args=params), qualified
     if (not is_method and target in _PRODUCT_FUNCTIONS) or (is_method and target in _PRODUCT_METHODS):
         return ProductOp(params), qualified
+    if not is_method and target is F.scaled_dot_product_attention:
+        return AttentionOp(params), qualified
+    if (not is_method and target in (F.softmax, torch.softmax)) or (is_method and target == "softmax"):
+        return SoftmaxOp(params), qualified
     return GenericOp(linear=False, param_args=params), qualified
 
 
@@ -921,7 +942,7 @@ def reading_moved(op, fx_node):
         return op
     if isinstance(op, (ReshapeOp, AddOp)):
         return GenericOp(linear=True, param_args=getattr(op, "param_args", ()))
-    if isinstance(op, ProductOp):
+    if isinstance(op, (ProductOp, AttentionOp, SoftmaxOp)):
         return GenericOp(linear=False, param_args=op.param_args)
     raise Unsupported(
         f"{fx_node.name} ({_target_name(fx_node)}) on a tensor whose batch axis was moved (no exact rule)"
@@ -1074,6 +1095,83 @@ class ProductOp(GenericOp):
 _ELEMENTWISE_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "__mul__"}
 
 
+class SoftmaxOp(GenericOp):
+    """softmax(x, dim): its second-order term in closed form (softmax_terms.py) where the call reads one input
+    along a known axis in its own dtype, else GenericOp's dense term."""
+
+    def __init__(self, param_args=()):
+        super().__init__(linear=False, param_args=param_args)
+
+    def axis(self, node):
+        """The softmax axis of the node's input (batch axis excluded), or None where the closed form does not
+        apply."""
+        fx_node = node.fx_node
+        if self.prelude or node.values is None or len(node.input_names) != 1:
+            return None
+        args = list(fx_node.args[1:])
+        dim = fx_node.kwargs.get("dim", args[0] if args else None)
+        dtype = fx_node.kwargs.get("dtype", args[2] if fx_node.target is F.softmax and len(args) > 2 else None)
+        if fx_node.target is torch.softmax or fx_node.op == "call_method":
+            dtype = fx_node.kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        dim, dtype = (node.values.get(v.name) if isinstance(v, fx.Node) else v for v in (dim, dtype))  # x.dtype
+        source = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("input")
+        x = node.values.get(getattr(source, "name", None))
+        if not isinstance(dim, int) or not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+            return None
+        if dtype is not None and dtype != x.dtype:
+            return None
+        dim = dim % x.dim()
+        return dim if dim > 0 else None
+
+    def forms_dense_term(self, node):
+        return self.axis(node) is None
+
+    def residual_terms(self, node, max_columns, pair_columns):
+        dim = self.axis(node) if node.output_grad is not None else None
+        if dim is None:
+            yield from super().residual_terms(node, max_columns, pair_columns)
+            return
+        x = node.values[node.input_names[0]]
+        yield from softmax_terms.softmax_terms(x, dim, node.output_grad, max_columns, pair_columns)
+
+
+class AttentionOp(GenericOp):
+    """F.scaled_dot_product_attention: pulled and evaluated as any call (torch.func through the math backend);
+    its second-order term in closed form (attention_terms.py) where the call is one that module reads, else the
+    dense per-sample term of GenericOp."""
+
+    def __init__(self, param_args=()):
+        super().__init__(linear=False, param_args=param_args)
+
+    def closed_form(self, node):
+        """(bound call, (query, key, value) input positions) when attention_terms computes the term, else None."""
+        fx_node = node.fx_node
+        if self.prelude or node.values is None:
+            return None
+        call = attention_terms.bound_call(fx_node.args, fx_node.kwargs)
+        qkv = ("query", "key", "value")
+        if call is None or not all(isinstance(call[n], fx.Node) and call[n].name in node.input_names for n in qkv):
+            return None  # a query that is a parameter (no columns of its own): the dense term
+        mask = call["attn_mask"]
+        if isinstance(mask, fx.Node) and node.carrying is not None and mask.name in node.input_names:
+            if node.input_names.index(mask.name) in node.carrying:
+                return None  # a mask with parameters below it (a learned bias): a term of its own, the dense one
+        positions = tuple(node.input_names.index(call[name].name) for name in qkv)
+        values = fx.node.map_arg(call, lambda n: node.values[n.name])
+        return (values, positions) if attention_terms.closed_form_applies(values) else None
+
+    def forms_dense_term(self, node):
+        return self.closed_form(node) is None
+
+    def residual_terms(self, node, max_columns, pair_columns):
+        found = self.closed_form(node) if node.output_grad is not None else None
+        if found is None:
+            yield from super().residual_terms(node, max_columns, pair_columns)
+            return
+        call, positions = found
+        yield from attention_terms.attention_terms(call, node.output_grad, positions, max_columns, pair_columns)
+
+
 __all__ = [
     "make_op",
     "NodeOp",
@@ -1082,6 +1180,8 @@ __all__ = [
     "ReshapeOp",
     "AddOp",
     "ProductOp",
+    "AttentionOp",
+    "SoftmaxOp",
     "ParamView",
     "param_view",
     "ConstantOp",

@@ -189,21 +189,24 @@ def _short(error):
 
 
 def trace(model, inputs=None):
-    """(traced graph, its tensor constants); keyword arguments with defaults (forward(self, x, mask=None)) are
-    fixed to them, as model(inputs) calls it: control flow on them is resolved at trace time. A forward that a
-    symbolic trace cannot follow is traced with values on `inputs` (a tuple of the call's positional inputs)
-    where given: a graph for inputs of that shape (value_trace.py)."""
+    """(traced graph, its tensor constants); keyword arguments with defaults (forward(self, x, mask=None)) that the
+    call does not fill are fixed to them, as model(inputs) calls it: control flow on them is resolved at trace
+    time. A forward that a symbolic trace cannot follow is traced with values on `inputs` (a tuple of the call's
+    positional inputs) where given: a graph for inputs of that shape (value_trace.py)."""
+    given = 1 if inputs is None else len(inputs)  # parameters the call fills (forward(x, memory=None) with two)
     try:
         signature = inspect.signature(model.forward)
         defaults = {
             name: parameter.default
-            for name, parameter in list(signature.parameters.items())[1:]
+            for name, parameter in list(signature.parameters.items())[given:]
             if parameter.default is not inspect.Parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
         }
     except (TypeError, ValueError):
         defaults = {}
     try:
-        return _run_tracer(_Tracer(), model, defaults)
+        graph, constants = _run_tracer(_Tracer(), model, defaults)
+        return _filled(graph, given), constants
     except Exception as error:
         symbolic = error
     if inputs is None:  # explain_method without inputs
@@ -220,6 +223,15 @@ def trace(model, inputs=None):
         raise Unsupported(
             f"a forward that torch.fx cannot trace ({_short(symbolic)}; with values: {_short(error)})"
         ) from None
+
+
+def _filled(graph, given):
+    """The graph with its first `given` placeholders as inputs: fx gives a parameter with a default (memory=None)
+    that default even where the call fills it."""
+    for position, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        if position < given and node.args:
+            node.args = ()
+    return graph
 
 
 def _run_tracer(tracer, model, defaults):

@@ -31,32 +31,56 @@ class EmbeddingRule(Rule):
         module, ids = record.module, record.input
         if not record.wants(module.weight):
             return []
-        samples = ids.shape[0]
-        vocabulary, features = module.weight.shape
-        keys = torch.arange(samples, device=ids.device).unsqueeze(1) * vocabulary + ids.reshape(samples, -1)
-        if module.padding_idx is not None:  # its row gets no gradient: no curvature either
-            keep = ids.reshape(samples, -1) != module.padding_idx
-        else:
-            keep = torch.ones_like(keys, dtype=torch.bool)
-        flat_keys = keys.reshape(-1)[keep.reshape(-1)]
-        unique, inverse = torch.unique(flat_keys, return_inverse=True)
-        rows_of = unique % vocabulary
-        sample_of = unique // vocabulary
-        total = module.weight.new_zeros(vocabulary, features)
-        positions = keys.shape[1]
+        rows = _Rows(module, ids)
+        total = module.weight.new_zeros(module.weight.shape)
         if curvature.diag is not None:
-            diag = curvature.diag.reshape(samples * positions, features)[keep.reshape(-1)]
-            total.index_add_(0, ids.reshape(-1)[keep.reshape(-1)], diag)
+            diag = curvature.diag.reshape(-1, module.weight.shape[1])[rows.keep]
+            total.index_add_(0, ids.reshape(-1)[rows.keep], diag)
         for columns, signs in curvature.column_parts():
-            width = columns.shape[1]
-            values = columns.reshape(samples, width, positions, features).transpose(0, 1)  # (V, N, T, E)
-            values = values.reshape(width, samples * positions, features)[:, keep.reshape(-1)]
-            sums = values.new_zeros(width, unique.numel(), features).index_add_(1, inverse, values)
+            sums = rows.projections(columns)
             squared = sums * sums
             if signs is not None:
-                squared = squared * signs.transpose(0, 1)[:, sample_of].unsqueeze(2)
-            total.index_add_(0, rows_of, squared.sum(0))
+                squared = squared * signs.transpose(0, 1)[:, rows.sample_of].unsqueeze(2)
+            total.index_add_(0, rows.rows_of, squared.sum(0))
         return [(module.weight, total)]
+
+    def pair_diagonals(self, record, left, right, signs, per_sample=False):
+        """[(weight, 2 sum_v s_v P_v(l) P_v(r))] for pairs of columns, with the same compact projections."""
+        module, ids = record.module, record.input
+        if not record.wants(module.weight):
+            return []
+        if per_sample:
+            return [
+                (module.weight, torch.stack([self.pair_diagonals(record.sample(n), left[n : n + 1], right[n : n + 1],
+                                                                 signs[n : n + 1])[0][1] for n in range(ids.shape[0])]))
+            ]  # fmt: skip
+        rows = _Rows(module, ids)
+        products = 2 * rows.projections(left) * rows.projections(right)
+        products = products * signs.transpose(0, 1)[:, rows.sample_of].unsqueeze(2)
+        total = module.weight.new_zeros(module.weight.shape)
+        return [(module.weight, total.index_add_(0, rows.rows_of, products.sum(0)))]
 
     def propagate(self, record, curvature, context):
         raise NotImplementedError("nothing lies below an embedding: its input is integer indices")
+
+
+class _Rows:
+    """The (sample, row) pairs a batch of ids reads, and columns projected onto them: per sample, the sum of the
+    column over the positions reading each row (padding_idx's row gets no gradient: no curvature either)."""
+
+    def __init__(self, module, ids):
+        samples = ids.shape[0]
+        self.vocabulary, self.features = module.weight.shape
+        keys = torch.arange(samples, device=ids.device).unsqueeze(1) * self.vocabulary + ids.reshape(samples, -1)
+        keep = ids.reshape(samples, -1) != module.padding_idx if module.padding_idx is not None else None
+        self.keep = torch.ones_like(keys, dtype=torch.bool).reshape(-1) if keep is None else keep.reshape(-1)
+        unique, self.inverse = torch.unique(keys.reshape(-1)[self.keep], return_inverse=True)
+        self.rows_of, self.sample_of = unique % self.vocabulary, unique // self.vocabulary
+        self.count, self.samples, self.positions = unique.numel(), samples, keys.shape[1]
+
+    def projections(self, columns):
+        """(V, rows read, features) from columns (N, V, positions x features)."""
+        width = columns.shape[1]
+        values = columns.reshape(self.samples, width, self.positions, self.features).transpose(0, 1)
+        values = values.reshape(width, self.samples * self.positions, self.features)[:, self.keep]
+        return values.new_zeros(width, self.count, self.features).index_add_(1, self.inverse, values)

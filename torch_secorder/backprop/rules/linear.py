@@ -73,6 +73,26 @@ class LinearRule(Rule):
             results.append((module.bias, bias))
         return results
 
+    def pair_diagonals(self, record, left, right, signs, per_sample=False):
+        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for pairs of columns (N, V, *out) at the output, without
+        per-sample projections of the weight: over positions p, q the product is sum_{p, q} A[o, p, q] x_p x_q
+        with A[o, p, q] = sum_v s_v l_vpo r_vqo (N O P^2 entries, where the projections take N V O K)."""
+        module, x = record.module, record.input
+        samples, width = left.shape[:2]
+        inputs = x.reshape(samples, -1, x.shape[-1])  # (N, P, K)
+        positions = inputs.shape[1]
+        signed = left.reshape(samples, width, positions, -1) * signs.reshape(samples, width, 1, 1)
+        other = right.reshape(samples, width, positions, -1)
+        reduce = "n" if per_sample else ""
+        results = []
+        if record.wants(module.weight):
+            coupling = torch.matmul(signed.permute(0, 3, 2, 1), other.permute(0, 3, 1, 2))  # (N, O, P, P)
+            mixed = torch.matmul(coupling, inputs.unsqueeze(1))  # (N, O, P, K)
+            results.append((module.weight, 2 * torch.einsum(f"nopk,npk->{reduce}ok", mixed, inputs)))
+        if module.bias is not None and record.wants(module.bias):
+            results.append((module.bias, 2 * torch.einsum(f"nvo,nvo->{reduce}o", signed.sum(2), other.sum(2))))
+        return results
+
     def propagate(self, record, curvature, context):
         max_columns = context.max_columns
         module, x = record.module, record.input

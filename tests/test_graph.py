@@ -398,9 +398,19 @@ def test_hooks_anywhere_step_aside():
 
 
 # ---------------------------------------------------------------- random graphs
+class Activation(nn.Module):
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return RandomGraph.ACTIVATIONS[self.index](x)
+
+
 class RandomGraph(nn.Module):
-    """A random program over tensors of width 4: residual sums, concatenations, gates, norms, activations, and an
-    earlier step's layer used again (its weights tied across two places, the second possibly fed by the first)."""
+    """A random program over tensors of width 4: residual sums, concatenations, gates, norms, activations, MLPs that
+    widen, softmax, attention over two tokens, and an earlier step's layer used again (its weights tied across two
+    places, the second possibly fed by the first)."""
 
     ACTIVATIONS = [torch.tanh, torch.sigmoid, F.relu, F.gelu, F.softplus, F.silu]
 
@@ -412,6 +422,7 @@ class RandomGraph(nn.Module):
         for step in range(steps):
             kind = rng.choice(
                 ["linear", "add", "cat", "gate", "norm", "scale", "sub", "divide", "mean-product", "moved", "reuse"]
+                + ["widen", "softmax", "attention"]
             )
             a = rng.randrange(step + 1)
             b = rng.randrange(step + 1)
@@ -429,6 +440,10 @@ class RandomGraph(nn.Module):
                 self.layers.append(nn.Linear(2 * width, width))
             elif kind == "norm":
                 self.layers.append(nn.LayerNorm(width))
+            elif kind == "widen":  # a transformer's MLP: the activation's term folds through the first Linear
+                self.layers.append(
+                    nn.Sequential(nn.Linear(width, 3 * width), Activation(activation), nn.Linear(3 * width, width))
+                )
             else:
                 self.layers.append(nn.Linear(width, width))
             self.program.append((kind, a, b, activation))
@@ -456,6 +471,14 @@ class RandomGraph(nn.Module):
                 out = layer(values[a]) * values[b].mean(1, keepdim=True)
             elif kind == "reuse":
                 out = f(self.layers[b](values[a]))
+            elif kind == "widen":
+                out = values[a] + layer(values[b])
+            elif kind == "softmax":
+                out = layer(values[a]).softmax(dim=1) * values[b]
+            elif kind == "attention":  # two tokens of width 2; queries from one value, keys and values from another
+                n = values[a].shape[0]
+                q, k = layer(values[a]).reshape(n, 2, 2), values[b].reshape(n, 2, 2)
+                out = F.scaled_dot_product_attention(q, k, f(k)).reshape(n, 4)
             elif kind == "moved":  # the batch axis moved to 1 and back by indexing
                 out = f(layer(values[a])).unsqueeze(2).permute(2, 0, 1)[0] * values[b]
             else:

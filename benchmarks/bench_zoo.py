@@ -127,9 +127,9 @@ def workloads():
 def published_models():
     """Transformers at the sizes their names are published with (random weights): where the generic method's cost,
     one Hessian-vector product per parameter entry, meets the engine's, which grows with the activations instead.
-    Run with --published; results in zoo_published_cpu.*. BERT-tiny falls back there: one attention head's
-    per-sample term is 3072 x 3072 (3 x 16 tokens x 64), 4.6 GiB for batch 8 with its eigendecompositions; with
-    memory_budget=8 GiB the engine ran past 7 minutes (stopped) against the generic method's projected 11 hours."""
+    Run with --published; results in zoo_published_cpu.*. BERT-tiny runs on the engine (attention's term in closed
+    form: graph/attention_terms.py); it fell back while one attention head's per-sample term was formed as a dense
+    3072 x 3072 block (3 x 16 tokens x 64), 4.6 GiB for batch 8 with its eigendecompositions."""
 
     def bert_tiny():  # google/bert_uncased_L-2_H-128_A-2's configuration
         _torchvision()

@@ -127,9 +127,10 @@ def _timed(work, device: torch.device, repeats: int) -> float:
 def _loss_columns(plan: Any, output: Any) -> int:
     if not isinstance(output, torch.Tensor) or output.dim() == 0:
         return 1
+    terms = len(getattr(plan.loss, "terms", ())) or 1  # a sum of losses: each brings its own (losses/loss_sum.py)
     if plan.loss.class_axis:
-        return (output.shape[1] - 1) * math.prod(output.shape[2:]) if output.dim() > 1 else 1
-    return output[0].numel()
+        return terms * ((output.shape[1] - 1) * math.prod(output.shape[2:]) if output.dim() > 1 else 1)
+    return terms * output[0].numel()
 
 
 def _chain_steps(plan: Any, inputs: tuple) -> List[tuple]:

@@ -95,3 +95,21 @@ def test_float32_as_accurate_as_the_unit_columns(monkeypatch):
     unfolded = model_hessian_diagonal(model, F.cross_entropy, x, Y5, method="backprop")
     error = relative_error([d.double() for d in folded], exact)
     assert error < max(10 * relative_error([d.double() for d in unfolded], exact), 1e-6), error
+
+
+class NormOnWideningLinear(nn.Module):
+    """A LayerNorm (a curved node whose term is no diagonal) right on a widening Linear: never folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.head = nn.Linear(3, 12), nn.LayerNorm(12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.ln(self.fc1(x)).mean(1))
+
+
+def test_a_layer_norm_on_a_widening_linear_keeps_its_own_term(folds):
+    torch.manual_seed(0)
+    model = NormOnWideningLinear().double().eval()
+    assert_backprop_exact(model, F.cross_entropy, torch.randn(5, 6, 3, dtype=torch.float64), Y5)
+    assert folds == []

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .curvature import columns_within
-from .graph import attention_terms, folded_residuals, node_ops, trace
+from .graph import attention_terms, elementwise_regions, folded_residuals, node_ops, trace
 from .plan import origin_nodes
 from .rules import rule_for
 
@@ -156,8 +156,17 @@ def _graph_steps(plan: Any, inputs: tuple) -> List[tuple]:
     trainable = {id(p) for p in by_name.values() if p.requires_grad}
     shared = {id(p) for p in trace.shared_params(nodes, by_name, trainable)}
     widths = {index: _origin_width(node, values) for index, node in enumerate(nodes) if index in origins}
+    everywhere = [True] * len(nodes)
+    for region in elementwise_regions.find_regions(nodes, sorted(origins), values):  # one diagonal at its input
+        for member in region.members:
+            widths.pop(member, None)
+        below = folded_residuals.widening_linear(nodes[region.source], everywhere, shared)
+        start = region.members[0] if below is None else region.source  # born above the source, or folded below it
+        widths[start] = (
+            widths.get(start, 0) + values[nodes[region.source if below is None else below.inputs[0]].name][0].numel()
+        )
     for index in list(widths):  # an activation folded through the Linear below: columns start below that Linear
-        below = folded_residuals.linear_below(nodes, nodes[index], [True] * len(nodes), shared)
+        below = folded_residuals.linear_below(nodes, nodes[index], everywhere, shared)
         if below is not None:
             del widths[index]
             start = nodes.index(below)

@@ -17,10 +17,10 @@ from typing import List
 import torch
 
 from ..._errors import Unsupported
-from ..curvature import balanced_squares, columns_within
+from ..curvature import balanced_squares, columns_within, diagonal_columns
 from ..diagonals import Diagonals
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
-from . import folded_residuals, node_ops, residuals, trace
+from . import elementwise_regions, folded_residuals, node_ops, residuals, trace
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
@@ -82,7 +82,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             return loss_value, empty.result()
         curved = [i for i in curved if _differentiable(values[nodes[i].name])]
         tied = [(name, param, i) for name, param, i in tied if _differentiable(values[nodes[i].name])]
-        graded = sorted(set(curved) | {index for _, _, index in tied})  # the nodes that need dloss/doutput
+        # activations written as expressions: one elementwise function, one diagonal term at its input
+        regions = elementwise_regions.find_regions(nodes, curved, values)
+        inside = {member for region in regions for member in region.members}
+        curved = [i for i in curved if i not in inside]
+        graded = sorted(set(curved) | {index for _, _, index in tied} | {region.top for region in regions})
         if graded:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in graded], allow_unused=True)
             for index, grad in zip(graded, grads):
@@ -131,6 +135,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 if needed[plan.output]:
                     sweep(nodes, {plan.output: columns.clone()}, signs)
             pair_columns = _pair_columns(nodes, by_name, wanted, shared, samples, budget_columns, output, memory_budget)
+            for region in regions:
+                if needed[region.source]:
+                    _sweep_region(
+                        nodes, region, values, needed, wanted, shared, request, diagonals, sweep, budget_columns
+                    )
             for index in curved:
                 node = nodes[index]
                 below = folded_residuals.linear_below(nodes, node, needed, {id(p) for p in shared})
@@ -153,6 +162,23 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             for name, param, index in tied:
                 _mixed_terms(nodes, index, name, param, sweep, by_name, values, budget_columns, memory_budget)
     return loss_value, diagonals.result()
+
+
+def _sweep_region(nodes, region, values, needed, wanted, shared, request, diagonals, sweep, max_columns):
+    """An elementwise region's term diag(g * f''(x)) at its input x (elementwise_regions.py): folded through a
+    widening Linear below x, else as unit columns."""
+    r = nodes[region.top].output_grad * elementwise_regions.second_derivative(nodes, region, values)
+    source = nodes[region.source]
+    below = folded_residuals.widening_linear(source, needed, {id(p) for p in shared})
+    if below is not None:
+        params, chunks = folded_residuals.diagonal_folded(r, below, wanted, request.per_sample, max_columns)
+        for param, value in params:
+            diagonals.add(param, value)
+        for columns, signs in chunks:
+            sweep(nodes, {below.inputs[0]: columns}, signs)
+        return
+    for columns, signs in diagonal_columns(r.reshape(r.shape[0], -1), max_columns):
+        sweep(nodes, {region.source: columns}, signs)
 
 
 def _mixed_terms(nodes, index, name, param, sweep, by_name, values, max_columns, memory_budget):

@@ -17,6 +17,7 @@ only (a tied weight's projections must be summed over its uses before squaring: 
 import torch
 
 from ..curvature import Curvature, symmetric_eigen
+from ..rules.elementwise import ElementwiseRule
 from . import node_ops
 
 # an eigenvalue below this fraction of the largest is rounding noise of an exact zero
@@ -28,9 +29,13 @@ _WIDEST_INPUT = 512
 def linear_below(nodes, node, needed, shared):
     """The Linear node below an elementwise curved node whose term folds through it (see the module), or None."""
     op = node.op
-    if not isinstance(op, node_ops.ModuleOp) or not hasattr(op.rule, "residual_diagonal") or len(node.inputs) != 1:
-        return None
-    below = nodes[node.inputs[0]]
+    if not isinstance(op, node_ops.ModuleOp) or not isinstance(op.rule, ElementwiseRule) or len(node.inputs) != 1:
+        return None  # only an elementwise rule's whole term is its residual diagonal (LayerNorm's is not)
+    return widening_linear(nodes[node.inputs[0]], needed, shared)
+
+
+def widening_linear(below, needed, shared):
+    """below when it is a Linear a diagonal term at its output folds through, else None."""
     if not isinstance(below.op, node_ops.ModuleOp) or not isinstance(below.op.module, torch.nn.Linear):
         return None
     if below.record is None or len(below.inputs) != 1 or not needed[below.inputs[0]] or below.op.batch_from:
@@ -49,6 +54,11 @@ def folded_terms(node, below, wanted, per_sample, max_columns):
     r = node.op.rule.residual_diagonal(node.record)
     if r is None:
         return [], iter(())
+    return diagonal_folded(r, below, wanted, per_sample, max_columns)
+
+
+def diagonal_folded(r, below, wanted, per_sample, max_columns):
+    """folded_terms for a diagonal term diag(r) at the output of `below` (widening_linear)."""
     record = below.record
     record.wanted = wanted
     output = record.output
@@ -82,4 +92,4 @@ def _input_columns(x, weight, r, max_columns):
         yield columns.reshape(samples, count, -1), signs[:, position, k]
 
 
-__all__ = ["folded_terms", "linear_below"]
+__all__ = ["diagonal_folded", "folded_terms", "linear_below", "widening_linear"]

@@ -35,13 +35,13 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(n, length, -1).mean(1))
 
 
-def _dense_terms(monkeypatch):
-    """The AttentionOps that formed the dense per-sample term (GenericOp's) during the test."""
+def _dense_terms(monkeypatch, kind=node_ops.AttentionOp):
+    """The nodes of that kind that formed the dense per-sample term (GenericOp's) during the test."""
     dense = []
     original = node_ops.GenericOp.residual_terms
 
     def spy(self, node, *args):
-        if isinstance(self, node_ops.AttentionOp):
+        if isinstance(self, kind):
             dense.append(node.name)
         yield from original(self, node, *args)
 
@@ -169,15 +169,7 @@ class ExplicitAttention(nn.Module):
 
 @pytest.mark.parametrize("form", ["method", "torch", "functional-other-axis"])
 def test_explicit_softmax_exact_in_closed_form(form, monkeypatch):
-    dense = []
-    original = node_ops.GenericOp.residual_terms
-
-    def spy(self, node, *args):
-        if isinstance(self, node_ops.SoftmaxOp):
-            dense.append(node.name)
-        yield from original(self, node, *args)
-
-    monkeypatch.setattr(node_ops.GenericOp, "residual_terms", spy)
+    dense = _dense_terms(monkeypatch, node_ops.SoftmaxOp)
     torch.manual_seed(0)
     model = ExplicitAttention(form).double().eval()
     assert_backprop_exact(model, F.cross_entropy, torch.randn(3, 5, 6, dtype=torch.float64), Y3)

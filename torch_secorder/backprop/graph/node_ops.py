@@ -942,7 +942,7 @@ def reading_moved(op, fx_node):
         return op
     if isinstance(op, (ReshapeOp, AddOp)):
         return GenericOp(linear=True, param_args=getattr(op, "param_args", ()))
-    if isinstance(op, (ProductOp, AttentionOp, SoftmaxOp)):
+    if isinstance(op, (ProductOp, ClosedFormOp)):
         return GenericOp(linear=False, param_args=op.param_args)
     raise Unsupported(
         f"{fx_node.name} ({_target_name(fx_node)}) on a tensor whose batch axis was moved (no exact rule)"
@@ -1095,16 +1095,36 @@ class ProductOp(GenericOp):
 _ELEMENTWISE_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "__mul__"}
 
 
-class SoftmaxOp(GenericOp):
-    """softmax(x, dim): its second-order term in closed form (softmax_terms.py) where the call reads one input
-    along a known axis in its own dtype, else GenericOp's dense term."""
+class ClosedFormOp(GenericOp):
+    """A curved call whose second-order term has a closed form where closed_form(node) reads the call (it returns
+    what closed_terms needs), else GenericOp's dense per-sample term."""
 
     def __init__(self, param_args=()):
         super().__init__(linear=False, param_args=param_args)
 
-    def axis(self, node):
-        """The softmax axis of the node's input (batch axis excluded), or None where the closed form does not
-        apply."""
+    def closed_form(self, node):
+        return None
+
+    def closed_terms(self, node, found, max_columns, pair_columns):
+        raise NotImplementedError
+
+    def forms_dense_term(self, node):
+        return self.closed_form(node) is None
+
+    def residual_terms(self, node, max_columns, pair_columns):
+        found = self.closed_form(node) if node.output_grad is not None else None
+        if found is None:
+            yield from super().residual_terms(node, max_columns, pair_columns)
+        else:
+            yield from self.closed_terms(node, found, max_columns, pair_columns)
+
+
+class SoftmaxOp(ClosedFormOp):
+    """softmax(x, dim): its term in closed form (softmax_terms.py) where the call reads one input along a known axis
+    in its own dtype."""
+
+    def closed_form(self, node):
+        """The softmax axis of the node's input (batch axis excluded), or None."""
         fx_node = node.fx_node
         if self.prelude or node.values is None or len(node.input_names) != 1:
             return None
@@ -1123,25 +1143,14 @@ class SoftmaxOp(GenericOp):
         dim = dim % x.dim()
         return dim if dim > 0 else None
 
-    def forms_dense_term(self, node):
-        return self.axis(node) is None
-
-    def residual_terms(self, node, max_columns, pair_columns):
-        dim = self.axis(node) if node.output_grad is not None else None
-        if dim is None:
-            yield from super().residual_terms(node, max_columns, pair_columns)
-            return
+    def closed_terms(self, node, found, max_columns, pair_columns):
         x = node.values[node.input_names[0]]
-        yield from softmax_terms.softmax_terms(x, dim, node.output_grad, max_columns, pair_columns)
+        return softmax_terms.softmax_terms(x, found, node.output_grad, max_columns, pair_columns)
 
 
-class AttentionOp(GenericOp):
+class AttentionOp(ClosedFormOp):
     """F.scaled_dot_product_attention: pulled and evaluated as any call (torch.func through the math backend);
-    its second-order term in closed form (attention_terms.py) where the call is one that module reads, else the
-    dense per-sample term of GenericOp."""
-
-    def __init__(self, param_args=()):
-        super().__init__(linear=False, param_args=param_args)
+    its term in closed form (attention_terms.py) where the call is one that module reads."""
 
     def closed_form(self, node):
         """(bound call, (query, key, value) input positions) when attention_terms computes the term, else None."""
@@ -1160,16 +1169,9 @@ class AttentionOp(GenericOp):
         values = fx.node.map_arg(call, lambda n: node.values[n.name])
         return (values, positions) if attention_terms.closed_form_applies(values) else None
 
-    def forms_dense_term(self, node):
-        return self.closed_form(node) is None
-
-    def residual_terms(self, node, max_columns, pair_columns):
-        found = self.closed_form(node) if node.output_grad is not None else None
-        if found is None:
-            yield from super().residual_terms(node, max_columns, pair_columns)
-            return
+    def closed_terms(self, node, found, max_columns, pair_columns):
         call, positions = found
-        yield from attention_terms.attention_terms(call, node.output_grad, positions, max_columns, pair_columns)
+        return attention_terms.attention_terms(call, node.output_grad, positions, max_columns, pair_columns)
 
 
 __all__ = [
@@ -1180,6 +1182,7 @@ __all__ = [
     "ReshapeOp",
     "AddOp",
     "ProductOp",
+    "ClosedFormOp",
     "AttentionOp",
     "SoftmaxOp",
     "ParamView",

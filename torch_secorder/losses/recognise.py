@@ -45,13 +45,14 @@ def recognise(loss_fn: object, functions: bool = False) -> Union[Loss, str]:
             if unknown:
                 return f"loss option(s) {sorted(unknown)} of {kind.function.__name__}"
             given = keywords
-    reading = None
+    reading, traced = None, None
     if kind is None and not isinstance(loss_fn, nn.Module):
-        kind, given, reading = _read_function(loss_fn)
+        traced = _traced(loss_fn)  # once: a sum of losses is read from the same trace
+        kind, given, reading = _read_function(traced)
     if kind is None:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", repr(loss_fn))
         if functions:
-            summed = _read_sum(loss_fn, f"loss {name}")
+            summed = _read_sum(traced, f"loss {name}")
             return summed if summed is not None else _output_function(cast(Callable, loss_fn), f"loss {name}")
         return f"loss {name} (supported: MSE, cross-entropy, BCE-with-logits, NLL after LogSoftmax)"
     return _built(kind, given, reading)
@@ -135,12 +136,11 @@ def _traced(loss_fn: object) -> Optional[fx.GraphModule]:
         return None
 
 
-def _read_function(loss_fn: object) -> Tuple[Optional[Type[Loss]], dict, Optional[LossReading]]:
-    """(kind, its options, how it reads the output and targets) when loss_fn is a function whose body is one call
+def _read_function(traced: Optional[fx.GraphModule]) -> Tuple[Optional[Type[Loss]], dict, Optional[LossReading]]:
+    """(kind, its options, how it reads the output and targets) when the loss function (traced: _traced) is one call
     of a supported loss function with constant options, on its two arguments (lambda out, y: F.cross_entropy(out,
     y, label_smoothing=0.1)) or on what reading.py reads from them (out.logits, sliced, reshaped); else (None, {},
     None). Traced at each call, so the options are those the function reads now."""
-    traced = _traced(loss_fn)
     if traced is None:
         return _NOT_READ
     graph = traced.graph
@@ -218,10 +218,9 @@ def _reads(node: Any, placeholder: fx.Node) -> bool:
     return False
 
 
-def _read_sum(loss_fn: object, description: str) -> Optional[Loss]:
-    """A LossSum when loss_fn adds supported losses on one place of the output (read with the same ops) and terms
-    that do not read the output; None otherwise (then read by what it computes)."""
-    traced = _traced(loss_fn)
+def _read_sum(traced: Optional[fx.GraphModule], description: str) -> Optional[Loss]:
+    """A LossSum when the loss function (traced: _traced) adds supported losses on one place of the output (read
+    with the same ops) and terms that do not read the output; None otherwise (then read by what it computes)."""
     if traced is None:
         return None
     graph = traced.graph

@@ -123,11 +123,12 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             curvature = output_origin(
                 request, loss, output.detach(), targets, loss_fn, max_columns=None, memory_budget=memory_budget
             )
+            shared_ids = frozenset(id(p) for p in shared)
             sweep = functools.partial(
                 _sweep,
                 needed=needed,
                 wanted=wanted,
-                shared=frozenset(id(p) for p in shared),
+                shared=shared_ids,
                 accumulate=diagonals.add,
                 per_sample=request.per_sample,
             )
@@ -138,19 +139,14 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
             for region in regions:
                 if needed[region.source]:
                     _sweep_region(
-                        nodes, region, values, needed, wanted, shared, request, diagonals, sweep, budget_columns
+                        nodes, region, values, needed, wanted, shared_ids, request, diagonals, sweep, budget_columns
                     )
             for index in curved:
                 node = nodes[index]
-                below = folded_residuals.linear_below(nodes, node, needed, {id(p) for p in shared})
+                below = folded_residuals.linear_below(nodes, node, needed, shared_ids)
                 if below is not None:  # an activation on a widening Linear: its term in closed form there
-                    params, chunks = folded_residuals.folded_terms(
-                        node, below, wanted, request.per_sample, budget_columns
-                    )
-                    for param, value in params:
-                        diagonals.add(param, value)
-                    for columns, signs in chunks:
-                        sweep(nodes, {below.inputs[0]: columns}, signs)
+                    folded = folded_residuals.folded_terms(node, below, wanted, request.per_sample, budget_columns)
+                    _add_folded(nodes, below, folded, diagonals, sweep)
                     continue
                 for left, right, signs in node.op.residual_terms(node, budget_columns, pair_columns):
                     if right is not None:
@@ -164,18 +160,24 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     return loss_value, diagonals.result()
 
 
-def _sweep_region(nodes, region, values, needed, wanted, shared, request, diagonals, sweep, max_columns):
+def _add_folded(nodes, below, folded, diagonals, sweep):
+    """A term folded through the Linear `below` (folded_residuals.py): its parameter terms added, its columns swept
+    from the Linear's input."""
+    params, chunks = folded
+    for param, value in params:
+        diagonals.add(param, value)
+    for columns, signs in chunks:
+        sweep(nodes, {below.inputs[0]: columns}, signs)
+
+
+def _sweep_region(nodes, region, values, needed, wanted, shared_ids, request, diagonals, sweep, max_columns):
     """An elementwise region's term diag(g * f''(x)) at its input x (elementwise_regions.py): folded through a
     widening Linear below x, else as unit columns."""
     r = nodes[region.top].output_grad * elementwise_regions.second_derivative(nodes, region, values)
-    source = nodes[region.source]
-    below = folded_residuals.widening_linear(source, needed, {id(p) for p in shared})
+    below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids)
     if below is not None:
-        params, chunks = folded_residuals.diagonal_folded(r, below, wanted, request.per_sample, max_columns)
-        for param, value in params:
-            diagonals.add(param, value)
-        for columns, signs in chunks:
-            sweep(nodes, {below.inputs[0]: columns}, signs)
+        folded = folded_residuals.diagonal_folded(r, below, wanted, request.per_sample, max_columns)
+        _add_folded(nodes, below, folded, diagonals, sweep)
         return
     for columns, signs in diagonal_columns(r.reshape(r.shape[0], -1), max_columns):
         sweep(nodes, {region.source: columns}, signs)
@@ -268,10 +270,12 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
     projections: dict = {}  # id(shared parameter) -> (parameter, the sum of its projections so far)
     products: dict = {}  # paired: id(parameter) -> (parameter, its products so far)
 
-    def add_products(param, projection):
-        value = _pair_products(projection, signs, per_sample)
+    def add_product(param, value):
         known = products.get(id(param))
         products[id(param)] = (param, value if known is None else known[1] + value)
+
+    def add_products(param, projection):
+        add_product(param, _pair_products(projection, signs, per_sample))
 
     pull_signs = signs if not paired else torch.cat([signs, signs], dim=1)
     for index in range(max(births), -1, -1):
@@ -285,8 +289,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
             direct = node.op.pair_diagonals(node, columns, signs, single, per_sample)
             if direct is not None:  # formed by the rule (an embedding's rows, a Linear over positions)
                 for param, value in direct:
-                    known = products.get(id(param))
-                    products[id(param)] = (param, value if known is None else known[1] + value)
+                    add_product(param, value)
             else:
                 for param, projection in node.op.column_projections(node, columns, single):
                     add_products(param, projection)

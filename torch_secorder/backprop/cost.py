@@ -13,10 +13,12 @@ parameter's projections are formed on the way. Two things cost:
 
 The two are priced on this machine by timing a large matrix product and a tiny tensor operation once per device
 and dtype (a few milliseconds). A column from a curved node crosses the nodes before it in the graph's order (its
-ancestors, and a few others: an upper bound). Measured against the engine on the benchmark models in
-benchmarks/results/cost_cpu.md.
+ancestors, and a few others: an upper bound) down to the first cut below it where the engine merges the origins
+(graph/merges.py), which adds its Gram products and eigendecompositions. The counts come from graph/counts.py.
+Measured against the engine on the benchmark models in benchmarks/results/cost_cpu.md.
 """
 
+import itertools
 import math
 import threading
 import time
@@ -24,14 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
-import torch.nn as nn
 
 from .curvature import columns_within
-from .graph import attention_terms, elementwise_regions, folded_residuals, node_ops, trace
+from .graph import engine, merges, trace
+from .graph.counts import graph_counts, is_step, loss_columns_of, module_flops
 from .plan import origin_nodes
 from .rules import rule_for
-
-_CONTRACTING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "linear", "__matmul__"}
 
 # Fitted on two runs of the 13 models of benchmarks/bench_cost.py (2 cores, float32): the engine's multiply-adds run
 # about 7 times slower than a 512 x 512 matrix product's (per-sample products of small operands), and a chunk's step
@@ -48,6 +48,7 @@ class EngineCost:
     steps: int  # chunks of columns times the nodes each crosses
     columns: int  # per sample, over all origins
     forward_multiply_adds: float = 0.0  # one forward pass of the batch
+    merge_multiply_adds: float = 0.0  # merges' Gram products and eigendecompositions, priced as sweeps' (merges.py)
 
     def least_generic_seconds(self, entries: int, device: torch.device, dtype: torch.dtype) -> float:
         """A floor under the generic method's time: its Hessian-vector products, one per parameter entry, batched,
@@ -58,29 +59,74 @@ class EngineCost:
     def seconds(self, device: torch.device, dtype: torch.dtype) -> float:
         """The predicted time of the engine on this device and dtype."""
         rate, tiny = machine_speed(device, dtype)
-        return MULTIPLY_ADD_SLOWDOWN * self.multiply_adds / rate + STEP_IN_TINY_OPS * tiny * self.steps
+        work = self.multiply_adds + self.merge_multiply_adds
+        return MULTIPLY_ADD_SLOWDOWN * work / rate + STEP_IN_TINY_OPS * tiny * self.steps
 
 
 def predicted_cost(plan: Any, inputs: tuple, memory_budget: int) -> EngineCost:
     """The engine's work for an EnginePlan on these inputs (chunked as memory_budget makes it)."""
-    graph = plan.layers is None
-    steps = _graph_steps(plan, inputs) if graph else _chain_steps(plan, inputs)
+    if plan.layers is None:
+        return _graph_cost(plan, inputs, memory_budget)
+    steps = _chain_steps(plan, inputs)
     if not steps:
         return EngineCost(0.0, 0, 0)
-    samples = max(1, steps[-1][2].shape[0] if steps[-1][2].dim() > 0 else 1)
-    widest = max((step[2][0].numel() for step in steps if step[2].dim() > 0), default=1)
-    # the engine's own chunking: an eighth of the budget in a graph (engine.py), all of it in a chain (chain.py)
-    chunk = columns_within(samples, widest, steps[-1][2].element_size(), memory_budget // 8 if graph else memory_budget)
-    total = sum(step[0] for step in steps)
-    loss_columns = _loss_columns(plan, steps[-1][2])
-    work, count, columns = loss_columns * total, math.ceil(loss_columns / chunk) * len(steps), loss_columns
-    below = 0.0
-    for crossed, (flops, width, _) in enumerate(steps):
-        work += width * below  # a curved node's columns start at its input, below its own work
-        count += math.ceil(width / chunk) * crossed
-        columns += width
-        below += flops
-    return EngineCost(samples * work, count, columns, samples * total)
+    output = steps[-1][2]
+    starts = {index: width for index, (_, width, _) in enumerate(steps) if width}  # a layer's: at its input
+    starts[len(steps)] = loss_columns_of(plan.loss, output)
+    flops = [step[0] for step in steps]
+    chunk = columns_within(_samples(output), _widest([step[2] for step in steps]), output.element_size(), memory_budget)
+    return _cost(starts, flops, [True] * len(steps), [], {}, _samples(output), chunk)
+
+
+def _graph_cost(plan: Any, inputs: tuple, memory_budget: int) -> EngineCost:
+    graph = plan.graph.for_call()
+    with torch.no_grad():
+        values = trace.forward(graph, plan.model, inputs)
+    nodes = graph.nodes[: graph.output + 1]
+    by_name = dict(plan.model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for p in by_name.values() if p.requires_grad}
+    shared = {id(p) for p in trace.shared_params(nodes, by_name, trainable)}
+    starts, flops = graph_counts(nodes, values, set(origin_nodes(graph, plan.model)), shared)
+    stepped = [is_step(node, values) for node in nodes]
+    output = values.get(nodes[-1].name)
+    if not any(stepped) or not isinstance(output, torch.Tensor):
+        return EngineCost(0.0, 0, 0)
+    samples = _samples(output)
+    starts[len(nodes)] = starts.get(len(nodes), 0) + loss_columns_of(plan.loss, output)
+    needed = engine.needed_nodes(nodes, by_name, trainable, values)
+    chosen = [] if shared else merges.chosen_cuts(nodes, needed, values, starts, flops, samples, memory_budget)
+    features = {cut: values[nodes[cut].name][0].numel() for cut in chosen}
+    widest = _widest([values[node.name] for node, step in zip(nodes, stepped) if step])
+    # the engine's own chunking: an eighth of the budget in a graph (engine.py)
+    chunk = columns_within(samples, widest, output.element_size(), memory_budget // 8)
+    return _cost(starts, flops, stepped, chosen, features, samples, chunk)
+
+
+def _cost(starts, flops, stepped, chosen, features, samples, chunk) -> EngineCost:
+    """Each origin's columns (and each merge's, merges.py) priced across the nodes they cross: multiply-adds, and
+    a step per chunk and node crossed."""
+    reach = list(itertools.accumulate(flops))
+    crossed = list(itertools.accumulate(int(step) for step in stepped))
+    work = count = 0.0
+    for width, start, stop in merges.segments(starts, chosen, features):
+        work += width * (reach[start - 1] - (reach[stop] if stop >= 0 else 0.0))
+        count += math.ceil(width / chunk) * (crossed[start - 1] - (crossed[stop] if stop >= 0 else 0))
+    gram, eigen = merges.dense_work(starts, chosen, features)
+    return EngineCost(
+        samples * work,
+        int(count),
+        sum(starts.values()),
+        samples * reach[-1],
+        samples * (merges.GRAM_PRICE * gram + merges.EIGEN_PRICE * eigen) / MULTIPLY_ADD_SLOWDOWN,
+    )
+
+
+def _samples(output: torch.Tensor) -> int:
+    return max(1, output.shape[0] if output.dim() > 0 else 1)
+
+
+def _widest(values: List[torch.Tensor]) -> int:
+    return max((value[0].numel() for value in values if value.dim() > 0), default=1)
 
 
 _SPEEDS: Dict[Tuple[str, torch.dtype], Tuple[float, float]] = {}
@@ -124,15 +170,6 @@ def _timed(work, device: torch.device, repeats: int) -> float:
     return max(time.perf_counter() - start, 1e-9) / repeats
 
 
-def _loss_columns(plan: Any, output: Any) -> int:
-    if not isinstance(output, torch.Tensor) or output.dim() == 0:
-        return 1
-    terms = len(getattr(plan.loss, "terms", ())) or 1  # a sum of losses: each brings its own (losses/loss_sum.py)
-    if plan.loss.class_axis:
-        return terms * ((output.shape[1] - 1) * math.prod(output.shape[2:]) if output.dim() > 1 else 1)
-    return terms * output[0].numel()
-
-
 def _chain_steps(plan: Any, inputs: tuple) -> List[tuple]:
     """[(multiply-adds per sample, curved columns, output)] per layer of a chain, in order."""
     steps: List[tuple] = []
@@ -141,75 +178,9 @@ def _chain_steps(plan: Any, inputs: tuple) -> List[tuple]:
         for module in plan.layers:
             y, _ = rule_for(module).forward(module, x)  # the module's forward without its hooks
             width = x[0].numel() if rule_for(module).needs_output_grad(module) else 0
-            steps.append((_module_flops(module, y), width, y))
+            steps.append((module_flops(module, y), width, y))
             x = y
     return steps
-
-
-def _graph_steps(plan: Any, inputs: tuple) -> List[tuple]:
-    graph = plan.graph.for_call()
-    with torch.no_grad():
-        values = trace.forward(graph, plan.model, inputs)
-    nodes = graph.nodes[: graph.output + 1]
-    origins = set(origin_nodes(graph, plan.model))
-    by_name = dict(plan.model.named_parameters(remove_duplicate=False))
-    trainable = {id(p) for p in by_name.values() if p.requires_grad}
-    shared = {id(p) for p in trace.shared_params(nodes, by_name, trainable)}
-    widths = {index: _origin_width(node, values) for index, node in enumerate(nodes) if index in origins}
-    everywhere = [True] * len(nodes)
-    for region in elementwise_regions.find_regions(nodes, sorted(origins), values):  # one diagonal at its input
-        for member in region.members:
-            widths.pop(member, None)
-        below = folded_residuals.widening_linear(nodes[region.source], everywhere, shared)
-        start = region.members[0] if below is None else region.source  # born above the source, or folded below it
-        widths[start] = (
-            widths.get(start, 0) + values[nodes[region.source if below is None else below.inputs[0]].name][0].numel()
-        )
-    for index in list(widths):  # an activation folded through the Linear below: columns start below that Linear
-        below = folded_residuals.linear_below(nodes, nodes[index], everywhere, shared)
-        if below is not None:
-            del widths[index]
-            start = nodes.index(below)
-            widths[start] = widths.get(start, 0) + below.record.input[0].numel()
-    steps: List[tuple] = []
-    for index, node in enumerate(nodes):
-        value = values.get(node.name)
-        if not node.activation or not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            continue
-        read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
-        # a curved node's columns start at its input, below its own work; a folded one's below the Linear's
-        steps.append((_node_flops(node, value, read), widths.get(index, 0), value))
-    return steps
-
-
-def _origin_width(node: Any, values: dict) -> int:
-    """The columns per sample an origin sends down."""
-    if isinstance(node.op, node_ops.AttentionOp):
-        found = node.op.closed_form(node)
-        if found is not None:  # scores' unit columns and pairs (attention_terms.py)
-            return attention_terms.term_columns(found[0])
-    read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
-    return sum(x[0].numel() for x in read if x.is_floating_point() and x.dim() > 0)
-
-
-def _node_flops(node: Any, value: torch.Tensor, read: List[torch.Tensor]) -> float:
-    if isinstance(node.op, node_ops.ModuleOp):
-        return _module_flops(node.op.module, value)
-    name = str(getattr(node.fx_node.target, "__name__", node.fx_node.target))
-    per_sample = value[0].numel() if value.dim() > 0 else 1
-    if name in _CONTRACTING and read and read[0].dim() > 0:
-        return float(per_sample * read[0].shape[-1])
-    if "scaled_dot_product_attention" in name and len(read) >= 2:
-        return float(2 * per_sample * read[1].shape[-2])
-    return float(per_sample + sum(x[0].numel() for x in read if x.dim() > 0))
-
-
-def _module_flops(module: nn.Module, output: torch.Tensor) -> float:
-    per_sample = output[0].numel() if isinstance(output, torch.Tensor) and output.dim() > 0 else 1
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not isinstance(module, nn.Embedding):
-        return float(per_sample / weight.shape[0] * weight.numel())  # positions x a full weight each
-    return float(per_sample)
 
 
 __all__: Tuple[str, ...] = ("EngineCost", "machine_speed", "predicted_cost")

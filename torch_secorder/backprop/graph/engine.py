@@ -20,7 +20,7 @@ from ..._errors import Unsupported
 from ..curvature import balanced_squares, columns_within, diagonal_columns
 from ..diagonals import Diagonals
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
-from . import elementwise_regions, folded_residuals, node_ops, residuals, trace
+from . import counts, elementwise_regions, folded_residuals, merges, node_ops, residuals, trace
 
 RESIDUAL_FLOOR = 64 << 20  # bytes of dense per-sample Hessians a generic curved node may always form
 
@@ -59,7 +59,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     nodes = plan.nodes[: plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
-    needed = _needed(nodes, by_name, wanted_params)
+    needed = needed_nodes(nodes, by_name, wanted_params)
     shared = trace.shared_params(nodes, by_name, wanted_params)
     curved = [
         i
@@ -85,14 +85,14 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         # activations written as expressions: one elementwise function, one diagonal term at its input
         regions = elementwise_regions.find_regions(nodes, curved, values)
         inside = {member for region in regions for member in region.members}
-        curved = [i for i in curved if i not in inside]
+        curved_all, curved = curved, [i for i in curved if i not in inside]
         graded = sorted(set(curved) | {index for _, _, index in tied} | {region.top for region in regions})
         if graded:
             grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in graded], allow_unused=True)
             for index, grad in zip(graded, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()
-    needed = _needed(nodes, by_name, wanted_params, values)  # now that the values show which are integer
+    needed = needed_nodes(nodes, by_name, wanted_params, values)  # now that the values show which are integer
     for index in curved:
         nodes[index].carrying = [p for p, source in enumerate(nodes[index].inputs) if needed[source]]
     # after the forward: pruning hooks computed this call's effective weights
@@ -132,32 +132,76 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 accumulate=diagonals.add,
                 per_sample=request.per_sample,
             )
-            for columns, signs in curvature.signed_factor_chunks(budget_columns):
-                if needed[plan.output]:
-                    sweep(nodes, {plan.output: columns.clone()}, signs)
             pair_columns = _pair_columns(nodes, by_name, wanted, shared, samples, budget_columns, output, memory_budget)
+            origins = []  # (the lowest node its columns are born at, what sweeps them)
+            if needed[plan.output]:
+                origins.append(
+                    (plan.output, functools.partial(_sweep_loss, nodes, plan.output, curvature, budget_columns))
+                )
             for region in regions:
                 if needed[region.source]:
-                    _sweep_region(
-                        nodes, region, values, needed, wanted, shared_ids, request, diagonals, sweep, budget_columns
-                    )
+                    below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids)
+                    run = functools.partial(
+                        _sweep_region, nodes, region, values, needed, wanted, shared_ids, request, diagonals,
+                        max_columns=budget_columns,
+                    )  # fmt: skip
+                    origins.append((region.source if below is None else below.inputs[0], run))
             for index in curved:
-                node = nodes[index]
-                below = folded_residuals.linear_below(nodes, node, needed, shared_ids)
-                if below is not None:  # an activation on a widening Linear: its term in closed form there
-                    folded = folded_residuals.folded_terms(node, below, wanted, request.per_sample, budget_columns)
-                    _add_folded(nodes, below, folded, diagonals, sweep)
-                    continue
-                for left, right, signs in node.op.residual_terms(node, budget_columns, pair_columns):
-                    if right is not None:
-                        _sweep_pair(nodes, node, left, right, signs, needed, sweep)
-                        continue
-                    births = _births(node, left, needed)
-                    if births:
-                        sweep(nodes, births, signs)
+                run = functools.partial(
+                    _sweep_curved, nodes, index, needed, wanted, shared_ids, request, diagonals, budget_columns,
+                    pair_columns,
+                )  # fmt: skip
+                origins.append((_lowest_birth(nodes, index, needed, shared_ids), run))
+            origin_count = (curved_all, regions, counts.loss_columns_of(loss, output))
+            cuts = _merge_cuts(nodes, needed, values, origin_count, shared, samples, memory_budget)
+            merged = merges.MergedSweeps(sweep, nodes, cuts, values, budget_columns)
+            for _, run in sorted(origins, key=lambda origin: -origin[0]):  # highest first: each cut's sum whole
+                run(sweep=merged)
+            merged.finish()
             for name, param, index in tied:
                 _mixed_terms(nodes, index, name, param, sweep, by_name, values, budget_columns, memory_budget)
     return loss_value, diagonals.result()
+
+
+def _sweep_loss(nodes, output, curvature, max_columns, sweep):
+    for columns, signs in curvature.signed_factor_chunks(max_columns):
+        sweep(nodes, {output: columns.clone()}, signs)
+
+
+def _sweep_curved(nodes, index, needed, wanted, shared_ids, request, diagonals, max_columns, pair_columns, sweep):
+    """A curved node's term: folded through a widening Linear below it (an activation), else its signed columns
+    and pairs from its inputs."""
+    node = nodes[index]
+    below = folded_residuals.linear_below(nodes, node, needed, shared_ids)
+    if below is not None:  # an activation on a widening Linear: its term in closed form there
+        folded = folded_residuals.folded_terms(node, below, wanted, request.per_sample, max_columns)
+        _add_folded(nodes, below, folded, diagonals, sweep)
+        return
+    for left, right, signs in node.op.residual_terms(node, max_columns, pair_columns):
+        if right is not None:
+            _sweep_pair(nodes, node, left, right, signs, needed, sweep)
+            continue
+        births = _births(node, left, needed)
+        if births:
+            sweep(nodes, births, signs)
+
+
+def _lowest_birth(nodes, index, needed, shared_ids):
+    below = folded_residuals.linear_below(nodes, nodes[index], needed, shared_ids)
+    if below is not None:
+        return below.inputs[0]
+    return min((source for source in nodes[index].inputs if needed[source]), default=index)
+
+
+def _merge_cuts(nodes, needed, values, origin_count, shared, samples, memory_budget):
+    """The cuts worth merging the origins' columns at (merges.py), from the cost model's counts; none where a
+    parameter is used at several places (its uses' projections add up within one origin's columns)."""
+    if shared:
+        return []
+    curved, regions, loss_columns = origin_count
+    starts, flops = counts.graph_counts(nodes, values, set(curved), set(), regions)
+    starts[len(nodes)] = starts.get(len(nodes), 0) + loss_columns
+    return merges.chosen_cuts(nodes, needed, values, starts, flops, samples, memory_budget)
 
 
 def _add_folded(nodes, below, folded, diagonals, sweep):
@@ -170,7 +214,7 @@ def _add_folded(nodes, below, folded, diagonals, sweep):
         sweep(nodes, {below.inputs[0]: columns}, signs)
 
 
-def _sweep_region(nodes, region, values, needed, wanted, shared_ids, request, diagonals, sweep, max_columns):
+def _sweep_region(nodes, region, values, needed, wanted, shared_ids, request, diagonals, *, max_columns, sweep):
     """An elementwise region's term diag(g * f''(x)) at its input x (elementwise_regions.py): folded through a
     widening Linear below x, else as unit columns."""
     r = nodes[region.top].output_grad * elementwise_regions.second_derivative(nodes, region, values)
@@ -189,7 +233,7 @@ def _mixed_terms(nodes, index, name, param, sweep, by_name, values, max_columns,
     feature is pulled down to the other uses (P_c: their summed per-sample projections, d x_c / d param) and
     Q_c = d/dparam (g . df/dx c) is formed at the node (g the loss's gradient at its output)."""
     node = nodes[index]
-    needed = _needed(nodes, by_name, {id(param)}, values)
+    needed = needed_nodes(nodes, by_name, {id(param)}, values)
     for position, source in enumerate(node.inputs):
         if not needed[source]:
             continue
@@ -258,13 +302,29 @@ def _pair_products(projection, signs, per_sample):
     return product.sum(dim=1) if per_sample else product.sum(dim=(0, 1))
 
 
-def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_sample, partners=None, paired=0):
+def _sweep(
+    nodes,
+    births,
+    signs,
+    *,
+    needed,
+    wanted,
+    shared,
+    accumulate,
+    per_sample,
+    partners=None,
+    paired=0,
+    stop=None,
+    gather=None,
+):
     """Pulls one chunk of an origin's columns from its birth nodes down to the lowest parameters. A parameter
     used at several places (shared) has its per-sample projections added over its uses, then squared: the cross
     terms between the uses are in the square. With partners (id(parameter) -> (N, V, *shape)), a mixed term's
     columns: each projection is multiplied by its partner instead, 2 P Q, and nothing else is added. With
     paired = V, the columns are V pairs side by side (_sweep_pair): projections multiplied pairwise, added at
-    the end (a node that cannot project raises Unsupported before anything was added)."""
+    the end (a node that cannot project raises Unsupported before anything was added). With stop (a cut every
+    column passes, merges.py), the columns reaching it are handed to gather(stop, columns, signs, paired) there,
+    its own work left to the merged columns."""
     pending = dict(births)
     single = wanted - shared  # the parameters used at one place: their squares add at once
     projections: dict = {}  # id(shared parameter) -> (parameter, the sum of its projections so far)
@@ -282,6 +342,11 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
         columns = pending.pop(index, None)
         if columns is None:
             continue
+        if index == stop:
+            if pending:  # cut_points makes this impossible: columns below a cut that did not pass it
+                raise RuntimeError(f"columns bypass the merge at node {index}: {sorted(pending)}")
+            gather(stop, columns, signs, paired)
+            break
         node = nodes[index]
         if signs is not None and signs.dtype != columns.dtype:  # born in a part computed in another precision
             signs, pull_signs = signs.to(columns.dtype), pull_signs.to(columns.dtype)
@@ -324,7 +389,7 @@ def _sweep(nodes, births, signs, *, needed, wanted, shared, accumulate, per_samp
         accumulate(param, value)
 
 
-def _needed(nodes, by_name, wanted, values=None):
+def needed_nodes(nodes, by_name, wanted, values=None):
     """needed[i]: node i or a node below it uses a parameter whose diagonal is asked for. With the values of a
     forward pass, integer tensors (indices, masks) are not: they carry no columns, whatever made them."""
     needed: List[bool] = []

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import operator
 import os
 import random
 import warnings
@@ -870,3 +871,30 @@ def test_a_tied_head_is_exact():
     # the GGN has no mixed term: the projections summed over the uses, squared, are all of it
     ggn = model_ggn_diagonal(model, F.cross_entropy, ids, y, method="backprop")
     assert relative_error(ggn, model_ggn_diagonal(model, F.cross_entropy, ids, y, method="autograd")) < 1e-10
+
+
+# ---------------------------------------------------------------- x @ W with W a parameter
+class RightWeights(nn.Module):
+    """GPT-2's Conv1D written out: x @ W + b with W stored (in, out), and W2 used through matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return torch.matmul(torch.tanh(x @ self.w + self.b), self.w2).mean(1)
+
+
+def test_a_product_with_a_weight_on_the_right_runs_the_linear_rule():
+    """Read as an nn.Linear holding W^T (its rule's closed forms, not per-sample projections), the diagonals
+    read back in W's (in, out) layout: exact, and each product node is a module op."""
+    from torch_secorder.backprop.graph import node_ops, trace
+
+    torch.manual_seed(0)
+    model = RightWeights().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert_backprop_exact(model, F.cross_entropy, x, Y5)
+    nodes = trace.plan_for(model, (x,)).nodes
+    products = [node for node in nodes if node.fx_node.target in (torch.matmul, operator.matmul)]
+    assert len(products) == 2 and all(isinstance(node.op, node_ops.ModuleOp) for node in products)

@@ -206,6 +206,37 @@ _WEIGHTED = {
 }
 
 
+def _weight_on_the_right(fx_node, root):
+    """x @ W with W a 2-D parameter of the model (Hugging Face's Conv1D in GPT-2, projections written by hand): an
+    nn.Linear whose weight is W^T, a view of W, read back as W's (ModuleOp.read_through); else None (a product)."""
+    if len(fx_node.args) != 2 or fx_node.kwargs:
+        return None
+    x, w = fx_node.args
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    weight = attribute(root, w.target)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        return None
+    module = nn.Linear(weight.shape[0], weight.shape[1], bias=False, device="meta")
+
+    def bind(module, node, values):
+        stored = values[w.name]
+        module._parameters.pop("weight", None)
+        view = stored.t()
+        object.__setattr__(module, "weight", view)
+        object.__setattr__(module, "read_through", {id(view): (stored, _transposed)})
+
+    return module, bind, x
+
+
+def _transposed(value):
+    """A diagonal or projections of W^T (..., out, in) as W's (..., in, out)."""
+    return value.transpose(-2, -1)
+
+
+_WEIGHTED.update({torch.matmul: _weight_on_the_right, operator.matmul: _weight_on_the_right})
+
+
 def module_for_call(fx_node, root):
     """(module, bind or None, input node) when this call_function / call_method is a module with a rule, else None."""
     if fx_node.op not in ("call_function", "call_method") or not fx_node.args:

@@ -2,8 +2,9 @@
 computes, x @ weight + bias.
 
 Its forward folds the batch into rows (x.view(-1, nx), then torch.addmm and a view back), which the engine, one
-batch row per sample, cannot follow; the product on the last axis is the same map per sample. The engine checks
-once per plan that the traced graph gives the model's own output (trace.check_call)."""
+batch row per sample, cannot follow; the product on the last axis is the same map per sample, and the Linear rule
+with W^T (functional.py's x @ W) takes it. The engine checks once per plan that the traced graph gives the model's
+own output (trace.check_call)."""
 
 import torch
 

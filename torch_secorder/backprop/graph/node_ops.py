@@ -286,8 +286,23 @@ class ModuleOp(NodeOp):
         return [pieces[0].factors]
 
     def column_diagonals(self, node, columns, signs, wanted, per_sample=False):
-        node.record.wanted = wanted
-        return self.rule.param_diagonals(node.record, self._curvature(node, columns, signs), per_sample=per_sample)
+        node.record.wanted = self._wanted_views(wanted)
+        found = self.rule.param_diagonals(node.record, self._curvature(node, columns, signs), per_sample=per_sample)
+        return self._as_stored(found)
+
+    def _wanted_views(self, wanted):
+        """wanted, with the views a functional call reads its parameters through (x @ W: the Linear's W^T)."""
+        views = getattr(self.module, "read_through", None)
+        if not views:
+            return wanted
+        return frozenset(wanted) | {key for key, (stored, _) in views.items() if id(stored) in wanted}
+
+    def _as_stored(self, found):
+        """The rule's [(tensor, value)] with each view's value read back as its parameter's."""
+        views = getattr(self.module, "read_through", None)
+        if not views:
+            return found
+        return [(views[id(t)][0], views[id(t)][1](v)) if id(t) in views else (t, v) for t, v in found]
 
     def residual_terms(self, node, max_columns, pair_columns):
         for left, right, signs in self.rule.residual_terms(node.record, max_columns, pair_columns):
@@ -298,11 +313,11 @@ class ModuleOp(NodeOp):
         rule forms them directly (no per-sample projections of the weight), else None."""
         if not hasattr(self.rule, "pair_diagonals"):
             return None
-        node.record.wanted = wanted
+        node.record.wanted = self._wanted_views(wanted)
         width = signs.shape[1]
         output_shape = node.record.output.shape[1:]
         left, right = (part.reshape(part.shape[0], width, *output_shape) for part in columns.split(width, dim=1))
-        return self.rule.pair_diagonals(node.record, left, right, signs, per_sample=per_sample)
+        return self._as_stored(self.rule.pair_diagonals(node.record, left, right, signs, per_sample=per_sample))
 
     def column_projections(self, node, columns, wanted):
         """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""

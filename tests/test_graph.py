@@ -898,3 +898,26 @@ def test_a_product_with_a_weight_on_the_right_runs_the_linear_rule():
     nodes = trace.plan_for(model, (x,)).nodes
     products = [node for node in nodes if node.fx_node.target in (torch.matmul, operator.matmul)]
     assert len(products) == 2 and all(isinstance(node.op, node_ops.ModuleOp) for node in products)
+
+
+class TiedRight(nn.Module):
+    """A Linear's weight used again as the right factor of a product: its uses' projections add up before
+    squaring (also where the product is read as a Linear), and the Hessian's mixed term between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, 6), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.tanh(self.fc(self.embed(x))) @ self.fc.weight))
+
+
+def test_a_weight_used_by_its_layer_and_on_the_right_of_a_product():
+    torch.manual_seed(0)
+    model = TiedRight().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_backprop_exact(model, F.cross_entropy, x, Y5)
+    from torch_secorder import model_ggn_diagonal
+
+    engine = model_ggn_diagonal(model, F.cross_entropy, x, Y5, method="backprop")
+    assert relative_error(engine, model_ggn_diagonal(model, F.cross_entropy, x, Y5, method="autograd")) < 1e-10

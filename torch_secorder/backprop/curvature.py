@@ -198,6 +198,29 @@ def symmetric_eigen(matrices):
         raise Unsupported(f"a dense second-order term whose eigendecomposition does not converge ({error})") from None
 
 
+def index_chunks(indices, step):
+    """indices (K, ...) in chunks of at most step (at least one) rows."""
+    step = max(1, step)
+    for start in range(0, indices.shape[0], step):
+        yield indices[start : start + step]
+
+
+def eigen_columns(matrices, floor, max_columns, dtype):
+    """Signed columns of symmetric blocks (N, B, s, s) by their eigendecomposition (in float64): per chunk of at
+    most max_columns (block, eigenvector) pairs whose |eigenvalue| exceeds floor(|eigenvalues|) (N, B, s) in some
+    sample, (blocks (V,), columns (N, V, s) scaled by sqrt|eigenvalue|, signs (N, V)), in dtype."""
+    eigenvalues, eigenvectors = symmetric_eigen(matrices)
+    del matrices
+    magnitude = eigenvalues.abs()
+    kept = (magnitude > floor(magnitude)).any(0).nonzero()  # (block, eigenvector) pairs
+    scaled = (eigenvectors * magnitude.sqrt().unsqueeze(2)).to(dtype)  # column k of block b: [n, b, :, k]
+    signs = torch.sign(eigenvalues).to(dtype)
+    del eigenvalues, eigenvectors, magnitude
+    for chunk in index_chunks(kept, max_columns):
+        block, k = chunk.unbind(1)
+        yield block, scaled.permute(1, 3, 0, 2)[block, k].transpose(0, 1), signs[:, block, k]
+
+
 def columns_within(samples, features, itemsize, memory_budget):
     """How many columns of `features` per sample fit memory_budget (4 copies in flight: in, out, temporaries)."""
     return max(1, memory_budget // max(1, 4 * samples * features * itemsize))

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from ..curvature import index_chunks
+
 _SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -134,12 +136,8 @@ def attention_terms(call, output_grad, positions, max_columns, pair_columns):
         unit[:, torch.arange(count, device=q.device), flat_index] = 1
         return {position: unit}
 
-    def chunks(indices, step):
-        for start in range(0, indices.shape[0], max(1, step)):
-            yield indices[start : start + max(1, step)]
-
     # the softmax's diagonal: one signed unit column per score, sqrt|a_ij| scale (k_j at q_i, q_i at k_j)
-    for chunk in chunks((a != 0).any(0).nonzero(), max_columns):
+    for chunk in index_chunks((a != 0).any(0).nonzero(), max_columns):
         h, i, j = chunk.unbind(1)
         count, rows = len(h), torch.arange(len(h), device=q.device)
         weight = a[:, h, i, j]  # (N, V)
@@ -160,7 +158,7 @@ def attention_terms(call, output_grad, positions, max_columns, pair_columns):
         return placed(q_part, k_part)
 
     # the softmax's rank-two part per row: -(p_i a_i^T + a_i p_i^T)
-    for chunk in chunks((a != 0).any(3).any(0).nonzero(), pair_columns):
+    for chunk in index_chunks((a != 0).any(3).any(0).nonzero(), pair_columns):
         h, i = chunk.unbind(1)
         left, right = pulled_row(h, i, p[:, h, i]), pulled_row(h, i, a[:, h, i])
         yield left, right, -q.new_ones(samples, len(h))
@@ -170,7 +168,7 @@ def attention_terms(call, output_grad, positions, max_columns, pair_columns):
         torch.meshgrid(*[torch.arange(n, device=q.device) for n in (heads, source, value_width)], indexing="ij"), -1
     ).reshape(-1, 3)
     value_step = max(1, pair_columns * width // max(1, source + width))  # (N, V, L, S) weights per chunk
-    for chunk in chunks(value_entries, value_step):
+    for chunk in index_chunks(value_entries, value_step):
         h, j, c = chunk.unbind(1)
         count, rows = len(h), torch.arange(len(h), device=q.device)
         p_h = p[:, h]  # (N, V, L, S)
@@ -192,7 +190,7 @@ def attention_terms(call, output_grad, positions, max_columns, pair_columns):
         [key_entries.repeat_interleave(width, 0), torch.arange(width, device=q.device).repeat(len(key_entries), 1)
          .reshape(-1, 1)], 1,
     )  # fmt: skip
-    for chunk in chunks(key_entries, pair_columns):
+    for chunk in index_chunks(key_entries, pair_columns):
         h, j, e = chunk.unbind(1)
         count, rows = len(h), torch.arange(len(h), device=q.device)
         q_part = q.new_zeros(samples, count, heads, length, width)

@@ -16,7 +16,7 @@ only (a tied weight's projections must be summed over its uses before squaring: 
 
 import torch
 
-from ..curvature import Curvature, symmetric_eigen
+from ..curvature import Curvature, eigen_columns
 from ..rules.elementwise import ElementwiseRule
 from . import node_ops
 
@@ -73,23 +73,16 @@ def _input_columns(x, weight, r, max_columns):
     positions = x[0].numel() // width
     w = weight.double()
     r = r.reshape(samples, positions, -1).double()
-    matrices = torch.einsum("oi,npo,oj->npij", w, r, w)  # (N, P, d_in, d_in)
-    eigenvalues, eigenvectors = symmetric_eigen(matrices)
-    scale = eigenvalues.abs().amax()
-    if not bool(scale > 0):
-        return
-    kept = (eigenvalues.abs() > _RELATIVE_ZERO * scale).any(0).nonzero()  # (position, eigenvector) pairs
-    roots = (eigenvectors * eigenvalues.abs().sqrt().unsqueeze(2)).to(x.dtype)  # column k: [n, p, :, k]
-    signs = torch.sign(eigenvalues).to(x.dtype)
-    del matrices, eigenvalues, eigenvectors
-    for start in range(0, kept.shape[0], max(1, max_columns)):
-        position, k = kept[start : start + max(1, max_columns)].unbind(1)
+    matrices = torch.einsum("oi,npo,oj->npij", w, r, w)  # (N, P, d_in, d_in): one block per position
+
+    def floor(magnitude):
+        return _RELATIVE_ZERO * magnitude.amax()
+
+    for position, values, signs in eigen_columns(matrices, floor, max_columns, x.dtype):
         count = len(position)
         columns = x.new_zeros(samples, count, positions, width)
-        columns[:, torch.arange(count, device=x.device), position] = roots.permute(1, 3, 0, 2)[position, k].transpose(
-            0, 1
-        )
-        yield columns.reshape(samples, count, -1), signs[:, position, k]
+        columns[:, torch.arange(count, device=x.device), position] = values
+        yield columns.reshape(samples, count, -1), signs
 
 
 __all__ = ["diagonal_folded", "folded_terms", "linear_below", "widening_linear"]

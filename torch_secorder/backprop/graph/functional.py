@@ -224,7 +224,8 @@ def _weight_on_the_right(fx_node, root):
         module._parameters.pop("weight", None)
         view = stored.t()
         object.__setattr__(module, "weight", view)
-        object.__setattr__(module, "read_through", {id(view): (stored, _transposed)})
+        # the view's id -> (the parameter, a value of the view's shape read back as the parameter's, the call)
+        object.__setattr__(module, "read_through", {id(view): (stored, _transposed, torch.matmul)})
 
     return module, bind, x
 

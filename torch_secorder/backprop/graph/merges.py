@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..curvature import symmetric_eigen
+from ..curvature import eigen_columns
 
 # Relative prices per multiply-add, in units of a large matrix product's: the engine's sweeps (cost.py's
 # MULTIPLY_ADD_SLOWDOWN), a float64 Gram product, and a float64 eigendecomposition per D^3 (2-core CPU:
@@ -157,22 +157,17 @@ class MergedSweeps:
     def _send_down_above(self, lowest):
         while self.open and self.open[0] > lowest:
             cut = self.open.pop(0)
-            total = self.sums.pop(cut, None)
-            if total is not None:
-                self._send_down(cut, total)
+            if cut in self.sums:
+                self._send_down(cut, self.sums.pop(cut))
 
     def _send_down(self, cut, total):
         """total's eigen-columns, those of a nonzero eigenvalue in some sample, swept from the cut in chunks."""
-        eigenvalues, eigenvectors = symmetric_eigen(total)
-        del total
-        largest = eigenvalues.abs().amax(dim=1, keepdim=True)
-        tolerance = largest * eigenvalues.shape[1] * torch.finfo(torch.float64).eps
-        kept = (eigenvalues.abs() > tolerance).any(dim=0).nonzero().flatten()
-        stop = self.stop_for(cut - 1)
-        for start in range(0, kept.numel(), self.max_columns):
-            index = kept[start : start + self.max_columns]
-            scales = eigenvalues[:, index].abs().sqrt()
-            columns = (eigenvectors[:, :, index] * scales.unsqueeze(1)).transpose(1, 2)
-            signs = torch.sign(eigenvalues[:, index])
-            dtype = self.dtypes[cut]  # columns are (N, V, features), flat
-            self.sweep(self.nodes, {cut: columns.to(dtype)}, signs.to(dtype), stop=stop, gather=self._gather)
+        stop, dtype = self.stop_for(cut - 1), self.dtypes[cut]  # columns are (N, V, features), flat
+
+        def floor(magnitude):  # rounding noise of each sample's own sum
+            return magnitude.amax(dim=(1, 2), keepdim=True) * magnitude.shape[-1] * torch.finfo(torch.float64).eps
+
+        chunks = eigen_columns(total.unsqueeze(1), floor, self.max_columns, dtype)
+        del total  # the eigendecomposition's own copy is all that is held
+        for _, columns, signs in chunks:
+            self.sweep(self.nodes, {cut: columns}, signs, stop=stop, gather=self._gather)

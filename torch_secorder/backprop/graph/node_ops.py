@@ -295,7 +295,7 @@ class ModuleOp(NodeOp):
         views = getattr(self.module, "read_through", None)
         if not views:
             return wanted
-        return frozenset(wanted) | {key for key, (stored, _) in views.items() if id(stored) in wanted}
+        return frozenset(wanted) | {key for key, (stored, _, _) in views.items() if id(stored) in wanted}
 
     def _as_stored(self, found):
         """The rule's [(tensor, value)] with each view's value read back as its parameter's."""
@@ -303,6 +303,11 @@ class ModuleOp(NodeOp):
         if not views:
             return found
         return [(views[id(t)][0], views[id(t)][1](v)) if id(t) in views else (t, v) for t, v in found]
+
+    def _read_through(self, param):
+        """The call x -> call(x, param) where this node reads param through a view (x @ W), else None."""
+        views = getattr(self.module, "read_through", None) or {}
+        return next((call for stored, _, call in views.values() if stored is param), None)
 
     def residual_terms(self, node, max_columns, pair_columns):
         for left, right, signs in self.rule.residual_terms(node.record, max_columns, pair_columns):
@@ -321,6 +326,10 @@ class ModuleOp(NodeOp):
 
     def column_projections(self, node, columns, wanted):
         """Per-sample vjps of the module's forward in the wanted parameters (torch.func), one column at a time."""
+        views = getattr(self.module, "read_through", None)
+        if views:  # x @ W: the vjps of the call as written, in W
+            stored = [stored for stored, _, _ in views.values() if id(stored) in wanted]
+            return [(param, self._view_projections(node, columns, param)) for param in stored]
         held = [  # its parameters, and tensors put on it as plain attributes: a functional call's, a pruned weight
             v for v in (*self.module.parameters(), *vars(self.module).values()) if isinstance(v, torch.Tensor)
         ]
@@ -350,7 +359,24 @@ class ModuleOp(NodeOp):
             ) from None
         return [(p, projection) for (_, p), projection in zip(named, projections)]
 
+    def _view_projections(self, node, columns, param):
+        call, width = self._read_through(param), columns.shape[1]
+
+        def one_sample(x, sample_columns):
+            output, vjp_fn = torch.func.vjp(lambda weight: call(x.unsqueeze(0), weight), param)  # type: ignore[misc]
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))[0]
+
+        with torch.enable_grad():
+            return torch.func.vmap(one_sample)(node.record.input, columns)
+
     def mixed_projections(self, node, position, columns, param):
+        call = self._read_through(param)
+        if call is not None:
+
+            def read(sample_inputs, weight, x):
+                return call(x.unsqueeze(0), weight)
+
+            return _mixed_by_columns(read, (node.record.input,), 0, node.output_grad, columns, param)
         if self._bind is not None or not any(p is param for p in self.module.parameters()):
             return None
         name = next(name for name, p in self.module.named_parameters() if p is param)

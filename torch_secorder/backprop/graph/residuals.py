@@ -12,7 +12,7 @@ pairs of a column and a unit vector (per_sample_hessian_terms).
 
 import torch
 
-from ..curvature import symmetric_eigen
+from ..curvature import eigen_columns, index_chunks
 
 # eigenvalues below this fraction of the largest are rounding noise of exact zeros (LayerNorm's mean and
 # scale directions, say): their columns are dropped
@@ -200,16 +200,8 @@ def _squares(within, rows, position, size, floor, step):
     """Signed squares of the eigendecomposition of within (N, B, s, s), the part of the blocks in one input."""
     if not bool(within.any()):
         return
-    eigenvalues, eigenvectors = symmetric_eigen(within)  # (N, B, s), (N, B, s, s) in float64
-    magnitude = eigenvalues.abs()
-    kept = (magnitude > floor).any(0).nonzero()  # (block, eigenvector) pairs
-    scaled = (eigenvectors * magnitude.sqrt().unsqueeze(2)).to(within.dtype)  # column k of block b: [n, b, :, k]
-    signs = torch.sign(eigenvalues).to(within.dtype)
-    del eigenvalues, eigenvectors, magnitude
-    for start in range(0, kept.shape[0], max(1, step)):
-        block, k = kept[start : start + max(1, step)].unbind(1)
-        values = scaled.permute(1, 3, 0, 2)[block, k].transpose(0, 1)  # (N, V, s)
-        yield {position: _placed(values, rows[block], size)}, None, signs[:, block, k]
+    for block, values, signs in eigen_columns(within, lambda magnitude: floor, step, within.dtype):
+        yield {position: _placed(values, rows[block], size)}, None, signs
 
 
 def _unit_pairs(full_side, unit_side, samples, floor, step):
@@ -217,8 +209,8 @@ def _unit_pairs(full_side, unit_side, samples, floor, step):
     cross, rows, position, size = full_side
     unit_rows, unit_position, unit_size = unit_side
     kept = (cross.abs() > floor).any(2).any(0).nonzero()  # (block, column) pairs not zero in every sample
-    for start in range(0, kept.shape[0], max(1, step)):
-        block, j = kept[start : start + max(1, step)].unbind(1)
+    for chunk in index_chunks(kept, step):
+        block, j = chunk.unbind(1)
         values = cross.permute(1, 3, 0, 2)[block, j].transpose(0, 1)  # (N, V, s)
         units = cross.new_zeros(samples, len(block), unit_size)
         units[:, torch.arange(len(block), device=units.device), unit_rows[block, j]] = 1

@@ -7,6 +7,8 @@ per row, instead of each row's block found and eigendecomposed by batched double
 
 import torch
 
+from ..curvature import index_chunks
+
 
 def softmax_terms(x, dim, output_grad, max_columns, pair_columns):
     """Chunks (left, right, signs) as residuals.per_sample_hessian_terms gives them, for input position 0: left
@@ -17,7 +19,7 @@ def softmax_terms(x, dim, output_grad, max_columns, pair_columns):
     flat_a = a.reshape(samples, -1)
     features = flat_a.shape[1]
     # the diagonal: unit columns where some sample has a nonzero entry
-    for chunk in _chunks((flat_a != 0).any(0).nonzero()[:, 0], max_columns):
+    for chunk in index_chunks((flat_a != 0).any(0).nonzero()[:, 0], max_columns):
         weight = flat_a[:, chunk]  # (N, V)
         columns = x.new_zeros(samples, len(chunk), features)
         columns[:, torch.arange(len(chunk), device=x.device), chunk] = weight.abs().sqrt()
@@ -27,17 +29,12 @@ def softmax_terms(x, dim, output_grad, max_columns, pair_columns):
     index = torch.arange(features, device=x.device).reshape(x.shape[1:]).movedim(dim - 1, -1)
     rows = index.reshape(-1, x.shape[dim])  # (rows, length): each row's flat features
     row_p, row_a = moved_p.reshape(samples, -1, x.shape[dim]), moved_a.reshape(samples, -1, x.shape[dim])
-    for chunk in _chunks((row_a != 0).any(2).any(0).nonzero()[:, 0], pair_columns):
+    for chunk in index_chunks((row_a != 0).any(2).any(0).nonzero()[:, 0], pair_columns):
         count, places = len(chunk), torch.arange(len(chunk), device=x.device).unsqueeze(1)
         left, right = x.new_zeros(samples, count, features), x.new_zeros(samples, count, features)
         left[:, places, rows[chunk]] = row_p[:, chunk]
         right[:, places, rows[chunk]] = row_a[:, chunk]
         yield {0: left}, {0: right}, -x.new_ones(samples, count)
-
-
-def _chunks(indices, step):
-    for start in range(0, indices.shape[0], max(1, step)):
-        yield indices[start : start + max(1, step)]
 
 
 __all__ = ["softmax_terms"]

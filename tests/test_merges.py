@@ -196,3 +196,20 @@ def test_each_origin_crosses_the_nodes_down_to_its_cut():
     found = merges.segments({10: 5, 6: 2, 3: 1}, [4], {4: 3})
     assert sorted(found) == sorted([(5, 10, 4), (2, 6, 4), (1, 3, -1), (3, 5, -1)])
     assert merges.dense_work({10: 5, 6: 2, 3: 1}, [4], {4: 3}) == ((5 + 2) * 9, 27)
+
+
+def test_the_cost_prediction_counts_the_merges(monkeypatch):
+    """Merged, the columns cross fewer nodes (less sweep work) and the Gram products and eigendecompositions are
+    priced; with no merge (MARGIN 0) the prediction is the sweeps alone."""
+    from torch_secorder.backprop import plan_model, predicted_cost
+
+    torch.manual_seed(5)
+    model = DeepResidualMLP(width=16, depth=8)
+    x = (torch.randn(4, 5),)
+    plan = plan_model(model, F.cross_entropy, x)
+    merged = predicted_cost(plan, x, 1 << 30)
+    monkeypatch.setattr(merges, "MARGIN", 0.0)
+    unmerged = predicted_cost(plan, x, 1 << 30)
+    assert merged.merge_multiply_adds > 0 and unmerged.merge_multiply_adds == 0
+    assert merged.multiply_adds < 0.5 * unmerged.multiply_adds
+    assert merged.multiply_adds + merged.merge_multiply_adds < unmerged.multiply_adds

@@ -419,11 +419,16 @@ def _pair_columns(nodes, by_name, wanted, shared, samples, columns, output, memo
 
 def _within_for_shared(shared, samples, columns, itemsize, memory_budget):
     """Fewer columns per chunk where a shared parameter's per-sample projections (N x columns x its size) would
-    not fit the memory budget; refused when not even one column fits."""
+    not fit a quarter of the memory budget (the vjps that form them, and the products of pairs, take as much
+    again: with the whole budget MobileNetV3-small's squeeze-excitation convolutions peaked at 2.6x it); refused
+    when not even one column fits the budget."""
     if not shared:
         return columns
     size = samples * sum(p.numel() for p in shared) * itemsize
-    fitting = max(memory_budget, RESIDUAL_FLOOR) // max(1, size)
+    if max(memory_budget, RESIDUAL_FLOOR) < size:
+        fitting = 0
+    else:
+        fitting = max(1, max(memory_budget // 4, RESIDUAL_FLOOR) // max(1, size))
     if fitting < 1:
         raise Unsupported(
             f"parameter(s) used at several places ({sum(p.numel() for p in shared)} entries): their per-sample "

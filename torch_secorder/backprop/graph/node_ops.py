@@ -106,6 +106,30 @@ class NodeOp:
         return f"{node.name} ({_target_name(node.fx_node)})"
 
 
+PROJECTION_PIECE_BYTES = 32 << 20
+
+
+def projections_in_pieces(one_sample, inputs, columns, params):
+    """torch.func.vmap(one_sample)(inputs, columns) (per-sample vjps of a node in its parameters: one (N, V,
+    *param.shape) tensor per parameter), over pieces of the columns' V axis whose projections take at most
+    PROJECTION_PIECE_BYTES, written into one buffer per parameter: the vjps' temporaries are a few times their
+    result (MobileNetV3-small's squeeze-excitation convolutions peaked at 4x it)."""
+    samples, width = columns.shape[:2]
+    per_column = samples * sum(p.numel() for p in params) * columns.element_size()
+    step = max(1, PROJECTION_PIECE_BYTES // max(1, per_column))
+    results: list = [columns.new_zeros(samples, 0, *p.shape) for p in params] if width == 0 else []
+    with torch.enable_grad():
+        for start in range(0, width, step):
+            piece = torch.func.vmap(one_sample)(inputs, columns[:, start : start + step])
+            if step >= width:
+                return list(piece)
+            if not results:
+                results = [part.new_empty(samples, width, *part.shape[2:]) for part in piece]
+            for result, part in zip(results, piece):
+                result[:, start : start + step] = part
+    return results
+
+
 def signed_square_sum(projections, signs, per_sample):
     """sum_v signs[n, v] * projections[n, v]^2 over the columns, and over the samples unless per_sample."""
     squared = projections * projections
@@ -340,7 +364,6 @@ class ModuleOp(NodeOp):
         if any(id(v) in wanted and not isinstance(v, torch.nn.Parameter) for v in held):
             raise Unsupported(f"{self.describe(node)}: per-sample projections of a pruned weight")
         named = [(name, p) for name, p in self.module.named_parameters() if id(p) in wanted]
-        width = columns.shape[1]
 
         def one_sample(x, sample_columns):
             def of_params(*tensors):
@@ -348,11 +371,10 @@ class ModuleOp(NodeOp):
                 return torch.func.functional_call(self.module, state, (x.unsqueeze(0),))
 
             output, vjp_fn = torch.func.vjp(of_params, *[p for _, p in named])  # type: ignore[misc]
-            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(sample_columns.shape[0], *output.shape))
 
         try:
-            with torch.enable_grad():
-                projections = torch.func.vmap(one_sample)(node.record.input, columns)
+            projections = projections_in_pieces(one_sample, node.record.input, columns, [p for _, p in named])
         except Exception as error:
             raise Unsupported(
                 f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"
@@ -360,14 +382,13 @@ class ModuleOp(NodeOp):
         return [(p, projection) for (_, p), projection in zip(named, projections)]
 
     def _view_projections(self, node, columns, param):
-        call, width = self._read_through(param), columns.shape[1]
+        call = self._read_through(param)
 
         def one_sample(x, sample_columns):
             output, vjp_fn = torch.func.vjp(lambda weight: call(x.unsqueeze(0), weight), param)  # type: ignore[misc]
-            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))[0]
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(sample_columns.shape[0], *output.shape))
 
-        with torch.enable_grad():
-            return torch.func.vmap(one_sample)(node.record.input, columns)
+        return projections_in_pieces(one_sample, node.record.input, columns, [param])[0]
 
     def mixed_projections(self, node, position, columns, param):
         call = self._read_through(param)
@@ -558,7 +579,7 @@ class GenericOp(NodeOp):
         if not params:
             return []
         inputs = [node.values[name] for name in node.input_names]
-        samples, width = columns.shape[:2]
+        samples = columns.shape[0]
         param_names = [name for name, _, _ in params]
         call = self.function(node, node.values, node.input_names + param_names)
 
@@ -568,11 +589,10 @@ class GenericOp(NodeOp):
                 return call(*[t.unsqueeze(0) for t in sample_inputs], *arguments)
 
             output, vjp_fn = torch.func.vjp(of_params, *[p for _, p, _ in params])  # type: ignore[misc]
-            return torch.func.vmap(vjp_fn)(sample_columns.reshape(width, *output.shape))
+            return torch.func.vmap(vjp_fn)(sample_columns.reshape(sample_columns.shape[0], *output.shape))
 
-        try:
-            with torch.enable_grad():
-                projections = torch.func.vmap(one_sample)(tuple(inputs), columns)  # each (N, V, *param.shape)
+        try:  # each (N, V, *param.shape)
+            projections = projections_in_pieces(one_sample, tuple(inputs), columns, [p for _, p, _ in params])
         except Exception as error:
             raise Unsupported(
                 f"{self.describe(node)}: cannot be evaluated per sample for its parameters ({type(error).__name__})"

@@ -8,8 +8,11 @@ call makes the choice; then timed), the generic method (stopped when its progres
 --generic-limit seconds: the projection is reported).
 
     python benchmarks/bench_cost.py [--only NAME] [--generic-limit 60]
+    python benchmarks/bench_cost.py --published
 
-Writes benchmarks/results/cost_cpu.json and .md.
+Writes benchmarks/results/cost_cpu.json and .md. With --published, the prediction alone for bench_zoo.py's
+published-size models, against the engine times of their run in results/zoo_published_cpu.json (minutes each):
+results/cost_published_cpu.json and .md.
 """
 
 import argparse
@@ -22,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_zoo import BATCH, _torchvision, build, workloads
+from bench_zoo import BATCH, _torchvision, build, published_models, workloads
 from timing import cpu_run_meta, median_seconds, run_child, write_json, write_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +61,67 @@ def built(name):
             F.cross_entropy,
         )
     return build(name)
+
+
+def predict(name):
+    """The prediction alone (the engine's time comes from the published run of bench_zoo.py)."""
+    from torch_secorder.backprop import predicted_cost
+    from torch_secorder.core._batched_hvp import DEFAULT_MEMORY_BUDGET
+    from torch_secorder.core._validation import model_call
+    from torch_secorder.core.method_choice import backprop_plan
+
+    model, x, y, loss_fn = built(name)
+    called, inputs = model_call(model, x)
+    plan, reason = backprop_plan(called, loss_fn, inputs)
+    if plan is None:
+        return {"skipped": f"no engine plan: {reason[:200]}"}
+    cost = predicted_cost(plan, inputs, DEFAULT_MEMORY_BUDGET)
+    return {
+        "predicted_seconds": cost.seconds(torch.device("cpu"), torch.float32),
+        "columns": cost.columns,
+        "multiply_adds": cost.multiply_adds,
+        "merge_multiply_adds": cost.merge_multiply_adds,
+        "steps": cost.steps,
+    }
+
+
+def published(args):
+    with open(os.path.join(args.out, "zoo_published_cpu.json")) as handle:
+        measured = {row["workload"]: row for row in json.load(handle)["rows"]}
+    rows = []
+    for name in published_models():
+        command = [sys.executable, os.path.abspath(__file__), "--predict", name]
+        row = {
+            "workload": name,
+            **run_child(command),
+            "engine_seconds": measured.get(name, {}).get("auto", {}).get("seconds"),
+        }
+        print(row, flush=True)
+        rows.append(row)
+    meta = cpu_run_meta(dtype="float32", batch=BATCH)
+    write_json(args.out, "cost_published_cpu.json", meta, rows)
+    lines = [
+        "| model (batch 8) | engine predicted | engine measured (zoo_published_cpu.md) | predicted / measured |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if "predicted_seconds" not in row or not row["engine_seconds"]:
+            lines.append(f"| {row['workload']} | {row.get('skipped', '-')} | - | - |")
+            continue
+        lines.append(
+            f"| {row['workload']} | {_seconds(row['predicted_seconds'])} ({row['columns']} columns, "
+            f"{row['multiply_adds']:.2g} multiply-adds, {row['merge_multiply_adds']:.2g} in merges, {row['steps']} "
+            f"steps) | {_seconds(row['engine_seconds'])} | {row['predicted_seconds'] / row['engine_seconds']:.2f} |"
+        )
+    header = [
+        "# The engine's predicted time on the published-size models against its measured time",
+        "",
+        f"Commit {meta['commit']}, cpu, torch {meta['torch']}, {meta['threads']} threads, float32, batch {BATCH}. "
+        "Predicted here (backprop/cost.py, this machine's speed measured in the same process); measured: method "
+        "'auto' on the engine in `zoo_published_cpu.md`'s run. Written by `benchmarks/bench_cost.py --published`.",
+        "",
+    ]
+    write_markdown(args.out, "cost_published_cpu.md", header, lines)
 
 
 def measure(name, generic_limit):
@@ -131,10 +195,18 @@ def main():
     parser.add_argument("--generic-limit", type=float, default=60.0)
     parser.add_argument("--only", default=None)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--published", action="store_true", help="predictions for bench_zoo.py's published sizes")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--predict", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.generic_limit)))
+        return
+    if args.predict:
+        print(json.dumps(predict(args.predict)))
+        return
+    if args.published:
+        published(args)
         return
     rows = []
     for name in list(workloads()) + list(extra_models()):

@@ -329,7 +329,8 @@ def _speedup(row):
 def write_results(rows, args):
     meta = {
         **cpu_run_meta(dtype="float32", batch=BATCH),
-        "timing": "median of warm runs after one untimed run, one process per (model, method)",
+        "timing": "median of warm runs after one untimed run (that run alone where it took over 30 s), one process "
+        "per (model, method)",
         "memory": "peak extra bytes over the process's state before the first call (high-water mark)",
         "generic": f"stopped after 5 s when its progress projected more than {args.generic_limit:.0f} s",
     }

@@ -25,18 +25,22 @@ class Block(nn.Module):
     def __init__(self, width, heads=2):
         super().__init__()
         self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.attention = nn.ModuleDict(
+            {"norm": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "out": nn.Linear(width, width)}
+        )
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
 
     def forward(self, x):
         n, t, c = x.shape
         q, k, v = (
             part.reshape(n, t, self.heads, c // self.heads).transpose(1, 2)
-            for part in self.qkv(self.norm1(x)).split(c, dim=2)
+            for part in self.attention["qkv"](self.attention["norm"](x)).split(c, dim=2)
         )
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
+        x = x + self.attention["out"](mixed)
+        return x + self.mlp(x)
 
 
 class Transformer(nn.Module):

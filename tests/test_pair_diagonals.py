@@ -41,8 +41,12 @@ def _expected(module, x, left, right, signs, per_sample):
         (lambda: nn.Linear(5, 4), lambda g: torch.randn(3, 5, generator=g, dtype=D)),
         (lambda: nn.Linear(5, 4), lambda g: torch.randn(3, 6, 2, 5, generator=g, dtype=D)),
         (lambda: nn.Embedding(9, 4, padding_idx=0), lambda g: torch.randint(0, 9, (3, 7), generator=g)),
+        (lambda: nn.Conv2d(4, 6, 1), lambda g: torch.randn(3, 4, 1, 1, generator=g, dtype=D)),
+        (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), lambda g: torch.randn(3, 3, 7, 6, generator=g, dtype=D)),
+        (lambda: nn.Conv1d(2, 4, 3, dilation=2, bias=False), lambda g: torch.randn(3, 2, 9, generator=g, dtype=D)),
+        (lambda: nn.Conv3d(2, 3, 2, padding="same"), lambda g: torch.randn(3, 2, 3, 3, 2, generator=g, dtype=D)),
     ],
-    ids=["linear", "linear-positions", "embedding"],
+    ids=["linear", "linear-positions", "embedding", "conv-1x1", "conv-strided", "conv1d-dilated", "conv3d-same"],
 )
 def test_pair_diagonals_equal_the_projections_multiplied(case, per_sample):
     make_module, make_input = case
@@ -62,3 +66,17 @@ def test_pair_diagonals_equal_the_projections_multiplied(case, per_sample):
     assert {id(p) for p, _ in actual} == set(expected)
     for param, value in actual:
         torch.testing.assert_close(value, expected[id(param)], rtol=1e-12, atol=1e-12)
+
+
+def test_a_convolution_with_groups_or_many_positions_leaves_the_pairs_to_the_projections():
+    generator = torch.Generator().manual_seed(2)
+    for module, x in [
+        (nn.Conv2d(4, 4, 3, groups=2), torch.randn(2, 4, 5, 5, generator=generator, dtype=D)),
+        (nn.Conv2d(2, 3, 1), torch.randn(2, 2, 9, 9, generator=generator, dtype=D)),  # 81 positions
+    ]:
+        module = module.double()
+        output = module(x)
+        columns = torch.randn(2, 3, *output.shape[1:], generator=generator, dtype=D)
+        record = LayerRecord(module, x, output, wanted=frozenset(id(p) for p in module.parameters()))
+        assert not rule_for(module).forms_pairs(record)
+        assert rule_for(module).pair_diagonals(record, columns, columns, torch.ones(2, 3, dtype=D)) is None

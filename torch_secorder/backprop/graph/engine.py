@@ -408,7 +408,7 @@ def _pair_columns(nodes, by_name, wanted, shared, samples, columns, output, memo
     parameters, held to the end, in budget."""
     heaviest: list = []
     for node in nodes:
-        if isinstance(node.op, node_ops.ModuleOp) and hasattr(node.op.rule, "pair_diagonals"):
+        if isinstance(node.op, node_ops.ModuleOp) and node.record is not None and node.op.forms_pair_diagonals(node):
             continue  # forms the products itself, from the columns (an embedding's rows, a Linear's positions)
         tensors = [by_name[name] for name in node.params if name in by_name and id(by_name[name]) in wanted]
         if sum(t.numel() for t in tensors) > sum(t.numel() for t in heaviest):

@@ -337,10 +337,17 @@ class ModuleOp(NodeOp):
         for left, right, signs in self.rule.residual_terms(node.record, max_columns, pair_columns):
             yield {0: left}, None if right is None else {0: right}, signs
 
+    def forms_pair_diagonals(self, node):
+        """The rule forms a pair's products itself (pair_diagonals gives them, not None)."""
+        if not hasattr(self.rule, "pair_diagonals"):
+            return False
+        forms = getattr(self.rule, "forms_pairs", None)
+        return forms is None or forms(node.record)
+
     def pair_diagonals(self, node, columns, signs, wanted, per_sample=False):
         """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for V pairs side by side (columns (N, 2V, D)) where the
         rule forms them directly (no per-sample projections of the weight), else None."""
-        if not hasattr(self.rule, "pair_diagonals"):
+        if not self.forms_pair_diagonals(node):
             return None
         node.record.wanted = self._wanted_views(wanted)
         width = signs.shape[1]

@@ -114,6 +114,10 @@ def batched_input_reason(module, x):
     return unbatched_input_reason(x, dims=(len(module.kernel_size) + 2,))
 
 
+# output positions up to which a convolution forms its pairs' products from the (N, O, P, P) couplings
+PAIR_POSITIONS = 64
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     mixing = True
@@ -162,6 +166,38 @@ class ConvRule(Rule):
         if record.wants(module.bias):
             bias = shared_bias_diagonal(curvature, x, positions, out_channels, False, per_sample)
             results.append((module.bias, bias))
+        return results
+
+    def forms_pairs(self, record):
+        """pair_diagonals forms the products (one group, few output positions: a squeeze-excitation's 1x1
+        convolutions on pooled maps), else the engine takes per-sample projections."""
+        positions = record.output[0].numel() // record.module.out_channels
+        return record.module.groups == 1 and positions <= PAIR_POSITIONS
+
+    def pair_diagonals(self, record, left, right, signs, per_sample=False):
+        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for pairs of columns (N, V, O, *out) at the output, as
+        the Linear rule forms them over positions (its patches the inputs): sum_{p, q} A[o, p, q] x_p x_q with
+        A[o, p, q] = sum_v s_v l_vop r_voq, N O P^2 entries; None where forms_pairs is not."""
+        if not self.forms_pairs(record):
+            return None
+        module, x = record.module, record.input
+        samples, width, out_channels = left.shape[0], left.shape[1], module.out_channels
+        patches = tap_major_patches(module, x)
+        taps, channels = patches.shape[2:]
+        inputs = patches.flatten(2)  # (N, P, taps C)
+        signed = left.reshape(samples, width, out_channels, -1) * signs.reshape(samples, width, 1, 1)
+        other = right.reshape(samples, width, out_channels, -1)
+        reduce, leading = ("n", (samples,)) if per_sample else ("", ())
+        results = []
+        if record.wants(module.weight):
+            coupling = torch.matmul(signed.permute(0, 2, 3, 1), other.permute(0, 2, 1, 3))  # (N, O, P, P)
+            mixed = torch.matmul(coupling, inputs.unsqueeze(1))  # (N, O, P, taps C)
+            weight = 2 * torch.einsum(f"nopk,npk->{reduce}ok", mixed, inputs)
+            results.append(
+                (module.weight, _weight_order(weight, taps, channels).reshape(*leading, *module.weight.shape))
+            )
+        if module.bias is not None and record.wants(module.bias):
+            results.append((module.bias, 2 * torch.einsum(f"nvo,nvo->{reduce}o", signed.sum(3), other.sum(3))))
         return results
 
     def propagate(self, record, curvature, context):

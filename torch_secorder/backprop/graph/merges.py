@@ -8,8 +8,8 @@ below it. Merging gathers the columns arriving at c into M (float64), and sends 
 most as many as arrived) down from there instead. Exact: the diagonal below c is diag(J^T M J) either way.
 
 A merge costs a Gram product per column arriving (D^2 multiply-adds each) and one eigendecomposition per sample
-(about D^3), so it is chosen where the columns saved, times the work below c, outweigh those: never on a
-2-block model at width 32, at every block on a 12-block ViT. A parameter used at several places has its
+(about D^3), so it is chosen where the columns saved, times the work below c, outweigh those: at every block of
+timm's 12-block ViT-tiny, nowhere on BERT-tiny (its sums would not fit the default budget). A parameter used at several places has its
 projections summed over its uses before squaring; a cut between its uses would lose the cross terms, so graphs
 with shared parameters are not merged.
 """

@@ -9,9 +9,9 @@ most as many as arrived) down from there instead. Exact: the diagonal below c is
 
 A merge costs a Gram product per column arriving (D^2 multiply-adds each) and one eigendecomposition per sample
 (about D^3), so it is chosen where the columns saved, times the work below c, outweigh those: at every block of
-timm's 12-block ViT-tiny, nowhere on BERT-tiny (its sums would not fit the default budget). A parameter used at several places has its
-projections summed over its uses before squaring; a cut between its uses would lose the cross terms, so graphs
-with shared parameters are not merged.
+timm's 12-block ViT-tiny, nowhere on BERT-tiny (its sums would not fit the default budget). A parameter used at
+several places has its projections summed over its uses before squaring; a cut between its uses would lose the
+cross terms, so graphs with shared parameters are not merged.
 """
 
 import itertools

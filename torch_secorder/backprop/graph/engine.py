@@ -142,18 +142,22 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 if needed[region.source]:
                     below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids)
                     run = functools.partial(
-                        _sweep_region, nodes, region, values, needed, wanted, shared_ids, request, diagonals,
+                        _sweep_region, nodes, region, below, values, wanted, request, diagonals,
                         max_columns=budget_columns,
                     )  # fmt: skip
                     origins.append((region.source if below is None else below.inputs[0], run))
             for index in curved:
+                below = folded_residuals.linear_below(nodes, nodes[index], needed, shared_ids)
                 run = functools.partial(
-                    _sweep_curved, nodes, index, needed, wanted, shared_ids, request, diagonals, budget_columns,
+                    _sweep_curved, nodes, index, below, needed, wanted, request, diagonals, budget_columns,
                     pair_columns,
                 )  # fmt: skip
-                origins.append((_lowest_birth(nodes, index, needed, shared_ids), run))
-            origin_count = (curved_all, regions, counts.loss_columns_of(loss, output))
-            cuts = _merge_cuts(nodes, needed, values, origin_count, shared, samples, memory_budget)
+                origins.append((_lowest_birth(nodes, index, below, needed), run))
+            cuts = (
+                []
+                if shared
+                else _merge_cuts(nodes, needed, values, curved_all, regions, loss, output, samples, memory_budget)
+            )
             merged = merges.MergedSweeps(sweep, nodes, cuts, values, budget_columns)
             for _, run in sorted(origins, key=lambda origin: -origin[0]):  # highest first: each cut's sum whole
                 run(sweep=merged)
@@ -168,11 +172,10 @@ def _sweep_loss(nodes, output, curvature, max_columns, sweep):
         sweep(nodes, {output: columns.clone()}, signs)
 
 
-def _sweep_curved(nodes, index, needed, wanted, shared_ids, request, diagonals, max_columns, pair_columns, sweep):
-    """A curved node's term: folded through a widening Linear below it (an activation), else its signed columns
-    and pairs from its inputs."""
+def _sweep_curved(nodes, index, below, needed, wanted, request, diagonals, max_columns, pair_columns, sweep):
+    """A curved node's term: folded through the widening Linear `below` it (an activation), else its signed
+    columns and pairs from its inputs."""
     node = nodes[index]
-    below = folded_residuals.linear_below(nodes, node, needed, shared_ids)
     if below is not None:  # an activation on a widening Linear: its term in closed form there
         folded = folded_residuals.folded_terms(node, below, wanted, request.per_sample, max_columns)
         _add_folded(nodes, below, folded, diagonals, sweep)
@@ -186,21 +189,19 @@ def _sweep_curved(nodes, index, needed, wanted, shared_ids, request, diagonals, 
             sweep(nodes, births, signs)
 
 
-def _lowest_birth(nodes, index, needed, shared_ids):
-    below = folded_residuals.linear_below(nodes, nodes[index], needed, shared_ids)
+def _lowest_birth(nodes, index, below, needed):
+    """The lowest node a curved node's columns are born at: the input of the Linear it folds through, else its
+    lowest input that carries columns."""
     if below is not None:
         return below.inputs[0]
     return min((source for source in nodes[index].inputs if needed[source]), default=index)
 
 
-def _merge_cuts(nodes, needed, values, origin_count, shared, samples, memory_budget):
-    """The cuts worth merging the origins' columns at (merges.py), from the cost model's counts; none where a
-    parameter is used at several places (its uses' projections add up within one origin's columns)."""
-    if shared:
-        return []
-    curved, regions, loss_columns = origin_count
+def _merge_cuts(nodes, needed, values, curved, regions, loss, output, samples, memory_budget):
+    """The cuts worth merging the origins' columns at (merges.py), from the cost model's counts. Not called where a
+    parameter is used at several places: its uses' projections add up within one origin's columns."""
     starts, flops = counts.graph_counts(nodes, values, set(curved), set(), regions)
-    starts[len(nodes)] = starts.get(len(nodes), 0) + loss_columns
+    starts[len(nodes)] = starts.get(len(nodes), 0) + counts.loss_columns_of(loss, output)
     return merges.chosen_cuts(nodes, needed, values, starts, flops, samples, memory_budget)
 
 
@@ -214,11 +215,10 @@ def _add_folded(nodes, below, folded, diagonals, sweep):
         sweep(nodes, {below.inputs[0]: columns}, signs)
 
 
-def _sweep_region(nodes, region, values, needed, wanted, shared_ids, request, diagonals, *, max_columns, sweep):
-    """An elementwise region's term diag(g * f''(x)) at its input x (elementwise_regions.py): folded through a
-    widening Linear below x, else as unit columns."""
+def _sweep_region(nodes, region, below, values, wanted, request, diagonals, *, max_columns, sweep):
+    """An elementwise region's term diag(g * f''(x)) at its input x (elementwise_regions.py): folded through the
+    widening Linear `below` x, else as unit columns."""
     r = nodes[region.top].output_grad * elementwise_regions.second_derivative(nodes, region, values)
-    below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids)
     if below is not None:
         folded = folded_residuals.diagonal_folded(r, below, wanted, request.per_sample, max_columns)
         _add_folded(nodes, below, folded, diagonals, sweep)

@@ -11,6 +11,7 @@ from ..curvature import Curvature
 from .columns import fold_columns, linear_transpose_columns
 from .registry import Rule, register, unbatched_input_reason
 from .shared_weight import (
+    pair_products_over_positions,
     pooled_bias_diagonal,
     pooled_weight_diagonal,
     shared_bias_diagonal,
@@ -187,17 +188,14 @@ class ConvRule(Rule):
         inputs = patches.flatten(2)  # (N, P, taps C)
         signed = left.reshape(samples, width, out_channels, -1) * signs.reshape(samples, width, 1, 1)
         other = right.reshape(samples, width, out_channels, -1)
-        reduce, leading = ("n", (samples,)) if per_sample else ("", ())
+        weight, bias = pair_products_over_positions(signed, other, inputs, per_sample)
+        leading = (samples,) if per_sample else ()
         results = []
         if record.wants(module.weight):
-            coupling = torch.matmul(signed.permute(0, 2, 3, 1), other.permute(0, 2, 1, 3))  # (N, O, P, P)
-            mixed = torch.matmul(coupling, inputs.unsqueeze(1))  # (N, O, P, taps C)
-            weight = 2 * torch.einsum(f"nopk,npk->{reduce}ok", mixed, inputs)
-            results.append(
-                (module.weight, _weight_order(weight, taps, channels).reshape(*leading, *module.weight.shape))
-            )
+            weight = _weight_order(weight, taps, channels).reshape(*leading, *module.weight.shape)
+            results.append((module.weight, weight))
         if module.bias is not None and record.wants(module.bias):
-            results.append((module.bias, 2 * torch.einsum(f"nvo,nvo->{reduce}o", signed.sum(3), other.sum(3))))
+            results.append((module.bias, bias))
         return results
 
     def propagate(self, record, curvature, context):

@@ -7,7 +7,7 @@ from ..curvature import Curvature, concat_factors, factor_diagonal
 from .columns import fold_columns, linear_transpose_columns
 from .gemm import mm
 from .registry import Rule, register, unbatched_input_reason
-from .shared_weight import shared_bias_diagonal, shared_weight_diagonal
+from .shared_weight import pair_products_over_positions, shared_bias_diagonal, shared_weight_diagonal
 
 
 def right_multiply(columns, weight):
@@ -74,23 +74,20 @@ class LinearRule(Rule):
         return results
 
     def pair_diagonals(self, record, left, right, signs, per_sample=False):
-        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for pairs of columns (N, V, *out) at the output, without
-        per-sample projections of the weight: over positions p, q the product is sum_{p, q} A[o, p, q] x_p x_q
-        with A[o, p, q] = sum_v s_v l_vpo r_vqo (N O P^2 entries, where the projections take N V O K)."""
+        """[(parameter, 2 sum_v s_v (B^T l_v)(B^T r_v))] for pairs of columns (N, V, *out) at the output, from the
+        couplings over positions (shared_weight.pair_products_over_positions), without per-sample projections."""
         module, x = record.module, record.input
         samples, width = left.shape[:2]
         inputs = x.reshape(samples, -1, x.shape[-1])  # (N, P, K)
         positions = inputs.shape[1]
         signed = left.reshape(samples, width, positions, -1) * signs.reshape(samples, width, 1, 1)
         other = right.reshape(samples, width, positions, -1)
-        reduce = "n" if per_sample else ""
+        weight, bias = pair_products_over_positions(signed.transpose(2, 3), other.transpose(2, 3), inputs, per_sample)
         results = []
         if record.wants(module.weight):
-            coupling = torch.matmul(signed.permute(0, 3, 2, 1), other.permute(0, 3, 1, 2))  # (N, O, P, P)
-            mixed = torch.matmul(coupling, inputs.unsqueeze(1))  # (N, O, P, K)
-            results.append((module.weight, 2 * torch.einsum(f"nopk,npk->{reduce}ok", mixed, inputs)))
+            results.append((module.weight, weight))
         if module.bias is not None and record.wants(module.bias):
-            results.append((module.bias, 2 * torch.einsum(f"nvo,nvo->{reduce}o", signed.sum(2), other.sum(2))))
+            results.append((module.bias, bias))
         return results
 
     def propagate(self, record, curvature, context):

@@ -5,6 +5,19 @@ import torch
 from ... import ops
 
 
+def pair_products_over_positions(signed, other, inputs, per_sample=False):
+    """2 sum_v s_v (B^T l_v)(B^T r_v) for a weight shared over positions (a Linear over extra axes, a convolution
+    on its patches), without per-sample projections: sum_{p, q} A[o, p, q] x_p x_q with A[o, p, q] =
+    sum_v s_v l_vop r_voq, N O P^2 entries where the projections take N V O K. signed (s l) and other (r):
+    (N, V, O, P); inputs (N, P, K). Returns (weight (N?, O, K), bias (N?, O))."""
+    reduce = "n" if per_sample else ""
+    coupling = torch.matmul(signed.permute(0, 2, 3, 1), other.permute(0, 2, 1, 3))  # (N, O, P, P)
+    mixed = torch.matmul(coupling, inputs.unsqueeze(1))  # (N, O, P, K)
+    weight = 2 * torch.einsum(f"nopk,npk->{reduce}ok", mixed, inputs)
+    bias = 2 * torch.einsum(f"nvo,nvo->{reduce}o", signed.sum(3), other.sum(3))
+    return weight, bias
+
+
 def shared_weight_diagonal(curvature, inputs, out_channels, positions_first, per_sample=False):
     """diag of a weight W (O, K) used as z[n, o, p] = sum_k W[o, k] inputs[n, k, p]:
 

@@ -73,6 +73,8 @@ def image_models():
 
     return {
         "torchvision ResNet-18": tv(lambda m: m.resnet18(num_classes=10)),
+        "torchvision ResNet-50": tv(lambda m: m.resnet50(num_classes=10)),
+        "torchvision DenseNet-121": tv(lambda m: m.densenet121(num_classes=10)),
         "torchvision MobileNetV3-small (width 0.25)": tv(
             lambda m: m.mobilenet_v3_small(num_classes=10, width_mult=0.25)
         ),

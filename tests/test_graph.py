@@ -512,6 +512,57 @@ def test_a_tensor_used_twice_by_one_node():
     exact(SameTensorTwice(), vectors(6))
 
 
+class Concatenations(nn.Module):
+    """torch.cat as models write it: along the channel axis by a negative index, along the token axis (a class
+    token read through expand, a buffer), the same tensor twice, torch.concat with dim= by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.token = nn.Linear(3, 4), nn.Parameter(torch.randn(1, 1, 4))
+        self.register_buffer("extra", torch.randn(1, 2, 4))
+        self.mix, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))  # (N, T, 4)
+        n = h.shape[0]
+        h = torch.cat([self.token.expand(n, -1, -1), h], dim=-2)  # a parameter among the pieces: per sample
+        h = torch.cat([h, self.extra.expand(n, -1, -1)], dim=-2)  # (N, T + 3, 4)
+        h = torch.sigmoid(self.mix(torch.concat([h, h * h], dim=2)))
+        h = torch.cat((h[:, :2], torch.tanh(h[:, 2:]), h[:, :1]), 1)
+        return self.head(h.mean(1))
+
+
+def test_concatenations_pull_each_piece_its_slice(monkeypatch):
+    from torch_secorder.backprop.graph import node_ops
+
+    torch.manual_seed(0)
+    assert_backprop_exact(Concatenations().double(), F.cross_entropy, vectors(4, 3), Y5)  # traced with values
+
+    def unexpected(*args):
+        raise AssertionError("a plain concatenation went through torch.func")
+
+    # DenseNet's concatenations take slices: no batch probe, no vjp
+    monkeypatch.setattr(node_ops.GenericOp, "_check_batch", unexpected)
+    monkeypatch.setattr(node_ops.GenericOp, "pull", unexpected)
+    exact(DenseBlock(), vectors(2, 4, 4))
+
+
+class BatchConcatenation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return torch.cat([h, 2 * h], 0)[: x.shape[0]] + h
+
+
+def test_a_concatenation_along_the_batch_axis_steps_aside():
+    torch.manual_seed(0)
+    x = vectors(3)
+    assert_steps_aside(BatchConcatenation().double(), x, Y5 % 2, "changing the batch axis", explained=False)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_graphs_streamed_under_a_tiny_budget(seed):
     torch.manual_seed(seed)

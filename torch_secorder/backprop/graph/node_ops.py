@@ -755,6 +755,55 @@ class AddOp(GenericOp):
         return coefficients
 
 
+class CatOp(GenericOp):
+    """torch.cat along a feature axis (DenseNet's growing features, timm's and Hugging Face's concatenations): each
+    input's columns are its slice of the output's columns. Where the call is not that plain (parameters among the
+    pieces, the batch axis, pieces without it) it is a linear GenericOp."""
+
+    def __init__(self, param_args=()):
+        super().__init__(linear=True, param_args=param_args)
+
+    def evaluate(self, node, values, root):
+        node.cat_slices = None
+        value = _call(node.fx_node, values)
+        slices = None if self.param_args else self._slices(node.fx_node, values, value)
+        if slices is None:
+            return super().evaluate(node, values, root)
+        node.values, node.cat_slices = values, slices
+        return value
+
+    @staticmethod
+    def _slices(fx_node, values, value):
+        """[(input name, axis, start, size)] of the output, or None where a piece is not a node with the output's
+        rank and batch size or the axis is the batch axis."""
+        pieces = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("tensors")
+        axis = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim", fx_node.kwargs.get("axis", 0))
+        if not isinstance(pieces, (list, tuple)) or not isinstance(axis, int) or value.dim() == 0:
+            return None
+        axis %= value.dim()
+        slices, start = [], 0
+        for piece in pieces:
+            if not isinstance(piece, fx.Node) or not isinstance(values.get(piece.name), torch.Tensor):
+                return None
+            tensor = values[piece.name]
+            if axis == 0 or tensor.dim() != value.dim() or tensor.shape[0] != value.shape[0]:
+                return None
+            slices.append((piece.name, axis, start, tensor.shape[axis]))
+            start += tensor.shape[axis]
+        return slices
+
+    def pull(self, node, columns, signs, positions):
+        if node.cat_slices is None:
+            return super().pull(node, columns, signs, positions)
+        samples, width = columns.shape[:2]
+        full = columns.reshape(samples, width, *node.value_shape[1:])
+        pulled: dict = {}
+        for name, axis, start, size in node.cat_slices:  # a tensor concatenated twice gets both slices
+            piece = full.narrow(axis + 1, start, size)
+            pulled[name] = piece if name not in pulled else pulled[name] + piece
+        return [pulled[node.input_names[p]].reshape(samples, width, -1) for p in positions]
+
+
 # ---------------------------------------------------------------- the table
 _LINEAR_FUNCTIONS = {
     operator.getitem,
@@ -954,6 +1003,8 @@ def make_op(fx_node, root, modules, names):
         if "alpha" not in fx_node.kwargs and len(fx_node.args) <= 2:
             return AddOp(params), qualified
         return GenericOp(linear=True, param_args=params), qualified
+    if not is_method and target in (torch.cat, torch.concat, torch.concatenate):
+        return CatOp(params), qualified
     if (not is_method and target in _LINEAR_FUNCTIONS) or (is_method and target in _LINEAR_METHODS):
         return GenericOp(linear=True, param_args=params), qualified
     if (not is_method and target in _PRODUCT_FUNCTIONS) or (is_method and target in _PRODUCT_METHODS):
@@ -1008,7 +1059,7 @@ def reading_moved(op, fx_node):
     whole (differentiated through the inlined nodes)."""
     if type(op) in (GenericOp, TupleOp, ItemOp, MetaOp):
         return op
-    if isinstance(op, (ReshapeOp, AddOp)):
+    if isinstance(op, (ReshapeOp, AddOp, CatOp)):
         return GenericOp(linear=True, param_args=getattr(op, "param_args", ()))
     if isinstance(op, (ProductOp, ClosedFormOp)):
         return GenericOp(linear=False, param_args=op.param_args)

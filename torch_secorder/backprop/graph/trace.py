@@ -41,6 +41,7 @@ class GraphNode:
     output_grad: Optional[torch.Tensor] = None
     record: Optional[object] = None
     batch_checked: Optional[tuple] = None
+    cat_slices: Optional[list] = None  # a concatenation's pieces (node_ops.CatOp)
     # set by the engine for curved nodes: the input positions whose columns reach asked-for parameters, and the
     # block label of each of their per-sample features in the node's second-order term (residuals.block_labels)
     carrying: Optional[List[int]] = None
@@ -69,6 +70,7 @@ class GraphPlan:
                 output_grad=None,
                 record=None,
                 batch_checked=None,
+                cat_slices=None,
                 carrying=None,
                 residual_labels=None,
             )

@@ -51,14 +51,25 @@ TASKS = {
 }
 
 
-def curvature_function(kind, generator):
+def curvature_step(kind, generator):
+    """(model, x, y) -> (loss, diagonal), the gradient left in .grad: the exact diagonals in one call
+    (backward=True); the Hutchinson estimate, then backward()."""
     if kind == "ggn":
-        return lambda model, x, y: model_ggn_diagonal(model, F.cross_entropy, x, y)
+        return lambda model, x, y: model_ggn_diagonal(model, F.cross_entropy, x, y, backward=True)
     if kind == "hessian":
-        return lambda model, x, y: model_hessian_diagonal(model, F.cross_entropy, x, y)
+        return lambda model, x, y: model_hessian_diagonal(model, F.cross_entropy, x, y, backward=True)
     if kind == "fisher":
-        return lambda model, x, y: model_fisher_diagonal(model, F.cross_entropy, x, y, "mc", generator=generator)
-    return lambda model, x, y: model_hessian_diagonal_estimate(model, F.cross_entropy, x, y, 20, generator=generator)
+        return lambda model, x, y: model_fisher_diagonal(
+            model, F.cross_entropy, x, y, "mc", generator=generator, backward=True
+        )
+
+    def estimate_then_backward(model, x, y):
+        estimate = model_hessian_diagonal_estimate(model, F.cross_entropy, x, y, 20, generator=generator)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss, estimate
+
+    return estimate_then_backward
 
 
 def train(task, optimizer_name, args, device):
@@ -70,20 +81,22 @@ def train(task, optimizer_name, args, device):
         optimizer = torch.optim.Adam(model.parameters(), lr=adam_lr)
     else:
         optimizer = SophiaDiagonal(model.parameters(), lr=sophia_lr, rho=0.04, update_every=args.update_every)
-        curvature = curvature_function(args.curvature, torch.Generator(device=device).manual_seed(args.seed))
+        curvature = curvature_step(args.curvature, torch.Generator(device=device).manual_seed(args.seed))
     batches = torch.Generator().manual_seed(args.seed + 1)  # the same mini-batches for both optimizers
     losses, curvature_seconds = [], 0.0
     start = time.perf_counter()
     for _ in range(args.steps):
         batch = torch.randint(0, args.train_samples, (args.batch_size,), generator=batches).to(device)
         x, y = train_x[batch], train_y[batch]
-        if optimizer_name == "sophia" and optimizer.curvature_due():
-            started = time.perf_counter()
-            optimizer.update_curvature(curvature(model, x, y))
-            curvature_seconds += time.perf_counter() - started
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        if optimizer_name == "sophia" and optimizer.curvature_due():
+            started = time.perf_counter()  # the step's gradient included: the call leaves it in .grad
+            loss, diagonal = curvature(model, x, y)
+            optimizer.update_curvature(diagonal)
+            curvature_seconds += time.perf_counter() - started
+        else:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
         optimizer.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start

@@ -406,35 +406,65 @@ def test_the_whole_batch_as_inputs_is_named_before_any_fallback():
 
 # ---------------------------------------------------------------- train mode
 class DropoutNet(nn.Module):
-    def __init__(self, noise=False):
+    def __init__(self, noise=False, drop=None):
         super().__init__()
-        self.a, self.drop, self.b, self.noise = nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3), noise
+        self.a, self.b, self.noise = nn.Linear(4, 6), nn.Linear(6, 3), noise
+        self.drop = drop if drop is not None else nn.Dropout(0.5)
 
     def forward(self, x):
+        if self.drop.inplace:  # on the Linear's output, which its backward does not read (PyTorch's own rule)
+            return self.b(torch.tanh(self.drop(self.a(x))))
         h = torch.tanh(self.a(x))
         if self.noise:  # noise injection written in the forward: the engine runs it
             return self.b(h + 0.5 * torch.randn_like(h) * h)
         return self.b(self.drop(h))
 
 
+class FunctionalDropouts(nn.Module):
+    """Dropout as functional calls, twice (two draws in one forward), one of them in place, and Dropout1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.drop1d = nn.Dropout1d(0.4)
+
+    def forward(self, x):
+        h = F.dropout(torch.tanh(self.a(x)), 0.3, training=self.training)
+        h = torch.sigmoid(self.b(h))
+        h = self.drop1d(h.unsqueeze(2)).squeeze(2)
+        return self.c(F.dropout(h * 1.0, 0.2, training=self.training, inplace=True))
+
+
+DROPOUT_MODELS = {
+    "dropout": lambda: DropoutNet(),
+    "noise": lambda: DropoutNet(noise=True),
+    "in place": lambda: DropoutNet(drop=nn.Dropout(0.5, inplace=True)),
+    "functional": FunctionalDropouts,
+}
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("noise", [False, True], ids=["dropout", "noise"])
-def test_random_forwards_give_the_hessian_of_the_draw_the_model_would_make_next(noise, method):
+@pytest.mark.parametrize("kind", list(DROPOUT_MODELS))
+def test_random_forwards_give_the_hessian_of_the_draw_the_model_would_make_next(kind, method):
     torch.manual_seed(0)
-    model = DropoutNet(noise).double().train()
+    model = DROPOUT_MODELS[kind]().double().train()
     x, y = batch()
-    if method == "backprop" and not noise:  # the engine has no train-mode Dropout rule yet: named
-        with pytest.raises(NotImplementedError, match=r"Dropout\(p=0.5\) in training mode"):
-            model_hessian_diagonal(model, F.cross_entropy, x, y, method=method)
-        return
+    if method != "autograd":
+        assert explain_method(model, F.cross_entropy, x).method == "backprop"
     torch.manual_seed(5)
     actual = computed(model, x, y, method)
     torch.manual_seed(5)  # the brute force's forward draws from the same state: the same mask
     expected = brute_force(model, F.cross_entropy, x, y)
     assert relative_error(actual, expected) < 1e-10
+    torch.manual_seed(6)
+    assert relative_error(brute_force(model, F.cross_entropy, x, y), expected) > 1e-3  # another draw differs
     torch.manual_seed(5)
-    per_sample = model_hessian_diagonal(model, F.cross_entropy, x, y, per_sample=True, method="autograd")
+    per_sample = model_hessian_diagonal(model, F.cross_entropy, x, y, per_sample=True, method=method)
     assert relative_error([d.sum(0) for d in per_sample], expected) < 1e-10  # every pass saw that mask
+    torch.manual_seed(5)
+    ggn = model_ggn_diagonal(model, F.cross_entropy, x, y, method=method)
+    torch.manual_seed(5)
+    assert relative_error(ggn, model_ggn_diagonal(model, F.cross_entropy, x, y, method="autograd")) < 1e-10
 
 
 def test_batch_norm_in_train_mode_is_the_train_mode_hessian():

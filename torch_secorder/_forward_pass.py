@@ -47,6 +47,7 @@ def _checkpoint_apply(function, preserve_rng_state, *args):
 
 def _register_hook(self, hook):
     if _in_library_forward():
+        _STATE.skipped_hooks = getattr(_STATE, "skipped_hooks", 0) + 1  # gradient hooks the forward would add
         return RemovableHandle(OrderedDict())  # nothing registered; removing it is a no-op
     return _ORIGINAL["register_hook"](self, hook)
 
@@ -63,13 +64,18 @@ def _install_switches():
         torch.Tensor.register_hook = _register_hook  # type: ignore[method-assign]
 
 
-@contextmanager
-def same_random_draws(devices=()):
-    """For a whole call: each forward pass in it starts from the random state (CPU, and the CUDA devices given)
-    that the call began with."""
+def random_state(devices=()):
+    """The global random state now (CPU, and the CUDA devices given), for same_random_draws."""
     cuda = [torch.device(device) for device in devices if torch.device(device).type == "cuda"]
+    return torch.get_rng_state(), [(device, torch.cuda.get_rng_state(device)) for device in cuda]
+
+
+@contextmanager
+def same_random_draws(devices=(), state=None):
+    """For a whole call: each forward pass in it starts from the random state (CPU, and the CUDA devices given)
+    that the call began with, or from `state` (random_state) where given."""
     saved = getattr(_STATE, "random", None)
-    _STATE.random = (torch.get_rng_state(), [(device, torch.cuda.get_rng_state(device)) for device in cuda])
+    _STATE.random = state if state is not None else random_state(devices)
     try:
         yield
     finally:
@@ -82,6 +88,16 @@ def _replay_random_state():
         torch.set_rng_state(state[0])
         for device, device_state in state[1]:
             torch.cuda.set_rng_state(device_state, device)
+
+
+def skipped_hook_count():
+    """How many Tensor.register_hook calls this thread's library forward passes have skipped so far."""
+    return getattr(_STATE, "skipped_hooks", 0)
+
+
+def replay_random_state():
+    """The random state the call began with (same_random_draws), for a forward pass outside library_forward."""
+    _replay_random_state()
 
 
 @contextmanager

@@ -2,11 +2,13 @@
 
     optimizer = SophiaDiagonal(model.parameters(), lr=1e-3, update_every=10)
     for x, y in loader:
-        if optimizer.curvature_due():
-            optimizer.update_curvature(model_ggn_diagonal(model, loss_fn, x, y))  # or any diagonal, or
-            # optimizer.update_curvature(model_hessian_diagonal_estimate(model, loss_fn, x, y, 20))
         optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
+        if optimizer.curvature_due():  # one call: the diagonal, and the gradient left in .grad as backward() would
+            loss, diagonal = model_ggn_diagonal(model, loss_fn, x, y, backward=True)  # or any model_*_diagonal
+            optimizer.update_curvature(diagonal)  # (or a model_hessian_diagonal_estimate, then backward())
+        else:
+            loss = loss_fn(model(x), y)
+            loss.backward()
         optimizer.step()
 
 Per parameter: m = beta1 m + (1 - beta1) g every step; every `update_every` steps the curvature EMA

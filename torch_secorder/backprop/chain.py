@@ -6,7 +6,7 @@ parameters' exact diagonals. Unlike the graph engine, rules here may pick dense 
 split the curvature into pieces (PropagationContext), and create_graph=True keeps the result differentiable.
 """
 
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from ..losses import CurvatureRequest
 from . import eligibility
 from .curvature import Curvature, columns_within
 from .diagonals import Diagonals
+from .gradients import Gradients, backward_with
 from .loss_step import add_parameter_terms, evaluate_loss, output_origin
 from .plan import EnginePlan
 from .rules import LayerRecord, PropagationContext, Rule, rule_for
@@ -32,13 +33,17 @@ def chain_diagonals(
     create_graph: bool,
     memory_budget: int,
     request: CurvatureRequest,
+    gradients: Optional[Gradients] = None,
 ) -> Tuple[Tensor, List[Tensor]]:
-    """(loss, [diagonal per parameter in params]) for a chain plan (plan.layers)."""
+    """(loss, [diagonal per parameter in params]) for a chain plan (plan.layers); gradients: filled with the
+    loss's gradient in its parameters, from the same forward."""
     layers = plan.layers
     assert layers is not None, "the chain engine runs chain plans"
     rules = [rule_for(module) for module in layers]
-    needs_grads = create_graph or (
-        request.residuals and any(rule.needs_output_grad(module) for rule, module in zip(rules, layers))
+    needs_grads = (
+        create_graph
+        or gradients is not None
+        or (request.residuals and any(rule.needs_output_grad(module) for rule, module in zip(rules, layers)))
     )
     with torch.set_grad_enabled(needs_grads):  # ReLU networks need no first-order backward at all
         records, x = [], inputs
@@ -55,16 +60,15 @@ def chain_diagonals(
         diagonals = Diagonals(params, layers, samples if request.per_sample else None)
         add_parameter_terms(plan.loss, x, targets, diagonals)
         if samples == 0:  # no samples: every Hessian entry is an empty sum
+            backward_with(loss, [], gradients)
             return loss, diagonals.result()
         needing = [
             index
             for index, rule in enumerate(rules)
             if request.residuals and rule.needs_output_grad(layers[index]) and records[index].output.requires_grad
         ]
+        grads = backward_with(loss, [records[i].output for i in needing], gradients, create_graph)
         if needing:
-            grads = torch.autograd.grad(
-                loss, [records[i].output for i in needing], create_graph=create_graph, allow_unused=True
-            )
             for index, grad in zip(needing, grads):
                 records[index].output_grad = torch.zeros_like(records[index].output) if grad is None else grad
     if not create_graph:

@@ -55,6 +55,11 @@ def plan_model(model: nn.Module, loss_fn: Callable, inputs: Optional[tuple] = No
     reason = global_hook_reason()
     if reason is not None:
         raise Unsupported(reason)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise Unsupported(
+            "a TorchScript module (torch.jit.script / torch.jit.trace): its forward is compiled TorchScript, "
+            "which the engine does not read; pass the Python module it was made from"
+        )
     loss = recognise(loss_fn, functions=True)
     if isinstance(loss, str):
         raise Unsupported(loss)

@@ -10,12 +10,20 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._forward_pass import attention_twice_differentiable, library_call, library_forward, same_random_draws
+from .._forward_pass import (
+    attention_twice_differentiable,
+    library_call,
+    library_forward,
+    random_state,
+    same_random_draws,
+)
 from .._gradient_hooks import gradient_hooks_off
 from ..backprop import EnginePlan, Unsupported, predicted_cost, run_plan
+from ..backprop.gradients import Gradients
 from ..losses import CurvatureRequest, check_scalar_loss, recognise
 from ..memory import block_cache_scope
 from . import _distributed as distributed
+from . import _gradients as gradients
 from . import _validation as validation
 from ._batched_hvp import projected_seconds
 from ._generic import (
@@ -80,17 +88,21 @@ def model_diagonal(
     return_loss: bool = False,
     flat: bool = False,
     all_reduce: bool = False,
+    backward: bool = False,
 ) -> Any:
     """The diagonal `request` names for every tensor in model.parameters(); api names the caller in errors.
     return_loss: (loss, diagonals). flat: one vector over the parameters that require grad (per sample:
     (N, that many)), in model.parameters() order. all_reduce: with torch.distributed initialised and each rank
-    holding a shard of the batch, the diagonal (and loss) of the global batch's loss on every rank."""
+    holding a shard of the batch, the diagonal (and loss) of the global batch's loss on every rank. backward:
+    also the work of loss.backward(): each parameter's .grad accumulates the gradient of the same loss (the
+    global batch's with all_reduce), from the engine's own forward pass; returns (loss, diagonals)."""
     model = validation.model_to_run(model, inputs)
     params = validation.check_model_arguments(model, loss_fn, inputs, targets)
     validation.check_flag(create_graph, "create_graph")
     validation.check_flag(strict, "strict")
     validation.check_flag(return_loss, "return_loss")
     validation.check_flag(flat, "flat")
+    validation.check_flag(backward, "backward")
     distributed.check_all_reduce(all_reduce, request.per_sample)
     validation.check_method(method)
     validation.check_chunking(chunk_size, memory_budget)
@@ -111,21 +123,35 @@ def model_diagonal(
             # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             call = ModelCall(model, called, loss_fn, loss, input_tuple, normal_tensor(targets), params)
-            # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass
-            with gradient_hooks_off(called), library_call(), same_random_draws({p.device for p in params}):
-                loss_value, diagonals = _dispatch(call, request, options)
-                if return_loss and loss_value is None:  # the generic GGN / Fisher / per-sample passes: one more
+            hooked = backward and gradients.changed_by_hooks(called)  # checked before hooks are set aside
+            draw = random_state({p.device for p in params})  # every pass of the call draws from it
+            # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass (the
+            # model's hook lock is taken before library_call, never inside it)
+            with gradient_hooks_off(called), library_call(), same_random_draws(state=draw):
+                with gradients.watching_hook_registrations() as registered:
+                    loss_value, diagonals, grads = _dispatch(call, request, options, backward and not hooked)
+                if backward and not hooked and grads is None:  # the generic method: one forward and backward
+                    loss_value, grads = gradients.of_loss(call)
+                if (return_loss or backward) and loss_value is None:  # generic GGN / Fisher / per sample
                     with torch.no_grad(), buffers_restored(model), library_forward():
                         loss_value = loss_fn(called(*input_tuple), call.targets)
+            if backward and (hooked or registered()):  # backward() with its hooks, on the same random draw
+                gradients.check_no_all_reduce(all_reduce)
+                with library_call(), same_random_draws(state=draw):
+                    loss_value, grads = gradients.backward_with_hooks(call), None
         # under torch.autocast the passes compute in the autocast dtype; each result has its parameter's dtype
         diagonals = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(diagonals, params)]
         if all_reduce:
             losses = [] if loss_value is None else [loss_value]
+            local = [] if grads is None else gradients.dense(grads, params)
             reduced = distributed.reduce_diagonals(
-                list(diagonals) + losses, distributed.local_normaliser(loss_fn, call.targets)
+                list(diagonals) + losses + local, distributed.local_normaliser(loss_fn, call.targets)
             )
             diagonals = reduced[: len(diagonals)]
             loss_value = reduced[len(diagonals)] if losses else None
+            grads = reduced[len(diagonals) + len(losses) :] if grads is not None else None
+        if grads is not None:
+            gradients.accumulate(params, grads)
         if flat:
             trainable = [(d, p) for d, p in zip(diagonals, params) if p.requires_grad]
             start = 1 if request.per_sample else 0
@@ -137,16 +163,18 @@ def model_diagonal(
             )
         else:
             diagonals = ParameterDiagonals(diagonals, params)  # matched to parameters by identity (optim.py)
-        if not return_loss:
+        if not (return_loss or backward):
             return diagonals
-        assert loss_value is not None  # computed above when return_loss
+        assert loss_value is not None  # computed above when return_loss or backward
         return loss_value.detach().reshape(()), diagonals
 
 
 def _dispatch(
-    call: ModelCall, request: CurvatureRequest, options: CallOptions
-) -> Tuple[Optional[Tensor], List[Tensor]]:
-    """(the loss the passes computed, or None where they computed none; diagonals)."""
+    call: ModelCall, request: CurvatureRequest, options: CallOptions, with_gradients: bool = False
+) -> Tuple[Optional[Tensor], List[Tensor], Optional[list]]:
+    """(the loss the passes computed, or None where they computed none; diagonals; with_gradients: the loss's
+    gradient per parameter in call.params where the engine computed it (None entries where the loss does not
+    reach one), else None)."""
     if options.method != "autograd":
         plan, reason = backprop_plan(call.model, call.loss_fn, call.inputs)
         cheaper = None
@@ -154,7 +182,7 @@ def _dispatch(
             cheaper = _cheaper_generic(plan, call, request, options.memory_budget)
         if plan is not None and cheaper is None:
             try:
-                return _backprop(plan, call, request, options)
+                return _backprop(plan, call, request, options, with_gradients)
             except Unsupported as error:  # what only the forward pass shows (shapes); nothing was computed yet
                 reason = str(error)
         if cheaper is None:
@@ -199,10 +227,11 @@ def _dispatch(
                 memory_budget=options.memory_budget,
                 progress=options.progress,
             )
-            return (losses[0] if losses else None), diagonals
-        return None, generic_model_curvature(
+            return (losses[0] if losses else None), diagonals, None
+        diagonals = generic_model_curvature(
             forward, loss_fn, call.loss, call.inputs, targets, call.params, request, options
         )
+        return None, diagonals, None
 
 
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(loss kind, reason)} already warned about
@@ -226,10 +255,11 @@ def _batch_size(input_tuple: tuple, targets: Tensor) -> int:
 
 
 def _backprop(
-    plan: EnginePlan, call: ModelCall, request: CurvatureRequest, options: CallOptions
-) -> Tuple[Tensor, List[Tensor]]:
+    plan: EnginePlan, call: ModelCall, request: CurvatureRequest, options: CallOptions, with_gradients: bool
+) -> Tuple[Tensor, List[Tensor], Optional[list]]:
     if options.strict:
         check_strict_requires_grad(call.params)
+    asked = Gradients([p for p in call.params if p.requires_grad]) if with_gradients else None
     with buffers_restored(call.model):
         loss, diagonals = run_plan(
             plan,
@@ -240,11 +270,12 @@ def _backprop(
             create_graph=options.create_graph,
             memory_budget=options.memory_budget,
             request=request,
+            gradients=asked,
         )
     if options.progress is not None:
         total = sum(p.numel() for p in call.params)
         options.progress(total, total)
-    return loss.detach(), diagonals
+    return loss.detach(), diagonals, None if asked is None else gradients.aligned(asked, call.params)
 
 
 def _projection(call: ModelCall, memory_budget: int, repeats: int = 1) -> str:

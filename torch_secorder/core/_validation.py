@@ -6,8 +6,10 @@ import weakref
 from typing import Any, List, Mapping, Tuple, Union
 
 import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
-from .._forward_pass import library_call
+from .._forward_pass import library_call, library_forward
 
 METHODS = ("auto", "autograd", "backprop")
 
@@ -205,24 +207,123 @@ def check_flag(value, name):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def model_to_run(model, inputs):
-    """The module the library computes with: a torch.compile'd model's original module (the compiled one runs the
-    same forward, but aot_autograd has no double backward), Lazy modules initialised by one forward without
-    gradients (what the model's first call would do), and a first check that `inputs` fits its forward."""
-    model = uncompiled(model)
+def model_to_run(model, inputs, sync_buffers=True):
+    """The module the library computes with: the module inside a wrapper that only forwards to it (unwrapped),
+    Lazy modules initialised by one forward without gradients (what the model's first call would do), and a
+    first check that `inputs` fits its forward. sync_buffers: do what DistributedDataParallel's forward does
+    before the inner module runs (rank 0's buffers to every rank); explain_method computes nothing and does not."""
+    model = unwrapped(model, sync_buffers)
+    while True:
+        inner = _forwarding_child(model, inputs)
+        if inner is None:
+            break
+        model = unwrapped(inner, sync_buffers)
     _check_call_fits(model, inputs)
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
         _materialise(model, inputs)
     return model
 
 
-def uncompiled(model):
-    """The module inside torch.compile's wrapper (OptimizedModule), found without importing torch._dynamo."""
+def unwrapped(model, sync_buffers=False):
+    """The module that wrappers run on the whole batch, with the same parameters in the same order:
+    torch.compile's OptimizedModule (the compiled one runs the same forward, but aot_autograd has no double
+    backward), DistributedDataParallel and DataParallel (their reducers, buckets and scatters serve backward()
+    and devices, not the loss; running them here would leave DDP's reducer waiting for a backward that never
+    comes), swa_utils.AveragedModel (EMA / SWA: its forward is the averaged module's). A wrapper stays where its
+    forward adds something: its own hooks, a subclass's forward, DDP's mixed precision, DataParallel over
+    several devices in train mode (each replica's batch statistics and dropout draws are its own)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        model = model._orig_mod
-    return model
+    while True:
+        inner = _forwarded_to(model)
+        if inner is None:
+            return model
+        sync = _buffer_sync(model) if sync_buffers else None
+        if sync is not None:
+            sync()  # as DDP's forward would: every rank computes with rank 0's buffers
+        model = inner
+
+
+def uncompiled(model):
+    """The module inside wrappers that only forward to it (unwrapped), without touching any buffer."""
+    return unwrapped(model)
+
+
+def _forwarded_to(model):
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        return model._orig_mod  # found without importing torch._dynamo
+    if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks:
+        return None
+    for wrapper in (DistributedDataParallel, DataParallel, AveragedModel):
+        if isinstance(model, wrapper) and type(model).forward is wrapper.forward:
+            if wrapper is DataParallel and len(list(getattr(model, "device_ids", None) or [])) > 1 and model.training:
+                return None
+            if wrapper is DistributedDataParallel and getattr(model, "mixed_precision", None) is not None:
+                return None
+            return model.module
+    return None
+
+
+def _forwarding_child(model, inputs):
+    """The one child of a wrapper written forward(self, *args, **kwargs): return self.inner(*args, **kwargs) (which
+    torch.fx cannot trace), found by one forward without gradients: the child gets the call's very arguments and
+    its output is the wrapper's. None for anything else."""
+    children = list(model.children())
+    if (
+        len(children) != 1
+        or model._parameters
+        or model._buffers
+        or model._forward_hooks
+        or model._forward_pre_hooks
+        or model._backward_hooks
+        or model._backward_pre_hooks
+        or not _takes_any_arguments(model)
+    ):
+        return None
+    child, seen = children[0], {}
+
+    def record(module, args, kwargs, output):
+        seen["args"], seen["kwargs"], seen["output"] = args, kwargs, output
+
+    positional = () if isinstance(inputs, dict) else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    keywords = inputs if isinstance(inputs, dict) else {}
+    handle = child.register_forward_hook(record, with_kwargs=True)
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]  # train mode: running statistics move
+    try:
+        with torch.no_grad(), library_call(), library_forward():
+            output = model(*positional, **keywords)
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    same_arguments = (
+        "output" in seen
+        and len(seen["args"]) == len(positional)
+        and all(a is b for a, b in zip(seen["args"], positional))
+        and seen["kwargs"].keys() == keywords.keys()
+        and all(seen["kwargs"][k] is keywords[k] for k in keywords)
+    )
+    return child if same_arguments and output is seen["output"] else None
+
+
+def _takes_any_arguments(model):
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = {p.kind for p in parameters}
+    return inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds
+
+
+def _buffer_sync(model):
+    """DistributedDataParallel's buffer broadcast where its forward would run one first, else None."""
+    check, sync = getattr(model, "_check_sync_bufs_pre_fwd", None), getattr(model, "_sync_buffers", None)
+    if isinstance(model, DistributedDataParallel) and callable(check) and callable(sync) and check():
+        return sync
+    return None
 
 
 def _check_call_fits(model, inputs):

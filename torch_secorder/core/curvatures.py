@@ -34,6 +34,7 @@ def model_ggn_diagonal(
     return_loss: bool = False,
     flat: bool = False,
     all_reduce: bool = False,
+    backward: bool = False,
 ) -> List[Tensor]:
     """Exact diagonal of the generalised Gauss-Newton matrix sum_n J_n^T H_n J_n of loss_fn(model(inputs),
     targets), J_n the Jacobian of sample n's output in the parameters and H_n the loss's Hessian in that
@@ -42,7 +43,7 @@ def model_ggn_diagonal(
 
     NLL after a final LogSoftmax is split at the logits (the same GGN as cross-entropy on the logits; NLL
     itself is linear in the log-probabilities). Arguments and return shapes are those of
-    model_hessian_diagonal (per_sample, return_loss, flat, dict inputs included).
+    model_hessian_diagonal (per_sample, return_loss, flat, all_reduce, backward, dict inputs included).
     """
     validation.check_flag(per_sample, "per_sample")
     return model_diagonal(
@@ -61,6 +62,7 @@ def model_ggn_diagonal(
         return_loss=return_loss,
         flat=flat,
         all_reduce=all_reduce,
+        backward=backward,
     )
 
 
@@ -82,6 +84,7 @@ def model_fisher_diagonal(
     return_loss: bool = False,
     flat: bool = False,
     all_reduce: bool = False,
+    backward: bool = False,
 ) -> List[Tensor]:
     """Diagonal of a Fisher information matrix of loss_fn(model(inputs), targets).
 
@@ -95,7 +98,7 @@ def model_fisher_diagonal(
     EFLinearOperator convention. Not an estimate of the GGN away from a minimum.
 
     Supported losses: MSE, cross-entropy, BCE-with-logits, NLL (as model_ggn_diagonal). Other arguments as
-    model_hessian_diagonal (per_sample, return_loss, flat, dict inputs included).
+    model_hessian_diagonal (per_sample, return_loss, flat, all_reduce, backward, dict inputs included).
     """
     if kind not in FISHER_KINDS:
         raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
@@ -124,4 +127,5 @@ def model_fisher_diagonal(
         return_loss=return_loss,
         flat=flat,
         all_reduce=all_reduce,
+        backward=backward,
     )

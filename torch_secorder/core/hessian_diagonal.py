@@ -90,6 +90,7 @@ def model_hessian_diagonal(
     return_loss: bool = False,
     flat: bool = False,
     all_reduce: bool = False,
+    backward: bool = False,
 ) -> List[Tensor]:
     """Hessian diagonal of loss_fn(model(inputs), targets) for every tensor in model.parameters().
 
@@ -106,6 +107,9 @@ def model_hessian_diagonal(
     (N, that many)) instead of one tensor per parameter.
     all_reduce: data parallel (torch.distributed initialised, each rank its shard of the batch): every rank
     gets the diagonal of the global batch's loss, 'mean' and 'sum' respected.
+    backward: one call for a curvature step: also accumulates the gradient of the same loss into each
+    parameter's .grad, as loss.backward() would (from the engine's own forward pass; the global batch's with
+    all_reduce), and returns (loss, diagonals).
     Other arguments are those of hessian_diagonal.
     """
     validation.check_flag(per_sample, "per_sample")
@@ -125,4 +129,5 @@ def model_hessian_diagonal(
         return_loss=return_loss,
         flat=flat,
         all_reduce=all_reduce,
+        backward=backward,
     )

@@ -19,6 +19,7 @@ import torch
 from ..._errors import Unsupported
 from ..curvature import balanced_squares, columns_within, diagonal_columns
 from ..diagonals import Diagonals
+from ..gradients import backward_with
 from ..loss_step import add_parameter_terms, evaluate_loss, output_origin
 from . import counts, elementwise_regions, folded_residuals, merges, node_ops, residuals, trace
 
@@ -53,9 +54,9 @@ def _check_residual_sizes(nodes, curved, samples, memory_budget, max_columns):
             )
 
 
-def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memory_budget, request):
+def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memory_budget, request, gradients=None):
     """(loss value, diagonals) as engine.run_plan; plan: this call's own copy of the cached plan
-    (GraphPlan.for_call): its nodes hold the call's values."""
+    (GraphPlan.for_call): its nodes hold the call's values. gradients: filled from the same forward."""
     nodes = plan.nodes[: plan.output + 1]  # what lies beyond the output does not reach it
     wanted_params = {id(p) for p in params if p.requires_grad}
     by_name = dict(root.named_parameters(remove_duplicate=False))
@@ -69,7 +70,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
     # a Hessian term only: the GGN and the Fisher have none between a parameter's uses beyond their projections
     tied = trace.tied_uses(nodes, by_name, wanted_params) if request.residuals else []
 
-    with torch.set_grad_enabled(bool(curved or tied)):
+    with torch.set_grad_enabled(bool(curved or tied) or gradients is not None):
         values = trace.forward(plan, root, inputs)
         output = values[nodes[plan.output].name]
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
@@ -77,6 +78,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         loss_value, targets = evaluate_loss(loss, loss_fn, output, targets)
         samples = trace.as_tuple(inputs)[0].shape[0]
         if samples == 0:  # every entry an empty sum, but for the loss's own parameter terms
+            backward_with(loss_value, [], gradients)
             empty = Diagonals(params, [], 0 if request.per_sample else None)
             add_parameter_terms(loss, output, targets, empty)
             return loss_value, empty.result()
@@ -87,8 +89,8 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
         inside = {member for region in regions for member in region.members}
         curved_all, curved = curved, [i for i in curved if i not in inside]
         graded = sorted(set(curved) | {index for _, _, index in tied} | {region.top for region in regions})
+        grads = backward_with(loss_value, [values[nodes[i].name] for i in graded], gradients)
         if graded:
-            grads = torch.autograd.grad(loss_value, [values[nodes[i].name] for i in graded], allow_unused=True)
             for index, grad in zip(graded, grads):
                 value = values[nodes[index].name]
                 nodes[index].output_grad = torch.zeros_like(value) if grad is None else grad.detach()

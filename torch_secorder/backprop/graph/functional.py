@@ -62,9 +62,7 @@ def _flatten(start_dim=0, end_dim=-1):
 
 
 def _dropout(p=0.5, training=True, inplace=False):
-    if training and p > 0:
-        raise Unsupported(f"F.dropout(p={p}) in training mode is random; call model.eval() or use p=0")
-    return nn.Dropout(p)
+    return nn.Dropout(p, inplace).train(training)
 
 
 _FIXED = {
@@ -254,5 +252,6 @@ def module_for_call(fx_node, root):
         return None  # arguments the module does not take: the generic op runs the call as written
     if found is None or not isinstance(found[2], fx.Node):
         return None
-    found[0].train(False)  # a functional call has no training mode of its own (F.dropout's was checked above)
+    if not isinstance(found[0], nn.Dropout):  # F.dropout's mode is its training argument; no other call has one
+        found[0].train(False)
     return found

@@ -547,9 +547,10 @@ class GenericOp(NodeOp):
             )
             mask = torch.zeros(len(probes), samples, dtype=output.dtype, device=output.device)
             mask[torch.arange(len(probes)), torch.tensor(probes)] = 1
-            cotangents = torch.randn_like(output).unsqueeze(0) * mask.reshape(
-                len(probes), samples, *[1] * (output.dim() - 1)
-            )
+            # a generator of its own: the global one belongs to the forward (dropout masks drawn after this node)
+            probe = torch.Generator(device=output.device).manual_seed(0)
+            noise = torch.randn(output.shape, dtype=output.dtype, device=output.device, generator=probe)
+            cotangents = noise.unsqueeze(0) * mask.reshape(len(probes), samples, *[1] * (output.dim() - 1))
             pulled = torch.func.vmap(vjp_fn)(cotangents)
         for grad in pulled:
             reached = grad.reshape(len(probes), samples, -1).abs().sum(2) != 0  # [probe, input sample]

@@ -408,3 +408,35 @@ def test_an_empty_batch_gives_zeros_in_every_form(loss_fn, targets):
                     for diagonal, param in zip(result, model.parameters()):
                         shape = (0, *param.shape) if per_sample else param.shape
                         assert diagonal.shape == shape and float(diagonal.abs().sum()) == 0
+
+
+class GroupedConvolutions(nn.Module):
+    """RegNet / ShuffleNet-style grouped and depthwise convolutions after curved activations (factor columns and a
+    diagonal term arrive at their outputs), with a skip connection (the graph engine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = h + self.depthwise(torch.sigmoid(self.grouped(h)))
+        return self.head(F.softplus(h).flatten(1))
+
+
+def test_grouped_convolutions_take_every_group_at_once():
+    torch.manual_seed(0)
+    model = GroupedConvolutions().double()
+    x, y = torch.randn(5, 2, 4, 4, dtype=D), torch.randint(0, 3, (5,))
+    assert explain_method(model, F.cross_entropy).method == "backprop"
+    for per_sample in (False, True):
+        expected = dense_per_sample_hessian_diagonal(model, F.cross_entropy, x, y)
+        if not per_sample:
+            expected = [d.sum(0) for d in expected]
+        actual = engine(model_hessian_diagonal, model, F.cross_entropy, x, y, per_sample=per_sample)
+        assert relative_error(actual, expected) < 1e-10
+        ggn = engine(model_ggn_diagonal, model, F.cross_entropy, x, y, per_sample=per_sample)
+        assert relative_error(ggn, dense_ggn_diagonal(model, F.cross_entropy, x, y, per_sample=per_sample)) < 1e-10

@@ -427,9 +427,22 @@ class GroupedConvolutions(nn.Module):
         return self.head(F.softplus(h).flatten(1))
 
 
-def test_grouped_convolutions_take_every_group_at_once():
+def grouped_chain():  # the chain engine: a curved activation's diagonal term arrives with the factors
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=3),
+        nn.Sigmoid(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 3),
+    )
+
+
+@pytest.mark.parametrize("make", [GroupedConvolutions, grouped_chain], ids=["graph", "chain"])
+def test_grouped_convolutions_take_every_group_at_once(make):
     torch.manual_seed(0)
-    model = GroupedConvolutions().double()
+    model = make().double()
     x, y = torch.randn(5, 2, 4, 4, dtype=D), torch.randint(0, 3, (5,))
     assert explain_method(model, F.cross_entropy).method == "backprop"
     for per_sample in (False, True):

@@ -76,3 +76,20 @@ def test_laplace_diag(tmp_path):
     assert result["laplace"]["nll"] < result["map"]["nll"]
     assert result["laplace"]["far_confidence"] < result["map"]["far_confidence"] - 0.03
     assert result["prior_precision"] > 0
+
+
+def test_a_hugging_face_model_trained_with_sophia_in_train_mode(tmp_path):
+    """One process (Adam beside it), then DDP with 2 gloo processes: both learn, nothing falls back."""
+    pytest.importorskip("transformers")
+    run_example("hf_sophia_training.py", tmp_path)
+    results = json.loads((tmp_path / "hf_sophia_training.json").read_text())["results"]
+    for name in ("adam", "sophia"):
+        run = results[name]
+        assert len(run["losses"]) == 300
+        assert run["train_loss"] < 0.5 * run["losses"][0], (name, run["train_loss"])
+        assert run["test_accuracy"] >= 0.8, (name, run["test_accuracy"])
+    assert results["sophia"]["curvature_seconds"] > 0
+    run_example("hf_sophia_training.py", tmp_path, "--ddp", "2", "--steps", "150")
+    run = json.loads((tmp_path / "hf_sophia_training.json").read_text())["results"]["sophia"]
+    assert run["processes"] == 2 and len(run["losses"]) == 150
+    assert run["train_loss"] < 0.7 * run["losses"][0], run["train_loss"]

@@ -101,6 +101,28 @@ def test_a_wrapper_with_a_hook_of_its_own_keeps_it():
     assert relative_error(result, plain) > 1e-3  # the hook changed the loss
 
 
+class ScalesInPlace(Forwarding):
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        out.mul_(2.0)  # the child's output, changed after the child returned it: part of the loss
+        return out
+
+
+class ScalesTheInputInPlace(Forwarding):
+    def forward(self, *args, **kwargs):
+        args[0].mul_(2.0)
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrapper", [ScalesInPlace, ScalesTheInputInPlace])
+def test_a_forwarding_wrapper_that_writes_in_place_is_not_unwrapped(wrapper):
+    from torch_secorder.core._validation import model_to_run
+
+    model = wrapper(small_cnn())
+    x, _ = batch()
+    assert model_to_run(model, x.clone()) is model
+
+
 def test_data_parallel_over_several_devices_in_train_mode_is_not_unwrapped():
     from torch_secorder.core._validation import unwrapped
 

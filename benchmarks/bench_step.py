@@ -108,7 +108,7 @@ def main():
     for name in workloads():
         for curvature in CURVATURES:
             seconds = measure(name, curvature, args.rounds)
-            rows.append({"workload": name, "curvature": curvature, **{k: v for k, v in seconds.items()}})
+            rows.append({"workload": name, "curvature": curvature, **seconds})
             print(rows[-1], flush=True)
     meta = cpu_run_meta(
         dtype="float32",

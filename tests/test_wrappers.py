@@ -130,6 +130,9 @@ def test_data_parallel_over_several_devices_in_train_mode_is_not_unwrapped():
     wrapper.device_ids = [0, 1]  # what two GPUs would give: each replica sees its own part of the batch
     assert unwrapped(wrapper.eval()) is wrapper.module
     assert unwrapped(wrapper.train()) is wrapper
+    wrapper.device_ids, wrapper.src_device_obj = [0], torch.device("cuda", 0)  # one GPU, inputs on the CPU
+    x, _ = batch()
+    assert unwrapped(wrapper, inputs=x) is wrapper and unwrapped(wrapper) is wrapper.module
 
 
 def test_a_torchscript_model_is_named():

@@ -212,30 +212,31 @@ def model_to_run(model, inputs, sync_buffers=True):
     Lazy modules initialised by one forward without gradients (what the model's first call would do), and a
     first check that `inputs` fits its forward. sync_buffers: do what DistributedDataParallel's forward does
     before the inner module runs (rank 0's buffers to every rank); explain_method computes nothing and does not."""
-    model = unwrapped(model, sync_buffers)
+    model = unwrapped(model, sync_buffers, inputs)
     while True:
         inner = _forwarding_child(model, inputs)
         if inner is None:
             break
-        model = unwrapped(inner, sync_buffers)
+        model = unwrapped(inner, sync_buffers, inputs)
     _check_call_fits(model, inputs)
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
         _materialise(model, inputs)
     return model
 
 
-def unwrapped(model, sync_buffers=False):
+def unwrapped(model, sync_buffers=False, inputs=None):
     """The module that wrappers run on the whole batch, with the same parameters in the same order:
     torch.compile's OptimizedModule (the compiled one runs the same forward, but aot_autograd has no double
     backward), DistributedDataParallel and DataParallel (their reducers, buckets and scatters serve backward()
     and devices, not the loss; running them here would leave DDP's reducer waiting for a backward that never
     comes), swa_utils.AveragedModel (EMA / SWA: its forward is the averaged module's). A wrapper stays where its
     forward adds something: its own hooks, a subclass's forward, DDP's mixed precision, DataParallel over
-    several devices in train mode (each replica's batch statistics and dropout draws are its own)."""
+    several devices in train mode (each replica's batch statistics and dropout draws are its own) or with inputs
+    (the call's, where given) not on its first device (its scatter moves them there)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     while True:
-        inner = _forwarded_to(model)
+        inner = _forwarded_to(model, inputs)
         if inner is None:
             return model
         sync = _buffer_sync(model) if sync_buffers else None
@@ -249,15 +250,18 @@ def uncompiled(model):
     return unwrapped(model)
 
 
-def _forwarded_to(model):
+def _forwarded_to(model, inputs=None):
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         return model._orig_mod  # found without importing torch._dynamo
     if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks:
         return None
     for wrapper in (DistributedDataParallel, DataParallel, AveragedModel):
         if isinstance(model, wrapper) and type(model).forward is wrapper.forward:
-            if wrapper is DataParallel and len(list(getattr(model, "device_ids", None) or [])) > 1 and model.training:
+            devices = list(getattr(model, "device_ids", None) or [])
+            if wrapper is DataParallel and len(devices) > 1 and model.training:
                 return None
+            if wrapper is DataParallel and devices and inputs is not None and not _all_on(inputs, model.src_device_obj):
+                return None  # its scatter moves the inputs to its first device: the wrapper runs
             if wrapper is DistributedDataParallel and getattr(model, "mixed_precision", None) is not None:
                 return None
             return model.module
@@ -322,6 +326,10 @@ def _takes_any_arguments(model):
         return False
     kinds = {p.kind for p in parameters}
     return inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds
+
+
+def _all_on(inputs, device):
+    return all(t.device == device for t in tensor_leaves(inputs))
 
 
 def _buffer_sync(model):

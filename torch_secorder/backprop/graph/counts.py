@@ -32,22 +32,28 @@ def graph_counts(
     regions where the caller has found them already."""
     widths = {index: _origin_width(node, values) for index, node in enumerate(nodes) if index in origins}
     everywhere = [True] * len(nodes)
+    flops = node_flops(nodes, values)
     if regions is None:
         regions = elementwise_regions.find_regions(nodes, sorted(origins), values)
     for region in regions:  # one diagonal at its input
         for member in region.members:
             widths.pop(member, None)
-        below = folded_residuals.widening_linear(nodes[region.source], everywhere, shared)
+        below = folded_residuals.widening_linear(nodes[region.source], everywhere, shared, flops)
         start = region.members[0] if below is None else region.source  # born above the source, or folded below it
         widths[start] = (
             widths.get(start, 0) + values[nodes[region.source if below is None else below.inputs[0]].name][0].numel()
         )
     for index in list(widths):  # an activation folded through the Linear below: columns start below that Linear
-        below = folded_residuals.linear_below(nodes, nodes[index], everywhere, shared)
+        below = folded_residuals.linear_below(nodes, nodes[index], everywhere, shared, flops)
         if below is not None:
             del widths[index]
             start = nodes.index(below)
             widths[start] = widths.get(start, 0) + below.record.input[0].numel()
+    return widths, flops
+
+
+def node_flops(nodes: List[Any], values: dict) -> List[float]:
+    """One sample's multiply-adds at each node (0 where no columns cross it)."""
     flops: List[float] = []
     for node in nodes:
         if not is_step(node, values):
@@ -55,7 +61,7 @@ def graph_counts(
             continue
         read = [values[name] for name in node.input_names if isinstance(values.get(name), torch.Tensor)]
         flops.append(_node_flops(node, values[node.name], read))
-    return widths, flops
+    return flops
 
 
 def _origin_width(node: Any, values: dict) -> int:

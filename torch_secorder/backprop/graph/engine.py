@@ -135,6 +135,7 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 per_sample=request.per_sample,
             )
             pair_columns = _pair_columns(nodes, by_name, wanted, shared, samples, budget_columns, output, memory_budget)
+            flops = counts.node_flops(nodes, values)  # folds are taken where they cost less (folded_residuals)
             origins = []  # (the lowest node its columns are born at, what sweeps them)
             if needed[plan.output]:
                 origins.append(
@@ -142,14 +143,14 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                 )
             for region in regions:
                 if needed[region.source]:
-                    below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids)
+                    below = folded_residuals.widening_linear(nodes[region.source], needed, shared_ids, flops)
                     run = functools.partial(
                         _sweep_region, nodes, region, below, values, wanted, request, diagonals,
                         max_columns=budget_columns,
                     )  # fmt: skip
                     origins.append((region.source if below is None else below.inputs[0], run))
             for index in curved:
-                below = folded_residuals.linear_below(nodes, nodes[index], needed, shared_ids)
+                below = folded_residuals.linear_below(nodes, nodes[index], needed, shared_ids, flops)
                 run = functools.partial(
                     _sweep_curved, nodes, index, below, needed, wanted, request, diagonals, budget_columns,
                     pair_columns,

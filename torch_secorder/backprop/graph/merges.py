@@ -23,8 +23,11 @@ from ..curvature import eigen_columns
 
 # Relative prices per multiply-add, in units of a large matrix product's: the engine's sweeps (cost.py's
 # MULTIPLY_ADD_SLOWDOWN), a float64 Gram product, and a float64 eigendecomposition per D^3 (2-core CPU:
-# 8 x 960^2 eigh in 4.9 s, about 8x a float32 product's time per D^3).
+# 8 x 960^2 eigh in 4.9 s, about 8x a float32 product's time per D^3) at D >= EIGEN_FULL_SPEED; smaller ones run
+# at lower speed, their time per matrix about proportional to D^2 (measured 54, 102 and 186 products' time per
+# D^3 at D = 128, 64, 32): eigen_price.
 SWEEP_PRICE, GRAM_PRICE, EIGEN_PRICE = 7.0, 2.0, 8.0
+EIGEN_FULL_SPEED = 960
 # the merged work must be below this share of the unmerged one: the counts are estimates
 MARGIN = 0.5
 
@@ -103,6 +106,13 @@ def segments(starts: Dict[int, int], chosen: Sequence[int], features: Dict[int, 
 
     found = [(width, start, stop_under(start)) for start, width in starts.items()]
     return found + [(features[cut], cut + 1, stop_under(cut)) for cut in cuts]
+
+
+def eigen_price(size: int) -> float:
+    """One size x size eigendecomposition, in a large matrix product's multiply-adds (see EIGEN_PRICE). The folds
+    (folded_residuals.py) use it; the merges' choice and cost.py still price every size at full speed (to do:
+    their tests and benchmarks re-measured with this)."""
+    return EIGEN_PRICE * size**3 * max(1.0, EIGEN_FULL_SPEED / max(size, 1))
 
 
 def dense_work(starts: Dict[int, int], chosen: Sequence[int], features: Dict[int, int]) -> Tuple[float, float]:

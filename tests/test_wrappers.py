@@ -123,6 +123,28 @@ def test_a_forwarding_wrapper_that_writes_in_place_is_not_unwrapped(wrapper):
     assert model_to_run(model, x.clone()) is model
 
 
+def test_a_forwarding_wrapper_in_train_mode_keeps_the_draw_and_threads_see_no_hook():
+    """Found without running its forward: the dropout mask is the one the model's next forward would draw, and
+    calls from several threads at once all run the engine (no probe hook for another thread's trace to see)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double().train()
+    wrapper = Forwarding(inner)
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(5)
+        result = model_hessian_diagonal(wrapper, F.cross_entropy, x, y)
+        torch.manual_seed(5)
+        assert relative_error(result, brute_force(inner, F.cross_entropy, x, y)) < 1e-10
+        inner.eval()
+        expected = brute_force(inner, F.cross_entropy, x, y)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: model_hessian_diagonal(wrapper, F.cross_entropy, x, y), range(8)))
+    assert max(relative_error(r, expected) for r in results) < 1e-10
+
+
 def test_data_parallel_over_several_devices_in_train_mode_is_not_unwrapped():
     from torch_secorder.core._validation import unwrapped
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from .._forward_pass import library_call, library_forward
+from .._forward_pass import library_call
 
 METHODS = ("auto", "autograd", "backprop")
 
@@ -213,11 +213,6 @@ def model_to_run(model, inputs, sync_buffers=True):
     first check that `inputs` fits its forward. sync_buffers: do what DistributedDataParallel's forward does
     before the inner module runs (rank 0's buffers to every rank); explain_method computes nothing and does not."""
     model = unwrapped(model, sync_buffers, inputs)
-    while True:
-        inner = _forwarding_child(model, inputs)
-        if inner is None:
-            break
-        model = unwrapped(inner, sync_buffers, inputs)
     _check_call_fits(model, inputs)
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):
         _materialise(model, inputs)
@@ -229,7 +224,8 @@ def unwrapped(model, sync_buffers=False, inputs=None):
     torch.compile's OptimizedModule (the compiled one runs the same forward, but aot_autograd has no double
     backward), DistributedDataParallel and DataParallel (their reducers, buckets and scatters serve backward()
     and devices, not the loss; running them here would leave DDP's reducer waiting for a backward that never
-    comes), swa_utils.AveragedModel (EMA / SWA: its forward is the averaged module's). A wrapper stays where its
+    comes), swa_utils.AveragedModel (EMA / SWA: its forward is the averaged module's), a class whose forward is
+    `return self.<its one child>(*args, **kwargs)` (which torch.fx cannot trace). A wrapper stays where its
     forward adds something: its own hooks, a subclass's forward, DDP's mixed precision, DataParallel over
     several devices in train mode (each replica's batch statistics and dropout draws are its own) or with inputs
     (the call's, where given) not on its first device (its scatter moves them there)."""
@@ -245,15 +241,15 @@ def unwrapped(model, sync_buffers=False, inputs=None):
         model = inner
 
 
-def uncompiled(model):
-    """The module inside wrappers that only forward to it (unwrapped), without touching any buffer."""
-    return unwrapped(model)
+def _has_own_hooks(model):
+    """Hooks on the wrapper itself run in its forward or its backward: it stays."""
+    return bool(model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks)
 
 
 def _forwarded_to(model, inputs=None):
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         return model._orig_mod  # found without importing torch._dynamo
-    if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks:
+    if _has_own_hooks(model):
         return None
     for wrapper in (DistributedDataParallel, DataParallel, AveragedModel):
         if isinstance(model, wrapper) and type(model).forward is wrapper.forward:
@@ -265,67 +261,35 @@ def _forwarded_to(model, inputs=None):
             if wrapper is DistributedDataParallel and getattr(model, "mixed_precision", None) is not None:
                 return None
             return model.module
-    return None
+    return _forwarding_child(model)
 
 
-def _forwarding_child(model, inputs):
-    """The one child of a wrapper written forward(self, *args, **kwargs): return self.inner(*args, **kwargs) (which
-    torch.fx cannot trace), found by one forward without gradients: the child gets the call's very arguments and
-    its output is the wrapper's. None for anything else."""
-    children = list(model.children())
+def _passes_everything_on(self, *args, **kwargs):  # what a forward that only forwards compiles to (_FORWARDING)
+    return self.child(*args, **kwargs)
+
+
+_FORWARDING = _passes_everything_on.__code__
+
+
+def _forwarding_child(model):
+    """The one child of a wrapper whose forward is written `def forward(self, *args, **kwargs): return
+    self.<child>(*args, **kwargs)` (any names for args and kwargs), found by its bytecode: no forward is run, so
+    nothing is drawn from the random state and no hook is put where another thread's trace would see it."""
+    code = getattr(getattr(type(model), "forward", None), "__code__", None)  # (TorchScript's raises on access)
     if (
-        len(children) != 1
+        code is None
+        or "forward" in vars(model)
         or model._parameters
-        or model._buffers
-        or model._forward_hooks
-        or model._forward_pre_hooks
-        or model._backward_hooks
-        or model._backward_pre_hooks
-        or not _takes_any_arguments(model)
+        or code.co_code != _FORWARDING.co_code
+        or code.co_flags != _FORWARDING.co_flags
+        or code.co_argcount != 1
+        or code.co_consts != _FORWARDING.co_consts
+        or len(code.co_names) != 1
+        or len(model._modules) != 1
     ):
         return None
-    child, seen = children[0], {}
-
-    def versions(value):  # in-place writes show in a tensor's version counter
-        return [t._version for t in tensor_leaves(value)]
-
-    def record(module, args, kwargs, output):
-        seen["args"], seen["kwargs"], seen["output"] = args, kwargs, output
-        seen["inputs seen"], seen["output made"] = versions((args, kwargs)), versions(output)
-
-    positional = () if isinstance(inputs, dict) else tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    keywords = inputs if isinstance(inputs, dict) else {}
-    given = versions((positional, keywords))
-    handle = child.register_forward_hook(record, with_kwargs=True)
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]  # train mode: running statistics move
-    try:
-        with torch.no_grad(), library_call(), library_forward():
-            output = model(*positional, **keywords)
-    except Exception:
-        return None
-    finally:
-        handle.remove()
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-    same_arguments = (
-        "output" in seen
-        and len(seen["args"]) == len(positional)
-        and all(a is b for a, b in zip(seen["args"], positional))
-        and seen["kwargs"].keys() == keywords.keys()
-        and all(seen["kwargs"][k] is keywords[k] for k in keywords)
-    )
-    untouched = same_arguments and seen["inputs seen"] == given and versions(output) == seen["output made"]
-    return child if untouched and output is seen["output"] else None
-
-
-def _takes_any_arguments(model):
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    kinds = {p.kind for p in parameters}
-    return inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds
+    child = model._modules.get(code.co_names[0])
+    return child if isinstance(child, torch.nn.Module) else None
 
 
 def _all_on(inputs, device):

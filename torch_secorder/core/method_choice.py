@@ -6,7 +6,7 @@ import torch
 
 from .._forward_pass import library_call, library_forward
 from ..backprop import Unsupported, curved_nodes, plan_model
-from ._validation import check_method, model_call, model_to_run, uncompiled
+from ._validation import check_method, model_call, model_to_run, unwrapped
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def explain_method(model, loss_fn, inputs=None, method="auto", targets=None):
 
 
 def _explain(model, loss_fn, inputs, method, targets):
-    model = uncompiled(model) if inputs is None else model_to_run(model, inputs, sync_buffers=False)
+    model = unwrapped(model) if inputs is None else model_to_run(model, inputs, sync_buffers=False)
     if method == "autograd":
         return MethodChoice("autograd", "method='autograd' was asked for", generic_cost(model))
     # the module the call runs: a dict batch goes to a keyword wrapper around the model, as in the call itself

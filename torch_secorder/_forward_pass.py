@@ -82,7 +82,9 @@ def same_random_draws(devices=(), state=None):
         _STATE.random = saved
 
 
-def _replay_random_state():
+def replay_random_state():
+    """Back to the random state the call began with (same_random_draws): every library forward pass, and the
+    plain backward() pass of backward=True."""
     state = getattr(_STATE, "random", None)
     if state is not None:
         torch.set_rng_state(state[0])
@@ -95,17 +97,12 @@ def skipped_hook_count():
     return getattr(_STATE, "skipped_hooks", 0)
 
 
-def replay_random_state():
-    """The random state the call began with (same_random_draws), for a forward pass outside library_forward."""
-    _replay_random_state()
-
-
 @contextmanager
 def library_forward():
     """For a forward pass the library runs (see the module's text)."""
     if not _ORIGINAL:
         _install_switches()
-    _replay_random_state()
+    replay_random_state()
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
         yield

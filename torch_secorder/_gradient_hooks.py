@@ -40,6 +40,14 @@ def _has_gradient_hooks(modules):
     )
 
 
+def changes_gradients(model):
+    """True when hooks would change what backward() leaves in the model's .grad: module backward hooks and
+    pre-hooks, hooks on its parameters, global backward hooks."""
+    return _has_gradient_hooks(list(model.modules())) or any(
+        getattr(module_globals, name, None) for name in _GLOBAL_BACKWARD
+    )
+
+
 @contextmanager
 def gradient_hooks_off(model):
     """The model's module backward hooks, its parameters' tensor hooks and the global backward hooks set aside

@@ -11,17 +11,9 @@ from one plain forward and backward with those hooks, on the same random draw as
 import contextlib
 
 import torch
-import torch.nn.modules.module as module_globals
 
 from .. import _forward_pass as forward_pass
-from .._gradient_hooks import _has_gradient_hooks
 from ._generic import buffers_restored
-
-
-def changed_by_hooks(model):
-    return _has_gradient_hooks(list(model.modules())) or bool(
-        module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks
-    )
 
 
 @contextlib.contextmanager
@@ -31,10 +23,10 @@ def watching_hook_registrations():
     yield lambda: forward_pass.skipped_hook_count() != before
 
 
-def aligned(asked, params):
-    """The gradients of asked (backprop.gradients.Gradients) as one entry per parameter in params (None where
-    a parameter was not asked for or the loss does not reach it)."""
-    found = {id(p): g for p, g in zip(asked.params, asked.values or [])}
+def aligned(asked, values, params):
+    """The gradients `values` of the parameters `asked` as one entry per parameter in params (None where a
+    parameter was not asked for or the loss does not reach it)."""
+    found = {id(p): g for p, g in zip(asked, values or [])}
     return [found.get(id(p)) for p in params]
 
 
@@ -45,8 +37,7 @@ def of_loss(call):
         with forward_pass.library_forward():
             loss = call.loss_fn(call.model(*call.inputs), call.targets)
         grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad and trainable else ()
-    found = {id(p): g for p, g in zip(trainable, grads)}
-    return loss.detach(), [found.get(id(p)) for p in call.params]
+    return loss.detach(), aligned(trainable, grads, call.params)
 
 
 def backward_with_hooks(call):

@@ -17,7 +17,7 @@ from .._forward_pass import (
     random_state,
     same_random_draws,
 )
-from .._gradient_hooks import gradient_hooks_off
+from .._gradient_hooks import changes_gradients, gradient_hooks_off
 from ..backprop import EnginePlan, Unsupported, predicted_cost, run_plan
 from ..backprop.gradients import Gradients
 from ..losses import CurvatureRequest, check_scalar_loss, recognise
@@ -123,7 +123,7 @@ def model_diagonal(
             # data made under inference_mode may feed autograd once copied outside it (a cheap clone)
             called, input_tuple = validation.model_call(model, normal_inputs(inputs))
             call = ModelCall(model, called, loss_fn, loss, input_tuple, normal_tensor(targets), params)
-            hooked = backward and gradients.changed_by_hooks(called)  # checked before hooks are set aside
+            hooked = backward and changes_gradients(called)  # checked before hooks are set aside
             draw = random_state({p.device for p in params})  # every pass of the call draws from it
             # the diagonal is that of the loss the forward defines: gradient hooks stay out of every pass (the
             # model's hook lock is taken before library_call, never inside it)
@@ -275,7 +275,8 @@ def _backprop(
     if options.progress is not None:
         total = sum(p.numel() for p in call.params)
         options.progress(total, total)
-    return loss.detach(), diagonals, None if asked is None else gradients.aligned(asked, call.params)
+    grads = None if asked is None else gradients.aligned(asked.params, asked.values, call.params)
+    return loss.detach(), diagonals, grads
 
 
 def _projection(call: ModelCall, memory_budget: int, repeats: int = 1) -> str:

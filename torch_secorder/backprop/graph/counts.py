@@ -24,15 +24,15 @@ def loss_columns_of(loss: Any, output: Any) -> int:
 
 
 def graph_counts(
-    nodes: List[Any], values: dict, origins: Any, shared: Any, regions: Any = None
+    nodes: List[Any], values: dict, origins: Any, shared: Any, regions: Any = None, flops: Any = None
 ) -> Tuple[Dict[int, int], List[float]]:
     """({node index s: columns per sample of the origins whose columns start crossing the nodes before s},
     [one sample's multiply-adds at each node]): a curved node's columns start at its input, below its own work;
     one folded through the Linear below it (or a region's) below that Linear. regions: the origins' elementwise
-    regions where the caller has found them already."""
+    regions, and flops: node_flops, where the caller has them already."""
     widths = {index: _origin_width(node, values) for index, node in enumerate(nodes) if index in origins}
     everywhere = [True] * len(nodes)
-    flops = node_flops(nodes, values)
+    flops = node_flops(nodes, values) if flops is None else flops
     if regions is None:
         regions = elementwise_regions.find_regions(nodes, sorted(origins), values)
     for region in regions:  # one diagonal at its input

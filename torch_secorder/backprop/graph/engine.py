@@ -156,11 +156,11 @@ def graph_diagonals(plan, loss, root, loss_fn, inputs, targets, params, *, memor
                     pair_columns,
                 )  # fmt: skip
                 origins.append((_lowest_birth(nodes, index, below, needed), run))
-            cuts = (
-                []
-                if shared
-                else _merge_cuts(nodes, needed, values, curved_all, regions, loss, output, samples, memory_budget)
-            )
+            cuts = []
+            if not shared:
+                cuts = _merge_cuts(
+                    nodes, needed, values, flops, curved_all, regions, loss, output, samples, memory_budget,
+                )  # fmt: skip
             merged = merges.MergedSweeps(sweep, nodes, cuts, values, budget_columns)
             for _, run in sorted(origins, key=lambda origin: -origin[0]):  # highest first: each cut's sum whole
                 run(sweep=merged)
@@ -200,10 +200,11 @@ def _lowest_birth(nodes, index, below, needed):
     return min((source for source in nodes[index].inputs if needed[source]), default=index)
 
 
-def _merge_cuts(nodes, needed, values, curved, regions, loss, output, samples, memory_budget):
-    """The cuts worth merging the origins' columns at (merges.py), from the cost model's counts. Not called where a
-    parameter is used at several places: its uses' projections add up within one origin's columns."""
-    starts, flops = counts.graph_counts(nodes, values, set(curved), set(), regions)
+def _merge_cuts(nodes, needed, values, flops, curved, regions, loss, output, samples, memory_budget):
+    """The cuts worth merging the origins' columns at (merges.py), from the cost model's counts (flops: the call's
+    counts.node_flops). Not called where a parameter is used at several places: its uses' projections add up within
+    one origin's columns."""
+    starts, flops = counts.graph_counts(nodes, values, set(curved), set(), regions, flops)
     starts[len(nodes)] = starts.get(len(nodes), 0) + counts.loss_columns_of(loss, output)
     return merges.chosen_cuts(nodes, needed, values, starts, flops, samples, memory_budget)
 

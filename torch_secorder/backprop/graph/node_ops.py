@@ -17,6 +17,7 @@ paths can be added as vectors (engine.py). The ops, below the base class NodeOp:
 """
 
 import collections
+import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -765,33 +766,29 @@ class CatOp(GenericOp):
         super().__init__(linear=True, param_args=param_args)
 
     def evaluate(self, node, values, root):
-        node.cat_slices = None
-        value = _call(node.fx_node, values)
-        slices = None if self.param_args else self._slices(node.fx_node, values, value)
-        if slices is None:
+        node.cat_slices = None if self.param_args else self._slices(node.fx_node, values)
+        if node.cat_slices is None:
             return super().evaluate(node, values, root)
-        node.values, node.cat_slices = values, slices
-        return value
+        node.values = values
+        return _call(node.fx_node, values)
 
     @staticmethod
-    def _slices(fx_node, values, value):
-        """[(input name, axis, start, size)] of the output, or None where a piece is not a node with the output's
-        rank and batch size or the axis is the batch axis."""
+    def _slices(fx_node, values):
+        """[(input name, axis, start, size)] of the output, or None where a piece is not a node of one rank and
+        batch size with the others or the axis is the batch axis."""
         pieces = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("tensors")
         axis = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim", fx_node.kwargs.get("axis", 0))
-        if not isinstance(pieces, (list, tuple)) or not isinstance(axis, int) or value.dim() == 0:
+        if not isinstance(pieces, (list, tuple)) or not pieces or not isinstance(axis, int):
             return None
-        axis %= value.dim()
-        slices, start = [], 0
-        for piece in pieces:
-            if not isinstance(piece, fx.Node) or not isinstance(values.get(piece.name), torch.Tensor):
-                return None
-            tensor = values[piece.name]
-            if axis == 0 or tensor.dim() != value.dim() or tensor.shape[0] != value.shape[0]:
-                return None
-            slices.append((piece.name, axis, start, tensor.shape[axis]))
-            start += tensor.shape[axis]
-        return slices
+        if not all(isinstance(piece, fx.Node) and isinstance(values.get(piece.name), torch.Tensor) for piece in pieces):
+            return None
+        tensors = [values[piece.name] for piece in pieces]
+        rank, samples = tensors[0].dim(), tensors[0].shape[0] if tensors[0].dim() else None
+        if rank == 0 or axis % rank == 0 or any(t.dim() != rank or t.shape[0] != samples for t in tensors):
+            return None
+        axis %= rank
+        starts = itertools.accumulate([0] + [t.shape[axis] for t in tensors])
+        return [(piece.name, axis, start, t.shape[axis]) for piece, t, start in zip(pieces, tensors, starts)]
 
     def pull(self, node, columns, signs, positions):
         if node.cat_slices is None:

@@ -181,23 +181,20 @@ class ConvRule(Rule):
             groups = module.groups
             taps, per_group_in = patches.shape[2], patches.shape[3] // groups
             per_group_out = out_channels // groups
-            blocks = []
             curvature = curvature.with_full_factors() if groups > 1 else curvature  # scattered once, not per group
             if groups > 1 and curvature.dense is None:
                 diag = _grouped_weight_diagonal(curvature, patches, groups, positions, per_sample)
-                diag = _weight_order(diag, taps, per_group_in)
-                results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
-                groups = 0  # done: no loop over the groups
-            for g in range(groups):
-                part = _group_curvature(curvature, out_channels, positions, g * per_group_out, (g + 1) * per_group_out)
-                inputs = patches[..., g * per_group_in : (g + 1) * per_group_in].flatten(2).transpose(1, 2)
-                block = shared_weight_diagonal(
-                    part, inputs, per_group_out, positions_first=False, per_sample=per_sample
-                )
-                blocks.append(_weight_order(block, taps, per_group_in))
-            if blocks:
-                weight = torch.cat(blocks, len(leading)).reshape(*leading, *module.weight.shape)
-                results.append((module.weight, weight))
+            else:  # one group, or a dense curvature: group by group
+                blocks = []
+                for g in range(groups):
+                    start, stop = g * per_group_out, (g + 1) * per_group_out
+                    part = _group_curvature(curvature, out_channels, positions, start, stop)
+                    inputs = patches[..., g * per_group_in : (g + 1) * per_group_in].flatten(2).transpose(1, 2)
+                    block = shared_weight_diagonal(part, inputs, per_group_out, False, per_sample=per_sample)
+                    blocks.append(block)
+                diag = torch.cat(blocks, len(leading))
+            diag = _weight_order(diag, taps, per_group_in)  # tap-major columns, each group's the same way
+            results.append((module.weight, diag.reshape(*leading, *module.weight.shape)))
         if record.wants(module.bias):
             bias = shared_bias_diagonal(curvature, x, positions, out_channels, False, per_sample)
             results.append((module.bias, bias))

@@ -27,6 +27,12 @@ class ReshapeRule(Rule):
 _DRAWS = {nn.Dropout: F.dropout, nn.Dropout1d: F.dropout1d, nn.Dropout2d: F.dropout2d, nn.Dropout3d: F.dropout3d}
 
 
+def _draw(module):
+    """The functional draw of a dropout module's class or its nearest base among them (a subclass that keeps the
+    forward), or None (AlphaDropout)."""
+    return next((_DRAWS[cls] for cls in type(module).__mro__ if cls in _DRAWS), None)
+
+
 @register(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 class DropoutRule(ReshapeRule):
     """In eval mode (or p = 0) the identity. In train mode x times the mask it draws over 1 - p: linear, with the
@@ -34,14 +40,14 @@ class DropoutRule(ReshapeRule):
     call began with, _forward_pass.same_random_draws)."""
 
     def unsupported_reason(self, module):
-        if module.training and module.p > 0 and type(module) not in _DRAWS:
+        if module.training and module.p > 0 and _draw(module) is None:
             return f"{type(module).__name__}(p={module.p}) in training mode (its draw is affine, not a mask)"
         return None
 
     def forward(self, module, x):
         if not (module.training and module.p > 0):
             return super().forward(module, x)
-        scale = _DRAWS[type(module)](torch.ones_like(x), module.p, True, module.inplace)
+        scale = _draw(module)(torch.ones_like(x), module.p, True, module.inplace)
         return x * scale, scale
 
     def propagate(self, record, curvature, context):
